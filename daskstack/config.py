@@ -1,0 +1,263 @@
+"""Settings: every option of every stage in one validated object, with a TOML form.
+
+A TOML file has one table per section (``[detect]``, ``[match]`` ...) with the
+field names below; options given on the command line override the file. All
+checks run in `Settings.validate`, before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = [
+    "CatalogSettings",
+    "ClusterSettings",
+    "CombineSettings",
+    "DetectSettings",
+    "GridSettings",
+    "RegisterSettings",
+    "SettingsError",
+    "Settings",
+    "SolveSettings",
+]
+
+
+class SettingsError(ValueError):
+    """An option with a value that cannot work; the message names the option."""
+
+
+@dataclass
+class DetectSettings:
+    threshold_sigma: float = 5.0  # detection threshold above the local background noise
+    max_stars: int = 300  # brightest usable stars kept for matching
+    min_separation_fwhm: float = 2.5  # isolation: no brighter neighbour within this many FWHM
+    edge_pixels: int = 8  # stars this close to the frame edge are dropped
+    background_box: int = 128  # box size of the 2-D background mesh (pixels)
+
+
+@dataclass
+class CatalogSettings:
+    source: str = "gaia"  # "gaia", "gaia-tap", or a path to an ECSV/FITS/CSV catalog
+    mag_limit: float = 19.0  # faintest catalog stars used
+    max_stars: int = 1000  # brightest catalog stars used per field
+    cache_dir: str = ""  # on-disk cache of service queries; "" = <out>/catalog-cache
+    propagate_pm: bool = True  # move stars from the catalog epoch to each frame's DATE-OBS
+    timeout: float = 60.0  # seconds per service request
+    retries: int = 4
+
+
+@dataclass
+class SolveSettings:
+    wcs: str = "solve"  # "solve": fit a new WCS; "header": trust the header WCS
+    search_radius_arcmin: float = 20.0  # how far the true centre may be from the header's
+    scale_tolerance: float = 0.05  # fractional error allowed in the header pixel scale
+    allow_flip: bool = True  # also try a mirrored sky (parity change)
+    sip_order: int = 0  # 0 = TAN only, 2..4 = TAN-SIP
+    min_matches: int = 8  # fewer matched stars: failed
+    max_rms_arcsec: float = 2.0  # larger RMS residual: failed
+    match_radius_arcsec: float = 0.0  # 0 = derived from the frame's FWHM and pixel scale
+    clip_sigma: float = 3.0
+
+
+@dataclass
+class GridSettings:
+    method: str = "reference"  # "reference", "optimal", or the path of a FITS header/WCS file
+    reference: str = ""  # frame name for method="reference"; "" = the first frame
+    pixel_scale_arcsec: float = 0.0  # optimal grid: 0 = the finest input scale
+    rotation_deg: float = 0.0  # optimal grid: position angle of +y
+    shape: tuple[int, int] | None = None  # optimal grid: force (ny, nx)
+
+
+@dataclass
+class RegisterSettings:
+    method: str = "interp"  # "interp", "adaptive" or "exact"
+    order: str = "bilinear"  # interpolation order for method="interp"
+    tile: int = 1024  # output tile size (pixels) = zarr chunk size on the sky axes
+    fast_mapping: bool = True  # evaluate the pixel mapping on a coarse mesh (checked)
+    mapping_tolerance_px: float = 0.01  # max mesh-interpolation error before the exact path
+
+
+@dataclass
+class CombineSettings:
+    method: str = "sigclip"  # "mean", "median", "sigclip", "minmax", "weighted"
+    scale: str = "exptime"  # "none", "exptime", "background", "photometric"
+    sigma: float = 3.0
+    iters: int = 3
+    cenfunc: str = "median"  # "median" or "mean": centre for sigma clipping
+    nlow: int = 1  # minmax: lowest values rejected per pixel
+    nhigh: int = 1  # minmax: highest values rejected per pixel
+    subtract_background: bool = True  # remove each frame's sky level before combining
+
+
+@dataclass
+class ClusterSettings:
+    scheduler: str = ""  # "" = a LocalCluster; "tcp://host:port" = an existing scheduler
+    n_workers: int = 0  # LocalCluster workers; 0 = one per core
+    threads_per_worker: int = 1
+    memory_limit: str = "auto"
+    jobqueue: str = ""  # "slurm", "pbs", "sge", "lsf", ... (dask-jobqueue)
+    cores: int = 2
+    memory: str = "4GiB"
+    walltime: str = "01:00:00"
+    queue: str = ""
+    account: str = ""
+    minimum_jobs: int = 0
+    maximum_jobs: int = 4
+    shared_filesystem: bool = True
+
+
+_CHOICES = {
+    ("solve", "wcs"): ("solve", "header"),
+    ("register", "method"): ("interp", "adaptive", "exact"),
+    ("register", "order"): ("nearest-neighbor", "bilinear", "biquadratic", "bicubic"),
+    ("combine", "method"): ("mean", "median", "sigclip", "minmax", "weighted"),
+    ("combine", "scale"): ("none", "exptime", "background", "photometric"),
+    ("combine", "cenfunc"): ("median", "mean"),
+    ("cluster", "jobqueue"): ("", "slurm", "pbs", "sge", "lsf", "oar", "moab", "htcondor"),
+}
+
+
+@dataclass
+class Settings:
+    """All options of a run. ``Settings()`` are the defaults."""
+
+    detect: DetectSettings = field(default_factory=DetectSettings)
+    catalog: CatalogSettings = field(default_factory=CatalogSettings)
+    solve: SolveSettings = field(default_factory=SolveSettings)
+    grid: GridSettings = field(default_factory=GridSettings)
+    register: RegisterSettings = field(default_factory=RegisterSettings)
+    combine: CombineSettings = field(default_factory=CombineSettings)
+    cluster: ClusterSettings = field(default_factory=ClusterSettings)
+
+    # -- building -------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, values: dict) -> Settings:
+        settings = cls()
+        settings.update(values)
+        return settings
+
+    @classmethod
+    def from_toml(cls, path) -> Settings:
+        path = Path(path)
+        try:
+            values = tomllib.loads(path.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as err:
+            raise SettingsError(f"{path}: cannot read settings ({err})") from None
+        return cls.from_dict(values)
+
+    def update(self, values: dict) -> Settings:
+        """Set ``{"section": {"field": value}}`` (or ``{"section.field": value}``); checked."""
+        for key, value in values.items():
+            if "." in key:
+                section, name = key.split(".", 1)
+                self._set(section, name, value)
+            elif isinstance(value, dict):
+                for name, item in value.items():
+                    self._set(key, name, item)
+            else:
+                raise SettingsError(f"unknown setting {key!r}: expected a [section] table")
+        return self
+
+    def _set(self, section: str, name: str, value) -> None:
+        group = getattr(self, section, None)
+        if group is None or not dataclasses.is_dataclass(group):
+            sections = ", ".join(f.name for f in dataclasses.fields(self))
+            raise SettingsError(f"unknown settings section [{section}] (one of: {sections})")
+        kinds = {f.name: f for f in dataclasses.fields(group)}
+        if name not in kinds:
+            raise SettingsError(
+                f"unknown setting {section}.{name} (one of: {', '.join(sorted(kinds))})"
+            )
+        default = getattr(type(group)(), name)
+        setattr(group, name, _coerce(f"{section}.{name}", value, default))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    # -- checking -------------------------------------------------------------------------
+    def validate(self) -> Settings:
+        """Raise `SettingsError` for the first option that cannot work."""
+        for (section, name), choices in _CHOICES.items():
+            value = getattr(getattr(self, section), name)
+            if value not in choices:
+                raise SettingsError(
+                    f"{section}.{name} = {value!r} is not one of {', '.join(map(repr, choices))}"
+                )
+        positive = [
+            ("detect", "threshold_sigma"), ("detect", "max_stars"), ("detect", "background_box"),
+            ("catalog", "max_stars"), ("catalog", "timeout"),
+            ("solve", "search_radius_arcmin"), ("solve", "min_matches"),
+            ("solve", "max_rms_arcsec"), ("solve", "clip_sigma"),
+            ("register", "tile"), ("register", "mapping_tolerance_px"),
+            ("combine", "sigma"), ("combine", "iters"), ("cluster", "cores"),
+        ]
+        for section, name in positive:
+            if not getattr(getattr(self, section), name) > 0:
+                raise SettingsError(f"{section}.{name} must be > 0")
+        nonnegative = [
+            ("detect", "edge_pixels"), ("catalog", "retries"), ("solve", "match_radius_arcsec"),
+            ("grid", "pixel_scale_arcsec"),
+            ("combine", "nlow"), ("combine", "nhigh"), ("cluster", "n_workers"),
+            ("cluster", "minimum_jobs"),
+        ]
+        for section, name in nonnegative:
+            if getattr(getattr(self, section), name) < 0:
+                raise SettingsError(f"{section}.{name} must be >= 0")
+        if not 0 <= self.solve.scale_tolerance < 0.5:
+            raise SettingsError("solve.scale_tolerance must be in [0, 0.5)")
+        if self.solve.sip_order not in (0, 2, 3, 4):
+            raise SettingsError("solve.sip_order must be 0 (TAN only), 2, 3 or 4")
+        if self.register.tile < 64:
+            raise SettingsError("register.tile must be at least 64 pixels")
+        if self.cluster.maximum_jobs < self.cluster.minimum_jobs:
+            raise SettingsError("cluster.maximum_jobs must be >= cluster.minimum_jobs")
+        if self.grid.method not in ("reference", "optimal") and not Path(self.grid.method).exists():
+            raise SettingsError(
+                f"grid.method = {self.grid.method!r}: not 'reference', 'optimal' or an existing "
+                "FITS header/WCS file"
+            )
+        if self.cluster.scheduler and self.cluster.jobqueue:
+            raise SettingsError("cluster.scheduler and cluster.jobqueue exclude each other")
+        if self.cluster.scheduler and "://" not in self.cluster.scheduler:
+            raise SettingsError(
+                f"cluster.scheduler = {self.cluster.scheduler!r}: expected an address like "
+                "tcp://host:8786"
+            )
+        return self
+
+
+def _coerce(name: str, value, default):
+    """Convert ``value`` to the type of ``default``; a clear error if it cannot be."""
+    try:
+        if isinstance(default, bool):
+            if isinstance(value, str):
+                lowered = value.strip().lower()
+                if lowered in ("1", "true", "yes", "on"):
+                    return True
+                if lowered in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if isinstance(default, int):
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        if isinstance(default, float):
+            return float(value)
+        if isinstance(default, str):
+            return str(value)
+        if default is None and value is not None:  # grid.shape
+            if value in ("", "none"):
+                return None
+            if isinstance(value, str):
+                value = value.replace("x", ",").split(",")
+            ny, nx = (int(v) for v in value)
+            return (ny, nx)
+    except (TypeError, ValueError):
+        raise SettingsError(
+            f"{name} = {value!r} cannot be read as {type(default).__name__}"
+        ) from None
+    return value
