@@ -1,16 +1,498 @@
-"""The ``daskstack`` command: thin; it parses options, builds Settings and calls the API."""
+"""The ``daskstack`` command: thin; it parses options, builds Settings and calls the API.
+
+Exit codes: 0 every frame made it into the coadd; 3 coadds were written but some
+frames failed (see manifest.ecsv); 4 nothing usable was produced; 2 bad usage or
+options (nothing was started); 1 an unexpected error.
+"""
 
 from __future__ import annotations
 
+import functools
+import logging
 import sys
+import time
+from pathlib import Path
 
 import click
 
+from .config import Settings, SettingsError
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+EXIT_USAGE = 2
+EXIT_ERROR = 1
+
+
+# --------------------------------------------------------------------------------------
+# Output helpers
+# --------------------------------------------------------------------------------------
+def _setup_logging(verbose: int, quiet: bool) -> None:
+    level = logging.ERROR if quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[
+        min(verbose, 2)]
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr, force=True)
+    for noisy in ("distributed", "tornado", "asyncio", "bokeh"):
+        logging.getLogger(noisy).setLevel(max(level, logging.ERROR))
+
+
+class ProgressBar:
+    """One line per phase on stderr, rewritten in place: ``solve   [####    ] 12/40``."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled and sys.stderr is not None
+        self.phase = None
+        self.started = 0.0
+
+    def __call__(self, phase: str, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        if phase != self.phase:
+            self.phase, self.started = phase, time.perf_counter()
+        width = 30
+        filled = int(width * done / total) if total else width
+        elapsed = time.perf_counter() - self.started
+        line = f"{phase:<9}[{'#' * filled}{' ' * (width - filled)}] {done}/{total} {elapsed:6.1f}s"
+        end = "\n" if done >= total else ""
+        click.echo(f"\r{line}", nl=False, err=True)
+        if end:
+            click.echo("", err=True)
+
+
+def _fail(message: str, code: int = EXIT_USAGE):
+    click.echo(f"daskstack: error: {message}", err=True)
+    sys.exit(code)
+
+
+# --------------------------------------------------------------------------------------
+# Options shared by the commands
+# --------------------------------------------------------------------------------------
+def _choice(*values):
+    return click.Choice(values, case_sensitive=False)
+
+
+# (option, settings key, click kwargs)
+STAGE_OPTIONS = {
+    "solve": [
+        ("--wcs", "solve.wcs", dict(type=_choice("solve", "header"),
+         help="'solve': fit a new WCS to each frame against the catalog; 'header': use each "
+              "frame's header WCS as it is (frames already calibrated).")),
+        ("--search-radius", "solve.search_radius_arcmin", dict(type=float,
+         help="How far (arcmin) the true field centre may lie from the header's. [20]")),
+        ("--scale-tolerance", "solve.scale_tolerance", dict(type=float,
+         help="Fractional error allowed in the header pixel scale. [0.05]")),
+        ("--allow-flip/--no-flip", "solve.allow_flip", dict(default=None,
+         help="Also try a mirrored sky (a flipped axis). [allowed]")),
+        ("--sip-order", "solve.sip_order", dict(type=click.IntRange(0, 4),
+         help="0 fits TAN only; 2-4 add SIP distortion of that order. [0]")),
+        ("--min-matches", "solve.min_matches", dict(type=int,
+         help="Fewer matched stars than this: the frame fails. [8]")),
+        ("--max-rms", "solve.max_rms_arcsec", dict(type=float,
+         help="A larger RMS residual (arcsec): the frame fails. [2.0]")),
+        ("--threshold", "detect.threshold_sigma", dict(type=float,
+         help="Detection threshold in units of the background noise. [5]")),
+        ("--mag-limit", "catalog.mag_limit", dict(type=float,
+         help="Faintest catalog stars used (service catalogs). [19]")),
+        ("--catalog-cache", "catalog.cache_dir", dict(type=click.Path(file_okay=False),
+         help="Directory caching catalog queries (default: OUT/catalog-cache).")),
+    ],
+    "register": [
+        ("--grid", "grid.method", dict(
+         help="Output grid: 'reference' (a frame's pixel grid, the tutorial's way), 'optimal' "
+              "(covers all frames), or a FITS/header FILE holding the WCS. [reference]")),
+        ("--reference", "grid.reference", dict(
+         help="Frame name giving the reference grid (default: the first solved frame).")),
+        ("--pixel-scale", "grid.pixel_scale_arcsec", dict(type=float,
+         help="Optimal grid pixel scale (arcsec); default the finest input scale.")),
+        ("--rotation", "grid.rotation_deg", dict(type=float,
+         help="Optimal grid position angle of +y, degrees east of north. [0]")),
+        ("--reproject", "register.method", dict(type=_choice("interp", "adaptive", "exact"),
+         help="Reprojection: interpolation, adaptive (anti-aliased) or exact "
+              "(flux-conserving spherical polygons). [interp]")),
+        ("--order", "register.order", dict(
+         type=_choice("nearest-neighbor", "bilinear", "biquadratic", "bicubic"),
+         help="Interpolation order for --reproject interp. [bilinear]")),
+        ("--tile", "register.tile", dict(type=int,
+         help="Output tile size in pixels (zarr chunk). [1024]")),
+        ("--fast-mapping/--exact-mapping", "register.fast_mapping", dict(default=None,
+         help="Evaluate the pixel mapping on a checked coarse mesh (fast) or at every "
+              "pixel. [fast]")),
+    ],
+    "combine": [
+        ("--combine", "combine.method", dict(
+         type=_choice("mean", "median", "sigclip", "minmax", "weighted"),
+         help="How frames are combined per pixel. [sigclip]")),
+        ("--scale", "combine.scale", dict(
+         type=_choice("none", "exptime", "background", "photometric"),
+         help="Per-frame scaling before combining: none; exptime (coadd in e-/s); "
+              "background (match sky levels); photometric (flux of matched catalog "
+              "stars). [exptime]")),
+        ("--sigma", "combine.sigma", dict(type=float, help="Sigma-clipping threshold. [3]")),
+        ("--iters", "combine.iters", dict(type=int, help="Sigma-clipping iterations. [3]")),
+        ("--cenfunc", "combine.cenfunc", dict(type=_choice("median", "mean"),
+         help="Centre for sigma clipping. [median]")),
+        ("--nlow", "combine.nlow", dict(type=int, help="minmax: lowest values rejected. [1]")),
+        ("--nhigh", "combine.nhigh", dict(type=int,
+         help="minmax: highest values rejected. [1]")),
+        ("--subtract-background/--keep-background", "combine.subtract_background",
+         dict(default=None, help="Remove each frame's sky level before combining. [subtract]")),
+    ],
+    "cluster": [
+        ("--scheduler", "cluster.scheduler", dict(
+         help="Address of an existing Dask scheduler (tcp://host:8786). Workers must see "
+              "the input and output paths (shared filesystem).")),
+        ("--workers", "cluster.n_workers", dict(type=int,
+         help="LocalCluster worker processes (default: one per core).")),
+        ("--threads", "cluster.threads_per_worker", dict(type=int,
+         help="Threads per LocalCluster worker. [1]")),
+        ("--memory-limit", "cluster.memory_limit", dict(
+         help="Memory limit per LocalCluster worker, e.g. 4GiB. [auto]")),
+        ("--jobqueue", "cluster.jobqueue", dict(
+         type=_choice("slurm", "pbs", "sge", "lsf", "oar", "moab", "htcondor"),
+         help="Run workers as batch jobs through dask-jobqueue.")),
+        ("--cores", "cluster.cores", dict(type=int, help="Cores per batch job. [2]")),
+        ("--memory", "cluster.memory", dict(help="Memory per batch job. [4GiB]")),
+        ("--walltime", "cluster.walltime", dict(help="Walltime per batch job. [01:00:00]")),
+        ("--queue", "cluster.queue", dict(help="Batch queue / partition.")),
+        ("--account", "cluster.account", dict(help="Batch account / project.")),
+        ("--min-jobs", "cluster.minimum_jobs", dict(type=int,
+         help="Adaptive scaling: fewest batch jobs. [0]")),
+        ("--max-jobs", "cluster.maximum_jobs", dict(type=int,
+         help="Adaptive scaling: most batch jobs. [4]")),
+    ],
+}
+
+
+def _param_name(option: str) -> str:
+    return option.split("/")[0].lstrip("-").replace("-", "_")
+
+
+def stage_options(*groups):
+    """Decorate a command with the options of ``groups``; they arrive in ``overrides``."""
+    options = [opt for group in groups for opt in STAGE_OPTIONS[group]]
+
+    def decorator(func):
+        @functools.wraps(func)
+        def wrapper(*args, **kwargs):
+            overrides = {}
+            for option, key, _ in options:
+                value = kwargs.pop(_param_name(option))
+                if value is not None:
+                    overrides[key] = value
+            return func(*args, overrides=overrides, **kwargs)
+
+        for option, _, kwargs in reversed(options):
+            kw = dict(kwargs)
+            kw.setdefault("default", None)
+            click.option(option, _param_name(option), **kw)(wrapper)
+        return wrapper
+
+    return decorator
+
+
+def common_options(func):
+    func = click.option("-q", "--quiet", is_flag=True, help="Only errors; no progress.")(func)
+    func = click.option("-v", "--verbose", count=True,
+                        help="More log output (-v info, -vv debug).")(func)
+    func = click.option("--config", "config_file", type=click.Path(dir_okay=False),
+                        help="TOML settings file; options given here override it.")(func)
+    return func
+
+
+def _settings(config_file, overrides) -> Settings:
+    """Settings from file + options, validated before any work starts."""
+    try:
+        settings = Settings.from_toml(config_file) if config_file else Settings()
+        settings.update(overrides)
+        return settings.validate()
+    except SettingsError as err:
+        _fail(str(err))
+
+
+def _check_inputs(frames) -> list[str]:
+    if not frames:
+        _fail("no input frames given")
+    return [str(f) for f in frames]
+
+
+def _summary(result, quiet: bool) -> None:
+    if quiet:
+        return
+    echo = functools.partial(click.echo, err=False)
+    echo(f"frames: {len(result.frames)}  solved: {result.n_ok}  failed: {result.n_failed}")
+    for record in sorted(result.frames, key=lambda r: r.status != "failed"):
+        if record.status == "failed":
+            echo(f"  FAILED {Path(record.file).name}: {record.reason}")
+    if result.timings:
+        echo("time: " + "  ".join(f"{k} {v:.1f}s" for k, v in result.timings.items()))
+    for filter_name, path in result.coadds.items():
+        echo(f"coadd [{filter_name}]: {path}")
+    echo(f"manifest: {result.manifest}")
+
+
+# --------------------------------------------------------------------------------------
+# Commands
+# --------------------------------------------------------------------------------------
+@click.group(context_settings={"help_option_names": ["-h", "--help"],
+                               "max_content_width": 100})
 @click.version_option(package_name="daskstack")
 def main():
-    """Calibrate, register and co-add telescope frames with Dask."""
+    """Calibrate, register and co-add telescope frames with Dask.
+
+    \b
+    daskstack demo                      synthetic LCO-like frames, the whole pipeline
+    daskstack run FRAMES... --catalog gaia --out DIR
+    daskstack solve FRAMES... --catalog FILE --out DIR    astrometry only
+    daskstack register FRAMES... --out DIR               reproject into DIR/store.zarr
+    daskstack combine DIR/store.zarr --combine median    combine again, no reprojection
+    """
+
+
+@main.command()
+@click.argument("frames", nargs=-1, type=click.Path(dir_okay=False))
+@click.option("--catalog", required=True,
+              help="Reference catalog: 'gaia' (Gaia DR3 via MAST), 'gaia-tap' (ESA TAP) or a "
+                   "file (ECSV/FITS/CSV with ra, dec, a magnitude; pmra/pmdec/ref_epoch "
+                   "optional).")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Run directory: coadd_<filter>.fits, manifest.ecsv, <frame>.wcs, "
+                   "store.zarr.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace a run directory that holds a different run.")
+@stage_options("solve", "register", "combine", "cluster")
+@common_options
+def run(frames, catalog, out_dir, overwrite, config_file, verbose, quiet, overrides):
+    """Solve, register and co-add FRAMES (FITS or fpack .fits.fz; LCO SCI/BPM extensions).
+
+    Re-running the same command resumes: frames already solved or registered are not
+    computed again. One coadd per filter.
+    """
+    from .pipeline import RunError, run as run_pipeline
+
+    _setup_logging(verbose, quiet)
+    settings = _settings(config_file, overrides)
+    frames = _check_inputs(frames)
+    try:
+        result = run_pipeline(frames, catalog, out_dir, settings, overwrite=overwrite,
+                              progress=ProgressBar(not quiet))
+    except RunError as err:
+        _fail(str(err), code=EXIT_USAGE)
+    _summary(result, quiet)
+    sys.exit(result.exit_code)
+
+
+@main.command()
+@click.option("--out", "out_dir", default="daskstack-demo", show_default=True,
+              type=click.Path(file_okay=False),
+              help="Where the synthetic inputs (OUT/inputs/) and the results go.")
+@click.option("--n-frames", default=8, show_default=True, type=click.IntRange(1, 1000))
+@click.option("--size", default=2048, show_default=True, type=click.IntRange(64, 8192),
+              help="Frame size in pixels (square).")
+@click.option("--filters", default="rp,gp", show_default=True,
+              help="Comma-separated filters, cycled over the frames.")
+@click.option("--seed", default=1, show_default=True, type=int)
+@click.option("--overwrite/--no-overwrite", default=True, show_default=True)
+@stage_options("combine", "cluster")
+@common_options
+def demo(out_dir, n_frames, size, filters, seed, overwrite, config_file, verbose, quiet,
+         overrides):
+    """Generate a synthetic LCO-like field with known truth and run the whole pipeline.
+
+    Prints frames solved, each frame's WCS error against the simulation's truth, and
+    the coadd paths. Needs no network.
+    """
+    from .pipeline import run as run_pipeline
+    from .simulate import simulate_field
+    from .validate import wcs_error_px
+
+    _setup_logging(verbose, quiet)
+    settings = _settings(config_file, overrides)
+    out = Path(out_dir)
+    if not quiet:
+        click.echo(f"simulating {n_frames} frames of {size}x{size} in {out / 'inputs'} ...",
+                   err=True)
+    field = simulate_field(out / "inputs", n_frames=n_frames, shape=(size, size),
+                           filters=tuple(f.strip() for f in filters.split(",") if f.strip()),
+                           seed=seed)
+    result = run_pipeline([str(p) for p in field.frames], str(field.catalog), out, settings,
+                          overwrite=overwrite, progress=ProgressBar(not quiet))
+    if not quiet:
+        click.echo("per-frame WCS error against the truth (RMS over the frame):")
+        for record in result.frames:
+            if record.status != "ok":
+                continue
+            error = wcs_error_px(record.result.wcs, field.truth_wcs[record.name],
+                                 record.meta.shape)
+            click.echo(f"  {record.name}: {error:.4f} px  ({record.result.n_matches} stars, "
+                       f"fit rms {record.result.rms_arcsec:.3f}\")")
+    _summary(result, quiet)
+    sys.exit(result.exit_code)
+
+
+@main.command()
+@click.argument("frames", nargs=-1, type=click.Path(dir_okay=False))
+@click.option("--catalog", required=True, help="'gaia', 'gaia-tap' or a catalog file.")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Writes OUT/<frame>.wcs (FITS header with the fitted WCS) and "
+                   "OUT/solve.ecsv.")
+@stage_options("solve", "cluster")
+@common_options
+def solve(frames, catalog, out_dir, config_file, verbose, quiet, overrides):
+    """Astrometry only: fit a WCS to each frame, in parallel.
+
+    Writes OUT/<name>.wcs for every solved frame (as astrometry.net's solve-field)
+    and OUT/solve.ecsv with one row of QA per frame; failed frames carry a reason.
+    """
+    from .pipeline import solve_files
+
+    _setup_logging(verbose, quiet)
+    settings = _settings(config_file, overrides)
+    frames = _check_inputs(frames)
+    records = solve_files(frames, catalog, out_dir, settings, progress=ProgressBar(not quiet))
+    failed = [r for r in records if r.status != "ok"]
+    if not quiet:
+        click.echo(f"frames: {len(records)}  solved: {len(records) - len(failed)}  "
+                   f"failed: {len(failed)}")
+        for record in failed:
+            click.echo(f"  FAILED {Path(record.file).name}: {record.reason}")
+        click.echo(f"QA: {Path(out_dir) / 'solve.ecsv'}")
+    sys.exit(0 if not failed else (4 if len(failed) == len(records) else 3))
+
+
+@main.command()
+@click.argument("frames", nargs=-1, type=click.Path(dir_okay=False))
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Run directory; frames' WCS from OUT/<name>.wcs (daskstack solve) or "
+                   "from their headers with --wcs header.")
+@click.option("--wcs", "wcs_source", type=_choice("solved", "header"), default="solved",
+              show_default=True, help="Where each frame's WCS comes from.")
+@stage_options("register", "cluster")
+@common_options
+def register(frames, out_dir, wcs_source, config_file, verbose, quiet, overrides):
+    """Reproject FRAMES onto one grid, tile by tile, into OUT/store.zarr."""
+    from .pipeline import register_files
+
+    _setup_logging(verbose, quiet)
+    settings = _settings(config_file, overrides)
+    frames = _check_inputs(frames)
+    try:
+        store = register_files(frames, out_dir, settings, wcs_source=wcs_source,
+                               progress=ProgressBar(not quiet))
+    except (ValueError, RuntimeError) as err:
+        _fail(str(err), code=4)
+    if not quiet:
+        click.echo(f"store: {store.path}  grid {store.grid.shape[1]}x{store.grid.shape[0]}  "
+                   f"filters: {', '.join(store.filters)}")
+
+
+@main.command()
+@click.argument("store_path", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", "out_dir", type=click.Path(file_okay=False),
+              help="Where coadd_<filter>.fits go (default: the store's directory).")
+@stage_options("combine", "cluster")
+@common_options
+def combine(store_path, out_dir, config_file, verbose, quiet, overrides):
+    """Combine a registered store (STORE_PATH, e.g. OUT/store.zarr) without reprojecting."""
+    from .pipeline import combine_store_path
+
+    _setup_logging(verbose, quiet)
+    settings = _settings(config_file, overrides)
+    out = Path(out_dir) if out_dir else Path(store_path).resolve().parent
+    try:
+        coadds = combine_store_path(store_path, out, settings, progress=ProgressBar(not quiet))
+    except (ValueError, RuntimeError) as err:
+        _fail(str(err), code=4)
+    if not quiet:
+        for filter_name, path in coadds.items():
+            click.echo(f"coadd [{filter_name}]: {path}")
+
+
+@main.command("download")
+@click.argument("ids", nargs=-1, type=click.IntRange(min=1), metavar="[ID]...")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Directory for the frames and their index lco-index.ecsv.")
+@click.option("--target", help="Object name (part of it, any case), e.g. 'M 66'.")
+@click.option("--ra", help="RA of a position the frames must cover: degrees or hh:mm:ss.")
+@click.option("--dec", help="Dec of that position: degrees or dd:mm:ss.")
+@click.option("--radius", type=click.FloatRange(min=0, max=10), default=0.0, show_default=True,
+              help="Also frames within this many degrees of --ra/--dec (0: covering it).")
+@click.option("--start", help="Earliest DATE-OBS, e.g. 2021-05-01 or 2021-05-01T12:00:00.")
+@click.option("--end", help="Latest DATE-OBS (a date alone includes that whole day).")
+@click.option("--filter", "filter_", metavar="NAME", help="Filter, e.g. rp, V, gp.")
+@click.option("--site", help="Site code, e.g. ogg, coj, lsc, cpt, elp, tfn.")
+@click.option("--telescope", help="Telescope id, e.g. 2m0a, 1m0a, 0m4a.")
+@click.option("--instrument", help="Instrument id, e.g. ep02, fa14.")
+@click.option("--rlevel", type=int, help="Reduction level: 91 = processed by BANZAI, 0 = raw.")
+@click.option("--proposal", help="Proposal id, e.g. LCOEPO2014B-010.")
+@click.option("--obstype", help="Observation type, e.g. EXPOSE, STANDARD, SKYFLAT.")
+@click.option("--limit", type=click.IntRange(min=1), help="At most this many query matches.")
+@click.option("--archive-url", metavar="URL",
+              help="Archive API root (default: $DASKSTACK_LCO_ARCHIVE_URL, else "
+                   "https://archive-api.lco.global).")
+@click.option("--token-env", metavar="NAME", default="LCO_ARCHIVE_TOKEN", show_default=True,
+              help="Environment variable holding the API token (proprietary data only).")
+@click.option("--token-file", type=click.Path(dir_okay=False, exists=True),
+              help="File whose first line is the API token (instead of the variable).")
+@click.option("--workers", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Downloads at once.")
+@click.option("--retries", type=click.IntRange(min=0), default=4, show_default=True,
+              help="Retries on timeouts, 5xx and truncated downloads (backoff doubles).")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=60.0,
+              show_default=True, help="Seconds to wait for the server.")
+@click.option("--dry-run", is_flag=True, help="List the matching frames, download nothing.")
+@click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
+@click.option("-q", "--quiet", is_flag=True, help="Only errors.")
+def download(ids, out_dir, target, ra, dec, radius, start, end, filter_, site, telescope,
+             instrument, rlevel, proposal, obstype, limit, archive_url, token_env, token_file,
+             workers, retries, timeout, dry_run, verbose, quiet):
+    """Download LCO frames by ID and/or by archive query into --out.
+
+    Each file is checked against the archive's md5 and written atomically; frames
+    already present and verified are not fetched again, so a re-run costs nothing.
+    The downloaded paths are printed, one per line. For proprietary data put your
+    archive API token in $LCO_ARCHIVE_TOKEN (never on the command line).
+
+    \b
+    Examples:
+      daskstack download 915222 934536 --out frames/
+      daskstack download --target "M 66" --filter rp --rlevel 91 \\
+          --start 2021-05-01 --end 2021-05-31 --limit 50 --out frames/
+    """
+    from . import archive
+
+    _setup_logging(verbose, quiet)
+    query = {
+        key: value for key, value in {
+            "target": target, "ra": ra, "dec": dec, "radius": radius or None, "start": start,
+            "end": end, "filter": filter_, "site": site, "telescope": telescope,
+            "instrument": instrument, "rlevel": rlevel, "proposal": proposal,
+            "obstype": obstype,
+        }.items() if value is not None
+    }
+    if not ids and not query:
+        _fail("give frame ids or at least one query option (--target, --ra/--dec, ...)")
+    try:
+        with archive.ArchiveClient(archive_url, token_file=token_file, token_env=token_env,
+                                   timeout=timeout, retries=retries,
+                                   max_workers=workers) as client:
+            if dry_run:
+                records = [client.get_frame(i) for i in ids]
+                if query:
+                    records += client.query_frames(**query, limit=limit)
+                for rec in records:
+                    click.echo(f"{rec.id}\t{rec.filename}\t{rec.filter}\t{rec.date_obs}\t"
+                               f"{rec.site}")
+                if not quiet:
+                    click.echo(f"{len(records)} frames", err=True)
+                return
+            results = []
+            paths = archive.download_frames(ids, query or None, out_dir, limit=limit,
+                                            client=client, results=results)
+    except archive.ArchiveError as err:
+        _fail(str(err), code=EXIT_ERROR)
+    for path in paths:
+        click.echo(str(path))
+    if not quiet:
+        n_new = sum(r.status == "downloaded" for r in results)
+        click.echo(f"{n_new} downloaded, {len(results) - n_new} already present -> {out_dir}",
+                   err=True)
 
 
 if __name__ == "__main__":

@@ -90,6 +90,7 @@ class CombineSettings:
     nlow: int = 1  # minmax: lowest values rejected per pixel
     nhigh: int = 1  # minmax: highest values rejected per pixel
     subtract_background: bool = True  # remove each frame's sky level before combining
+    weighted_reject: str = "none"  # method="weighted": "none", "sigclip" or "minmax" first
 
 
 @dataclass
@@ -116,6 +117,7 @@ _CHOICES = {
     ("combine", "method"): ("mean", "median", "sigclip", "minmax", "weighted"),
     ("combine", "scale"): ("none", "exptime", "background", "photometric"),
     ("combine", "cenfunc"): ("median", "mean"),
+    ("combine", "weighted_reject"): ("none", "sigclip", "minmax"),
     ("cluster", "jobqueue"): ("", "slurm", "pbs", "sge", "lsf", "oar", "moab", "htcondor"),
 }
 

@@ -1,0 +1,341 @@
+"""Reference catalogs: files or Gaia DR3, normalised, cached, moved to the frame epoch.
+
+Every catalog leaves this module as an astropy `Table` with the columns
+
+* ``ra``, ``dec`` -- degrees, ICRS, at ``ref_epoch``
+* ``mag`` -- magnitude used for brightness ordering (Gaia G, or the file's)
+* ``pmra``, ``pmdec`` -- proper motion, mas/yr (``pmra`` includes cos(dec)); 0 if unknown
+* ``ref_epoch`` -- decimal Julian year of the positions; NaN = no proper motion known
+
+sorted brightest first. Gaia is queried through astroquery (MAST ``Catalogs`` as in
+the learn.astropy tutorial, or the ESA Gaia TAP service), with retries and
+exponential backoff, and cached on disk per field (rounded centre, radius, magnitude
+limit, service) with atomic writes: 500 frames of one field query the service once,
+and a cached field works offline.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+from astropy import units as u
+from astropy.coordinates import SkyCoord
+from astropy.table import Table
+
+from ._io import atomic_path
+from .config import CatalogSettings
+
+__all__ = [
+    "CatalogError",
+    "GAIA_DR3_EPOCH",
+    "cache_path",
+    "load_catalog",
+    "normalize_catalog",
+    "propagate_proper_motion",
+    "query_gaia",
+    "reference_catalog",
+]
+
+log = logging.getLogger(__name__)
+
+GAIA_DR3_EPOCH = 2016.0
+
+# accepted column names (lower-cased) for each normalised column, first match wins
+ALIASES = {
+    "ra": ("ra", "ra_deg", "raj2000", "ra_icrs", "radeg", "alpha_j2000", "ra_j2000", "_raj2000"),
+    "dec": ("dec", "dec_deg", "dej2000", "decj2000", "de_icrs", "dec_icrs", "dedeg",
+            "delta_j2000", "dec_j2000", "_dej2000"),
+    "mag": ("mag", "phot_g_mean_mag", "gmag", "g_mag", "phot_g_mean_mag_", "rmag", "r_mag",
+            "vmag", "mag_auto", "magnitude"),
+    "pmra": ("pmra", "pm_ra", "pmra_cosdec", "pmrac"),
+    "pmdec": ("pmdec", "pm_dec", "pmde"),
+    "ref_epoch": ("ref_epoch", "epoch", "refepoch"),
+}
+
+
+class CatalogError(RuntimeError):
+    """A catalog that cannot be read or fetched; the message names the file or service."""
+
+
+def _find(colnames, key):
+    lower = {c.lower(): c for c in colnames}
+    for alias in ALIASES[key]:
+        if alias in lower:
+            return lower[alias]
+    return None
+
+
+def _plain(column) -> np.ndarray:
+    """Column values as a float array (masked -> NaN, Quantity -> value)."""
+    values = getattr(column, "value", column)
+    if np.ma.isMaskedArray(values):
+        values = values.astype(float).filled(np.nan)
+    return np.asarray(values, dtype=float)
+
+
+def normalize_catalog(table: Table, name: str = "<table>", default_epoch: float | None = None
+                      ) -> Table:
+    """Rename and convert a catalog table to ra, dec, mag, pmra, pmdec, ref_epoch.
+
+    Rows without finite ra/dec are dropped; a missing magnitude becomes NaN (such
+    rows sort last); missing proper motions become 0 with ``ref_epoch`` NaN unless
+    ``default_epoch`` is given. Raises `CatalogError` naming ``name`` and the
+    missing columns.
+    """
+    cols = {key: _find(table.colnames, key) for key in ALIASES}
+    missing = [key for key in ("ra", "dec") if cols[key] is None]
+    if missing:
+        raise CatalogError(
+            f"{name}: missing column(s) {', '.join(missing)} (accepted names: "
+            + "; ".join(f"{k}: {'/'.join(ALIASES[k][:4])}" for k in missing)
+            + f"; found: {', '.join(table.colnames[:12])})"
+        )
+    ra = _plain(table[cols["ra"]])
+    dec = _plain(table[cols["dec"]])
+    if str(getattr(table[cols["ra"]], "unit", "") or "") in ("rad",):
+        ra, dec = np.degrees(ra), np.degrees(dec)
+    n = len(table)
+    mag = _plain(table[cols["mag"]]) if cols["mag"] else np.full(n, np.nan)
+    pmra = _plain(table[cols["pmra"]]) if cols["pmra"] else np.zeros(n)
+    pmdec = _plain(table[cols["pmdec"]]) if cols["pmdec"] else np.zeros(n)
+    if cols["ref_epoch"]:
+        epoch = _plain(table[cols["ref_epoch"]])
+    else:
+        epoch = np.full(n, np.nan if default_epoch is None else float(default_epoch))
+    has_pm = np.isfinite(pmra) & np.isfinite(pmdec)
+    pmra = np.where(has_pm, pmra, 0.0)
+    pmdec = np.where(has_pm, pmdec, 0.0)
+    epoch = np.where(has_pm, epoch, np.nan)
+    good = np.isfinite(ra) & np.isfinite(dec) & (np.abs(dec) <= 90)
+    out = Table({
+        "ra": np.mod(ra[good], 360.0), "dec": dec[good], "mag": mag[good],
+        "pmra": pmra[good], "pmdec": pmdec[good], "ref_epoch": epoch[good],
+    })
+    out["ra"].unit = u.deg
+    out["dec"].unit = u.deg
+    out["mag"].unit = u.mag
+    out["pmra"].unit = u.mas / u.yr
+    out["pmdec"].unit = u.mas / u.yr
+    order = np.argsort(np.where(np.isfinite(out["mag"]), out["mag"], np.inf), kind="stable")
+    out = out[order]
+    out.meta["source"] = name
+    return out
+
+
+def load_catalog(path) -> Table:
+    """Read an ECSV / FITS / CSV (or other astropy-readable) catalog and normalise it."""
+    path = Path(path)
+    if not path.exists():
+        raise CatalogError(f"{path}: catalog file does not exist")
+    suffix = "".join(path.suffixes).lower()
+    fmt = None
+    if suffix.endswith(".ecsv"):
+        fmt = "ascii.ecsv"
+    elif suffix.endswith(".csv"):
+        fmt = "ascii.csv"
+    elif any(suffix.endswith(s) for s in (".fits", ".fit", ".fits.gz", ".fts")):
+        fmt = "fits"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            table = Table.read(path, format=fmt) if fmt else Table.read(path)
+    except Exception as err:  # astropy raises many types for unreadable tables
+        raise CatalogError(f"{path}: cannot read catalog ({type(err).__name__}: {err})") from None
+    return normalize_catalog(table, name=str(path))
+
+
+def propagate_proper_motion(table: Table, epoch: float | None) -> Table:
+    """Move stars from their ``ref_epoch`` to ``epoch`` (decimal Julian year).
+
+    Linear propagation on the sphere (tangent-plane offsets ``pmra * dt`` east,
+    ``pmdec * dt`` north); enough for decades at mas/yr precision for the stars
+    of a field. Rows with NaN ``ref_epoch`` or zero proper motion are unchanged.
+    Returns a new table with ``ref_epoch`` set to ``epoch`` for moved rows.
+    """
+    out = table.copy()
+    if epoch is None or len(out) == 0 or not np.isfinite(epoch):
+        return out
+    ref_epoch = _plain(out["ref_epoch"]) if "ref_epoch" in out.colnames else np.full(len(out), np.nan)
+    pmra = _plain(out["pmra"]) if "pmra" in out.colnames else np.zeros(len(out))
+    pmdec = _plain(out["pmdec"]) if "pmdec" in out.colnames else np.zeros(len(out))
+    dt = float(epoch) - ref_epoch
+    move = np.isfinite(dt) & ((pmra != 0) | (pmdec != 0))
+    if not move.any():
+        return out
+    ra = _plain(out["ra"])
+    dec = _plain(out["dec"])
+    dt = np.where(move, dt, 0.0)
+    d_east = np.radians(pmra * dt / 3.6e6)
+    d_north = np.radians(pmdec * dt / 3.6e6)
+    # gnomonic: tangent-plane offsets (xi, eta) about each star's own position
+    r0, d0 = np.radians(ra), np.radians(dec)
+    rho = np.hypot(d_east, d_north)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        c = np.arctan(rho)
+        sinc, cosc = np.sin(c), np.cos(c)
+        new_dec = np.arcsin(cosc * np.sin(d0) + np.where(rho > 0, d_north * sinc * np.cos(d0) / rho, 0))
+        new_ra = r0 + np.arctan2(d_east * sinc,
+                                 rho * np.cos(d0) * cosc - d_north * np.sin(d0) * sinc)
+    new_ra = np.where(rho > 0, new_ra, r0)
+    new_dec = np.where(rho > 0, new_dec, d0)
+    out["ra"] = np.where(move, np.mod(np.degrees(new_ra), 360.0), ra)
+    out["dec"] = np.where(move, np.degrees(new_dec), dec)
+    out["ra"].unit = u.deg
+    out["dec"].unit = u.deg
+    out["ref_epoch"] = np.where(move, float(epoch), ref_epoch)
+    return out
+
+
+# -- Gaia -------------------------------------------------------------------------------
+def _field_key(center: SkyCoord, radius_deg: float, mag_limit: float, service: str) -> str:
+    c = center.icrs
+    return (f"{service}_ra{c.ra.deg:08.3f}_dec{c.dec.deg:+08.3f}_r{radius_deg:.3f}"
+            f"_m{mag_limit:.1f}")
+
+
+def cache_path(cache_dir, center: SkyCoord, radius_deg: float, mag_limit: float,
+               service: str) -> Path:
+    """Where a field's query is cached: one ECSV per (rounded centre, radius, mag, service)."""
+    key = _field_key(center, radius_deg, mag_limit, service)
+    digest = hashlib.sha1(key.encode()).hexdigest()[:8]
+    return Path(cache_dir) / f"gaia-{key}-{digest}.ecsv"
+
+
+def _query_mast(center: SkyCoord, radius_deg: float, mag_limit: float, timeout: float) -> Table:
+    from astroquery.mast import Catalogs
+
+    Catalogs.TIMEOUT = timeout
+    table = Catalogs.query_region(center, radius=radius_deg * u.deg, catalog="Gaia", version=3)
+    if "phot_g_mean_mag" in table.colnames:
+        mag = _plain(table["phot_g_mean_mag"])
+        table = table[np.isfinite(mag) & (mag <= mag_limit)]
+    return table
+
+
+def _query_tap(center: SkyCoord, radius_deg: float, mag_limit: float, timeout: float) -> Table:
+    from astroquery.gaia import Gaia
+
+    c = center.icrs
+    adql = (
+        "SELECT source_id, ra, dec, phot_g_mean_mag, pmra, pmdec, ref_epoch "
+        "FROM gaiadr3.gaia_source WHERE 1 = CONTAINS(POINT('ICRS', ra, dec), "
+        f"CIRCLE('ICRS', {c.ra.deg:.8f}, {c.dec.deg:.8f}, {radius_deg:.6f})) "
+        f"AND phot_g_mean_mag <= {mag_limit:.3f}"
+    )
+    job = Gaia.launch_job_async(adql)
+    return job.get_results()
+
+
+_SERVICES = {"mast": _query_mast, "tap": _query_tap}
+
+
+def query_gaia(center: SkyCoord, radius_deg: float, mag_limit: float = 19.0,
+               service: str = "mast", timeout: float = 60.0, retries: int = 4,
+               cache_dir=None, backoff: float = 2.0) -> Table:
+    """Gaia DR3 stars within ``radius_deg`` of ``center``, normalised (see module notes).
+
+    Parameters
+    ----------
+    center : SkyCoord
+    radius_deg : float
+    mag_limit : float
+        Faintest G magnitude kept.
+    service : {'mast', 'tap'}
+        MAST ``Catalogs.query_region(catalog="Gaia", version=3)`` or ESA Gaia TAP.
+    timeout : float
+        Seconds per request (where the service supports it).
+    retries : int
+        Further attempts after a failure, waiting ``backoff * 2**k`` s in between.
+    cache_dir : path or None
+        If given, the normalised result is cached there (atomic ECSV write) and a
+        cached field is returned without any network access.
+
+    Raises
+    ------
+    CatalogError
+        Naming the service and the field, after the last attempt failed.
+    """
+    if service not in _SERVICES:
+        raise CatalogError(f"unknown Gaia service {service!r} (one of: {', '.join(_SERVICES)})")
+    field_desc = (f"field RA {center.icrs.ra.deg:.4f} Dec {center.icrs.dec.deg:+.4f} "
+                  f"radius {radius_deg:.3f} deg")
+    path = cache_path(cache_dir, center, radius_deg, mag_limit, service) if cache_dir else None
+    if path is not None and path.exists():
+        try:
+            cached = Table.read(path, format="ascii.ecsv")
+            log.debug("Gaia %s: cached %s (%d stars)", service, path.name, len(cached))
+            return cached
+        except Exception as err:  # a damaged cache file: query again
+            log.warning("ignoring unreadable catalog cache %s (%s)", path, err)
+    query = _SERVICES[service]
+    last = None
+    for attempt in range(int(retries) + 1):
+        try:
+            raw = query(center, radius_deg, mag_limit, timeout)
+            break
+        except Exception as err:  # network errors come in many types
+            last = err
+            log.warning("Gaia %s query failed (attempt %d/%d) for %s: %s", service, attempt + 1,
+                        retries + 1, field_desc, err)
+            if attempt < retries:
+                time.sleep(backoff * 2**attempt)
+    else:
+        raise CatalogError(
+            f"Gaia query via {service} failed after {int(retries) + 1} attempts for "
+            f"{field_desc}: {type(last).__name__}: {last}"
+        )
+    table = normalize_catalog(raw, name=f"Gaia DR3 ({service})", default_epoch=GAIA_DR3_EPOCH)
+    mag = _plain(table["mag"])
+    table = table[~(mag > mag_limit)]
+    table.meta.update({"service": service, "field": field_desc, "mag_limit": mag_limit})
+    if path is not None:
+        with atomic_path(path) as tmp:
+            table.write(tmp, format="ascii.ecsv")
+    return table
+
+
+def reference_catalog(source, center: SkyCoord | None = None, radius_deg: float | None = None,
+                      settings: CatalogSettings | None = None, epoch: float | None = None
+                      ) -> Table:
+    """The one entry point: a normalised catalog for a field, optionally at ``epoch``.
+
+    Parameters
+    ----------
+    source : str or path
+        ``'gaia'`` (MAST), ``'gaia-tap'`` (ESA TAP), or a catalog file.
+    center, radius_deg
+        The field (needed for Gaia; for a file, stars farther than ``radius_deg``
+        from ``center`` are dropped when both are given).
+    settings : CatalogSettings
+        ``mag_limit``, ``max_stars`` (brightest kept), ``cache_dir``, ``propagate_pm``,
+        ``timeout``, ``retries``.
+    epoch : float or None
+        Decimal year to propagate proper motions to (if ``settings.propagate_pm``).
+    """
+    settings = settings or CatalogSettings()
+    source = str(source)
+    if source in ("gaia", "gaia-tap"):
+        if center is None or radius_deg is None:
+            raise CatalogError(f"{source}: a field centre and radius are needed to query Gaia")
+        table = query_gaia(center, radius_deg, settings.mag_limit,
+                           service="tap" if source == "gaia-tap" else "mast",
+                           timeout=settings.timeout, retries=settings.retries,
+                           cache_dir=settings.cache_dir or None)
+    else:
+        table = load_catalog(source)
+        if center is not None and radius_deg is not None and len(table):
+            sep = SkyCoord(table["ra"], table["dec"], unit="deg").separation(center).deg
+            table = table[sep <= radius_deg]
+        mag = _plain(table["mag"])
+        table = table[~(mag > settings.mag_limit)]
+    if settings.max_stars and len(table) > settings.max_stars:
+        table = table[: settings.max_stars]
+    if settings.propagate_pm and epoch is not None:
+        table = propagate_proper_motion(table, epoch)
+    return table
+

@@ -1,0 +1,434 @@
+"""Point-set matching: a similarity transform between detections and catalog stars.
+
+Pure geometry (numpy + scipy.spatial), no astropy WCS. Both point sets are in
+pixel-like units: ``src`` are detected pixel positions (usually relative to the
+frame centre), ``ref`` are catalog positions projected onto a tangent plane and
+divided by the nominal pixel scale. The transform maps ``src`` onto ``ref``::
+
+    ref = A @ src + t,    A = s * R(theta) * F,    F = diag(1, -1) if flipped else I
+
+with any rotation ``theta`` (0-360 deg), a scale ``s`` within a given range, an
+optional flip (parity change) and an offset ``|t| <= max_offset``.
+
+Method
+------
+1. **Triangle asterisms.** All triangles of the brightest points of each set
+   (iterative deepening: a few bright points first, more if that fails) are
+   described by invariants of similarity *and* reflection (the side ratios
+   ``L1/L0``, ``L2/L0`` of the sorted sides ``L0 >= L1 >= L2``). A KD-tree finds
+   triangle pairs with close invariants; because the scale is known to within
+   ``scale_range``, the longest sides must agree too, and each pair gives a
+   candidate transform, discarded unless its scale, parity and offset are allowed.
+2. **Voting / verification.** Every candidate is applied to the bright detections
+   and scored by the number of catalog stars within a verification radius
+   (KD-tree). The best candidates are refined by iterative nearest-neighbour
+   matching with a least-squares similarity fit and sigma clipping.
+3. **Significance.** The number of matches is compared with what chance gives: with
+   ``lambda`` matches expected at random (catalog density x match area x
+   detections) and ``n_trials`` independent transforms in the search space, the
+   false-alarm probability ``n_trials * P(Poisson(lambda) >= n)`` must be below
+   ``max_false_alarm`` and ``n >= min_matches``. Otherwise `MatchError` is raised
+   with the reason: thin evidence gives no transform rather than a wrong one.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy import stats
+from scipy.spatial import cKDTree
+
+__all__ = [
+    "MatchError",
+    "MatchResult",
+    "Transform",
+    "find_transform",
+    "fit_similarity",
+    "nn_match",
+    "refine_match",
+    "triangle_invariants",
+]
+
+log = logging.getLogger(__name__)
+
+
+class MatchError(RuntimeError):
+    """No trustworthy transform; ``reason`` is one line saying why."""
+
+    def __init__(self, reason: str, best: MatchResult | None = None):
+        self.reason = reason
+        self.best = best
+        super().__init__(reason)
+
+
+@dataclass
+class Transform:
+    """``ref = matrix @ src + offset`` (a similarity, possibly with a flip)."""
+
+    matrix: np.ndarray
+    offset: np.ndarray
+
+    def __post_init__(self):
+        self.matrix = np.asarray(self.matrix, float).reshape(2, 2)
+        self.offset = np.asarray(self.offset, float).reshape(2)
+
+    def __call__(self, xy) -> np.ndarray:
+        xy = np.asarray(xy, float).reshape(-1, 2)
+        return xy @ self.matrix.T + self.offset
+
+    def inverse(self) -> Transform:
+        inv = np.linalg.inv(self.matrix)
+        return Transform(inv, -inv @ self.offset)
+
+    @property
+    def flip(self) -> bool:
+        return bool(np.linalg.det(self.matrix) < 0)
+
+    @property
+    def scale(self) -> float:
+        return float(np.sqrt(abs(np.linalg.det(self.matrix))))
+
+    @property
+    def rotation_deg(self) -> float:
+        """Rotation angle (deg, 0-360) of the similarity, after the flip (if any)."""
+        m = self.matrix @ (np.diag([1.0, -1.0]) if self.flip else np.eye(2))
+        return float(np.degrees(np.arctan2(m[1, 0], m[0, 0])) % 360.0)
+
+
+@dataclass
+class MatchResult:
+    """A transform and the matched pairs that support it.
+
+    ``src_idx[k]`` matches ``ref_idx[k]``; ``rms`` is in ref units; ``n_expected``
+    is the number of matches that chance alone would give; ``log10_false_alarm`` is
+    log10 of ``n_trials * P(Poisson(n_expected) >= n_matches)``.
+    """
+
+    transform: Transform
+    src_idx: np.ndarray
+    ref_idx: np.ndarray
+    rms: float
+    radius: float
+    n_expected: float = float("nan")
+    log10_false_alarm: float = float("nan")
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def n_matches(self) -> int:
+        return int(len(self.src_idx))
+
+
+# -- small fits --------------------------------------------------------------------------
+def fit_similarity(src, ref, flip: bool = False, weights=None) -> Transform:
+    """Least-squares similarity (Umeyama) mapping ``src`` to ``ref``; ``flip`` forces parity."""
+    src = np.asarray(src, float)
+    ref = np.asarray(ref, float)
+    if flip:
+        src = src * np.array([1.0, -1.0])
+    w = np.ones(len(src)) if weights is None else np.asarray(weights, float)
+    w = w / w.sum()
+    ms = (w[:, None] * src).sum(0)
+    mr = (w[:, None] * ref).sum(0)
+    s0 = src - ms
+    r0 = ref - mr
+    # complex-number form: r = a * s, a = s*exp(i theta)
+    zs = s0[:, 0] + 1j * s0[:, 1]
+    zr = r0[:, 0] + 1j * r0[:, 1]
+    denom = (w * np.abs(zs) ** 2).sum()
+    a = (w * zr * np.conj(zs)).sum() / denom if denom > 0 else 1.0 + 0j
+    m = np.array([[a.real, -a.imag], [a.imag, a.real]])
+    if flip:
+        m = m @ np.diag([1.0, -1.0])
+        t = mr - m @ (ms * np.array([1.0, -1.0]))
+    else:
+        t = mr - m @ ms
+    return Transform(m, t)
+
+
+def fit_affine(src, ref) -> Transform:
+    """Least-squares affine transform mapping ``src`` to ``ref`` (needs >= 3 points)."""
+    src = np.asarray(src, float)
+    ref = np.asarray(ref, float)
+    design = np.column_stack([src, np.ones(len(src))])
+    coef, *_ = np.linalg.lstsq(design, ref, rcond=None)
+    return Transform(coef[:2].T, coef[2])
+
+
+def nn_match(src_xy, ref_tree: cKDTree, radius: float):
+    """One-to-one nearest-neighbour pairs within ``radius``.
+
+    Each source takes its nearest reference; a reference claimed by several
+    sources keeps only the closest. Returns ``(src_idx, ref_idx, dist)``.
+    """
+    src_xy = np.asarray(src_xy, float).reshape(-1, 2)
+    if len(src_xy) == 0 or ref_tree.n == 0:
+        empty = np.zeros(0, int)
+        return empty, empty, np.zeros(0)
+    dist, idx = ref_tree.query(src_xy, k=1, distance_upper_bound=radius)
+    ok = np.isfinite(dist)
+    si = np.nonzero(ok)[0]
+    ri = idx[ok]
+    d = dist[ok]
+    order = np.argsort(d)
+    _, first = np.unique(ri[order], return_index=True)
+    keep = np.sort(order[first])
+    return si[keep], ri[keep], d[keep]
+
+
+# -- triangles --------------------------------------------------------------------------
+def triangle_invariants(xy: np.ndarray, max_side: float = np.inf, min_ratio: float = 0.1):
+    """All triangles of ``xy``: invariants, vertex order and longest side.
+
+    Vertices are ordered (A, B, C) with A opposite the shortest side, B opposite
+    the middle one and C opposite the longest, so that corresponding triangles
+    list corresponding stars. Invariants are ``(L1/L0, L2/L0)``, invariant under
+    rotation, scale, translation and reflection. Triangles with a longest side
+    above ``max_side`` or too flat (``L2/L0 < min_ratio``) are dropped.
+
+    Returns ``(inv (m, 2), verts (m, 3) int, l0 (m,), orient (m,) +-1)``.
+    """
+    xy = np.asarray(xy, float)
+    n = len(xy)
+    if n < 3:
+        return np.zeros((0, 2)), np.zeros((0, 3), int), np.zeros(0), np.zeros(0)
+    comb = np.array(list(itertools.combinations(range(n), 3)), dtype=np.int32)
+    p = xy[comb]  # (m, 3, 2)
+    # side opposite vertex k: between the other two
+    s0 = np.hypot(*(p[:, 1] - p[:, 2]).T)
+    s1 = np.hypot(*(p[:, 0] - p[:, 2]).T)
+    s2 = np.hypot(*(p[:, 0] - p[:, 1]).T)
+    sides = np.column_stack([s0, s1, s2])
+    order = np.argsort(sides, axis=1)  # ascending: vertex opposite the shortest first
+    sorted_sides = np.take_along_axis(sides, order, axis=1)
+    l0 = sorted_sides[:, 2]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        inv = np.column_stack([sorted_sides[:, 1] / l0, sorted_sides[:, 0] / l0])
+    verts = np.take_along_axis(comb, order, axis=1)
+    keep = (l0 <= max_side) & (inv[:, 1] >= min_ratio) & np.isfinite(inv).all(axis=1)
+    verts = verts[keep]
+    q = xy[verts]
+    cross = ((q[:, 1, 0] - q[:, 0, 0]) * (q[:, 2, 1] - q[:, 0, 1])
+             - (q[:, 1, 1] - q[:, 0, 1]) * (q[:, 2, 0] - q[:, 0, 0]))
+    return inv[keep], verts, l0[keep], np.sign(cross)
+
+
+def _candidates_from_triangles(src, ref, n_src, n_ref, scale_range, allow_flip, max_offset,
+                               tol=0.008):
+    """Candidate transforms (as (k, 2, 2) matrices and (k, 2) offsets) from triangle pairs."""
+    s_inv, s_v, s_l0, s_or = triangle_invariants(src[:n_src])
+    if len(s_inv) == 0:
+        return np.zeros((0, 2, 2)), np.zeros((0, 2))
+    max_side = s_l0.max() * scale_range[1] * 1.02
+    r_inv, r_v, r_l0, r_or = triangle_invariants(ref[:n_ref], max_side=max_side)
+    if len(r_inv) == 0:
+        return np.zeros((0, 2, 2)), np.zeros((0, 2))
+    tree = cKDTree(r_inv)
+    hits = tree.query_ball_point(s_inv, tol)
+    lens = np.fromiter((len(h) for h in hits), int, len(hits))
+    if lens.sum() == 0:
+        return np.zeros((0, 2, 2)), np.zeros((0, 2))
+    si = np.repeat(np.arange(len(hits)), lens)
+    ri = np.fromiter(itertools.chain.from_iterable(hits), int, lens.sum())
+    ratio = r_l0[ri] / s_l0[si]
+    ok = (ratio >= scale_range[0]) & (ratio <= scale_range[1])
+    flip = s_or[si] != r_or[ri]
+    if not allow_flip:
+        ok &= ~flip
+    si, ri, flip = si[ok], ri[ok], flip[ok]
+    if len(si) == 0:
+        return np.zeros((0, 2, 2)), np.zeros((0, 2))
+    ps = src[s_v[si]]  # (k, 3, 2)
+    pr = ref[r_v[ri]]
+    sign = np.where(flip, -1.0, 1.0)
+    ps_f = ps * np.stack([np.ones_like(sign), sign], axis=-1)[:, None, :]
+    ms = ps_f.mean(axis=1)
+    mr = pr.mean(axis=1)
+    zs = (ps_f[..., 0] - ms[:, None, 0]) + 1j * (ps_f[..., 1] - ms[:, None, 1])
+    zr = (pr[..., 0] - mr[:, None, 0]) + 1j * (pr[..., 1] - mr[:, None, 1])
+    a = (zr * np.conj(zs)).sum(1) / (np.abs(zs) ** 2).sum(1)
+    mats = np.empty((len(a), 2, 2))
+    mats[:, 0, 0] = a.real
+    mats[:, 0, 1] = -a.imag * sign
+    mats[:, 1, 0] = a.imag
+    mats[:, 1, 1] = a.real * sign
+    offs = mr - np.einsum("kij,kj->ki", mats, ps.mean(axis=1))
+    scale = np.abs(a)
+    ok = (scale >= scale_range[0]) & (scale <= scale_range[1])
+    ok &= np.hypot(offs[:, 0], offs[:, 1]) <= max_offset
+    return mats[ok], offs[ok]
+
+
+def _score(mats, offs, src_v, ref_tree, radius):
+    """Number of verification sources with a reference within ``radius``, per candidate."""
+    k = len(mats)
+    counts = np.zeros(k, int)
+    chunk = max(1, 200000 // max(len(src_v), 1))
+    for start in range(0, k, chunk):
+        m = mats[start:start + chunk]
+        o = offs[start:start + chunk]
+        pts = np.einsum("kij,nj->kni", m, src_v) + o[:, None, :]
+        d, _ = ref_tree.query(pts.reshape(-1, 2), k=1, distance_upper_bound=radius)
+        counts[start:start + chunk] = np.isfinite(d).reshape(len(m), -1).sum(1)
+    return counts
+
+
+# -- refinement & significance -------------------------------------------------------------
+def refine_match(src, ref, transform: Transform, radius: float, *, ref_tree=None,
+                 clip_sigma: float = 3.0, iterations: int = 6, start_radius=None,
+                 keep_flip: bool = True) -> MatchResult:
+    """Iterative nearest-neighbour matching with a similarity fit and sigma clipping.
+
+    The matching radius shrinks from ``start_radius`` (default ``3 x radius``) to
+    ``radius``; at each step the pairs are refitted and outliers beyond
+    ``clip_sigma`` times the robust residual scatter (but never inside ``radius/3``)
+    are dropped from the fit.
+    """
+    src = np.asarray(src, float)
+    ref = np.asarray(ref, float)
+    tree = ref_tree if ref_tree is not None else cKDTree(ref)
+    flip = transform.flip
+    r = float(start_radius if start_radius is not None else 3.0 * radius)
+    t = transform
+    si = ri = np.zeros(0, int)
+    for it in range(iterations):
+        si, ri, d = nn_match(t(src), tree, r)
+        if len(si) < 3:
+            break
+        keep = np.ones(len(si), bool)
+        for _ in range(3):
+            t_new = fit_similarity(src[si[keep]], ref[ri[keep]], flip=flip if keep_flip else False)
+            res = np.hypot(*(t_new(src[si]) - ref[ri]).T)
+            sig = 1.4826 * np.median(res[keep]) / 0.8326 if keep.sum() else 0.0  # Rayleigh
+            new_keep = res <= max(clip_sigma * sig, radius / 3.0)
+            if new_keep.sum() < 3 or np.array_equal(new_keep, keep):
+                keep = new_keep if new_keep.sum() >= 3 else keep
+                break
+            keep = new_keep
+        t = t_new
+        r = max(radius, r * 0.6) if it < iterations - 2 else radius
+    si, ri, d = nn_match(t(src), tree, radius)
+    rms = float(np.sqrt(np.mean(d**2))) if len(d) else float("nan")
+    return MatchResult(t, si, ri, rms, radius)
+
+
+def _significance(result: MatchResult, src, ref, ref_tree, scale_range, allow_flip,
+                  max_offset, n_src_used):
+    """Fill ``n_expected`` and ``log10_false_alarm`` of a match."""
+    r = result.radius
+    pts = result.transform(src[:n_src_used])
+    lo, hi = pts.min(0), pts.max(0)
+    area = max((hi - lo).prod(), np.pi * r * r)
+    inside = ((ref >= lo) & (ref <= hi)).all(1).sum()
+    density = max(inside, 1) / area
+    lam = n_src_used * density * np.pi * r * r
+    n = result.n_matches
+    extent = max(np.hypot(*(hi - lo)) / 2, 10 * r)
+    off_area = np.pi * min(max_offset, 1e7) ** 2 if np.isfinite(max_offset) else 4 * area
+    trials = max(off_area / (np.pi * r * r), 1.0)
+    trials *= 2 * np.pi * extent / r  # rotations
+    trials *= max(np.log(scale_range[1] / scale_range[0]) * extent / r, 1.0)
+    trials *= 2 if allow_flip else 1
+    logsf = stats.poisson.logsf(n - 1, lam) if n > 0 else 0.0
+    result.n_expected = float(lam)
+    result.log10_false_alarm = float((logsf + math.log(trials)) / math.log(10))
+    result.meta["n_trials"] = float(trials)
+    return result
+
+
+def find_transform(src, ref, *, scale_range=(0.95, 1.05), allow_flip: bool = True,
+                   max_offset: float = np.inf, match_radius: float = 3.0,
+                   min_matches: int = 8, max_false_alarm: float = 1e-4,
+                   clip_sigma: float = 3.0, levels=((12, 30), (20, 60), (30, 110), (40, 160)),
+                   max_verify: int = 200) -> MatchResult:
+    """Find the similarity that maps ``src`` onto ``ref`` (both sorted brightest first).
+
+    Parameters
+    ----------
+    src : (n, 2) array
+        Detected positions (pixels, e.g. relative to the frame centre), brightest first.
+    ref : (m, 2) array
+        Reference positions in the same units (tangent plane / nominal pixel scale),
+        brightest first.
+    scale_range : (lo, hi)
+        Allowed scale of the transform (ref units per src unit).
+    allow_flip : bool
+        Also accept a mirrored transform (parity change).
+    max_offset : float
+        Largest allowed ``|t|`` (the image of ``src``'s origin in ref coordinates).
+    match_radius : float
+        Final matching radius (ref units).
+    min_matches : int
+        Fewer matched pairs: `MatchError`.
+    max_false_alarm : float
+        Largest accepted false-alarm probability of the match (see module notes).
+    levels : sequence of (n_src, n_ref)
+        Numbers of brightest points used for triangles, tried in turn.
+
+    Returns
+    -------
+    MatchResult
+
+    Raises
+    ------
+    MatchError
+        With the reason (too few points, no consistent pattern, not significant).
+    """
+    src = np.asarray(src, float).reshape(-1, 2)
+    ref = np.asarray(ref, float).reshape(-1, 2)
+    if len(src) < 3:
+        raise MatchError(f"too few detections to match ({len(src)} < 3)")
+    if len(ref) < 3:
+        raise MatchError(f"too few reference stars to match ({len(ref)} < 3)")
+    ref_tree = cKDTree(ref)
+    n_verify = min(len(src), max_verify)
+    src_v = src[:n_verify]
+    verify_radius = 3.0 * match_radius
+    best: MatchResult | None = None
+    tried = set()
+    for n_s, n_r in levels:
+        n_s, n_r = min(n_s, len(src)), min(n_r, len(ref))
+        if (n_s, n_r) in tried:
+            continue
+        tried.add((n_s, n_r))
+        mats, offs = _candidates_from_triangles(src, ref, n_s, n_r, scale_range, allow_flip,
+                                                max_offset)
+        if len(mats) == 0:
+            continue
+        counts = _score(mats, offs, src_v, ref_tree, verify_radius)
+        order = np.argsort(counts)[::-1][:8]
+        for k in order:
+            if counts[k] < 3:
+                break
+            res = refine_match(src_v, ref, Transform(mats[k], offs[k]), match_radius,
+                               ref_tree=ref_tree, clip_sigma=clip_sigma,
+                               start_radius=verify_radius)
+            if res.n_matches < 3:
+                continue
+            if np.hypot(*res.transform.offset) > max_offset or not (
+                scale_range[0] * 0.99 <= res.transform.scale <= scale_range[1] * 1.01
+            ):
+                continue
+            _significance(res, src, ref, ref_tree, scale_range, allow_flip, max_offset,
+                          n_verify)
+            if best is None or res.log10_false_alarm < best.log10_false_alarm:
+                best = res
+        if best is not None and best.log10_false_alarm < math.log10(max_false_alarm) - 4 \
+                and best.n_matches >= min_matches:
+            break  # convincing: no need to go deeper
+    if best is None:
+        raise MatchError("no consistent pattern match")
+    best.meta["n_verify"] = n_verify
+    if best.n_matches < min_matches:
+        raise MatchError(
+            f"too few matched stars ({best.n_matches} < {min_matches})", best
+        )
+    if best.log10_false_alarm > math.log10(max_false_alarm):
+        raise MatchError(
+            f"match not significant ({best.n_matches} matches, {best.n_expected:.2g} expected "
+            f"by chance, false-alarm probability 10^{best.log10_false_alarm:.1f})", best
+        )
+    return best

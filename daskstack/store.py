@@ -1,0 +1,155 @@
+"""The zarr v3 store: the hand-over between registration and combination.
+
+Layout (``OUT/store.zarr``)::
+
+    zarr.json                  attrs["daskstack"]: grid header and shape, tile size,
+                               grid fingerprint, per-filter frame lists, per-frame
+                               records (exptime, sky, flux ratio ...), register options
+    <filter>/data              (n_frames, ny, nx) float32, NaN where the frame gives nothing
+    <filter>/footprint         (n_frames, ny, nx) float32, 0..1 coverage of each frame
+
+Chunks are ``(1, tile, tile)``: each registration task writes whole chunks of its own
+frame, so concurrent writers never touch the same chunk (a chunk spanning the stack
+axis would be read-modify-written by every frame's task at once). The combine step
+reads a tile's ``n_frames`` chunks into one block, so it still reads each tile once.
+The store describes itself: `open_store` gives back everything needed to combine
+again, with other options, without reprojecting.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import zarr
+
+from .grid import Grid
+
+__all__ = ["StackStore", "StoreError", "create_store", "filter_key", "open_store",
+           "write_tiles"]
+
+FORMAT_VERSION = 1
+
+
+class StoreError(ValueError):
+    """A store that is missing, not daskstack's, or does not fit the run."""
+
+
+def filter_key(name: str) -> str:
+    """A filter name as a safe zarr node name (``'r prime/x'`` -> ``'r_prime_x'``)."""
+    key = re.sub(r"[^A-Za-z0-9_.-]", "_", name.strip()) or "unknown"
+    return key.lstrip(".") or "unknown"
+
+
+@dataclass
+class StackStore:
+    """An open daskstack store: its grid, frame records and per-filter arrays."""
+
+    path: str
+    grid: Grid
+    tile: int
+    filters: dict[str, list[str]]  # filter -> frame names in stack order
+    frames: dict[str, dict]  # frame name -> small record (exptime, sky, flux_ratio, ...)
+    params: dict
+
+    def group(self, mode="r") -> zarr.Group:
+        return zarr.open_group(self.path, mode=mode)
+
+    def arrays(self, filter_name: str):
+        """(data, footprint) zarr arrays of one filter."""
+        group = self.group()
+        key = filter_key(filter_name)
+        return group[f"{key}/data"], group[f"{key}/footprint"]
+
+    def index_of(self, name: str) -> tuple[str, int]:
+        for filter_name, names in self.filters.items():
+            if name in names:
+                return filter_name, names.index(name)
+        raise StoreError(f"frame {name!r} is not in store {self.path}")
+
+
+def create_store(path, grid: Grid, frames: dict[str, dict], filters: dict[str, list[str]],
+                 *, tile: int, params: dict | None = None) -> StackStore:
+    """Create (or reuse) the store for a run.
+
+    An existing store on the same grid, tile and frame lists is reused as it is, so a
+    resumed run keeps the tiles already written; anything else is replaced.
+    """
+    try:
+        existing = open_store(path)
+    except StoreError:
+        existing = None
+    if (existing is not None and existing.grid.fingerprint == grid.fingerprint
+            and existing.tile == tile and existing.filters == filters):
+        existing.frames.update(frames)
+        existing.params = params or {}
+        _write_attrs(existing)
+        return existing
+    group = zarr.open_group(str(path), mode="w")
+    ny, nx = grid.shape
+    for filter_name, names in filters.items():
+        key = filter_key(filter_name)
+        shape = (len(names), ny, nx)
+        chunks = (1, min(tile, ny), min(tile, nx))
+        group.create_array(f"{key}/data", shape=shape, chunks=chunks, dtype="float32",
+                           fill_value=np.nan, dimension_names=("frame", "y", "x"))
+        group.create_array(f"{key}/footprint", shape=shape, chunks=chunks, dtype="float32",
+                           fill_value=0.0, dimension_names=("frame", "y", "x"))
+    store = StackStore(path=str(path), grid=grid, tile=tile, filters=filters, frames=frames,
+                       params=params or {})
+    _write_attrs(store)
+    return store
+
+
+def update_frames(store: StackStore, frames: dict[str, dict]) -> None:
+    """Merge per-frame records into the store's metadata (client side only)."""
+    store.frames.update(frames)
+    _write_attrs(store)
+
+
+def _write_attrs(store: StackStore) -> None:
+    group = zarr.open_group(store.path, mode="a")
+    group.attrs["daskstack"] = {
+        "format_version": FORMAT_VERSION,
+        "grid_header": store.grid.header_text,
+        "grid_shape": list(store.grid.shape),
+        "grid_fingerprint": store.grid.fingerprint,
+        "tile": store.tile,
+        "filters": store.filters,
+        "frames": store.frames,
+        "params": store.params,
+    }
+
+
+def open_store(path) -> StackStore:
+    """Reopen a store written by daskstack, with its grid and frame records."""
+    try:
+        group = zarr.open_group(str(path), mode="r")
+        attrs = dict(group.attrs).get("daskstack")
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError, ValueError, KeyError):
+        raise StoreError(f"{path}: not a zarr store") from None
+    if not attrs:
+        raise StoreError(f"{path}: a zarr store, but not one written by daskstack")
+    grid = Grid(shape=tuple(attrs["grid_shape"]), header_text=attrs["grid_header"])
+    return StackStore(path=str(path), grid=grid, tile=int(attrs["tile"]),
+                      filters={k: list(v) for k, v in attrs["filters"].items()},
+                      frames=dict(attrs.get("frames", {})), params=dict(attrs.get("params", {})))
+
+
+def write_tiles(store_path: str, filter_name: str, index: int, tiles) -> int:
+    """Write one frame's registered tiles into its slice of the stack; returns tiles written.
+
+    ``tiles`` yields ``(y0, x0, data, footprint)``. Runs on a worker: it opens the
+    store by path, so only the path travels through the graph.
+    """
+    group = zarr.open_group(store_path, mode="r+")
+    key = filter_key(filter_name)
+    data_array, foot_array = group[f"{key}/data"], group[f"{key}/footprint"]
+    count = 0
+    for y0, x0, data, footprint in tiles:
+        ny, nx = data.shape
+        data_array[index, y0:y0 + ny, x0:x0 + nx] = data
+        foot_array[index, y0:y0 + ny, x0:x0 + nx] = footprint
+        count += 1
+    return count
