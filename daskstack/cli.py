@@ -41,6 +41,10 @@ class ProgressBar:
         self.phase = None
         self.started = 0.0
 
+    def notice(self, text: str) -> None:
+        if self.enabled:
+            click.echo(text, err=True)
+
     def __call__(self, phase: str, done: int, total: int) -> None:
         if not self.enabled:
             return
@@ -247,10 +251,10 @@ def main():
 
 @main.command()
 @click.argument("frames", nargs=-1, type=click.Path(dir_okay=False))
-@click.option("--catalog", required=True,
+@click.option("--catalog", default="",
               help="Reference catalog: 'gaia' (Gaia DR3 via MAST), 'gaia-tap' (ESA TAP) or a "
                    "file (ECSV/FITS/CSV with ra, dec, a magnitude; pmra/pmdec/ref_epoch "
-                   "optional).")
+                   "optional). Required unless --wcs header.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Run directory: coadd_<filter>.fits, manifest.ecsv, <frame>.wcs, "
                    "store.zarr.")
@@ -269,6 +273,8 @@ def run(frames, catalog, out_dir, overwrite, config_file, verbose, quiet, overri
     _setup_logging(verbose, quiet)
     settings = _settings(config_file, overrides)
     frames = _check_inputs(frames)
+    if not catalog and settings.solve.wcs == "solve":
+        _fail("--catalog is required to solve the frames' WCS (or use --wcs header)")
     try:
         result = run_pipeline(frames, catalog, out_dir, settings, overwrite=overwrite,
                               progress=ProgressBar(not quiet))

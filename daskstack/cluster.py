@@ -37,6 +37,7 @@ def local_cluster_kwargs(settings) -> dict:
         "memory_limit": settings.memory_limit,
         "processes": True,
         "dashboard_address": ":0",  # any free port: never collide with another run
+        "silence_logs": logging.ERROR,
     }
 
 
@@ -74,8 +75,12 @@ def jobqueue_cluster(settings, local_directory=None):
 
 
 @contextlib.contextmanager
-def open_client(settings, *, local_directory=None):
-    """Yield a `distributed.Client` for ``settings`` (a `ClusterSettings`)."""
+def open_client(settings, *, local_directory=None, announce=None):
+    """Yield a `distributed.Client` for ``settings`` (a `ClusterSettings`).
+
+    ``announce``, if given, is called with one-line notices for the user (the
+    dashboard address).
+    """
     from distributed import Client, LocalCluster
 
     cluster = None
@@ -93,6 +98,11 @@ def open_client(settings, *, local_directory=None):
                 cluster = LocalCluster(local_directory=local_directory,
                                        **local_cluster_kwargs(settings))
             client = Client(cluster)
+        dashboard = getattr(client, "dashboard_link", None)
+        if dashboard:
+            log.info("Dask dashboard: %s", dashboard)
+            if announce is not None:
+                announce(f"Dask dashboard: {dashboard}")
         try:
             yield client
         finally:

@@ -60,6 +60,11 @@ class SolveSettings:
     max_rms_arcsec: float = 2.0  # larger RMS residual: failed
     match_radius_arcsec: float = 0.0  # 0 = derived from the frame's FWHM and pixel scale
     clip_sigma: float = 3.0
+    max_false_alarm: float = 1e-4  # largest accepted false-alarm probability of a pattern match
+    max_skew: float = 0.02  # largest accepted axis ratio - 1 of the fitted CD matrix
+    centroid_floor_px: float = 0.03  # fit weights 1/(sigma_centroid^2 + floor^2)
+    companion_fraction: float = 0.6  # companions: a source must be in this fraction of them
+    companion_max_shift_arcsec: float = 30.0  # companions: largest dither between exposures
 
 
 @dataclass
@@ -210,6 +215,16 @@ class Settings:
                 raise SettingsError(f"{section}.{name} must be >= 0")
         if not 0 <= self.solve.scale_tolerance < 0.5:
             raise SettingsError("solve.scale_tolerance must be in [0, 0.5)")
+        if not 0 < self.solve.max_false_alarm < 1:
+            raise SettingsError("solve.max_false_alarm must be in (0, 1)")
+        if not 0 < self.solve.companion_fraction <= 1:
+            raise SettingsError("solve.companion_fraction must be in (0, 1]")
+        if not self.solve.centroid_floor_px > 0:
+            raise SettingsError("solve.centroid_floor_px must be > 0")
+        if not self.solve.max_skew > 0:
+            raise SettingsError("solve.max_skew must be > 0")
+        if not self.solve.companion_max_shift_arcsec > 0:
+            raise SettingsError("solve.companion_max_shift_arcsec must be > 0")
         if self.solve.sip_order not in (0, 2, 3, 4):
             raise SettingsError("solve.sip_order must be 0 (TAN only), 2, 3 or 4")
         if self.register.tile < 64:

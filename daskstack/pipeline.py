@@ -149,10 +149,10 @@ def _solve_task(meta: FrameMeta, catalog: Table, settings: Settings, companions=
         frame = read_frame(meta.path)
         return solve_frame(frame, catalog, settings, companions=companions)
     except FrameError as err:
-        return SolveResult.failure(meta, err.reason)
+        return _failure(meta, err.reason)
     except Exception as err:  # one frame's bug must not stop the batch: record it
         log.exception("%s: solving failed", meta.name)
-        return SolveResult.failure(meta, f"unexpected error: {type(err).__name__}: {err}")
+        return _failure(meta, f"unexpected error: {type(err).__name__}: {err}")
 
 
 def _register_task(meta: FrameMeta, wcs_header: str, grid: Grid, store_path: str,
@@ -165,6 +165,37 @@ def _register_task(meta: FrameMeta, wcs_header: str, grid: Grid, store_path: str
                                      seed=index))
     count = store_mod.write_tiles(store_path, filter_name, index, tiles)
     return count, time.perf_counter() - start
+
+
+def _failure(meta: FrameMeta, reason: str) -> SolveResult:
+    return SolveResult(name=meta.name, path=meta.path, filter=meta.filter, status="failed",
+                       reason=reason)
+
+
+def _from_wcs_file(meta: FrameMeta, path: Path, row: dict | None = None) -> SolveResult:
+    """A solved frame taken back from its ``.wcs`` file (and manifest row, on resume)."""
+    from .frames import quiet_astropy
+
+    with quiet_astropy():
+        header = fits.getheader(path)
+        from astropy.wcs import WCS
+
+        wcs = WCS(header, relax=True)
+    if not wcs.has_celestial:
+        raise ValueError(f"{path.name} holds no celestial WCS")
+    result = SolveResult(name=meta.name, path=meta.path, filter=meta.filter, status="ok",
+                         wcs_header=wcs.to_header(relax=True).tostring(),
+                         sip_order=int(header.get("A_ORDER", 0)))
+    for key, value in (row or {}).items():
+        if hasattr(result, key) and key not in ("name", "path", "filter", "status", "reason"):
+            kind = type(getattr(result, key))
+            try:
+                setattr(result, key, kind(value))
+            except (TypeError, ValueError):
+                pass
+    if row and "t_solve" in row:
+        result.elapsed = float(row["t_solve"])
+    return result
 
 
 def _wcs_from_text(text: str, shape=None):
@@ -369,7 +400,7 @@ def solve_frames(client, records: list[FrameRecord], catalog_source: str, out_di
             except catalogs.CatalogError as err:
                 for r in todo:
                     if r.meta in members:
-                        r.result = SolveResult.failure(r.meta, str(err))
+                        r.result = _failure(r.meta, str(err))
                 continue
             catalog = client.scatter(catalog, broadcast=False)
         for r in todo:
@@ -382,7 +413,7 @@ def solve_frames(client, records: list[FrameRecord], catalog_source: str, out_di
     def on_result(name, value):
         record = by_name[name]
         if not isinstance(value, SolveResult):
-            value = SolveResult.failure(record.meta, f"unexpected error: {value}")
+            value = _failure(record.meta, f"unexpected error: {value}")
         _accept_solution(record, value, out_dir)
         if manifest is not None and time.monotonic() - last_write[0] > 2.0:
             write_manifest(records, manifest)
@@ -391,7 +422,7 @@ def solve_frames(client, records: list[FrameRecord], catalog_source: str, out_di
     _gather_as_completed(client, futures, "solve", progress, on_result)
     for r in records:
         if r.meta is not None and r.result is None:
-            r.result = SolveResult.failure(r.meta, "not solved")
+            r.result = _failure(r.meta, "not solved")
             r.status, r.reason = "failed", r.result.reason
     if manifest is not None:
         write_manifest(records, manifest)
@@ -654,7 +685,8 @@ def run(inputs, catalog: str, out_dir, settings: Settings | None = None, *, clie
         raise RunError("no input frames")
     resumed = _check_run_dir(out_dir, _run_signature(inputs, catalog, settings), overwrite)
     if client is None:
-        with open_client(settings.cluster, local_directory=str(out_dir / ".dask")) as own:
+        with open_client(settings.cluster, local_directory=str(out_dir / ".dask"),
+                         announce=getattr(progress, "notice", None)) as own:
             return _run(own, inputs, catalog, out_dir, settings, progress, resumed)
     return _run(client, inputs, catalog, out_dir, settings, progress, resumed)
 
@@ -705,8 +737,8 @@ def _restore(records: list[FrameRecord], manifest: Path, out_dir: Path) -> None:
         if not wcs_path.exists():
             continue
         try:
-            result = SolveResult.from_row(record.meta, dict(zip(row.colnames, row, strict=True)),
-                                          wcs_path)
+            result = _from_wcs_file(record.meta, wcs_path,
+                                    dict(zip(row.colnames, row, strict=True)))
         except (OSError, ValueError, KeyError):
             continue
         record.result, record.status = result, "ok"
@@ -726,12 +758,13 @@ def run_fingerprint(path) -> str:
 # --------------------------------------------------------------------------------------
 # One stage at a time (the `solve`, `register` and `combine` commands)
 # --------------------------------------------------------------------------------------
-def _with_client(settings: Settings, out_dir: Path, client, func):
+def _with_client(settings: Settings, out_dir: Path, client, func, progress=None):
     from .cluster import open_client
 
     if client is not None:
         return func(client)
-    with open_client(settings.cluster, local_directory=str(out_dir / ".dask")) as own:
+    with open_client(settings.cluster, local_directory=str(out_dir / ".dask"),
+                     announce=getattr(progress, "notice", None)) as own:
         return func(own)
 
 
@@ -750,7 +783,7 @@ def solve_files(inputs, catalog: str, out_dir, settings: Settings | None = None,
         solve_frames(client, records, catalog, out_dir, settings, progress)
         return records
 
-    records = _with_client(settings, out_dir, client, work)
+    records = _with_client(settings, out_dir, client, work, progress)
     write_manifest(records, out_dir / "solve.ecsv")
     return records
 
@@ -772,19 +805,22 @@ def register_files(inputs, out_dir, settings: Settings | None = None, *,
             if record.meta is None:
                 continue
             wcs_file = out_dir / f"{record.name}.wcs"
+            if wcs_source == "header":
+                continue  # solve_frames below takes the header WCS as it is
             try:
-                if wcs_source == "header":
-                    record.result = SolveResult.from_header(record.meta)
-                elif wcs_file.exists():
-                    record.result = SolveResult.from_wcs_file(record.meta, wcs_file)
+                if wcs_file.exists():
+                    record.result = _from_wcs_file(record.meta, wcs_file)
                 else:
-                    record.result = SolveResult.failure(
+                    record.result = _failure(
                         record.meta, f"no solved WCS ({wcs_file.name}); run daskstack solve "
                         "first or use --wcs header")
-            except FrameError as err:
-                record.result = SolveResult.failure(record.meta, err.reason)
+            except (OSError, ValueError) as err:
+                record.result = _failure(record.meta, f"unreadable {wcs_file.name}: {err}")
             record.status = record.result.status
             record.reason = record.result.reason
+        if wcs_source == "header":
+            settings.solve.wcs = "header"
+            solve_frames(client, records, "", out_dir, settings, progress)
         if not any(r.status == "ok" for r in records):
             raise RunError("no frame has a usable WCS: " + "; ".join(
                 f"{r.name}: {r.reason}" for r in records[:3]))
@@ -792,7 +828,7 @@ def register_files(inputs, out_dir, settings: Settings | None = None, *,
         return register_frames(client, records, grid, out_dir / "store.zarr", settings,
                                progress)
 
-    return _with_client(settings, out_dir, client, work)
+    return _with_client(settings, out_dir, client, work, progress)
 
 
 def combine_store_path(store_path, out_dir, settings: Settings | None = None, *, client=None,
@@ -802,4 +838,4 @@ def combine_store_path(store_path, out_dir, settings: Settings | None = None, *,
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     return _with_client(settings, out_dir, client, lambda c: combine_store(
-        c, Path(store_path), out_dir, settings, progress or _progress_none))
+        c, Path(store_path), out_dir, settings, progress or _progress_none), progress)

@@ -230,7 +230,7 @@ def make_catalog(
         angle = rng.random(k) * 2.0 * math.pi
         pmra[fast] = speed * np.sin(angle)
         pmdec[fast] = speed * np.cos(angle)
-        parallax[fast] = speed / 4.74 / rng.uniform(20.0, 80.0, k) * 1.0  # v_t 20-80 km/s
+        parallax[fast] = 4.74 * speed / rng.uniform(20.0, 80.0, k)  # v_t 20-80 km/s
     source_id = (np.int64(10) ** 18 * (1 + int(seed) % 6)
                  + np.cumsum(rng.integers(1, 10**9, n, dtype=np.int64)))
     table = Table()
@@ -334,7 +334,7 @@ def _sip_arrays(sip) -> tuple[np.ndarray, np.ndarray]:
     return np.array(a, dtype=float), np.array(b, dtype=float)
 
 
-def _poly_terms(u_, v_, order):
+def _poly_terms(order):
     return [(p, q) for p in range(order + 1) for q in range(order + 1 - p)]
 
 
@@ -353,7 +353,7 @@ def _fit_inverse_sip(a, b, shape, crpix):
             fu += a[p, q] * uu**p * vv**q
             fv += b[p, q] * uu**p * vv**q
     U, V = uu + fu, vv + fv
-    terms = _poly_terms(U, V, inv_order)
+    terms = _poly_terms(inv_order)
     norm = max(nx, ny)
     design = np.stack([(U / norm) ** p * (V / norm) ** q for p, q in terms], axis=1)
     coef_u, *_ = np.linalg.lstsq(design, uu - U, rcond=None)
@@ -642,6 +642,8 @@ def render_frame(
     None); ``sky``, ``noise`` (ADU, the expected sky noise).
     """
     rng = _as_rng(rng)
+    if not isinstance(catalog, Table):
+        catalog = Table.read(catalog)
     ny, nx = int(shape[0]), int(shape[1])
     gain = float(gain)
     sky_e = float(sky) * gain
@@ -795,7 +797,7 @@ def lco_header(
     unless the header WCS is exact (then 0) or ``wcserr`` is given.
     L1FWHM is in arcsec, as LCO writes it.
     """
-    ny, nx = int(shape[0]), int(shape[1])
+    del shape  # CRPIX comes from true_wcs; kept for symmetry with the other builders
     if pointing_offset_arcsec is None:
         rng = _as_rng(rng)
         angle = rng.uniform(0, 2 * math.pi)
@@ -873,7 +875,6 @@ def lco_header(
     if extra:
         for key, value in extra.items():
             h[key] = value
-    del nx, ny
     return h
 
 
@@ -924,10 +925,13 @@ def _per_filter(value, filt, table, default):
 def _make_one(spec: dict) -> dict:
     """Render and write one frame (picklable, so an executor can run it)."""
     rng = np.random.default_rng(spec["rng_seed"])
-    data, bpm, info = render_frame(spec["catalog"], spec["wcs"], spec["shape"], rng=rng,
+    # the WCS is rebuilt here, not pickled (pickling a WCS rounds it through header text,
+    # and the pixels would then depend on whether an executor was used)
+    wcs = true_frame_wcs(**spec["wcs_args"])
+    data, bpm, info = render_frame(spec["catalog"], wcs, spec["shape"], rng=rng,
                                    **spec["render"])
     write_lco_frame(spec["path"], data, bpm, spec["header"])
-    write_truth_wcs(spec["truth_path"], spec["wcs"], spec["shape"], DATE_OBS=spec["date_obs"])
+    write_truth_wcs(spec["truth_path"], wcs, spec["shape"], DATE_OBS=spec["date_obs"])
     return {"n_stars": int(len(info["x"])), "n_saturated": int(np.sum(info["saturated"])),
             "n_cosmic_rays": len(info["cosmic_rays"]),
             "bad_columns": " ".join(str(c) for c, _, _ in info["bad_columns"]),
@@ -1085,8 +1089,10 @@ def simulate_field(
         t_mjd += ((cadence_s if cadence_s is not None else texp + 30.0)) / 86400.0
         ra_req, dec_req = _offset(ra0, dec0, dither[0], dither[1])
         ra_true, dec_true = _offset(ra_req, dec_req, -perr[0], -perr[1])
-        wcs = true_frame_wcs((float(ra_true), float(dec_true)), shape, pixscale,
-                             rotation_deg=rotation_deg, flip=flip, sip=sip_coeffs)
+        wcs_args = dict(center=(float(ra_true), float(dec_true)), shape=shape,
+                        pixscale_arcsec=pixscale, rotation_deg=rotation_deg, flip=flip,
+                        sip=sip_coeffs)
+        wcs = true_frame_wcs(**wcs_args)
         framenum = int(first_framenum) + i
         header = lco_header(wcs, shape, date_obs=time, exptime=texp, filter_name=filt,
                             pointing_offset_arcsec=perr, rotation_error_deg=rot_err,
@@ -1099,7 +1105,7 @@ def simulate_field(
         truth_path = truth_dir / f"{name}.wcs"
         epoch = float(time.jyear)
         specs.append({
-            "catalog": catalog, "wcs": wcs, "shape": shape, "rng_seed": frame_seed,
+            "catalog": catalog, "wcs_args": wcs_args, "shape": shape, "rng_seed": frame_seed,
             "path": path, "truth_path": truth_path, "header": header,
             "date_obs": header["DATE-OBS"],
             "render": dict(epoch=epoch, fwhm_px=fwhm, moffat_beta=moffat_beta, sky=sky_adu,

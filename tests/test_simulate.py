@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 import pytest
@@ -121,10 +122,18 @@ def test_realistic_artefacts_not_in_bpm(tmp_path):
     data, bpm, info = sim.render_frame(cat, wcs, SHAPE, sky=100.0, rng=4, n_cosmic_rays=10,
                                        satellite_trail=2000.0, bad_columns=2, hot_pixels=3)
     assert len(info["cosmic_rays"]) == 10 and info["trail"] is not None
+    # the BPM holds the detector defects only: bad columns and hot pixels
+    defects = np.zeros(SHAPE, bool)
+    for c, r0, r1 in info["bad_columns"]:
+        defects[r0:r1, c] = True
+    defects[info["hot_pixels"]] = True
+    assert np.array_equal(bpm != 0, defects) and len(info["hot_pixels"][0]) == 3
     for rows, cols in info["cosmic_rays"]:
         assert 1 <= len(rows) <= 8
-        assert not bpm[rows, cols].any() or len(info["bad_columns"])  # only by chance
-        assert data[rows, cols].max() > 100.0 + 10 * 12  # sharp and bright
+        hit = ~defects[rows, cols]
+        assert data[rows, cols][hit].max() > 100.0 + 10 * 12  # sharp and bright
+        neighbours = data[np.clip(rows + 3, 0, 255), cols][hit]
+        assert np.median(neighbours) < 100 + 4 * 12
     t = info["trail"]
     assert data[int(round(t["y0"])), int(round(t["x0"]))] > 100 + 0.5 * 2000
     assert not bpm[int(round(t["y0"])), int(round(t["x0"]))]
@@ -169,6 +178,10 @@ def test_header_wcs_is_wrong_as_requested(field):
         centre = (SHAPE[1] - 1) / 2.0, (SHAPE[0] - 1) / 2.0
         sep = true.pixel_to_world(*centre).separation(head.pixel_to_world(*centre)).arcsec
         assert abs(sep - 60.0) < 0.5
+        east, north = true.pixel_to_world(*centre).spherical_offsets_to(
+            head.pixel_to_world(*centre))
+        assert east.arcsec == pytest.approx(row["pointing_error_east_arcsec"], abs=0.05)
+        assert north.arcsec == pytest.approx(row["pointing_error_north_arcsec"], abs=0.05)
         assert np.hypot(row["pointing_error_east_arcsec"], row["pointing_error_north_arcsec"]) \
             == pytest.approx(60.0)
         # rotation between the CD matrices
@@ -266,6 +279,10 @@ def test_same_seed_same_pixels_other_seed_other_pixels(tmp_path):
         assert not np.array_equal(fa.data, fc.data)
     assert a.catalog.read_text() == b.catalog.read_text() != c.catalog.read_text()
     assert a.truth.read_text() == b.truth.read_text()
+    # frames rendered in another process (as benchmarks do) are the same bytes
+    with ProcessPoolExecutor(max_workers=1) as executor:
+        d = sim.simulate_field(tmp_path / "d", seed=3, executor=executor, **kwargs)
+    assert [p.read_bytes() for p in d.frames] == [p.read_bytes() for p in a.frames]
 
 
 def test_header_keywords_match_a_real_lco_frame(lco_frames):
@@ -281,3 +298,13 @@ def test_header_keywords_match_a_real_lco_frame(lco_frames):
     assert re.fullmatch(r"\d\d:\d\d:\d\d\.\d{3}", ours["RA"])
     assert re.fullmatch(r"[+-]\d\d:\d\d:\d\d\.\d{2}", ours["DEC"])
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}", ours["DATE-OBS"])
+
+
+def test_sky_gradient():
+    wcs = sim.true_frame_wcs(CENTER, SHAPE, 0.389)
+    data, _, _ = sim.render_frame(_catalog([], [], 15.0), wcs, SHAPE, sky=300.0,
+                                  sky_gradient=(0.2, -0.1), rng=0)
+    left, right = np.median(data[:, :16]), np.median(data[:, -16:])
+    bottom, top = np.median(data[:16, :]), np.median(data[-16:, :])
+    assert right - left == pytest.approx(0.2 * 300 * 240 / 255, abs=3.0)
+    assert top - bottom == pytest.approx(-0.1 * 300 * 240 / 255, abs=3.0)

@@ -1,0 +1,694 @@
+"""Astrometric calibration of one frame: a TAN or TAN-SIP WCS fitted to a reference catalog.
+
+`solve_frame` is a pure function of one frame and a catalog table::
+
+    detect (photocentres) -> catalog stars around the header / pointing centre
+    -> proper motion to the frame epoch -> triangle pattern match (any rotation,
+    flip, scale within tolerance, offset within the search radius)
+    -> iterated nearest-neighbour match + linear least-squares TAN(-SIP) fit with
+    sigma clipping -> QA (matches, RMS, plausible scale and shape)
+
+Conventions: pixels are 0-based (``x`` along the second array axis), as
+``astropy.wcs.WCS.pixel_to_world``; FITS keywords (CRPIX) are 1-based as the
+standard says. CRPIX of a fitted WCS is the frame centre, ``((nx+1)/2, (ny+1)/2)``.
+
+A solution that cannot be trusted is returned with ``status='failed'`` and a
+one-line ``reason``; a wrong WCS that looks solved is the worst outcome, so every
+check errs on the side of failing.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+from astropy.io import fits
+from astropy.table import Table
+from astropy.wcs import WCS, Sip
+from scipy.spatial import cKDTree
+
+from ._io import atomic_path
+from .catalogs import propagate_proper_motion
+from .config import Settings
+from .detect import Detections, detect_sources
+from .frames import Frame, FrameError, quiet_astropy
+from .match import MatchError, find_transform
+
+__all__ = [
+    "SolveResult",
+    "companion_filter",
+    "fit_tan_sip",
+    "solve_frame",
+    "updated_header",
+    "write_wcs_file",
+]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SolveResult:
+    """The outcome of solving one frame (small, picklable).
+
+    ``wcs_header`` is the fitted WCS as header text (TAN or TAN-SIP, with the inverse
+    SIP AP/BP), empty when failed; ``rms_arcsec`` / ``rms_px`` are the RMS residuals
+    of the matched stars after clipping; ``rotation_deg`` is the position angle of
+    the frame's +y axis (east of north); ``flux_ratio`` is the median of detected
+    flux (e-) / ``10**(-0.4 mag)`` over matched stars (photometric scaling).
+    """
+
+    name: str
+    path: str
+    filter: str
+    status: str = "failed"  # 'ok' | 'failed'
+    reason: str = ""
+    wcs_header: str = field(default="", repr=False)
+    n_detections: int = 0
+    n_catalog: int = 0
+    n_matches: int = 0
+    rms_arcsec: float = float("nan")
+    rms_px: float = float("nan")
+    sip_order: int = 0
+    fwhm_px: float = float("nan")
+    background: float = float("nan")
+    noise: float = float("nan")
+    pixel_scale_arcsec: float = float("nan")
+    rotation_deg: float = float("nan")
+    flipped: bool = False
+    flux_ratio: float = float("nan")
+    match_false_alarm_log10: float = float("nan")
+    elapsed: float = 0.0
+    method: str = "solve"  # 'solve' | 'header'
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    @property
+    def wcs(self) -> WCS | None:
+        """The fitted WCS (astropy), or None when failed."""
+        if not self.wcs_header:
+            return None
+        with quiet_astropy():
+            return WCS(fits.Header.fromstring(self.wcs_header), relax=True)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# -- tangent-plane helpers ------------------------------------------------------------------
+def _project(ra, dec, ra0, dec0):
+    """Gnomonic projection (degrees in, degrees out): standard coordinates xi (east), eta."""
+    ra, dec = np.radians(ra), np.radians(dec)
+    ra0, dec0 = math.radians(ra0), math.radians(dec0)
+    dra = ra - ra0
+    cosc = np.sin(dec0) * np.sin(dec) + np.cos(dec0) * np.cos(dec) * np.cos(dra)
+    xi = np.cos(dec) * np.sin(dra) / cosc
+    eta = (np.cos(dec0) * np.sin(dec) - np.sin(dec0) * np.cos(dec) * np.cos(dra)) / cosc
+    return np.degrees(xi), np.degrees(eta), cosc
+
+
+def _deproject(xi, eta, ra0, dec0):
+    xi, eta = np.radians(xi), np.radians(eta)
+    ra0, dec0 = math.radians(ra0), math.radians(dec0)
+    rho = np.hypot(xi, eta)
+    c = np.arctan(rho)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        dec = np.arcsin(np.cos(c) * np.sin(dec0)
+                        + np.where(rho > 0, eta * np.sin(c) * np.cos(dec0) / np.where(rho > 0, rho, 1), 0))
+        ra = ra0 + np.arctan2(xi * np.sin(c),
+                              rho * np.cos(dec0) * np.cos(c) - eta * np.sin(dec0) * np.sin(c))
+    return np.mod(np.degrees(ra), 360.0), np.degrees(dec)
+
+
+def _poly_terms(u, v, order, min_order=0):
+    return np.column_stack([u**i * v**j for i in range(order + 1) for j in range(order + 1 - i)
+                            if min_order <= i + j <= order]), \
+        [(i, j) for i in range(order + 1) for j in range(order + 1 - i) if min_order <= i + j <= order]
+
+
+@dataclass
+class _Model:
+    """TAN(-SIP) model with CRPIX fixed: pixel (0-based) -> standard coords about crval."""
+
+    crval: tuple[float, float]
+    crpix0: tuple[float, float]  # 0-based
+    cd: np.ndarray
+    order: int = 0
+    a: dict = field(default_factory=dict)  # (i, j) -> coeff, SIP forward
+    b: dict = field(default_factory=dict)
+    norm: float = 1.0
+
+    def pix_to_std(self, x, y):
+        u = np.asarray(x, float) - self.crpix0[0]
+        v = np.asarray(y, float) - self.crpix0[1]
+        f = sum((c * u**i * v**j for (i, j), c in self.a.items()), np.zeros_like(u))
+        g = sum((c * u**i * v**j for (i, j), c in self.b.items()), np.zeros_like(u))
+        up, vp = u + f, v + g
+        return self.cd[0, 0] * up + self.cd[0, 1] * vp, self.cd[1, 0] * up + self.cd[1, 1] * vp
+
+    def pix_to_world(self, x, y):
+        xi, eta = self.pix_to_std(x, y)
+        return _deproject(xi, eta, *self.crval)
+
+    @property
+    def scale_arcsec(self) -> float:
+        return float(math.sqrt(abs(np.linalg.det(self.cd))) * 3600.0)
+
+    def to_wcs(self, shape) -> WCS:
+        ny, nx = shape
+        w = WCS(naxis=2)
+        sip = self.order >= 2
+        w.wcs.ctype = ["RA---TAN-SIP", "DEC--TAN-SIP"] if sip else ["RA---TAN", "DEC--TAN"]
+        w.wcs.crval = list(self.crval)
+        w.wcs.crpix = [self.crpix0[0] + 1.0, self.crpix0[1] + 1.0]
+        w.wcs.cd = self.cd
+        w.wcs.radesys = "ICRS"
+        w.wcs.cunit = ["deg", "deg"]
+        if sip:
+            order = self.order
+            a = np.zeros((order + 1, order + 1))
+            b = np.zeros((order + 1, order + 1))
+            for (i, j), c in self.a.items():
+                a[i, j] = c
+            for (i, j), c in self.b.items():
+                b[i, j] = c
+            ap, bp = _inverse_sip(a, b, shape, self.crpix0, order + 1)
+            w.sip = Sip(a, b, ap, bp, w.wcs.crpix)
+        w.wcs.set()
+        w.pixel_shape = (nx, ny)
+        return w
+
+
+def _inverse_sip(a, b, shape, crpix0, order):
+    """AP, BP polynomials (order ``order``) inverting the forward SIP over the frame."""
+    ny, nx = shape
+    gx, gy = np.meshgrid(np.linspace(-0.05 * nx, 1.05 * nx, 40), np.linspace(-0.05 * ny, 1.05 * ny, 40))
+    u = gx.ravel() - crpix0[0]
+    v = gy.ravel() - crpix0[1]
+    f = np.zeros_like(u)
+    g = np.zeros_like(u)
+    for i in range(a.shape[0]):
+        for j in range(a.shape[1]):
+            f += a[i, j] * u**i * v**j
+            g += b[i, j] * u**i * v**j
+    U, V = u + f, v + g
+    s = max(nx, ny) / 2.0
+    terms, idx = _poly_terms(U / s, V / s, order, 1)
+    cu, *_ = np.linalg.lstsq(terms, u - U, rcond=None)
+    cv, *_ = np.linalg.lstsq(terms, v - V, rcond=None)
+    ap = np.zeros((order + 1, order + 1))
+    bp = np.zeros((order + 1, order + 1))
+    for k, (i, j) in enumerate(idx):
+        ap[i, j] = cu[k] / s ** (i + j)
+        bp[i, j] = cv[k] / s ** (i + j)
+    return ap, bp
+
+
+def fit_tan_sip(x, y, ra, dec, crpix0, order: int = 0, crval=None, weights=None) -> _Model:
+    """Linear least-squares TAN (``order=0``) or TAN-SIP (``order`` 2..4) fit, CRPIX fixed.
+
+    ``x``, ``y`` are 0-based pixels, ``crpix0`` the 0-based reference pixel. The
+    standard coordinates of the stars about CRVAL are fitted as polynomials of
+    ``(x - crpix0)``; the constant terms move CRVAL (iterated to convergence),
+    the linear ones give CD and the higher ones, through ``CD^-1``, the SIP A/B.
+    """
+    x = np.asarray(x, float)
+    y = np.asarray(y, float)
+    ra = np.asarray(ra, float)
+    dec = np.asarray(dec, float)
+    if crval is None:
+        crval = (float(np.degrees(np.arctan2(np.mean(np.sin(np.radians(ra))),
+                                             np.mean(np.cos(np.radians(ra))))) % 360),
+                 float(np.mean(dec)))
+    deg = max(1, order)
+    u = x - crpix0[0]
+    v = y - crpix0[1]
+    s = max(np.abs(u).max(), np.abs(v).max(), 1.0)
+    terms, idx = _poly_terms(u / s, v / s, deg, 0)
+    w = np.ones(len(x)) if weights is None else np.asarray(weights, float)
+    sw = np.sqrt(w)[:, None]
+    for _ in range(4):
+        xi, eta, _ = _project(ra, dec, *crval)
+        cx, *_ = np.linalg.lstsq(terms * sw, xi * sw[:, 0], rcond=None)
+        ce, *_ = np.linalg.lstsq(terms * sw, eta * sw[:, 0], rcond=None)
+        c0 = (cx[idx.index((0, 0))], ce[idx.index((0, 0))])
+        new = _deproject(np.array([c0[0]]), np.array([c0[1]]), *crval)
+        moved = math.hypot(c0[0], c0[1]) * 3600
+        crval = (float(new[0][0]), float(new[1][0]))
+        if moved < 1e-5:
+            break
+    xi, eta, _ = _project(ra, dec, *crval)
+    cx, *_ = np.linalg.lstsq(terms * sw, xi * sw[:, 0], rcond=None)
+    ce, *_ = np.linalg.lstsq(terms * sw, eta * sw[:, 0], rcond=None)
+    coef = {ij: (cx[k] / s ** sum(ij), ce[k] / s ** sum(ij)) for k, ij in enumerate(idx)}
+    cd = np.array([[coef[(1, 0)][0], coef[(0, 1)][0]], [coef[(1, 0)][1], coef[(0, 1)][1]]])
+    # the tiny residual constant term: fold it into CRVAL exactly via the pixel it lands on
+    model = _Model(crval, tuple(crpix0), cd, 0)
+    if order >= 2:
+        inv = np.linalg.inv(cd)
+        a, b = {}, {}
+        for ij, (px, pe) in coef.items():
+            if sum(ij) >= 2:
+                fa, fb = inv @ np.array([px, pe])
+                a[ij], b[ij] = float(fa), float(fb)
+        model.order = order
+        model.a, model.b = a, b
+    c00 = coef[(0, 0)]
+    if abs(c00[0]) + abs(c00[1]) > 0:
+        ra_c, dec_c = _deproject(np.array([c00[0]]), np.array([c00[1]]), *crval)
+        model.crval = (float(ra_c[0]), float(dec_c[0]))
+    return model
+
+
+# -- companions ---------------------------------------------------------------------------
+def _shift_between(xy, other, max_shift):
+    """Mode of the pairwise offsets ``other - xy`` within ``max_shift`` (px), refined."""
+    tree = cKDTree(other)
+    pairs = tree.query_ball_point(xy, max_shift)
+    dx = []
+    for i, js in enumerate(pairs):
+        for j in js:
+            dx.append(other[j] - xy[i])
+    if len(dx) < 3:
+        return None
+    dx = np.array(dx)
+    bins = np.arange(-max_shift, max_shift + 1.0, 1.0)
+    h, ex, ey = np.histogram2d(dx[:, 0], dx[:, 1], bins=[bins, bins])
+    h = h + np.roll(h, 1, 0) + np.roll(h, -1, 0)
+    h = h + np.roll(h, 1, 1) + np.roll(h, -1, 1)
+    i, j = np.unravel_index(np.argmax(h), h.shape)
+    guess = np.array([(ex[i] + ex[i + 1]) / 2, (ey[j] + ey[j + 1]) / 2])
+    near = np.hypot(*(dx - guess).T) < 2.0
+    if near.sum() < 3:
+        return None
+    return np.median(dx[near], axis=0)
+
+
+def companion_filter(det: Detections, companions, fraction: float = 0.6,
+                     max_shift_px: float = 30.0) -> np.ndarray:
+    """Indices of ``det`` rows also seen in at least ``fraction`` of the companion exposures.
+
+    Each companion (a `Detections` of the same pointing and filter) is first aligned
+    by the mode of the pairwise offsets (a dither of a few pixels); a detection
+    counts as present if a companion source lies within ``max(1.5, FWHM)`` px of it.
+    Cosmic rays and most noise peaks appear in one exposure only.
+    """
+    xy = det.xy
+    if len(xy) == 0 or not companions:
+        return np.arange(len(xy))
+    radius = max(1.5, float(det.fwhm) if np.isfinite(det.fwhm) else 2.0)
+    hits = np.zeros(len(xy), int)
+    n_used = 0
+    for comp in companions:
+        other = comp.xy
+        if len(other) < 3:
+            continue
+        shift = _shift_between(xy, other, max_shift_px)
+        if shift is None:
+            continue
+        n_used += 1
+        d, _ = cKDTree(other).query(xy + shift, distance_upper_bound=radius)
+        hits += np.isfinite(d)
+    if n_used == 0:
+        return np.arange(len(xy))
+    need = max(1, math.ceil(fraction * n_used - 1e-9))
+    return np.nonzero(hits >= need)[0]
+
+
+# -- solving ------------------------------------------------------------------------------
+def _start(frame: Frame):
+    """Start WCS, field centre (ra, dec) and nominal scale (arcsec/px); WCS may be None."""
+    ny, nx = frame.data.shape
+    wcs = None
+    try:
+        from .frames import header_wcs
+
+        wcs = header_wcs(frame.header, frame.path)
+    except FrameError:
+        wcs = None
+    if wcs is not None:
+        with quiet_astropy():
+            ra, dec = wcs.all_pix2world([[(nx - 1) / 2.0, (ny - 1) / 2.0]], 0)[0]
+        scale = float(np.sqrt(abs(np.linalg.det(wcs.pixel_scale_matrix))) * 3600.0)
+        return wcs, (float(ra), float(dec)), scale
+    meta = frame.meta
+    if meta.ra is None or meta.dec is None:
+        return None, None, None
+    return None, (meta.ra, meta.dec), meta.pixscale
+
+
+def _catalog_arrays(catalog: Table):
+    ra = np.asarray(catalog["ra"], float)
+    dec = np.asarray(catalog["dec"], float)
+    mag = np.asarray(catalog["mag"], float) if "mag" in catalog.colnames else np.full(len(ra), np.nan)
+    return ra, dec, mag
+
+
+def _fail(result: SolveResult, reason: str, t0: float) -> SolveResult:
+    result.status = "failed"
+    result.reason = reason
+    result.wcs_header = ""
+    result.elapsed = time.perf_counter() - t0
+    log.info("%s: failed: %s", result.name, reason)
+    return result
+
+
+def _header_only(frame, det, catalog, settings, result, t0):
+    wcs, _, _ = _start(frame)
+    if wcs is None:
+        return _fail(result, "settings.solve.wcs='header' but the header has no usable WCS", t0)
+    result.method = "header"
+    result.wcs_header = wcs.to_header(relax=True).tostring()
+    result.pixel_scale_arcsec = float(np.sqrt(abs(np.linalg.det(wcs.pixel_scale_matrix))) * 3600)
+    result.sip_order = int(wcs.sip.a_order) if wcs.sip is not None else 0
+    cd = wcs.pixel_scale_matrix
+    result.rotation_deg = float(np.degrees(np.arctan2(cd[0, 1], cd[1, 1])) % 360)
+    result.flipped = bool(np.linalg.det(cd) > 0)
+    if catalog is not None and len(catalog) and len(det):
+        ra, dec, mag = _catalog_arrays(catalog)
+        with quiet_astropy():
+            cx, cy = wcs.all_world2pix(ra, dec, 0)
+        radius = max(3.0 * det.fwhm if np.isfinite(det.fwhm) else 6.0, 2.0)
+        ok = np.isfinite(cx) & np.isfinite(cy)
+        if ok.sum():
+            tree = cKDTree(np.column_stack([cx[ok], cy[ok]]))
+            d, _ = tree.query(det.xy, distance_upper_bound=radius)
+            good = np.isfinite(d)
+            result.n_matches = int(good.sum())
+            if good.sum():
+                result.rms_px = float(np.sqrt(np.mean(d[good] ** 2)))
+                result.rms_arcsec = result.rms_px * result.pixel_scale_arcsec
+    result.status = "ok"
+    result.reason = "header WCS taken as is"
+    result.elapsed = time.perf_counter() - t0
+    return result
+
+
+def solve_frame(frame: Frame, catalog: Table, settings: Settings | None = None,
+                companions=None, detections: Detections | None = None) -> SolveResult:
+    """Fit a WCS to one frame from a reference catalog.
+
+    Parameters
+    ----------
+    frame : Frame
+        The frame (pixels, mask, SCI header). Its header WCS (any rotation, a few %
+        off in scale, up to ``settings.solve.search_radius_arcmin`` off in pointing)
+        or, without one, its RA/DEC pointing keywords and PIXSCALE, give the start.
+    catalog : Table
+        Normalised reference catalog (`daskstack.catalogs`): ra, dec, mag, and
+        optionally pmra, pmdec, ref_epoch (propagated to the frame epoch when
+        ``settings.catalog.propagate_pm``).
+    settings : Settings
+        ``settings.detect``, ``settings.solve``, ``settings.catalog.propagate_pm``.
+    companions : list of Detections, optional
+        Detections of other exposures of the same pointing and filter: only sources
+        present in most of them are matched (for frames with few catalog stars among
+        many spurious detections, e.g. u band).
+    detections : Detections, optional
+        Precomputed detections of this frame (else `detect_sources` runs).
+
+    Returns
+    -------
+    SolveResult
+        ``status='ok'`` with the WCS, or ``'failed'`` with a specific reason.
+    """
+    settings = settings or Settings()
+    ss = settings.solve
+    t0 = time.perf_counter()
+    meta = frame.meta
+    result = SolveResult(name=meta.name, path=meta.path, filter=meta.filter,
+                         sip_order=0, method=ss.wcs)
+    det = detections if detections is not None else detect_sources(frame, settings.detect)
+    result.n_detections = len(det)
+    result.fwhm_px, result.background, result.noise = det.fwhm, det.background, det.noise
+    if ss.wcs == "header":
+        return _header_only(frame, det, catalog, settings, result, t0)
+    if len(det) == 0:
+        return _fail(result, "no stars detected", t0)
+    if len(det) < 3:
+        return _fail(result, f"too few stars detected ({len(det)} < 3)", t0)
+
+    start_wcs, centre, scale = _start(frame)
+    if centre is None or scale is None or not np.isfinite(scale) or scale <= 0:
+        return _fail(result, "no header WCS and no RA/DEC + PIXSCALE keywords to start from", t0)
+    ny, nx = frame.data.shape
+    crpix0 = ((nx - 1) / 2.0, (ny - 1) / 2.0)
+    half_diag_deg = 0.5 * math.hypot(nx, ny) * scale / 3600.0
+    search_deg = ss.search_radius_arcmin / 60.0
+
+    # catalog stars around the field, at the frame epoch
+    if catalog is None or len(catalog) == 0:
+        return _fail(result, "reference catalog is empty", t0)
+    cat = catalog
+    if settings.catalog.propagate_pm and meta.epoch is not None and "ref_epoch" in cat.colnames:
+        cat = propagate_proper_motion(cat, meta.epoch)
+    ra, dec, mag = _catalog_arrays(cat)
+    xi, eta, cosc = _project(ra, dec, *centre)
+    r_deg = np.hypot(xi, eta)
+    region = (cosc > 0) & (r_deg <= half_diag_deg * (1 + ss.scale_tolerance) + search_deg)
+    in_field = (cosc > 0) & (r_deg <= half_diag_deg * (1 + ss.scale_tolerance)
+                             + min(search_deg, 2.0 / 60.0))
+    result.n_catalog = int(region.sum())
+    if region.sum() < ss.min_matches:
+        return _fail(result, f"too few catalog stars in field ({int(region.sum())} < "
+                             f"{ss.min_matches})", t0)
+
+    # detections to match
+    xy = det.xy
+    use = np.arange(len(xy))
+    if companions:
+        use = companion_filter(det, companions, ss.companion_fraction,
+                               ss.companion_max_shift_arcsec / scale)
+        if len(use) < 3:
+            return _fail(result, f"too few detections confirmed by companion exposures "
+                                 f"({len(use)} of {len(xy)})", t0)
+    src = xy[use] - np.array(crpix0)
+
+    # reference points: (-xi, eta) in nominal pixels, so that a standard (east-left) image
+    # is an unflipped rotation; brightest first
+    ridx = np.nonzero(region)[0]
+    ridx = ridx[np.argsort(np.where(np.isfinite(mag[ridx]), mag[ridx], np.inf), kind="stable")]
+    ref = np.column_stack([-xi[ridx], eta[ridx]]) * 3600.0 / scale
+    fwhm = det.fwhm if np.isfinite(det.fwhm) else 3.0
+    if ss.match_radius_arcsec > 0:
+        radius_px = ss.match_radius_arcsec / scale
+    else:
+        radius_px = max(1.5 * fwhm, 2.0 / scale)
+    tol = ss.scale_tolerance
+    scale_range = (1.0 / (1.0 + tol), 1.0 + tol)
+    frame_area = nx * ny
+    levels_base = (12, 20, 30, 45)
+    match = None
+    last_err = None
+    # search the neighbourhood of the header position first, then the whole radius
+    radii = [search_deg] if search_deg <= 3.0 / 60 else [3.0 / 60, search_deg]
+    for rad in radii:
+        sel = np.nonzero((r_deg[ridx] <= half_diag_deg * (1 + tol) + rad))[0]
+        if len(sel) < 3:
+            continue
+        region_area = math.pi * ((half_diag_deg * (1 + tol) + rad) * 3600 / scale) ** 2
+        ratio = max(1.0, region_area / frame_area)
+        levels = tuple((n, min(len(sel), max(n + 5, int(n * ratio * 1.5)), 220))
+                       for n in levels_base)
+        try:
+            match = find_transform(
+                src, ref[sel], scale_range=scale_range, allow_flip=ss.allow_flip,
+                max_offset=rad * 3600.0 / scale, match_radius=radius_px,
+                min_matches=ss.min_matches,
+                max_false_alarm=ss.max_false_alarm, clip_sigma=ss.clip_sigma, levels=levels,
+            )
+            match.ref_idx = sel[match.ref_idx]
+            break
+        except MatchError as err:
+            last_err = err
+    if match is None:
+        reason = last_err.reason if last_err is not None else "no catalog stars near the field"
+        if reason.startswith("no consistent pattern match"):
+            reason = f"no consistent pattern match within {ss.search_radius_arcmin:g} arcmin"
+        return _fail(result, reason, t0)
+    result.match_false_alarm_log10 = match.log10_false_alarm
+    result.flipped = match.transform.flip
+
+    # iterative nearest-neighbour matching + WCS fit, all detections, clipping
+    all_xy = xy  # every selected detection may match now that the transform is known
+    if companions:
+        all_xy = xy[use]
+    cat_ra, cat_dec = ra[ridx], dec[ridx]
+    pairs_d = use[match.src_idx] if companions else match.src_idx
+    pairs_c = match.ref_idx
+    model = fit_tan_sip(xy[pairs_d, 0], xy[pairs_d, 1], cat_ra[pairs_c], cat_dec[pairs_c],
+                        crpix0, 0)
+    det_index = use if companions else np.arange(len(xy))
+    # weights: centroid variance from S/N (FWHM / (2.355 S/N)) plus a floor for the
+    # catalog and PSF systematics; bright stars, whose photocentres are best defined,
+    # dominate the fit
+    snr = np.asarray(det.table["snr"], float)[det_index]
+    sigma_c = fwhm / (2.3548 * np.maximum(snr, 1.0))
+    all_w = 1.0 / (sigma_c**2 + ss.centroid_floor_px**2)
+    order = 0
+    radius = 3.0 * radius_px
+    keep = None
+    for it in range(8):
+        order = ss.sip_order if it >= 2 else 0
+        cxi, ceta, _ = _project(cat_ra, cat_dec, *model.crval)
+        tree = cKDTree(np.column_stack([cxi, ceta]) * 3600.0)
+        dxi, deta = model.pix_to_std(all_xy[:, 0], all_xy[:, 1])
+        d, j = tree.query(np.column_stack([dxi, deta]) * 3600.0,
+                          distance_upper_bound=radius * scale)
+        ok = np.isfinite(d)
+        si = np.nonzero(ok)[0]
+        rj = j[ok]
+        dd = d[ok]
+        # one-to-one
+        o = np.argsort(dd)
+        _, first = np.unique(rj[o], return_index=True)
+        sel = np.sort(o[first])
+        si, rj, dd = si[sel], rj[sel], dd[sel]
+        if len(si) < 3:
+            break
+        sig = 1.4826 * np.median(dd) / 0.8326
+        keep = dd <= max(ss.clip_sigma * sig, 0.1 * scale)
+        n_coef = (order + 1) * (order + 2) // 2 if order >= 2 else 3
+        if order >= 2 and keep.sum() < 3 * n_coef:
+            order = 0
+        model = fit_tan_sip(all_xy[si[keep], 0], all_xy[si[keep], 1], cat_ra[rj[keep]],
+                            cat_dec[rj[keep]], crpix0, order, crval=model.crval,
+                            weights=all_w[si[keep]])
+        radius = max(radius_px, radius * 0.7) if it < 5 else radius_px
+    if keep is None or len(si) < 3:
+        return _fail(result, "matches lost while fitting the WCS", t0)
+    # final residuals of the kept pairs under the final model
+    mx, my = all_xy[si[keep], 0], all_xy[si[keep], 1]
+    pxi, peta = model.pix_to_std(mx, my)
+    cxi, ceta, _ = _project(cat_ra[rj[keep]], cat_dec[rj[keep]], *model.crval)
+    res = np.hypot(pxi - cxi, peta - ceta) * 3600.0
+    n_fit = int(keep.sum())
+    n_par = 2 * ((order + 1) * (order + 2) // 2 if order >= 2 else 3)
+    rms = float(np.sqrt(np.sum(res**2) / max(n_fit - n_par / 2, 1)))
+    fitted_scale = model.scale_arcsec
+    result.n_matches = n_fit
+    result.rms_arcsec = rms
+    result.rms_px = rms / fitted_scale
+    result.sip_order = order if order >= 2 else 0
+    result.pixel_scale_arcsec = fitted_scale
+    cd = model.cd
+    result.rotation_deg = float(np.degrees(np.arctan2(cd[0, 1], cd[1, 1])) % 360)
+    result.flipped = bool(np.linalg.det(cd) > 0)
+    matched_det = det_index[si[keep]] if companions else si[keep]
+    flux = np.asarray(det.table["flux"], float)[matched_det]
+    cmag = mag[ridx][rj[keep]]
+    okm = np.isfinite(cmag) & (flux > 0)
+    if okm.sum():
+        result.flux_ratio = float(np.median(flux[okm] / 10 ** (-0.4 * cmag[okm])))
+
+    # QA
+    if n_fit < ss.min_matches:
+        return _fail(result, f"too few matched stars ({n_fit} < {ss.min_matches})", t0)
+    if rms > ss.max_rms_arcsec:
+        return _fail(result, f"rms {rms:.2f} arcsec > {ss.max_rms_arcsec:g}", t0)
+    if abs(fitted_scale / scale - 1.0) > tol * 1.2:
+        return _fail(result, f"implausible pixel scale {fitted_scale:.4f} arcsec/px (start "
+                             f"{scale:.4f} +- {100 * tol:.0f}%)", t0)
+    sv = np.linalg.svd(cd, compute_uv=False)
+    if sv[0] / sv[1] - 1.0 > ss.max_skew:
+        return _fail(result, f"implausible pixel shape: axis ratio {sv[0] / sv[1]:.4f} "
+                             f"(> 1 + {ss.max_skew:g})", t0)
+    wcs = model.to_wcs((ny, nx))
+    hdr = wcs.to_header(relax=True)
+    result.wcs_header = hdr.tostring()
+    result.status = "ok"
+    result.reason = ""
+    result.elapsed = time.perf_counter() - t0
+    log.info("%s: solved, %d matches, rms %.3f arcsec, scale %.4f, sip %d", result.name, n_fit,
+             rms, fitted_scale, result.sip_order)
+    return result
+
+
+# -- output -------------------------------------------------------------------------------
+_QA_CARDS = (
+    ("n_matches", "DSNMATCH", "matched catalog stars"),
+    ("rms_arcsec", "DSRMS", "[arcsec] RMS of the fit residuals"),
+    ("rms_px", "DSRMSPX", "[px] RMS of the fit residuals"),
+    ("n_detections", "DSNDET", "stars detected"),
+    ("fwhm_px", "DSFWHM", "[px] measured FWHM"),
+    ("pixel_scale_arcsec", "DSSCALE", "[arcsec/px] fitted pixel scale"),
+    ("flux_ratio", "DSFLXRAT", "detected flux / 10**(-0.4 mag)"),
+)
+
+
+def _qa_cards(result: SolveResult):
+    cards = [("DSSTATUS", result.status, "daskstack astrometry status"),
+             ("DSMETHOD", result.method, "solve: fitted; header: header WCS kept")]
+    for attr, key, comment in _QA_CARDS:
+        value = getattr(result, attr)
+        if isinstance(value, float) and not math.isfinite(value):
+            continue
+        cards.append((key, value, comment))
+    return cards
+
+
+def write_wcs_file(result: SolveResult, path) -> None:
+    """Write the fitted WCS as the PRIMARY header of a FITS file (astrometry.net ``.wcs``).
+
+    Atomic. QA keywords (DSSTATUS, DSNMATCH, DSRMS ...) are added. Raises ValueError
+    for a failed result (there is no WCS to write).
+    """
+    if not result.wcs_header:
+        raise ValueError(f"{result.name}: no WCS to write ({result.reason})")
+    header = fits.Header.fromstring(result.wcs_header)
+    for key, value, comment in _qa_cards(result):
+        header[key] = (value, comment)
+    header["HISTORY"] = f"daskstack astrometry of {result.name}"
+    hdu = fits.PrimaryHDU(header=header)
+    with atomic_path(path, suffix=".fits") as tmp:
+        hdu.writeto(tmp)
+
+
+_WCS_PREFIXES = ("CRPIX", "CRVAL", "CTYPE", "CUNIT", "CDELT", "CD1_", "CD2_", "PC1_", "PC2_",
+                 "CROTA", "A_", "B_", "AP_", "BP_", "LONPOLE", "LATPOLE", "RADESYS", "EQUINOX",
+                 "WCSAXES", "MJDREF", "WCSNAME", "PV1_", "PV2_")
+
+
+def updated_header(header: fits.Header, result: SolveResult) -> fits.Header:
+    """The frame header with the fitted WCS; the original WCS kept under alternate key 'O'.
+
+    The original primary WCS cards are written as ``CRPIX1O``, ``CD1_1O`` ... with
+    ``WCSNAMEO = 'ORIGINAL'`` (FITS alternate WCS), then replaced by the new WCS
+    (``WCSNAME = 'daskstack'``) and the QA keywords. A failed result returns an
+    unchanged copy with a HISTORY line.
+    """
+    out = header.copy()
+    if not result.wcs_header:
+        out["HISTORY"] = f"daskstack astrometry failed: {result.reason}"[:72]
+        return out
+    with quiet_astropy():
+        try:
+            orig = WCS(header, naxis=2, relax=True)
+            if orig.has_celestial and orig.wcs.ctype[0]:
+                alt = orig.deepcopy()
+                alt.sip = None
+                alt.wcs.alt = "O"
+                alt.wcs.name = "ORIGINAL"
+                for card in alt.to_header(key="O").cards:
+                    if card.keyword.endswith("O") or card.keyword.startswith("WCSNAME"):
+                        out[card.keyword] = (card.value, card.comment)
+        except Exception as err:  # a broken original WCS is simply not kept
+            log.debug("original WCS not kept: %s", err)
+    for key in list(out.keys()):
+        if key.startswith(_WCS_PREFIXES) and not key.endswith("O") and key not in ("A_ORDER",):
+            del out[key]
+        elif key in ("A_ORDER", "B_ORDER", "AP_ORDER", "BP_ORDER"):
+            del out[key]
+    new = fits.Header.fromstring(result.wcs_header)
+    for card in new.cards:
+        if card.keyword in ("DATE-OBS", "MJD-OBS", "DATEREF", "MJDREFI", "MJDREFF"):
+            continue
+        out[card.keyword] = (card.value, card.comment)
+    out["WCSNAME"] = ("daskstack", "WCS fitted by daskstack")
+    for key, value, comment in _qa_cards(result):
+        out[key] = (value, comment)
+    return out
