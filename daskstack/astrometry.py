@@ -485,7 +485,7 @@ def solve_frame(frame: Frame, catalog: Table, settings: Settings | None = None,
     match = None
     last_err = None
     # search the neighbourhood of the header position first, then the whole radius
-    radii = [search_deg] if search_deg <= 3.0 / 60 else [3.0 / 60, search_deg]
+    radii = [r for r in (3.0 / 60, 8.0 / 60) if r < search_deg] + [search_deg]
     for rad in radii:
         sel = np.nonzero((r_deg[ridx] <= half_diag_deg * (1 + tol) + rad))[0]
         if len(sel) < 3:

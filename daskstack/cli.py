@@ -29,6 +29,8 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
         min(verbose, 2)]
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr, force=True)
+    import distributed  # noqa: F401  (it configures its loggers on import: quiet them after)
+
     for noisy in ("distributed", "tornado", "asyncio", "bokeh"):
         logging.getLogger(noisy).setLevel(max(level, logging.ERROR))
 
@@ -50,6 +52,8 @@ class ProgressBar:
             return
         if phase != self.phase:
             self.phase, self.started = phase, time.perf_counter()
+        if not sys.stderr.isatty() and done < total:
+            return  # in logs and CI: one line per finished phase, not a stream of \r
         width = 30
         filled = int(width * done / total) if total else width
         elapsed = time.perf_counter() - self.started
