@@ -122,6 +122,9 @@ STAGE_OPTIONS = {
         ("--fast-mapping/--exact-mapping", "register.fast_mapping", dict(default=None,
          help="Evaluate the pixel mapping on a checked coarse mesh (fast) or at every "
               "pixel. [fast]")),
+        ("--conserve-flux/--no-conserve-flux", "register.conserve_flux", dict(default=None,
+         help="Scale by the ratio of output to input pixel area, so values are electrons "
+              "per output pixel (needed when pixel scales differ). [conserve]")),
     ],
     "combine": [
         ("--combine", "combine.method", dict(
@@ -164,6 +167,8 @@ STAGE_OPTIONS = {
          help="Adaptive scaling: fewest batch jobs. [0]")),
         ("--max-jobs", "cluster.maximum_jobs", dict(type=int,
          help="Adaptive scaling: most batch jobs. [4]")),
+        ("--interface", "cluster.interface", dict(
+         help="Batch jobs: network interface the scheduler and workers use (e.g. ib0).")),
     ],
 }
 
@@ -250,6 +255,7 @@ def main():
     daskstack solve FRAMES... --catalog FILE --out DIR    astrometry only
     daskstack register FRAMES... --out DIR               reproject into DIR/store.zarr
     daskstack combine DIR/store.zarr --combine median    combine again, no reprojection
+    daskstack report DIR                 pictures of every frame, DIR/report/index.html
     """
 
 
@@ -264,9 +270,12 @@ def main():
                    "store.zarr.")
 @click.option("--overwrite", is_flag=True,
               help="Replace a run directory that holds a different run.")
+@click.option("--report/--no-report", "report", default=False, show_default=True,
+              help="Also draw every frame's pictures and write OUT/report/index.html "
+                   "(costs about as much as solving; 'daskstack report OUT' does it later).")
 @stage_options("solve", "register", "combine", "cluster")
 @common_options
-def run(frames, catalog, out_dir, overwrite, config_file, verbose, quiet, overrides):
+def run(frames, catalog, out_dir, overwrite, report, config_file, verbose, quiet, overrides):
     """Solve, register and co-add FRAMES (FITS or fpack .fits.fz; LCO SCI/BPM extensions).
 
     Re-running the same command resumes: frames already solved or registered are not
@@ -281,7 +290,7 @@ def run(frames, catalog, out_dir, overwrite, config_file, verbose, quiet, overri
         _fail("--catalog is required to solve the frames' WCS (or use --wcs header)")
     try:
         result = run_pipeline(frames, catalog, out_dir, settings, overwrite=overwrite,
-                              progress=ProgressBar(not quiet))
+                              progress=ProgressBar(not quiet), report=report)
     except RunError as err:
         _fail(str(err), code=EXIT_USAGE)
     _summary(result, quiet)
@@ -299,10 +308,12 @@ def run(frames, catalog, out_dir, overwrite, config_file, verbose, quiet, overri
               help="Comma-separated filters, cycled over the frames.")
 @click.option("--seed", default=1, show_default=True, type=int)
 @click.option("--overwrite/--no-overwrite", default=True, show_default=True)
+@click.option("--report/--no-report", "report", default=True, show_default=True,
+              help="Draw every frame's pictures and write OUT/report/index.html.")
 @stage_options("combine", "cluster")
 @common_options
-def demo(out_dir, n_frames, size, filters, seed, overwrite, config_file, verbose, quiet,
-         overrides):
+def demo(out_dir, n_frames, size, filters, seed, overwrite, report, config_file, verbose,
+         quiet, overrides):
     """Generate a synthetic LCO-like field with known truth and run the whole pipeline.
 
     Prints frames solved, each frame's WCS error against the simulation's truth, and
@@ -322,7 +333,7 @@ def demo(out_dir, n_frames, size, filters, seed, overwrite, config_file, verbose
                            filters=tuple(f.strip() for f in filters.split(",") if f.strip()),
                            seed=seed)
     result = run_pipeline([str(p) for p in field.frames], str(field.catalog), out, settings,
-                          overwrite=overwrite, progress=ProgressBar(not quiet))
+                          overwrite=overwrite, progress=ProgressBar(not quiet), report=report)
     if not quiet:
         click.echo("per-frame WCS error against the truth (RMS over the frame):")
         for record in result.frames:
@@ -412,6 +423,47 @@ def combine(store_path, out_dir, config_file, verbose, quiet, overrides):
     if not quiet:
         for filter_name, path in coadds.items():
             click.echo(f"coadd [{filter_name}]: {path}")
+
+
+@main.command("report")
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--frames/--no-frames", "frames", default=True, show_default=True,
+              help="Draw each frame's pictures again (--no-frames: only the per-run pictures "
+                   "and the page; pictures made earlier stay linked).")
+@click.option("--workers", type=click.IntRange(min=1),
+              help="LocalCluster worker processes (default: one per core).")
+@click.option("--scheduler", help="Address of an existing Dask scheduler.")
+@click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
+@click.option("-q", "--quiet", is_flag=True, help="Only errors; no progress.")
+def report_command(run_dir, frames, workers, scheduler, verbose, quiet):
+    """Write RUN_DIR/report/index.html from the manifest, the .wcs files and the store.
+
+    Nothing of the pipeline is computed again: frames are read only to draw them
+    (with the sources detected again and matched through the solved WCS). The page is
+    static: open it from the file system, no server or network needed.
+    """
+    from .cluster import open_client
+    from .pipeline import RunError, make_report
+    from .report import run_settings
+
+    _setup_logging(verbose, quiet)
+    run_path = Path(run_dir)
+    if not (run_path / "manifest.ecsv").exists():
+        _fail(f"{run_dir}: no manifest.ecsv (not a daskstack run directory)")
+    settings = run_settings(run_path)
+    if workers:
+        settings.cluster.n_workers = workers
+    if scheduler:
+        settings.cluster.scheduler = scheduler
+    progress = ProgressBar(not quiet)
+    try:
+        with open_client(settings.cluster, local_directory=str(run_path / ".dask"),
+                         announce=progress.notice) as client:
+            path = make_report(client, run_path, settings, frames=frames, progress=progress)
+    except RunError as err:
+        _fail(str(err), code=4)
+    if not quiet:
+        click.echo(f"report: {path}")
 
 
 @main.command("download")

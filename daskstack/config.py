@@ -83,6 +83,7 @@ class RegisterSettings:
     tile: int = 1024  # output tile size (pixels) = zarr chunk size on the sky axes
     fast_mapping: bool = True  # evaluate the pixel mapping on a coarse mesh (checked)
     mapping_tolerance_px: float = 0.01  # max mesh-interpolation error before the exact path
+    conserve_flux: bool = True  # scale by output/input pixel area: e- per output pixel
 
 
 @dataclass
@@ -113,6 +114,11 @@ class ClusterSettings:
     minimum_jobs: int = 0
     maximum_jobs: int = 4
     shared_filesystem: bool = True
+    interface: str = ""  # jobqueue: network interface of scheduler and workers (e.g. ib0)
+    python: str = ""  # jobqueue: python on the compute nodes; "" = this interpreter
+    worker_directory: str = ""  # jobqueue: workers' scratch on the node; "" = <out>/.dask
+    job_prologue: str = ""  # jobqueue: shell lines run before each worker (module load ...)
+    job_directives: str = ""  # jobqueue: extra scheduler directives, one per line
 
 
 _CHOICES = {
@@ -238,12 +244,51 @@ class Settings:
             )
         if self.cluster.scheduler and self.cluster.jobqueue:
             raise SettingsError("cluster.scheduler and cluster.jobqueue exclude each other")
+        _check_cluster(self.cluster)
         if self.cluster.scheduler and "://" not in self.cluster.scheduler:
             raise SettingsError(
                 f"cluster.scheduler = {self.cluster.scheduler!r}: expected an address like "
                 "tcp://host:8786"
             )
         return self
+
+
+def _check_cluster(cs: ClusterSettings) -> None:
+    """Sizes, walltime and addresses of `ClusterSettings`, checked before anything starts."""
+    import re
+
+    from dask.utils import parse_bytes
+
+    if cs.threads_per_worker < 1:
+        raise SettingsError("cluster.threads_per_worker must be >= 1")
+    if cs.maximum_jobs < 1:
+        raise SettingsError("cluster.maximum_jobs must be >= 1")
+    checks = [("memory", cs.memory)]
+    if cs.memory_limit.strip().lower() not in ("auto", "0", "none"):
+        checks.append(("memory_limit", cs.memory_limit))
+    for name, value in checks:
+        try:
+            size = float(value) if re.fullmatch(r"0?\.\d+", value.strip()) else parse_bytes(value)
+        except (ValueError, TypeError):
+            size = None
+        if size is None or size <= 0:
+            raise SettingsError(
+                f"cluster.{name} = {value!r}: expected a size like 4GiB or 500MB"
+                + (", 'auto' or a fraction of the machine like 0.5" if name == "memory_limit"
+                   else "")
+            )
+    if not re.fullmatch(r"(\d+-)?\d+(:\d{1,2}){0,2}", cs.walltime.strip()):
+        raise SettingsError(
+            f"cluster.walltime = {cs.walltime!r}: expected [D-]HH:MM:SS, e.g. 01:30:00"
+        )
+    if cs.scheduler:
+        match = re.fullmatch(r"(tcp|tls|inproc|ucx|ws|wss)://([^:/\s]+|\[[0-9a-fA-F:]+\])"
+                             r"(:(\d+))?/?", cs.scheduler.strip())
+        if not match or (match.group(4) and not 0 < int(match.group(4)) < 65536):
+            raise SettingsError(
+                f"cluster.scheduler = {cs.scheduler!r}: expected an address like "
+                "tcp://host:8786"
+            )
 
 
 def _coerce(name: str, value, default):

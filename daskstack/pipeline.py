@@ -37,7 +37,7 @@ from . import catalogs, combine, store as store_mod
 from ._io import atomic_path, atomic_write_text
 from .astrometry import SolveResult, solve_frame, write_wcs_file
 from .config import Settings
-from .frames import FrameError, FrameMeta, frame_name, read_frame, read_meta
+from .frames import FrameError, FrameMeta, frame_name, read_frame, read_meta, unusable_reason
 from .grid import Grid, make_grid
 from .register import register_frame
 
@@ -48,6 +48,7 @@ __all__ = [
     "RunError",
     "RunResult",
     "combine_store",
+    "make_report",
     "register_frames",
     "run",
     "solve_frames",
@@ -64,7 +65,7 @@ MANIFEST_COLUMNS = [
     ("n_detections", int), ("n_matches", int), ("rms_arcsec", float), ("rms_px", float),
     ("fwhm_px", float), ("background", float), ("noise", float), ("flux_ratio", float),
     ("pixel_scale_arcsec", float), ("exptime", float), ("date_obs", str), ("mjd", float),
-    ("registered", bool), ("t_solve", float), ("t_register", float),
+    ("registered", bool), ("t_solve", float), ("t_register", float), ("warnings", str),
 ]
 
 ProgressCallback = Callable[[str, int, int], None]
@@ -96,6 +97,7 @@ class FrameRecord:
         row["exptime"] = meta.exptime if meta and meta.exptime is not None else np.nan
         row["date_obs"] = meta.date_obs or "" if meta else ""
         row["mjd"] = meta.mjd if meta and meta.mjd is not None else np.nan
+        row["warnings"] = "; ".join(getattr(meta, "warnings", ()) or ()) if meta else ""
         for key in ("n_detections", "n_matches", "rms_arcsec", "rms_px", "fwhm_px",
                     "background", "noise", "flux_ratio", "pixel_scale_arcsec"):
             value = getattr(res, key, None) if res is not None else None
@@ -162,6 +164,7 @@ def _register_task(meta: FrameMeta, wcs_header: str, grid: Grid, store_path: str
     wcs = _wcs_from_text(wcs_header, frame.data.shape)
     tiles = ((t.y0, t.x0, t.data, t.footprint)
              for t in register_frame(frame.data, frame.mask, wcs, grid, settings.register,
+                                     conserve_flux=settings.register.conserve_flux,
                                      seed=index))
     count = store_mod.write_tiles(store_path, filter_name, index, tiles)
     return count, time.perf_counter() - start
@@ -310,7 +313,8 @@ def _dedupe(inputs) -> list[str]:
                         "ignored", Path(path).name)
             continue
         seen[key] = name
-        unique.append(str(path))
+        # absolute: workers (another host, another working directory) open it by path
+        unique.append(str(Path(path).absolute()))
     return unique
 
 
@@ -361,7 +365,12 @@ def _field_catalog(members: list[FrameMeta], source: str, settings: Settings, ca
     radius = half_diag + spread + settings.solve.search_radius_arcmin / 60.0
     catalog_settings = dataclasses.replace(settings.catalog, cache_dir=str(cache_dir))
     # proper motion is applied per frame by solve_frame, at each frame's own epoch
-    return catalogs.reference_catalog(source, centre, radius, catalog_settings)
+    table = catalogs.reference_catalog(source, centre, radius, catalog_settings)
+    if len(table) == 0:
+        raise catalogs.CatalogError(
+            f"no stars of catalog {Path(str(source)).name} within {radius:.3f} deg of "
+            f"RA {centre.ra.deg:.4f} Dec {centre.dec.deg:+.4f} (a frame of another field?)")
+    return table
 
 
 # --------------------------------------------------------------------------------------
@@ -374,6 +383,8 @@ def inspect_frames(client, inputs, progress=_progress_none) -> list[FrameRecord]
     def on_result(i, value):
         if isinstance(value, FrameMeta):
             records[i].meta = value
+            for note in value.warnings:
+                log.warning("%s: %s", Path(records[i].file).name, note)
         else:
             records[i].status = "failed"
             records[i].reason = getattr(value, "reason", None) or f"unreadable: {value}"
@@ -383,8 +394,18 @@ def inspect_frames(client, inputs, progress=_progress_none) -> list[FrameRecord]
 
 
 def solve_frames(client, records: list[FrameRecord], catalog_source: str, out_dir: Path,
-                 settings: Settings, progress=_progress_none, manifest=None) -> None:
-    """Solve every inspected frame not solved yet; write ``<name>.wcs`` for each success."""
+                 settings: Settings, progress=_progress_none, manifest=None, *,
+                 needs_exptime: bool = False) -> None:
+    """Solve every inspected frame not solved yet; write ``<name>.wcs`` for each success.
+
+    Frames whose header already says they cannot work (a broken WCS, no start for the
+    solver, no EXPTIME when ``needs_exptime``) fail here, before any pixel is read."""
+    for r in records:
+        if r.meta is not None and r.result is None:
+            reason = unusable_reason(r.meta, needs_exptime=needs_exptime,
+                                     needs_start=settings.solve.wcs == "solve")
+            if reason:
+                _accept_solution(r, _failure(r.meta, reason), out_dir)
     todo = [r for r in records if r.meta is not None and r.result is None]
     if not todo:
         return
@@ -400,7 +421,7 @@ def solve_frames(client, records: list[FrameRecord], catalog_source: str, out_di
             except catalogs.CatalogError as err:
                 for r in todo:
                     if r.meta in members:
-                        r.result = _failure(r.meta, str(err))
+                        _accept_solution(r, _failure(r.meta, str(err)), out_dir)
                 continue
             catalog = client.scatter(catalog, broadcast=False)
         for r in todo:
@@ -448,15 +469,31 @@ def choose_grid(records: list[FrameRecord], settings: Settings) -> Grid:
 def register_frames(client, records: list[FrameRecord], grid: Grid, store_path: Path,
                     settings: Settings, progress=_progress_none, manifest=None):
     """Reproject every solved frame into the store (frames already registered are kept)."""
+    from .register import frame_tiles
+
+    for r in records:
+        if r.status == "ok" and not frame_tiles(_wcs_from_text(r.result.wcs_header, r.meta.shape),
+                                                r.meta.shape, grid, settings.register.tile):
+            r.status, r.registered = "failed", False
+            r.reason = f"does not overlap the output grid ({settings.grid.method} grid)"
+            log.warning("%s: %s", Path(r.file).name, r.reason)
     solved = [r for r in records if r.status == "ok"]
     filters: dict[str, list[str]] = {}
     for r in solved:
         filters.setdefault(r.meta.filter, []).append(r.name)
     frame_info = {r.name: _frame_info(r) for r in solved}
     params = {"register": dataclasses.asdict(settings.register)}
+    try:  # read before create_store, which resets the params of a store it reuses
+        previous = store_mod.open_store(store_path)
+    except store_mod.StoreError:
+        previous = None
     stack = store_mod.create_store(store_path, grid, frame_info, filters,
                                    tile=settings.register.tile, params=params)
-    registered_before = stack.params.get("registered", [])
+    reused = (previous is not None and previous.grid.fingerprint == grid.fingerprint
+              and previous.tile == stack.tile and previous.filters == filters
+              and previous.params.get("register") == params["register"])
+    registered_before = set(previous.params.get("registered", [])) if reused else set()
+    stack.params["registered"] = sorted(registered_before & {r.name for r in solved})
     futures = {}
     for r in solved:
         if r.registered and r.name in registered_before:
@@ -476,13 +513,23 @@ def register_frames(client, records: list[FrameRecord], grid: Grid, store_path: 
             log.warning("%s: %s", record.name, record.reason)
             return
         record.registered, record.t_register = True, value[1]
-        if manifest is not None:
-            write_manifest(records, manifest)
+        if time.monotonic() - last_write[0] > 2.0:  # O(N) writes, not O(N^2)
+            _checkpoint_registered(stack, solved, records, manifest)
+            last_write[0] = time.monotonic()
 
+    last_write = [time.monotonic()]
     _gather_as_completed(client, futures, "register", progress, on_result)
+    _checkpoint_registered(stack, solved, records, manifest)
+    return stack
+
+
+def _checkpoint_registered(stack, solved, records, manifest) -> None:
+    """Record which frames are in the store: the store first, then the manifest (a frame
+    is skipped on resume only when both say so)."""
     stack.params["registered"] = [r.name for r in solved if r.registered]
     store_mod.update_frames(stack, {})
-    return stack
+    if manifest is not None:
+        write_manifest(records, manifest)
 
 
 def _frame_info(record: FrameRecord) -> dict:
@@ -659,7 +706,8 @@ def _stream_hdu(path, header, array, rows) -> None:
 # The whole run
 # --------------------------------------------------------------------------------------
 def run(inputs, catalog: str, out_dir, settings: Settings | None = None, *, client=None,
-        overwrite: bool = False, progress: ProgressCallback | None = None) -> RunResult:
+        overwrite: bool = False, progress: ProgressCallback | None = None,
+        report: bool = False) -> RunResult:
     """Solve, register and combine ``inputs`` into ``out_dir``; resumable.
 
     Parameters
@@ -673,13 +721,16 @@ def run(inputs, catalog: str, out_dir, settings: Settings | None = None, *, clie
         ``store.zarr``, ``run.json``.
     client : distributed.Client, optional
         Where to run; default: a cluster from ``settings.cluster`` (a LocalCluster).
+    report : bool
+        Also draw every frame's pictures and write ``out_dir/report/index.html``
+        (`make_report`).
     """
     from .cluster import open_client
 
     settings = (settings or Settings()).validate()
     settings.catalog.source = catalog
     progress = progress or _progress_none
-    out_dir = Path(out_dir)
+    out_dir = Path(out_dir).absolute()  # workers write the store by this path
     inputs = _dedupe(inputs)
     if not inputs:
         raise RunError("no input frames")
@@ -687,11 +738,24 @@ def run(inputs, catalog: str, out_dir, settings: Settings | None = None, *, clie
     if client is None:
         with open_client(settings.cluster, local_directory=str(out_dir / ".dask"),
                          announce=getattr(progress, "notice", None)) as own:
-            return _run(own, inputs, catalog, out_dir, settings, progress, resumed)
-    return _run(client, inputs, catalog, out_dir, settings, progress, resumed)
+            return _run(own, inputs, catalog, out_dir, settings, progress, resumed, report)
+    return _run(client, inputs, catalog, out_dir, settings, progress, resumed, report)
 
 
-def _run(client, inputs, catalog, out_dir, settings, progress, resumed) -> RunResult:
+def _run(client, inputs, catalog, out_dir, settings, progress, resumed,
+         report=False) -> RunResult:
+    result = _run_stages(client, inputs, catalog, out_dir, settings, progress, resumed)
+    if report:
+        start = time.perf_counter()
+        try:
+            make_report(client, out_dir, settings, progress=progress)
+        except Exception:  # the pictures must not fail a run whose coadds are written
+            log.exception("the report could not be written")
+        result.timings["report"] = time.perf_counter() - start
+    return result
+
+
+def _run_stages(client, inputs, catalog, out_dir, settings, progress, resumed) -> RunResult:
     manifest = out_dir / "manifest.ecsv"
     timings = {}
     start = time.perf_counter()
@@ -701,7 +765,8 @@ def _run(client, inputs, catalog, out_dir, settings, progress, resumed) -> RunRe
     timings["inspect"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    solve_frames(client, records, catalog, out_dir, settings, progress, manifest)
+    solve_frames(client, records, catalog, out_dir, settings, progress, manifest,
+                 needs_exptime=settings.combine.scale == "exptime")
     timings["solve"] = time.perf_counter() - start
     result = RunResult(out_dir=out_dir, frames=records, timings=timings)
     if not any(r.status == "ok" for r in records):
@@ -794,7 +859,7 @@ def register_files(inputs, out_dir, settings: Settings | None = None, *,
     """Reproject frames into ``OUT/store.zarr`` using ``OUT/<name>.wcs`` (from `solve_files`)
     or, with ``wcs_source='header'``, their header WCS."""
     settings = (settings or Settings()).validate()
-    out_dir = Path(out_dir)
+    out_dir = Path(out_dir).absolute()  # workers write the store by this path
     out_dir.mkdir(parents=True, exist_ok=True)
     progress = progress or _progress_none
     inputs = _dedupe(inputs)
@@ -838,4 +903,63 @@ def combine_store_path(store_path, out_dir, settings: Settings | None = None, *,
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     return _with_client(settings, out_dir, client, lambda c: combine_store(
-        c, Path(store_path), out_dir, settings, progress or _progress_none), progress)
+        c, Path(store_path).absolute(), out_dir, settings, progress or _progress_none),
+        progress)
+
+
+# --------------------------------------------------------------------------------------
+# The report: pictures as tasks, the page on the client (daskstack.report draws)
+# --------------------------------------------------------------------------------------
+def make_report(client, run_dir, settings: Settings | None = None, *, frames: bool = True,
+                progress: ProgressCallback | None = None) -> Path:
+    """Draw the pictures and write ``RUN_DIR/report/index.html``; nothing is recomputed.
+
+    Reads the manifest, ``run.json``, the ``<name>.wcs`` files, the coadds and the store.
+    Each frame's pictures (``frames=True``; else pictures made earlier are linked) and
+    each per-run picture is one task that gets paths and the scattered field catalog.
+    """
+    from . import report as report_mod
+
+    run_dir = Path(run_dir).absolute()
+    progress = progress or _progress_none
+    table = read_manifest(run_dir / "manifest.ecsv")
+    if table is None:
+        raise RunError(f"{run_dir}: no readable manifest.ecsv (not a daskstack run)")
+    settings = settings or report_mod.run_settings(run_dir)
+    frames_dir = run_dir / report_mod.REPORT_DIR / report_mod.FRAMES_DIR
+    futures = {kind: client.submit(report_mod._safe, func, *args, pure=False)
+               for kind, func, args in report_mod.run_figure_jobs(run_dir,
+                                                                  settings.grid.reference)}
+    if frames and len(table):
+        frames_dir.mkdir(parents=True, exist_ok=True)
+        records = inspect_frames(client, [str(f) for f in table["file"]], progress)
+        reasons = {str(row["name"]): (str(row["status"]), str(row["reason"])) for row in table}
+        catalog_of = {}
+        source = settings.catalog.source
+        if settings.solve.wcs != "header" and source:
+            quick = dataclasses.replace(settings, catalog=dataclasses.replace(
+                settings.catalog, retries=0, timeout=min(settings.catalog.timeout, 20.0)))
+            cache_dir = settings.catalog.cache_dir or str(run_dir / "catalog-cache")
+            radius = max(settings.solve.search_radius_arcmin / 60.0, 0.25)
+            metas = [r.meta for r in records if r.meta is not None]
+            for members in _fields(metas, radius):
+                try:
+                    catalog = client.scatter(_field_catalog(members, source, quick, cache_dir))
+                except catalogs.CatalogError as err:
+                    log.warning("report: no catalog for %s...: %s", members[0].name, err)
+                    catalog = None
+                catalog_of.update({m.name: catalog for m in members})
+        for r in records:
+            status, reason = reasons.get(r.name, (r.status, r.reason))
+            if r.meta is None:
+                status, reason = "failed", r.reason or reason
+            solved = status == "ok" or reason.startswith("registration failed")
+            wcs = run_dir / f"{r.name}.wcs"
+            futures[f"frame:{r.name}"] = client.submit(
+                report_mod.frame_task, r.file, str(wcs) if solved else None,
+                catalog_of.get(r.name), settings, str(frames_dir), status, reason, r.name,
+                pure=False)
+    results = {}
+    _gather_as_completed(client, futures, "report", progress, results.__setitem__)
+    run_plots = {k: v for k, v in results.items() if not k.startswith("frame:")}
+    return report_mod.write_report(run_dir, run_plots)
