@@ -273,18 +273,34 @@ def main():
 @click.option("--report/--no-report", "report", default=False, show_default=True,
               help="Also draw every frame's pictures and write OUT/report/index.html "
                    "(costs about as much as solving; 'daskstack report OUT' does it later).")
+@click.option("--lco-frames", "lco_frames", multiple=True, type=int, metavar="ID",
+              help="LCO archive frame id to download (into OUT/frames/) and process; "
+                   "repeatable.")
+@click.option("--lco-query", "lco_query", multiple=True, metavar="KEY=VALUE",
+              help="LCO archive query whose frames are downloaded and processed; repeatable "
+                   "(keys as 'daskstack download': target, ra, dec, radius, start, end, "
+                   "filter, site, telescope, instrument, rlevel, proposal, obstype).")
+@click.option("--lco-limit", type=int, default=None, help="At most this many queried frames.")
+@click.option("--archive-url", default=None,
+              help="LCO archive API base URL (default: $DASKSTACK_LCO_ARCHIVE_URL or the real "
+                   "archive). The token comes from $LCO_ARCHIVE_TOKEN.")
 @stage_options("solve", "register", "combine", "cluster")
 @common_options
-def run(frames, catalog, out_dir, overwrite, report, config_file, verbose, quiet, overrides):
+def run(frames, catalog, out_dir, overwrite, report, lco_frames, lco_query, lco_limit,
+        archive_url, config_file, verbose, quiet, overrides):
     """Solve, register and co-add FRAMES (FITS or fpack .fits.fz; LCO SCI/BPM extensions).
 
-    Re-running the same command resumes: frames already solved or registered are not
-    computed again. One coadd per filter.
+    Frames can also come from the LCO archive (--lco-frames, --lco-query). Re-running
+    the same command resumes: frames already solved or registered are not computed
+    again. One coadd per filter.
     """
     from .pipeline import RunError, run as run_pipeline
 
     _setup_logging(verbose, quiet)
     settings = _settings(config_file, overrides)
+    if lco_frames or lco_query:
+        frames = tuple(frames) + tuple(_lco_download(lco_frames, lco_query, lco_limit,
+                                                     archive_url, Path(out_dir) / "frames"))
     frames = _check_inputs(frames)
     if not catalog and settings.solve.wcs == "solve":
         _fail("--catalog is required to solve the frames' WCS (or use --wcs header)")
@@ -295,6 +311,26 @@ def run(frames, catalog, out_dir, overwrite, report, config_file, verbose, quiet
         _fail(str(err), code=EXIT_USAGE)
     _summary(result, quiet)
     sys.exit(result.exit_code)
+
+
+def _lco_download(ids, query_items, limit, archive_url, out_dir) -> list[str]:
+    """Fetch frames from the LCO archive for `run` (verified, skipped when present)."""
+    from . import archive
+
+    query = {}
+    for item in query_items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            _fail(f"--lco-query {item!r}: expected KEY=VALUE")
+        query[key.strip()] = value.strip()
+    try:
+        paths = archive.download_frames(list(ids) or None, query or None, out_dir, limit=limit,
+                                        base_url=archive_url)
+    except TypeError as err:
+        _fail(f"--lco-query: {err}")
+    except archive.ArchiveError as err:
+        _fail(str(err), code=EXIT_ERROR)
+    return [str(p) for p in paths]
 
 
 @main.command()
@@ -442,7 +478,7 @@ def report_command(run_dir, frames, workers, scheduler, verbose, quiet):
     (with the sources detected again and matched through the solved WCS). The page is
     static: open it from the file system, no server or network needed.
     """
-    from .cluster import open_client
+    from .cluster import ClusterError, open_client
     from .pipeline import RunError, make_report
     from .report import run_settings
 
@@ -460,7 +496,7 @@ def report_command(run_dir, frames, workers, scheduler, verbose, quiet):
         with open_client(settings.cluster, local_directory=str(run_path / ".dask"),
                          announce=progress.notice) as client:
             path = make_report(client, run_path, settings, frames=frames, progress=progress)
-    except RunError as err:
+    except (RunError, ClusterError) as err:
         _fail(str(err), code=4)
     if not quiet:
         click.echo(f"report: {path}")

@@ -23,7 +23,9 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -252,9 +254,13 @@ def _check_run_dir(out_dir: Path, signature: dict, overwrite: bool) -> bool:
     run_file = out_dir / "run.json"
     if out_dir.exists() and not out_dir.is_dir():
         raise RunError(f"{out_dir}: exists and is not a directory")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if not os.access(out_dir, os.W_OK):
-        raise RunError(f"{out_dir}: output directory is not writable")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise RunError(f"{out_dir}: cannot create the output directory "
+                       f"({err.strerror or err})") from None
+    _check_writable(out_dir)
+    _remove_stale_temporaries(out_dir)
     if run_file.exists():
         try:
             previous = json.loads(run_file.read_text())
@@ -271,6 +277,7 @@ def _check_run_dir(out_dir: Path, signature: dict, overwrite: bool) -> bool:
         for child in ("store.zarr",):
             shutil.rmtree(out_dir / child, ignore_errors=True)
         (out_dir / "manifest.ecsv").unlink(missing_ok=True)
+        _remove_recorded_outputs(out_dir)  # no coadd of the old run may look like ours
     elif any(out_dir.iterdir()) and not overwrite and (out_dir / "manifest.ecsv").exists():
         raise RunError(f"{out_dir} holds a run without run.json; use --overwrite")
     atomic_write_text(run_file, json.dumps(signature, indent=1, default=str))
@@ -279,6 +286,111 @@ def _check_run_dir(out_dir: Path, signature: dict, overwrite: bool) -> bool:
 
 def _comparable(signature: dict) -> str:
     return json.dumps(signature, sort_keys=True, default=str)
+
+
+# --------------------------------------------------------------------------------------
+# Output safety: writable, room enough, checksums of what was written, no leftovers
+# --------------------------------------------------------------------------------------
+OUTPUTS_FILE = "outputs.ecsv"  # name, sha256, bytes of every .wcs and coadd written
+_TEMPORARY = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp")  # names made by _io.atomic_path
+_outputs_cache: dict[str, dict[str, tuple[str, int]]] = {}
+
+
+def _check_writable(out_dir: Path) -> None:
+    """Write a probe file: unlike os.access, this also holds for root and read-only mounts."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".daskstack-probe.", dir=out_dir)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise RunError(f"{out_dir}: output directory is not writable "
+                       f"({err.strerror or err})") from None
+    if not os.access(out_dir, os.W_OK):
+        raise RunError(f"{out_dir}: output directory is not writable")
+
+
+def _remove_stale_temporaries(out_dir: Path) -> None:
+    """Temporaries of atomic writes that a killed run left behind (never final names)."""
+    for path in out_dir.iterdir():
+        if path.is_file() and _TEMPORARY.match(path.name):
+            log.info("removing %s, left by an interrupted run", path.name)
+            path.unlink(missing_ok=True)
+
+
+def read_outputs(out_dir: Path) -> dict[str, tuple[str, int]]:
+    """``{file name: (sha256, bytes)}`` of the outputs a run recorded in outputs.ecsv."""
+    try:
+        table = Table.read(Path(out_dir) / OUTPUTS_FILE, format="ascii.ecsv")
+    except (OSError, ValueError):
+        return {}
+    return {str(row["file"]): (str(row["sha256"]), int(row["bytes"])) for row in table}
+
+
+def _record_output(out_dir: Path, path: Path) -> None:
+    """Add ``path`` (already renamed into place) to outputs.ecsv, atomically."""
+    key = str(Path(out_dir).resolve())
+    outputs = _outputs_cache.get(key)
+    if outputs is None:
+        outputs = _outputs_cache[key] = read_outputs(out_dir)
+    outputs[path.name] = (run_fingerprint(path), path.stat().st_size)
+    names = sorted(outputs)
+    table = Table([names, [outputs[n][0] for n in names], [outputs[n][1] for n in names]],
+                  names=("file", "sha256", "bytes"), dtype=(str, str, np.int64))
+    table.meta["comments"] = ["daskstack outputs: sha256 of every file written (after it "
+                              "was renamed into place)"]
+    with atomic_path(Path(out_dir) / OUTPUTS_FILE) as tmp:
+        table.write(tmp, format="ascii.ecsv")
+
+
+def _output_verified(out_dir: Path, path: Path) -> bool:
+    """True when ``path`` is recorded in outputs.ecsv with its present checksum."""
+    recorded = read_outputs(out_dir).get(path.name)
+    return (recorded is not None and path.exists()
+            and recorded[1] == path.stat().st_size and recorded[0] == run_fingerprint(path))
+
+
+def _remove_recorded_outputs(out_dir: Path) -> None:
+    for name in read_outputs(out_dir):
+        if "/" not in name and name not in ("", ".", ".."):
+            (out_dir / name).unlink(missing_ok=True)
+    (out_dir / OUTPUTS_FILE).unlink(missing_ok=True)
+    _outputs_cache.pop(str(Path(out_dir).resolve()), None)
+
+
+def estimate_output_bytes(records: list[FrameRecord], grid: Grid | None = None,
+                          tile: int = 1024) -> int:
+    """Bytes the store and coadds may take, before compression (an upper bound).
+
+    Without a grid (before solving): each frame as many grid pixels as it has pixels,
+    the grid as large as the largest frame. With the grid: the tiles each solved frame
+    overlaps, and the grid itself per filter. 8 bytes per pixel (data + footprint or
+    image + weight, float32), the coadds twice (zarr + FITS).
+    """
+    usable = [r for r in records if r.meta is not None and r.status != "failed"]
+    if not usable:
+        return 0
+    filters = {r.meta.filter for r in usable}
+    if grid is None:
+        frame_px = sum(r.meta.shape[0] * r.meta.shape[1] for r in usable)
+        grid_px = max(r.meta.shape[0] * r.meta.shape[1] for r in usable)
+    else:
+        from .register import frame_tiles
+
+        frame_px = 0
+        for r in usable:
+            if r.result is None or not r.result.wcs_header:
+                continue
+            wcs = _wcs_from_text(r.result.wcs_header, r.meta.shape)
+            frame_px += len(frame_tiles(wcs, r.meta.shape, grid, tile)) * tile * tile
+        grid_px = grid.shape[0] * grid.shape[1]
+    return int(8 * frame_px + 2 * 8 * grid_px * len(filters))
+
+
+def _check_disk_space(out_dir: Path, needed: int, when: str) -> None:
+    free = shutil.disk_usage(out_dir).free
+    if needed * 1.1 > free:
+        raise RunError(f"{out_dir}: not enough disk space {when}: the store and coadds need "
+                       f"up to {needed / 2**30:.2f} GiB, {free / 2**30:.2f} GiB free")
 
 
 def write_manifest(records: list[FrameRecord], path: Path) -> None:
@@ -454,6 +566,7 @@ def _accept_solution(record: FrameRecord, result: SolveResult, out_dir: Path) ->
     if result.status == "ok":
         record.status, record.reason = "ok", ""
         write_wcs_file(result, out_dir / f"{record.name}.wcs")
+        _record_output(out_dir, out_dir / f"{record.name}.wcs")
     else:
         record.status, record.reason = "failed", result.reason
         log.warning("%s: %s", Path(record.file).name, result.reason)
@@ -591,6 +704,7 @@ def combine_store(client, store_path: Path, out_dir: Path, settings: Settings,
         header = _coadd_header(stack, filter_name, [names[i] for i in keep], infos, cs,
                                scales)
         _write_coadd_fits(path, header, targets[0], targets[1])
+        _record_output(out_dir, path)
         outputs[filter_name] = path
         progress("combine", done, len(filters))
     return outputs
@@ -762,6 +876,7 @@ def _run_stages(client, inputs, catalog, out_dir, settings, progress, resumed) -
     records = inspect_frames(client, inputs, progress)
     if resumed:
         _restore(records, manifest, out_dir)
+    _check_disk_space(out_dir, estimate_output_bytes(records), "for the planned store")
     timings["inspect"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -775,6 +890,9 @@ def _run_stages(client, inputs, catalog, out_dir, settings, progress, resumed) -
 
     start = time.perf_counter()
     result.grid = choose_grid(records, settings)
+    _check_disk_space(out_dir, estimate_output_bytes(records, result.grid,
+                                                     settings.register.tile),
+                      f"for the {result.grid.shape[1]}x{result.grid.shape[0]} grid")
     store_path = out_dir / "store.zarr"
     register_frames(client, records, result.grid, store_path, settings, progress, manifest)
     result.store = store_path
@@ -799,8 +917,8 @@ def _restore(records: list[FrameRecord], manifest: Path, out_dir: Path) -> None:
         if row is None or record.meta is None or row["status"] != "ok":
             continue
         wcs_path = out_dir / f"{record.name}.wcs"
-        if not wcs_path.exists():
-            continue
+        if not wcs_path.exists() or not _output_verified(out_dir, wcs_path):
+            continue  # written but not recorded (killed in between), or changed: solve again
         try:
             result = _from_wcs_file(record.meta, wcs_path,
                                     dict(zip(row.colnames, row, strict=True)))
@@ -866,6 +984,12 @@ def register_files(inputs, out_dir, settings: Settings | None = None, *,
 
     def work(client):
         records = inspect_frames(client, inputs, progress)
+        qa_rows = {}  # QA of `solve_files` (sky level, flux ratio ...) for the scaling
+        for qa_name in ("solve.ecsv", "manifest.ecsv"):
+            table = read_manifest(out_dir / qa_name)
+            if table is not None:
+                qa_rows.update({row["name"]: dict(zip(table.colnames, row, strict=True))
+                                for row in table if row["status"] == "ok"})
         for record in records:
             if record.meta is None:
                 continue
@@ -874,7 +998,8 @@ def register_files(inputs, out_dir, settings: Settings | None = None, *,
                 continue  # solve_frames below takes the header WCS as it is
             try:
                 if wcs_file.exists():
-                    record.result = _from_wcs_file(record.meta, wcs_file)
+                    record.result = _from_wcs_file(record.meta, wcs_file,
+                                                   qa_rows.get(record.name))
                 else:
                     record.result = _failure(
                         record.meta, f"no solved WCS ({wcs_file.name}); run daskstack solve "
