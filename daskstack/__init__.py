@@ -1,3 +1,58 @@
-"""daskstack: calibrate, register and co-add telescope frames at any scale with Dask."""
+"""daskstack: calibrate, register and co-add telescope frames at any scale with Dask.
+
+The public API follows the learn.astropy tutorial "Image Registration and
+Combination", one function per step, each usable on its own in a notebook::
+
+    frame = read_frame(path)                          # read (SCI + BPM, LCO quirks)
+    detections = detect_sources(frame)                # find stars (photocentres)
+    catalog = reference_catalog("gaia", centre, r)    # Gaia / a local file, cached
+    result = solve_frame(frame, catalog)              # match + fit a corrected WCS
+    grid = make_grid([(shape, wcs), ...], settings.grid)   # choose the output grid
+    tiles = register_frame(data, mask, wcs, grid, settings.register)  # reproject
+    coadd = combine_stack(stack, method="sigclip")    # combine (lazy, dask)
+
+and `run` does all of it for many frames as one Dask computation, into a run
+directory (coadds, manifest, WCS files, zarr store), resumably.
+"""
+
+from .astrometry import SolveResult, solve_frame, write_wcs_file
+from .catalogs import load_catalog, propagate_proper_motion, reference_catalog
+from .combine import combine_stack, frame_scales
+from .config import Settings, SettingsError
+from .detect import Detections, detect_sources
+from .frames import Frame, FrameError, FrameMeta, read_frame, read_meta
+from .grid import Grid, make_grid
+from .pipeline import RunResult, combine_store_path, register_files, run, solve_files
+from .register import register_frame
+from .store import open_store
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "Detections",
+    "Frame",
+    "FrameError",
+    "FrameMeta",
+    "Grid",
+    "RunResult",
+    "Settings",
+    "SettingsError",
+    "SolveResult",
+    "combine_stack",
+    "combine_store_path",
+    "detect_sources",
+    "frame_scales",
+    "load_catalog",
+    "make_grid",
+    "open_store",
+    "propagate_proper_motion",
+    "read_frame",
+    "read_meta",
+    "reference_catalog",
+    "register_files",
+    "register_frame",
+    "run",
+    "solve_files",
+    "solve_frame",
+    "write_wcs_file",
+]
