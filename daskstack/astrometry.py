@@ -492,7 +492,10 @@ def solve_frame(frame: Frame, catalog: Table, settings: Settings | None = None,
             continue
         region_area = math.pi * ((half_diag_deg * (1 + tol) + rad) * 3600 / scale) ** 2
         ratio = max(1.0, region_area / frame_area)
-        levels = tuple((n, min(len(sel), max(n + 5, int(n * ratio * 1.5)), 220))
+        # a catalog much deeper than the detections only adds chance coincidences: keep
+        # the brightest stars up to ~3x the detections' density (ref is brightest first)
+        sel = sel[: max(int(3 * len(src) * ratio) + 20, 30)]
+        levels = tuple((n, min(len(sel), max(n + 5, int(n * ratio * 1.5)), 1500))
                        for n in levels_base)
         try:
             match = find_transform(
@@ -500,6 +503,7 @@ def solve_frame(frame: Frame, catalog: Table, settings: Settings | None = None,
                 max_offset=rad * 3600.0 / scale, match_radius=radius_px,
                 min_matches=ss.min_matches,
                 max_false_alarm=ss.max_false_alarm, clip_sigma=ss.clip_sigma, levels=levels,
+                max_triangle_side=0.6 * max(nx, ny),
             )
             match.ref_idx = sel[match.ref_idx]
             break
@@ -509,6 +513,10 @@ def solve_frame(frame: Frame, catalog: Table, settings: Settings | None = None,
         reason = last_err.reason if last_err is not None else "no catalog stars near the field"
         if reason.startswith("no consistent pattern match"):
             reason = f"no consistent pattern match within {ss.search_radius_arcmin:g} arcmin"
+        elif not reason.startswith("too few detections"):
+            # the header position may be off by more than the search radius: say so
+            reason = (f"{reason} within {ss.search_radius_arcmin:g} arcmin of the header "
+                      "position")
         return _fail(result, reason, t0)
     result.match_false_alarm_log10 = match.log10_false_alarm
     result.flipped = match.transform.flip

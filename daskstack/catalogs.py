@@ -146,7 +146,10 @@ def load_catalog(path) -> Table:
             table = Table.read(path, format=fmt) if fmt else Table.read(path)
     except Exception as err:  # astropy raises many types for unreadable tables
         raise CatalogError(f"{path}: cannot read catalog ({type(err).__name__}: {err})") from None
-    return normalize_catalog(table, name=str(path))
+    table = normalize_catalog(table, name=str(path))
+    if len(table) == 0:
+        raise CatalogError(f"{path}: catalog holds no stars (no row with finite ra/dec)")
+    return table
 
 
 def propagate_proper_motion(table: Table, epoch: float | None) -> Table:

@@ -6,7 +6,7 @@ Pixels are 0-based everywhere (numpy / astropy ``pixel_to_world(x, y)``): ``x`` 
 along the second array axis, the centre of the first pixel is (0, 0).
 
 Positions are **photocentres**: flux-weighted first moments of the background-
-subtracted pixels within a circular aperture of radius ``2 x FWHM``, iterated so
+subtracted pixels within a circular aperture of radius ``1.4 x FWHM``, iterated so
 that the aperture is centred on its own centroid (as SExtractor's ``X_IMAGE`` or
 ``photutils.centroids.centroid_com``). Reference catalogs (Gaia included) measure
 photocentres, and LCO PSFs are asymmetric enough that a symmetric model fit sits
@@ -320,7 +320,7 @@ def detect_sources(frame: Frame, settings: DetectSettings | None = None) -> Dete
     order = np.argsort(height)[::-1]
     probe = order[: min(len(order), 400)]
     m = measure_sources(data, mask, fx[probe], fy[probe], local_sky[probe], radius0)
-    sig = _sigma_from_truncated_m2(m["m2"] / 2.0, radius0)  # per-axis variance
+    sig = _sigma_from_truncated_m2(m["m2"], radius0)  # m2 = <r^2> = 2 sigma^2
     fw = 2.3548 * sig
     snr = m["flux"] / (local_rms[probe] * np.sqrt(np.maximum(m["npix"], 1)))
     clean = (~m["masked"]) & m["inside"] & np.isfinite(fw) & (m["flux"] > 0) & (snr > 20)
@@ -331,8 +331,8 @@ def detect_sources(frame: Frame, settings: DetectSettings | None = None) -> Dete
         # value with most neighbours within +-15 %, then the median of those
         logs = np.log(fw[clean])
         counts = (np.abs(logs[:, None] - logs[None, :]) < 0.15).sum(axis=1)
-        centre = np.median(logs[counts == counts.max()])
-        fwhm = float(np.exp(np.median(logs[np.abs(logs - centre) < 0.2])))
+        centre = logs[np.argmax(counts)]
+        fwhm = float(np.exp(np.median(logs[np.abs(logs - centre) < 0.15])))
     elif clean.sum() > 0:
         fwhm = float(np.median(fw[clean]))
     if not np.isfinite(fwhm):
@@ -340,9 +340,9 @@ def detect_sources(frame: Frame, settings: DetectSettings | None = None) -> Dete
     fwhm = float(np.clip(fwhm, 1.0, 30.0))
 
     # pass 3: photocentres of all candidates with a FWHM-scaled aperture
-    radius = max(3.0, 2.0 * fwhm)
+    radius = max(3.0, 1.4 * fwhm)
     m = measure_sources(data, mask, fx, fy, local_sky, radius)
-    fw_all = 2.3548 * _sigma_from_truncated_m2(m["m2"] / 2.0, radius)
+    fw_all = 2.3548 * _sigma_from_truncated_m2(m["m2"], radius)
     npix = np.maximum(m["npix"], 1)
     flux_err = np.sqrt(np.maximum(m["flux"], 0) + npix * local_rms**2)  # data in e-
     snr_all = m["flux"] / flux_err

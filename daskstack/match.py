@@ -195,7 +195,21 @@ def triangle_invariants(xy: np.ndarray, max_side: float = np.inf, min_ratio: flo
     n = len(xy)
     if n < 3:
         return np.zeros((0, 2)), np.zeros((0, 3), int), np.zeros(0), np.zeros(0)
-    comb = np.array(list(itertools.combinations(range(n), 3)), dtype=np.int32)
+    if np.isfinite(max_side) and n > 30:
+        # local enumeration: only triangles whose sides are all <= max_side
+        tree = cKDTree(xy)
+        pairs = tree.query_pairs(max_side, output_type="ndarray")
+        adj = [set() for _ in range(n)]
+        for i, j in pairs:
+            adj[i].add(j)
+            adj[j].add(i)
+        tri = [(i, j, k) for i, j in pairs if i < j
+               for k in adj[i] & adj[j] if k > j]
+        comb = np.array(tri, dtype=np.int32).reshape(-1, 3)
+    else:
+        comb = np.array(list(itertools.combinations(range(n), 3)), dtype=np.int32)
+    if len(comb) == 0:
+        return np.zeros((0, 2)), np.zeros((0, 3), int), np.zeros(0), np.zeros(0)
     p = xy[comb]  # (m, 3, 2)
     # side opposite vertex k: between the other two
     s0 = np.hypot(*(p[:, 1] - p[:, 2]).T)
@@ -217,9 +231,9 @@ def triangle_invariants(xy: np.ndarray, max_side: float = np.inf, min_ratio: flo
 
 
 def _candidates_from_triangles(src, ref, n_src, n_ref, scale_range, allow_flip, max_offset,
-                               tol=0.008):
+                               tol=0.008, max_side=np.inf):
     """Candidate transforms (as (k, 2, 2) matrices and (k, 2) offsets) from triangle pairs."""
-    s_inv, s_v, s_l0, s_or = triangle_invariants(src[:n_src])
+    s_inv, s_v, s_l0, s_or = triangle_invariants(src[:n_src], max_side=max_side)
     if len(s_inv) == 0:
         return np.zeros((0, 2, 2)), np.zeros((0, 2))
     max_side = s_l0.max() * scale_range[1] * 1.02
@@ -343,7 +357,8 @@ def find_transform(src, ref, *, scale_range=(0.95, 1.05), allow_flip: bool = Tru
                    max_offset: float = np.inf, match_radius: float = 3.0,
                    min_matches: int = 8, max_false_alarm: float = 1e-4,
                    clip_sigma: float = 3.0, levels=((12, 30), (20, 60), (30, 110), (40, 160)),
-                   max_verify: int = 200) -> MatchResult:
+                   max_verify: int = 200, max_triangle_side: float = np.inf,
+                   max_candidates: int = 3000) -> MatchResult:
     """Find the similarity that maps ``src`` onto ``ref`` (both sorted brightest first).
 
     Parameters
@@ -367,6 +382,12 @@ def find_transform(src, ref, *, scale_range=(0.95, 1.05), allow_flip: bool = Tru
         Largest accepted false-alarm probability of the match (see module notes).
     levels : sequence of (n_src, n_ref)
         Numbers of brightest points used for triangles, tried in turn.
+    max_triangle_side : float
+        Longest triangle side used (src units); limits the triangles of a large
+        reference set to local ones (enumerated with a KD-tree).
+    max_candidates : int
+        Candidate transforms verified per level; beyond that, those of the cells of
+        (flip, rotation, offset) proposed by most triangle pairs are kept.
 
     Returns
     -------
@@ -395,10 +416,22 @@ def find_transform(src, ref, *, scale_range=(0.95, 1.05), allow_flip: bool = Tru
             continue
         tried.add((n_s, n_r))
         mats, offs = _candidates_from_triangles(src, ref, n_s, n_r, scale_range, allow_flip,
-                                                max_offset)
+                                                max_offset, max_side=max_triangle_side)
         if len(mats) == 0:
             continue
-        counts = _score(mats, offs, src_v, ref_tree, verify_radius)
+        if len(mats) > max_candidates:
+            # vote: the true transform is proposed by many triangle pairs; keep the
+            # candidates of the most popular (flip, rotation, offset) cells
+            extent = max(float(np.ptp(src[:n_s], axis=0).max()), 1.0)
+            rot = np.degrees(np.arctan2(mats[:, 1, 0], mats[:, 0, 0]))
+            flipk = np.linalg.det(mats) < 0
+            cell = max(4.0 * match_radius, 0.03 * extent)
+            keys = np.column_stack([flipk, np.floor(rot / 2.0), np.floor(offs / cell)])
+            _, inverse, votes = np.unique(keys, axis=0, return_inverse=True,
+                                          return_counts=True)
+            top = np.argsort(-votes[inverse.ravel()], kind="stable")[:max_candidates]
+            mats, offs = mats[top], offs[top]
+        counts = _score(mats, offs, src_v[:80], ref_tree, verify_radius)
         order = np.argsort(counts)[::-1][:8]
         for k in order:
             if counts[k] < 3:

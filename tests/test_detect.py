@@ -1,0 +1,65 @@
+"""Detection: FWHM measured, photocentres as the LCO catalog's first moments, masks honoured."""
+
+import numpy as np
+from astropy.io import fits
+from scipy.spatial import cKDTree
+
+from daskstack.config import DetectSettings
+from daskstack.detect import detect_sources
+from daskstack.frames import Frame, read_frame
+
+
+def test_real_frame_photocentres_and_fwhm(lco_dir):
+    path = lco_dir / "ogg0m404-kb82-20170815-1160-e91.fits.fz"
+    frame = read_frame(path)
+    det = detect_sources(frame, DetectSettings())
+    assert 100 < len(det) <= DetectSettings().max_stars
+    assert det.n_raw >= len(det)
+    assert abs(det.fwhm / frame.header["L1FWHM"] - 1) < 0.3
+    assert 150 < det.background < 200 and 15 < det.noise < 30
+    cat = fits.getdata(path, "CAT")
+    good = cat["FLAG"] == 0
+    tree = cKDTree(np.column_stack([cat["X"][good] - 1, cat["Y"][good] - 1]))  # 1-based
+    bright = det.xy[:30]
+    d, j = tree.query(bright, distance_upper_bound=2)
+    assert np.isfinite(d).sum() >= 25
+    # photocentres: bright stars agree with the catalog's first moments to < 0.1 px
+    assert np.median(d[np.isfinite(d)]) < 0.1
+    # and the table is brightest first
+    assert np.all(np.diff(np.asarray(det.table["flux"])) <= 0)
+
+
+def _frame(data, mask=None, saturate=np.inf):
+    from daskstack.frames import FrameMeta
+
+    meta = FrameMeta(path="x.fits", name="x", shape=data.shape, filter="rp", exptime=1.0,
+                     date_obs=None, mjd=None, gain=1.0, rdnoise=5.0, saturate=saturate,
+                     pixscale=1.0, ra=None, dec=None)
+    mask = np.zeros(data.shape, bool) if mask is None else mask
+    return Frame(meta=meta, data=data.astype(np.float32), mask=mask, header=fits.Header())
+
+
+def test_no_stars_gives_empty_table():
+    rng = np.random.default_rng(0)
+    det = detect_sources(_frame(rng.normal(100, 5, (256, 256))), DetectSettings())
+    assert len(det) == 0 and np.isnan(det.fwhm)
+    assert abs(det.background - 100) < 1 and abs(det.noise - 5) < 0.5
+
+
+def test_masked_and_saturated_stars_are_not_selected():
+    rng = np.random.default_rng(1)
+    data = rng.normal(100, 5, (300, 300))
+    yy, xx = np.mgrid[:300, :300]
+    pos = [(50.3, 60.7), (150.0, 150.0), (220.6, 80.2), (100.0, 240.0)]
+    for x, y in pos:
+        data += 5000 * np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / (2 * 1.4**2))
+    mask = np.zeros(data.shape, bool)
+    mask[150, 150] = True  # BPM on star 2
+    data[240, 100] = 2e5  # star 4 saturated
+    mask |= data >= 1e5
+    det = detect_sources(_frame(data, mask, saturate=1e5), DetectSettings())
+    xy = det.xy
+    assert len(det) == 2
+    for x, y in (pos[0], pos[2]):
+        assert np.min(np.hypot(xy[:, 0] - x, xy[:, 1] - y)) < 0.05  # 0-based photocentre
+    assert abs(det.fwhm - 2.3548 * 1.4) < 0.3
