@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,7 @@ __all__ = [
     "quiet_astropy",
     "read_frame",
     "read_meta",
+    "unusable_reason",
 ]
 
 log = logging.getLogger(__name__)
@@ -47,8 +49,11 @@ class FrameError(ValueError):
 
     def __init__(self, path, reason: str):
         self.path = str(path)
-        self.reason = reason
+        self.reason = " ".join(str(reason).split())  # one line, whatever astropy said
         super().__init__(f"{Path(self.path).name}: {reason}")
+
+    def __reduce__(self):  # picklable: it travels back from Dask workers
+        return type(self), (self.path, self.reason)
 
 
 @contextlib.contextmanager
@@ -102,6 +107,10 @@ class FrameMeta:
     object: str = ""
     hdu: str | int = "SCI"
     wcs_header: str = field(default="", repr=False)  # header WCS as text, picklable
+    # why the header WCS cannot be used ("" = usable; NO_WCS = no WCS keywords at all)
+    wcs_error: str = ""
+    # problems that do not stop the frame, e.g. no DATE-OBS (recorded in the manifest)
+    warnings: tuple[str, ...] = ()
 
     @property
     def epoch(self) -> float | None:
@@ -113,6 +122,8 @@ class FrameMeta:
         return None
 
     def header_wcs(self) -> WCS:
+        if self.wcs_error:
+            raise FrameError(self.path, self.wcs_error)
         return header_wcs(fits.Header.fromstring(self.wcs_header), self.path)
 
 
@@ -134,16 +145,32 @@ class Frame:
         return self.meta.path
 
 
+NO_WCS = "no WCS in header"
+# extensions that hold images but never the science image (LCO masks, errors, catalogs)
+_AUXILIARY = {"BPM", "ERR", "CAT", "WEIGHT", "MASK", "VAR", "UNCERT"}
+_WCS_KEYS = ("CTYPE1", "CTYPE2", "CRVAL1", "CRVAL2", "CD1_1", "CD2_2", "CDELT1", "CDELT2",
+             "PC1_1", "PC2_2")
+
+
+_NUMERIC_WCS_KEYS = ("CRVAL1", "CRVAL2", "CRPIX1", "CRPIX2", "CD1_1", "CD1_2", "CD2_1", "CD2_2",
+                     "CDELT1", "CDELT2", "PC1_1", "PC1_2", "PC2_1", "PC2_2", "CROTA2")
+
+
 def _image_hdu(hdul: fits.HDUList, path) -> tuple[str | int, fits.ImageHDU]:
-    """The science image: the ``SCI`` extension, else the first HDU with 2-D data."""
+    """The science image: the ``SCI`` extension, else the first HDU with image data
+    that is not a mask or error extension."""
     if "SCI" in hdul:
         return "SCI", hdul["SCI"]
     for index, hdu in enumerate(hdul):
-        if isinstance(hdu, (fits.PrimaryHDU, fits.ImageHDU, fits.CompImageHDU)) and hdu.header.get(
-            "NAXIS", 0
-        ) > 0:
+        if not isinstance(hdu, (fits.PrimaryHDU, fits.ImageHDU, fits.CompImageHDU)):
+            continue
+        if str(hdu.name).upper() in _AUXILIARY:
+            continue
+        naxis = hdu.header.get("ZNAXIS", hdu.header.get("NAXIS", 0))
+        if isinstance(naxis, (int, np.integer)) and naxis > 0:
             return index, hdu
-    raise FrameError(path, "no SCI extension and no image HDU")
+    names = ", ".join(str(h.name) or str(i) for i, h in enumerate(hdul))
+    raise FrameError(path, f"no SCI extension and no other image HDU (HDUs: {names})")
 
 
 def _float_or_none(value):
@@ -166,26 +193,55 @@ def _angle_deg(value, unit) -> float | None:
         return None
 
 
+def _wcs_problem(header: fits.Header, path) -> tuple[str, str]:
+    """(header WCS as text, why it cannot be used or "")."""
+    present = any(key in header for key in _WCS_KEYS)
+    try:
+        wcs = header_wcs(header, path)
+        with quiet_astropy():
+            return wcs.to_header(relax=True).tostring(), ""
+    except FrameError as err:
+        return "", (err.reason if present else NO_WCS)
+
+
+def _date_obs(header: fits.Header, notes: list[str]):
+    """(DATE-OBS or None, MJD or None); problems are appended to ``notes``."""
+    mjd = _float_or_none(header.get("MJD-OBS"))
+    date_obs = header.get("DATE-OBS")
+    date_obs = (str(date_obs) if date_obs is not None else "").strip() or None
+    if date_obs:
+        try:
+            with quiet_astropy():
+                parsed = Time(date_obs, scale="utc")
+                if mjd is None:
+                    mjd = float(parsed.mjd)
+        except Exception:  # astropy raises several types for strings that are no date
+            notes.append(f"DATE-OBS {date_obs[:24]!r} is not a date: catalog proper "
+                         "motions not applied")
+            date_obs = None
+    if mjd is not None and not (-1e6 < mjd < 1e6):  # ~ years -800 .. 4600
+        mjd = None
+        if date_obs is None:
+            notes.append("MJD-OBS is not plausible: catalog proper motions not applied")
+    if date_obs is None and mjd is None and not notes:
+        notes.append("DATE-OBS missing: catalog proper motions not applied")
+    return date_obs, mjd
+
+
 def _meta_from_header(path, hdu_key, header: fits.Header, shape) -> FrameMeta:
     if len(shape) != 2:
         raise FrameError(path, f"image has {len(shape)} dimensions, expected 2")
     ny, nx = int(shape[0]), int(shape[1])
     if ny < 2 or nx < 2:
         raise FrameError(path, f"image is {nx}x{ny} pixels, too small")
-    mjd = _float_or_none(header.get("MJD-OBS"))
-    date_obs = header.get("DATE-OBS") or None
-    if mjd is None and date_obs:
-        try:
-            mjd = float(Time(date_obs).mjd)
-        except ValueError:
-            date_obs = None
+    notes: list[str] = []
+    date_obs, mjd = _date_obs(header, notes)
     binning = 1
     ccdsum = str(header.get("CCDSUM", "1 1")).split()
-    if ccdsum and ccdsum[0].isdigit():
+    if ccdsum and ccdsum[0].isdigit() and 1 <= int(ccdsum[0]) <= 64:
         binning = int(ccdsum[0])
     wcserr = header.get("WCSERR")
-    with quiet_astropy():
-        wcs_header = WCS(header, naxis=2).to_header(relax=True)
+    wcs_text, wcs_error = _wcs_problem(header, path)
     return FrameMeta(
         path=str(path),
         name=frame_name(path),
@@ -207,35 +263,86 @@ def _meta_from_header(path, hdu_key, header: fits.Header, shape) -> FrameMeta:
         binning=binning,
         object=str(header.get("OBJECT", "")).strip(),
         hdu=hdu_key,
-        wcs_header=wcs_header.tostring(),
+        wcs_header=wcs_text,
+        wcs_error=wcs_error,
+        warnings=tuple(notes),
     )
 
 
+_MAGIC = (b"SIMPLE  =", b"\x1f\x8b", b"BZh", b"PK\x03\x04")  # FITS, gzip, bzip2, zip
+_TRUNCATED = re.compile(r"actual file length \((\d+)\) is smaller than the expected size "
+                        r"\((\d+)\)")
+
+
+@contextlib.contextmanager
 def _open(path):
+    """Open a FITS file for reading; FrameError for a missing, empty, non-FITS, corrupt or
+    truncated file (astropy only *warns* about truncation: here it is an error)."""
     path = Path(path)
     if not path.exists():
         raise FrameError(path, "file does not exist")
+    if not path.is_file():
+        raise FrameError(path, "not a regular file")
     try:
-        return fits.open(path, memmap=False)
-    except (OSError, ValueError, TypeError, IndexError, KeyError) as err:
-        raise FrameError(path, f"not a readable FITS file ({err})") from None
+        size = path.stat().st_size
+        with open(path, "rb") as handle:
+            head = handle.read(9)
+    except OSError as err:
+        raise FrameError(path, f"cannot read file ({err.strerror or err})") from None
+    if size == 0:
+        raise FrameError(path, "empty file (0 bytes)")
+    if not head.startswith(_MAGIC):
+        raise FrameError(path, "not a FITS file (does not start with SIMPLE)")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            hdul = fits.open(path, memmap=False, lazy_load_hdus=False)
+        except Exception as err:  # astropy raises many types for corrupt files
+            raise FrameError(path, f"not a readable FITS file ({_short(err)})") from None
+    try:
+        for warning in caught:
+            text = str(warning.message)
+            match = _TRUNCATED.search(text)
+            if match:
+                raise FrameError(path, f"truncated FITS file ({match.group(1)} bytes, its "
+                                       f"headers describe {match.group(2)})")
+            if text.startswith("Error validating header for HDU"):
+                raise FrameError(path, f"corrupt or truncated FITS header after HDU "
+                                       f"#{len(hdul) - 1}")
+        yield hdul
+    finally:
+        hdul.close()
+
+
+def _short(err: BaseException) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= 120 else text[:117] + "..."
 
 
 def read_meta(path) -> FrameMeta:
-    """Read only the header of a frame's science image (cheap: no pixels)."""
+    """Read only the header of a frame's science image (cheap: no pixels).
+
+    Raises `FrameError` (naming the file and the problem) and nothing else for a bad file.
+    """
     with quiet_astropy(), _open(path) as hdul:
         try:
             key, hdu = _image_hdu(hdul, path)
             header = hdu.header
-            shape = tuple(header.get(f"ZNAXIS{i}", header.get(f"NAXIS{i}", 0)) for i in (2, 1))
-            naxis = header.get("ZNAXIS", header.get("NAXIS", 0))
-            if naxis != 2:
-                shape = (0,) * int(naxis)
+            prefix = "ZNAXIS" if isinstance(hdu, fits.CompImageHDU) and "ZNAXIS" in header \
+                else "NAXIS"
+            naxis = header.get(prefix, 0)
+            if not isinstance(naxis, (int, np.integer)) or not 0 <= naxis <= 999:
+                raise FrameError(path, f"invalid {prefix} = {naxis!r}")
+            shape = (0,) * int(naxis)
+            if naxis == 2:
+                shape = tuple(header.get(f"{prefix}{i}", 0) for i in (2, 1))
+                if not all(isinstance(n, (int, np.integer)) and n >= 0 for n in shape):
+                    raise FrameError(path, f"invalid {prefix}2/{prefix}1 = {shape!r}")
             return _meta_from_header(path, key, header, shape)
         except FrameError:
             raise
-        except (OSError, ValueError, TypeError, KeyError) as err:
-            raise FrameError(path, f"unreadable header ({err})") from None
+        except Exception as err:  # a malformed card raises many types deep in astropy
+            raise FrameError(path, f"unreadable header ({_short(err)})") from None
 
 
 def read_frame(path) -> Frame:
@@ -243,7 +350,8 @@ def read_frame(path) -> Frame:
 
     The mask is True where the pixel must not be used: non-zero in the ``BPM``
     extension (if any), not finite, or at/above the SATURATE level.
-    Raises `FrameError` naming the file and the problem.
+    Raises `FrameError` (naming the file and the problem) and nothing else for a bad
+    file: unreadable, truncated, no image, all NaN, constant, fully masked.
     """
     with quiet_astropy(), _open(path) as hdul:
         try:
@@ -254,40 +362,101 @@ def read_frame(path) -> Frame:
                 raise FrameError(path, "science extension holds no image data")
             meta = _meta_from_header(path, key, header, data.shape)
             data = np.asarray(data, dtype=np.float32)
-            mask = ~np.isfinite(data)
-            if "BPM" in hdul and hdul["BPM"].data is not None:
-                bpm = np.asarray(hdul["BPM"].data)
-                if bpm.shape == data.shape:
-                    mask |= bpm != 0
-                else:
-                    log.warning("%s: BPM shape %s differs from SCI %s; ignored", meta.name,
-                                bpm.shape, data.shape)
-            if np.isfinite(meta.saturate):
-                mask |= data >= meta.saturate
+            with np.errstate(invalid="ignore", over="ignore"):
+                mask = ~np.isfinite(data)
+                if "BPM" in hdul and hdul["BPM"].data is not None:
+                    bpm = np.asarray(hdul["BPM"].data)
+                    if bpm.shape == data.shape:
+                        mask |= bpm != 0
+                    else:
+                        log.warning("%s: BPM shape %s differs from SCI %s; ignored",
+                                    meta.name, bpm.shape, data.shape)
+                if np.isfinite(meta.saturate):
+                    mask |= data >= meta.saturate
         except FrameError:
             raise
-        except (OSError, ValueError, TypeError, KeyError, IndexError, EOFError) as err:
-            raise FrameError(path, f"corrupt or truncated FITS data ({err})") from None
+        except MemoryError:
+            raise FrameError(path, "image too large to read into memory") from None
+        except Exception as err:  # astropy raises many types for corrupt data
+            raise FrameError(path, f"corrupt or truncated FITS data ({_short(err)})") from None
+    if not np.isfinite(data).any():
+        raise FrameError(path, "image is all NaN (no finite pixel)")
     if mask.all():
-        raise FrameError(path, "every pixel is masked or not finite")
+        raise FrameError(path, "every pixel is masked, saturated or not finite")
+    good = data[~mask]
+    if float(good.min()) == float(good.max()):
+        raise FrameError(path, f"image is constant (every usable pixel = {float(good[0]):g})")
     return Frame(meta=meta, data=data, mask=mask, header=header)
+
+
+def unusable_reason(meta: FrameMeta, *, needs_exptime: bool = False,
+                    needs_start: bool = True) -> str:
+    """Why a frame cannot be processed, from its header alone ("" = it can).
+
+    ``needs_start``: the solver needs a start (a usable header WCS, or no WCS at all and
+    RA/DEC + PIXSCALE); a header WCS that is present but broken (NaN, absurd scale) is
+    a header that lies, so the frame fails rather than being solved from RA/DEC.
+    ``needs_exptime``: scaling by exposure time needs EXPTIME > 0.
+    """
+    if needs_start and meta.wcs_error:
+        if meta.wcs_error != NO_WCS:
+            return f"header WCS unusable: {meta.wcs_error}"
+        if meta.ra is None or meta.dec is None or not meta.pixscale or meta.pixscale <= 0:
+            return f"{NO_WCS} and no RA/DEC + PIXSCALE keywords to start from"
+    if needs_exptime:
+        if meta.exptime is None:
+            return "EXPTIME missing or not a number: cannot scale by exposure time"
+        if meta.exptime <= 0:
+            return f"EXPTIME = {meta.exptime:g} s (<= 0): cannot scale by exposure time"
+    return ""
 
 
 def header_wcs(header: fits.Header, path="<header>") -> WCS:
     """The celestial WCS of a header, checked: 2-D, celestial, finite, plausible scale."""
+    for key in _NUMERIC_WCS_KEYS:
+        try:
+            value = header.get(key)
+        except Exception:  # noqa: BLE001  (an unparsable card: show what it holds)
+            try:
+                value = header.cards[key].image[10:].split("/")[0].strip().strip("'").strip()
+            except Exception:  # noqa: BLE001
+                value = "<unparsable>"
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer,
+                                                              np.floating)) \
+                or not math.isfinite(value):
+            raise FrameError(path, f"WCS keyword {key} = {str(value)[:20]!r} is not a finite "
+                                   "number")
     with quiet_astropy():
         try:
             wcs = WCS(header, naxis=2, relax=True)
         except Exception as err:  # astropy raises many types for broken WCS keywords
-            raise FrameError(path, f"invalid WCS in header ({err})") from None
-    if not wcs.has_celestial or wcs.wcs.ctype[0] == "":
-        raise FrameError(path, "no celestial WCS in header")
+            raise FrameError(path, f"invalid WCS in header ({_short(err)})") from None
     try:
-        scale = np.sqrt(np.abs(np.linalg.det(wcs.pixel_scale_matrix))) * 3600.0
-    except (ValueError, np.linalg.LinAlgError):
-        scale = np.nan
+        celestial = wcs.has_celestial and wcs.wcs.ctype[0] != ""
+    except Exception:  # noqa: BLE001  (inconsistent axis types)
+        celestial = False
+    if not celestial:
+        raise FrameError(path, "no celestial WCS in header")
     if not np.all(np.isfinite(wcs.wcs.crval)) or not np.all(np.isfinite(wcs.wcs.crpix)):
         raise FrameError(path, "WCS has non-finite CRVAL or CRPIX")
+    if abs(wcs.wcs.crval[wcs.wcs.lat]) > 90:
+        raise FrameError(path, f"WCS reference latitude {wcs.wcs.crval[wcs.wcs.lat]:g} deg "
+                               "is beyond the pole")
+    try:
+        with quiet_astropy(), np.errstate(all="ignore"):
+            scale = float(np.sqrt(np.abs(np.linalg.det(wcs.pixel_scale_matrix))) * 3600.0)
+    except Exception:  # noqa: BLE001  (singular or inconsistent matrices)
+        scale = np.nan
     if not np.isfinite(scale) or not (1e-3 < scale < 3600.0):
         raise FrameError(path, f"WCS pixel scale {scale:.3g} arcsec/px is not plausible")
+    try:
+        with quiet_astropy(), np.errstate(all="ignore"):
+            wcs.wcs.set()
+            ra, dec = wcs.wcs_pix2world([list(wcs.wcs.crpix)], 1)[0]
+    except Exception as err:  # noqa: BLE001  (wcslib refuses the projection)
+        raise FrameError(path, f"WCS cannot be evaluated ({_short(err)})") from None
+    if not (np.isfinite(ra) and np.isfinite(dec)):
+        raise FrameError(path, "WCS gives no sky position at the reference pixel")
     return wcs

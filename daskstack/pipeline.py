@@ -148,6 +148,10 @@ def _inspect_task(path: str):
         return err
 
 
+def _catalog_task(catalog: Table) -> Table:
+    return catalog
+
+
 def _solve_task(meta: FrameMeta, catalog: Table, settings: Settings, companions=None):
     try:
         frame = read_frame(meta.path)
@@ -535,7 +539,9 @@ def solve_frames(client, records: list[FrameRecord], catalog_source: str, out_di
                     if r.meta in members:
                         _accept_solution(r, _failure(r.meta, str(err)), out_dir)
                 continue
-            catalog = client.scatter(catalog, broadcast=False)
+            # a task holding the (small) table, not scatter: the scheduler can recompute
+            # it if every worker holding it is lost (scattered data would be gone)
+            catalog = client.submit(_catalog_task, catalog, pure=False)
         for r in todo:
             if r.meta in members:
                 futures[r.name] = client.submit(_solve_task, r.meta, catalog, settings,
@@ -794,8 +800,8 @@ def _image_header(header: fits.Header, ny: int, nx: int, primary_hdu: bool) -> f
     out = hdu.header
     out["BITPIX"] = -32
     out["NAXIS"] = 2
-    out["NAXIS1"] = nx
-    out["NAXIS2"] = ny
+    out.set("NAXIS1", nx, after="NAXIS")  # before PCOUNT/GCOUNT, as the standard says
+    out.set("NAXIS2", ny, after="NAXIS1")
     if not primary_hdu:
         out["PCOUNT"] = 0
         out["GCOUNT"] = 1
@@ -874,6 +880,7 @@ def _run_stages(client, inputs, catalog, out_dir, settings, progress, resumed) -
     timings = {}
     start = time.perf_counter()
     records = inspect_frames(client, inputs, progress)
+    _check_workers_see_inputs(records)
     if resumed:
         _restore(records, manifest, out_dir)
     _check_disk_space(out_dir, estimate_output_bytes(records), "for the planned store")
@@ -904,6 +911,17 @@ def _run_stages(client, inputs, catalog, out_dir, settings, progress, resumed) -
     timings["combine"] = time.perf_counter() - start
     write_manifest(records, manifest)
     return result
+
+
+def _check_workers_see_inputs(records: list[FrameRecord]) -> None:
+    """Every frame missing on the workers but present here: the workers do not share this
+    filesystem (a remote ``--scheduler`` or batch jobs); say so instead of failing each."""
+    missing = [r for r in records if r.meta is None and "does not exist" in r.reason]
+    if missing and len(missing) == len(records) and all(
+            Path(r.file).exists() for r in missing[:5]):
+        raise RunError(
+            f"the Dask workers cannot see the input files (e.g. {missing[0].file}), which "
+            "exist here: put the inputs and --out on a filesystem the workers share")
 
 
 def _restore(records: list[FrameRecord], manifest: Path, out_dir: Path) -> None:
@@ -1052,13 +1070,14 @@ def make_report(client, run_dir, settings: Settings | None = None, *, frames: bo
         raise RunError(f"{run_dir}: no readable manifest.ecsv (not a daskstack run)")
     settings = settings or report_mod.run_settings(run_dir)
     frames_dir = run_dir / report_mod.REPORT_DIR / report_mod.FRAMES_DIR
-    futures = {kind: client.submit(report_mod._safe, func, *args, pure=False)
+    futures = {kind: client.submit(report_mod.run_safely, func, *args, pure=False)
                for kind, func, args in report_mod.run_figure_jobs(run_dir,
                                                                   settings.grid.reference)}
     if frames and len(table):
         frames_dir.mkdir(parents=True, exist_ok=True)
         records = inspect_frames(client, [str(f) for f in table["file"]], progress)
-        reasons = {str(row["name"]): (str(row["status"]), str(row["reason"])) for row in table}
+        reasons = {str(row["name"]): (str(row["status"]), "" if np.ma.is_masked(row["reason"])
+                                      else str(row["reason"])) for row in table}
         catalog_of = {}
         source = settings.catalog.source
         if settings.solve.wcs != "header" and source:
