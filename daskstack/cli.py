@@ -238,6 +238,8 @@ def _summary(result, quiet: bool) -> None:
     for filter_name, path in result.coadds.items():
         echo(f"coadd [{filter_name}]: {path}")
     echo(f"manifest: {result.manifest}")
+    if "report" in result.timings and (result.out_dir / "report" / "index.html").exists():
+        echo(f"report: {result.out_dir / 'report' / 'index.html'}")
 
 
 # --------------------------------------------------------------------------------------

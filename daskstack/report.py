@@ -1,0 +1,1064 @@
+"""Pictures and a static HTML report of a run: look at hundreds of frames where it matters.
+
+What the learn.astropy tutorial checks by eye for two frames, drawn for every frame:
+
+* per frame (``report/frames/``): the image (asinh stretch between robust percentiles)
+  with the detected sources and the catalog stars placed by the header (start) WCS and
+  by the solved WCS (``<name>_sources.png``); the astrometric residuals of the matched
+  stars as vectors across the frame and as a histogram with the RMS
+  (``<name>_residuals.png``); the numbers drawn (``<name>.json``);
+* per run (``report/``): each coadd and its weight map, a two-colour overlay of the
+  reference frame and an aligned frame from the store, the colour composite when three
+  filters are present, and summary plots across frames with outliers marked;
+* ``report/index.html``: one static page (inline CSS, relative links only, no network)
+  with the run's parameters, the coadd previews and a table of every frame, failed
+  frames first.
+
+Everything here is a plain function of paths and small records. Figures are made with
+explicit ``Figure`` + ``FigureCanvasAgg`` objects, never pyplot's global state, so they
+are safe on Dask workers (threads or processes); `daskstack.pipeline.make_report` runs
+them as tasks.
+"""
+
+from __future__ import annotations
+
+import datetime
+import html
+import json
+import logging
+import math
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from urllib.parse import quote
+
+import numpy as np
+from astropy.io import fits
+from astropy.table import Table
+
+from ._io import atomic_path, atomic_write_text
+
+__all__ = [
+    "FRAMES_DIR",
+    "FramePlots",
+    "REPORT_DIR",
+    "coadd_preview",
+    "colour_composite",
+    "count_markers",
+    "display_image",
+    "find_outliers",
+    "frame_figures",
+    "frame_task",
+    "load_frame_plots",
+    "run_figure_jobs",
+    "run_safely",
+    "run_settings",
+    "summary_plots",
+    "two_colour_overlay",
+    "write_report",
+]
+
+log = logging.getLogger(__name__)
+
+REPORT_DIR = "report"
+FRAMES_DIR = "frames"
+MAX_DISPLAY = 1024  # pictures are binned to at most this many pixels a side
+DPI = 80
+
+# approximate central wavelengths (nm): colour composites go blue -> green -> red
+_WAVELENGTH = {
+    "u": 354, "up": 354, "U": 365, "B": 445, "g": 475, "gp": 475, "OIII": 500,
+    "V": 551, "w": 600, "r": 622, "rp": 622, "H-Alpha": 656, "Ha": 656, "R": 658,
+    "SII": 672, "i": 763, "ip": 763, "I": 806, "z": 905, "zs": 905, "Y": 1000,
+}
+
+# summary metrics: manifest column, label, which side is bad, relative floor of sigma
+_METRICS = (
+    ("rms_arcsec", "RMS residual (arcsec)", "high", 0.10),
+    ("n_matches", "matched stars", "low", 0.10),
+    ("fwhm_px", "FWHM (px)", "high", 0.05),
+    ("background", "background (e-/px)", "both", 0.10),
+    ("pixel_scale_arcsec", "pixel scale (arcsec/px)", "both", 0.001),
+    ("flux_ratio", "flux ratio (photometric scale)", "both", 0.05),
+)
+OUTLIER_SIGMA = 4.0
+
+
+# --------------------------------------------------------------------------------------
+# Small helpers: figures, stretch, binning
+# --------------------------------------------------------------------------------------
+def _figure(width_in: float, height_in: float):
+    """A Figure with its own Agg canvas (no pyplot: safe in worker threads)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width_in, height_in), dpi=DPI)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=DPI, bbox_inches="tight", pad_inches=0.1)
+
+
+def _finite_sample(data: np.ndarray, n: int = 200_000) -> np.ndarray:
+    values = np.asarray(data, float).ravel()
+    if values.size > n:
+        values = values[:: values.size // n]
+    return values[np.isfinite(values)]
+
+
+def stretch_limits(data, low: float = 0.5, high: float = 99.7) -> tuple[float, float]:
+    """Robust display limits: percentiles of the finite pixels (a flat image gives a unit
+    range so that the stretch stays defined)."""
+    values = _finite_sample(data)
+    if values.size == 0:
+        return 0.0, 1.0
+    lo, hi = np.percentile(values, [low, high])
+    if not hi > lo:
+        hi = lo + 1.0
+    return float(lo), float(hi)
+
+
+def scaled(data, low: float = 0.5, high: float = 99.7, a: float = 0.1) -> np.ndarray:
+    """Pixels mapped to 0..1 by an asinh stretch between robust percentiles; NaN -> 0."""
+    from astropy.visualization import AsinhStretch
+
+    lo, hi = stretch_limits(data, low, high)
+    x = np.clip((np.asarray(data, float) - lo) / (hi - lo), 0.0, 1.0)
+    out = AsinhStretch(a=a)(x, clip=True)
+    return np.nan_to_num(out, nan=0.0)
+
+
+def _binned_rows(read_rows, shape, max_size: int = MAX_DISPLAY):
+    """Block-mean binning of a 2-D array read row block by row block (FITS memmap, zarr):
+    the whole image is never in memory at full resolution. Returns (binned, factor)."""
+    ny, nx = shape
+    factor = max(1, math.ceil(max(ny, nx) / max_size))
+    if factor == 1:
+        return np.asarray(read_rows(0, ny), dtype=np.float32), 1
+    by, bx = ny // factor, nx // factor
+    out = np.full((by, bx), np.nan, dtype=np.float32)
+    step = max(1, (8 * 2**20) // (4 * nx * factor))  # output rows per read (~8 MiB)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN blocks
+        for j0 in range(0, by, step):
+            j1 = min(by, j0 + step)
+            block = np.asarray(read_rows(j0 * factor, j1 * factor), dtype=np.float32)
+            block = block[:, : bx * factor].reshape(j1 - j0, factor, bx, factor)
+            out[j0:j1] = np.nanmean(block, axis=(1, 3))
+    return out, factor
+
+
+def display_image(data: np.ndarray, max_size: int = MAX_DISPLAY):
+    """``(binned, factor)``: an in-memory image binned for display."""
+    return _binned_rows(lambda y0, y1: data[y0:y1], data.shape, max_size)
+
+
+def _extent(shape):
+    ny, nx = shape
+    return (-0.5, nx - 0.5, -0.5, ny - 0.5)
+
+
+def _show(ax, image, shape, cmap="gray"):
+    """Draw a (binned) image on full-resolution pixel coordinates (0-based, origin lower)."""
+    ax.imshow(scaled(image), origin="lower", cmap=cmap, extent=_extent(shape),
+              interpolation="nearest", vmin=0, vmax=1)
+    ax.set_xlim(-0.5, shape[1] - 0.5)
+    ax.set_ylim(-0.5, shape[0] - 0.5)
+
+
+def count_markers(fig) -> dict[str, int]:
+    """Markers drawn, read back from the figure: ``{gid: points}`` for every scatter
+    and quiver given a ``gid`` (tests count what was really plotted)."""
+    from matplotlib.quiver import Quiver
+
+    counts: dict[str, int] = {}
+    for ax in fig.axes:
+        for artist in ax.collections:
+            gid = artist.get_gid()
+            if not gid:
+                continue
+            n = int(artist.N) if isinstance(artist, Quiver) else len(artist.get_offsets())
+            counts[gid] = counts.get(gid, 0) + n
+    return counts
+
+
+def _finite_or_none(value):
+    if value is None or np.ma.is_masked(value):
+        return None
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+# --------------------------------------------------------------------------------------
+# Per frame
+# --------------------------------------------------------------------------------------
+@dataclass
+class FramePlots:
+    """What the per-frame pictures show (small, picklable; saved as ``<name>.json``).
+
+    ``markers`` are read back from the figures (`count_markers`): ``detected``,
+    ``catalog_before``, ``catalog_after``, ``matched`` (detections matched to the
+    catalog through the solved WCS) and ``residuals`` (vectors drawn).
+    ``offset_arcsec`` is how far the header WCS put the frame centre from the solved one.
+    """
+
+    name: str
+    status: str = "ok"
+    reason: str = ""
+    files: dict[str, str] = field(default_factory=dict)  # kind -> file name in frames/
+    n_detections: int = 0
+    n_catalog_before: int = 0
+    n_catalog_after: int = 0
+    n_matches: int = 0
+    rms_arcsec: float | None = None
+    median_residual_arcsec: float | None = None
+    offset_arcsec: float | None = None
+    markers: dict[str, int] = field(default_factory=dict)
+    error: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def load_wcs_file(path):
+    """The WCS in an ``<name>.wcs`` file (FITS header), or None if absent/unusable."""
+    from astropy.wcs import WCS
+
+    from .frames import quiet_astropy
+
+    if not path or not Path(path).exists():
+        return None
+    with quiet_astropy():
+        try:
+            wcs = WCS(fits.getheader(path), relax=True)
+        except (OSError, ValueError):
+            return None
+    return wcs if wcs.has_celestial else None
+
+
+def _catalog_pixels(wcs, ra, dec, shape, margin: float = 0.0):
+    """Catalog stars inside the frame under ``wcs``: (x, y, index)."""
+    from .frames import quiet_astropy
+
+    ny, nx = shape
+    with quiet_astropy(), np.errstate(all="ignore"):
+        try:
+            x, y = wcs.all_world2pix(ra, dec, 0, quiet=True)
+        except Exception:  # noqa: BLE001 - a diverging SIP inverse: fall back to no SIP
+            x, y = wcs.wcs_world2pix(ra, dec, 0)
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    inside = (np.isfinite(x) & np.isfinite(y) & (x > -0.5 - margin) & (x < nx - 0.5 + margin)
+              & (y > -0.5 - margin) & (y < ny - 0.5 + margin))
+    idx = np.nonzero(inside)[0]
+    return x[idx], y[idx], idx
+
+
+def _near_field(catalog, wcs, shape):
+    """Catalog rows within 1.5 half-diagonals of the frame centre (TAN is only valid on
+    the near hemisphere, and a projection of far stars can land inside the frame)."""
+    ny, nx = shape
+    ra = np.asarray(catalog["ra"], float)
+    dec = np.asarray(catalog["dec"], float)
+    ra0, dec0 = (float(v) for v in wcs.all_pix2world([[(nx - 1) / 2, (ny - 1) / 2]], 0)[0])
+    scale = float(np.sqrt(abs(np.linalg.det(wcs.pixel_scale_matrix))) * 3600.0)
+    cos_sep = (np.sin(np.radians(dec)) * np.sin(np.radians(dec0)) + np.cos(np.radians(dec))
+               * np.cos(np.radians(dec0)) * np.cos(np.radians(ra - ra0)))
+    sep_deg = np.degrees(np.arccos(np.clip(cos_sep, -1, 1)))
+    keep = sep_deg < 1.5 * 0.5 * math.hypot(nx, ny) * scale / 3600.0 + 1.0 / 60
+    return ra[keep], dec[keep], scale
+
+
+def match_catalog(det_xy, cat_x, cat_y, radius_px: float, clip_sigma: float,
+                  scale: float):
+    """Detections matched one-to-one to catalog pixels within ``radius_px``, then clipped
+    as the solver clips (``clip_sigma`` robust sigmas, floor 0.1 arcsec).
+
+    Returns (detection index, catalog index, dx, dy) with (dx, dy) = catalog - detection
+    in pixels.
+    """
+    from scipy.spatial import cKDTree
+
+    empty = (np.zeros(0, int), np.zeros(0, int), np.zeros(0), np.zeros(0))
+    if len(det_xy) == 0 or len(cat_x) == 0:
+        return empty
+    tree = cKDTree(np.column_stack([cat_x, cat_y]))
+    d, j = tree.query(det_xy, distance_upper_bound=radius_px)
+    ok = np.isfinite(d)
+    si, rj, dd = np.nonzero(ok)[0], j[ok], d[ok]
+    order = np.argsort(dd)
+    _, first = np.unique(rj[order], return_index=True)
+    sel = np.sort(order[first])
+    si, rj, dd = si[sel], rj[sel], dd[sel]
+    if len(si) >= 3:
+        sig = 1.4826 * np.median(dd) / 0.8326
+        keep = dd <= max(clip_sigma * sig, 0.1)  # px, as the solver (0.1 px * scale arcsec)
+        si, rj = si[keep], rj[keep]
+    dx = np.asarray(cat_x)[rj] - det_xy[si, 0]
+    dy = np.asarray(cat_y)[rj] - det_xy[si, 1]
+    return si, rj, dx, dy
+
+
+def frame_figures(frame_path, start_wcs, solved_wcs, catalog, settings, out_dir, *,
+                  status: str = "ok", reason: str = "", name: str | None = None,
+                  max_size: int = MAX_DISPLAY) -> FramePlots:
+    """Draw one frame's pictures into ``out_dir``; return the numbers drawn.
+
+    Parameters
+    ----------
+    frame_path : path
+        The input frame (read again here: pixels never travel through the graph).
+    start_wcs : astropy.wcs.WCS or None
+        The header (start) WCS; None: taken from the frame's header if it has one.
+    solved_wcs : astropy.wcs.WCS, path of a ``.wcs`` file, or None (frame not solved)
+    catalog : astropy.table.Table or None
+        The reference catalog (normalised: ra, dec, mag, proper motions).
+    settings : daskstack.config.Settings
+        Detection settings (sources are detected again, as the solver did) and the
+        solver's match radius and clipping.
+    status, reason
+        The frame's manifest status and failure reason, written on the pictures.
+
+    Files: ``<name>_sources.png`` (before / after panels), ``<name>_residuals.png``
+    (vectors and histogram; solved frames only), ``<name>.json`` (this record).
+    """
+    from .catalogs import propagate_proper_motion
+    from .detect import detect_sources
+    from .frames import FrameError, frame_name, header_wcs, read_frame
+
+    out_dir = Path(out_dir)
+    name = name or frame_name(frame_path)
+    plots = FramePlots(name=name, status=status, reason=reason)
+    if isinstance(solved_wcs, (str, Path)):
+        solved_wcs = load_wcs_file(solved_wcs)
+    try:
+        frame = read_frame(frame_path)
+    except FrameError as err:
+        plots.error = f"cannot read the frame: {err.reason}"
+        _save_json(plots, out_dir)
+        return plots
+    ny, nx = shape = frame.data.shape
+    if start_wcs is None:
+        try:
+            start_wcs = header_wcs(frame.header, frame.path)
+        except FrameError:
+            start_wcs = None
+    det = detect_sources(frame, settings.detect)
+    det_xy = det.xy
+    plots.n_detections = len(det)
+
+    cat = catalog if catalog is not None and len(catalog) else None
+    if cat is not None and settings.catalog.propagate_pm and frame.meta.epoch is not None \
+            and "ref_epoch" in cat.colnames:
+        cat = propagate_proper_motion(cat, frame.meta.epoch)
+    before = after = None
+    scale = None
+    if cat is not None:
+        for key, wcs in (("before", start_wcs), ("after", solved_wcs)):
+            if wcs is None:
+                continue
+            ra, dec, scale_w = _near_field(cat, wcs, shape)
+            x, y, _ = _catalog_pixels(wcs, ra, dec, shape)
+            if key == "before":
+                before = (x, y)
+            else:
+                after, scale = (x, y), scale_w
+    if start_wcs is not None and solved_wcs is not None:
+        from .frames import quiet_astropy
+
+        with quiet_astropy():
+            centre = [[(nx - 1) / 2, (ny - 1) / 2]]
+            a = start_wcs.all_pix2world(centre, 0)[0]
+            b = solved_wcs.all_pix2world(centre, 0)[0]
+        cos_sep = (math.sin(math.radians(a[1])) * math.sin(math.radians(b[1]))
+                   + math.cos(math.radians(a[1])) * math.cos(math.radians(b[1]))
+                   * math.cos(math.radians(a[0] - b[0])))
+        plots.offset_arcsec = math.degrees(math.acos(min(1.0, max(-1.0, cos_sep)))) * 3600
+
+    # matches through the solved WCS, as the solver made them
+    si = np.zeros(0, int)
+    dx = dy = np.zeros(0)
+    if after is not None and scale:
+        fwhm = det.fwhm if np.isfinite(det.fwhm) else 3.0
+        ss = settings.solve
+        radius = ss.match_radius_arcsec / scale if ss.match_radius_arcsec > 0 else max(
+            1.5 * fwhm, 2.0 / scale)
+        si, _, dx, dy = match_catalog(det_xy, after[0], after[1], radius, ss.clip_sigma, scale)
+    residual = np.hypot(dx, dy) * (scale or 1.0)
+    plots.n_matches = len(si)
+    if len(si):
+        plots.rms_arcsec = float(np.sqrt(np.mean(residual**2)))
+        plots.median_residual_arcsec = float(np.median(residual))
+    plots.n_catalog_before = len(before[0]) if before is not None else 0
+    plots.n_catalog_after = len(after[0]) if after is not None else 0
+
+    image, _ = display_image(np.where(frame.mask, np.nan, frame.data), max_size)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    markers: dict[str, int] = {}
+
+    # 1. sources: image + detections + catalog before / after the correction
+    fig = _figure(13, 6.8)
+    axes = fig.subplots(1, 2, sharex=True, sharey=True)
+    title_status = "" if status == "ok" else f"  [{status.upper()}: {reason}]"
+    fig.suptitle(f"{name}{title_status}", fontsize=11,
+                 color="black" if status == "ok" else "firebrick")
+    for ax, key, wcs_xy in ((axes[0], "before", before), (axes[1], "after", after)):
+        _show(ax, image, shape)
+        ax.scatter(det_xy[:, 0], det_xy[:, 1], s=60, facecolors="none", edgecolors="cyan",
+                   linewidths=0.8, gid="detected" if key == "before" else None,
+                   label=f"detected ({len(det_xy)})")
+        if wcs_xy is not None:
+            ax.scatter(wcs_xy[0], wcs_xy[1], s=30, marker="+", color="orangered",
+                       linewidths=0.9, gid=f"catalog_{key}", label=f"catalog ({len(wcs_xy[0])})")
+        if key == "after" and len(si):
+            ax.scatter(det_xy[si, 0], det_xy[si, 1], s=110, facecolors="none",
+                       edgecolors="lime", linewidths=1.0, gid="matched",
+                       label=f"matched ({len(si)})")
+        if key == "before":
+            label = "before: header WCS" if start_wcs is not None else "before: no header WCS"
+            if plots.offset_arcsec is not None:
+                label += f" (off by {plots.offset_arcsec:.1f}\")"
+        else:
+            label = "after: solved WCS" if solved_wcs is not None else "after: not solved"
+        ax.set_title(label, fontsize=10)
+        ax.set_xlabel("x (px)")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(loc="upper right", fontsize=8, framealpha=0.8)
+    axes[0].set_ylabel("y (px)")
+    if solved_wcs is None:
+        axes[1].text(0.5, 0.5, "not solved" + (f":\n{reason}" if reason else ""),
+                     transform=axes[1].transAxes, ha="center", va="center", fontsize=12,
+                     color="firebrick", wrap=True,
+                     bbox=dict(facecolor="white", alpha=0.85, edgecolor="firebrick"))
+    fig.tight_layout()
+    markers.update(count_markers(fig))
+    _save(fig, out_dir / f"{name}_sources.png")
+    plots.files["sources"] = f"{name}_sources.png"
+
+    # 2. residuals: vectors across the frame, and their histogram with the RMS
+    if solved_wcs is not None:
+        fig = _figure(13, 5.6)
+        ax_v, ax_h = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1.15, 1]})
+        ax_v.set_aspect("equal")
+        ax_v.set_xlim(-0.5, nx - 0.5)
+        ax_v.set_ylim(-0.5, ny - 0.5)
+        ax_v.set_xlabel("x (px)")
+        ax_v.set_ylabel("y (px)")
+        if len(si):
+            typical = max(float(np.sqrt(np.mean(dx**2 + dy**2))), 1e-3)
+            gain = 0.05 * max(nx, ny) / typical  # a typical residual spans 5% of the frame
+            q = ax_v.quiver(det_xy[si, 0], det_xy[si, 1], dx, dy, residual, angles="xy",
+                            scale_units="xy", scale=1.0 / gain, cmap="viridis", width=0.003,
+                            gid="residuals")
+            key_px = float(f"{typical:.1g}")
+            ax_v.quiverkey(q, 0.82, 1.03, key_px, f"{key_px * scale:.2g}\"", labelpos="E",
+                           coordinates="axes")
+            ax_v.set_title(f"residuals (catalog - detected) x{gain:.0f}", fontsize=10,
+                           loc="left")
+            ax_h.hist(residual, bins=max(5, min(40, len(residual) // 4)), color="steelblue",
+                      edgecolor="white")
+            ax_h.axvline(plots.rms_arcsec, color="firebrick", ls="--")
+            ax_h.text(0.97, 0.95, f"RMS {plots.rms_arcsec:.3f}\"\n"
+                      f"median {plots.median_residual_arcsec:.3f}\"\n{len(si)} stars",
+                      transform=ax_h.transAxes, ha="right", va="top", fontsize=11,
+                      bbox=dict(facecolor="white", alpha=0.9, edgecolor="0.7"))
+        else:
+            ax_v.text(0.5, 0.5, "no matched stars", transform=ax_v.transAxes, ha="center")
+            ax_h.text(0.5, 0.5, "no residuals", transform=ax_h.transAxes, ha="center")
+        ax_h.set_xlabel("|residual| (arcsec)")
+        ax_h.set_ylabel("stars")
+        ax_h.set_title("astrometric residuals", fontsize=10)
+        fig.suptitle(name, fontsize=11)
+        fig.tight_layout()
+        markers.update(count_markers(fig))
+        _save(fig, out_dir / f"{name}_residuals.png")
+        plots.files["residuals"] = f"{name}_residuals.png"
+    markers.setdefault("matched", 0)
+    markers.setdefault("residuals", 0)
+    plots.markers = markers
+    _save_json(plots, out_dir)
+    return plots
+
+
+def _save_json(plots: FramePlots, out_dir: Path) -> None:
+    atomic_write_text(Path(out_dir) / f"{plots.name}.json",
+                      json.dumps(plots.to_dict(), indent=1, default=_json_default))
+
+
+def _json_default(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    return str(value)
+
+
+def frame_task(frame_path: str, wcs_path: str | None, catalog, settings, out_dir: str,
+               status: str = "ok", reason: str = "", name: str | None = None) -> FramePlots:
+    """The Dask task: one frame's pictures from paths; never raises (errors recorded)."""
+    from .frames import frame_name
+
+    name = name or frame_name(frame_path)
+    try:
+        return frame_figures(frame_path, None, wcs_path, catalog, settings, out_dir,
+                             status=status, reason=reason, name=name)
+    except Exception as err:  # noqa: BLE001 - a picture must not stop the report
+        log.exception("%s: pictures failed", name)
+        plots = FramePlots(name=name, status=status, reason=reason,
+                           error=f"pictures failed: {type(err).__name__}: {err}")
+        try:
+            _save_json(plots, Path(out_dir))
+        except OSError:
+            pass
+        return plots
+
+
+def load_frame_plots(frames_dir) -> dict[str, FramePlots]:
+    """The per-frame records saved beside the pictures (``frames/<name>.json``)."""
+    out = {}
+    for path in sorted(Path(frames_dir).glob("*.json")):
+        try:
+            values = json.loads(path.read_text())
+            plots = FramePlots(**{k: v for k, v in values.items()
+                                  if k in FramePlots.__dataclass_fields__})
+        except (OSError, ValueError, TypeError):
+            continue
+        out[plots.name] = plots
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# Per run
+# --------------------------------------------------------------------------------------
+def _read_fits_binned(path, hdu, max_size=MAX_DISPLAY):
+    from .frames import quiet_astropy
+
+    with quiet_astropy(), fits.open(path, memmap=True) as hdul:
+        data = hdul[hdu].data
+        header = hdul[hdu].header.copy()
+        image, factor = _binned_rows(lambda y0, y1: data[y0:y1], data.shape, max_size)
+        shape = data.shape
+    return image, factor, shape, header
+
+
+def coadd_preview(coadd_path, png, weight_png=None, max_size: int = MAX_DISPLAY) -> dict:
+    """PNG previews of one coadd (asinh stretch) and of its weight map (WEIGHT extension)."""
+    coadd_path = Path(coadd_path)
+    image, factor, shape, header = _read_fits_binned(coadd_path, 0, max_size)
+    filt = str(header.get("FILTER", coadd_path.stem.removeprefix("coadd_")))
+    fig = _figure(8.5, 8.5 * shape[0] / shape[1] + 0.6)
+    ax = fig.add_axes([0.08, 0.06, 0.9, 0.88])
+    _show(ax, image, shape)
+    ax.set_title(f"coadd {filt}: {header.get('NCOMBINE', '?')} frames, "
+                 f"{header.get('COMBINE', '')}, {header.get('EXPTIME', 0):.0f} s", fontsize=10)
+    _save(fig, Path(png))
+    info = {"filter": filt, "image": Path(png).name, "shape": list(shape),
+            "ncombine": header.get("NCOMBINE"), "binning": factor}
+    if weight_png is not None:
+        try:
+            weight, _, _, _ = _read_fits_binned(coadd_path, "WEIGHT", max_size)
+        except KeyError:
+            return info
+        fig = _figure(9.5, 8.5 * shape[0] / shape[1] + 0.6)
+        ax = fig.add_axes([0.08, 0.06, 0.78, 0.88])
+        im = ax.imshow(weight, origin="lower", cmap="viridis", extent=_extent(shape),
+                       interpolation="nearest", vmin=0)
+        fig.colorbar(im, cax=fig.add_axes([0.88, 0.06, 0.03, 0.88]), label="weight")
+        ax.set_title(f"weight / exposure map {filt}", fontsize=10)
+        _save(fig, Path(weight_png))
+        info["weight"] = Path(weight_png).name
+    return info
+
+
+def _wavelength(name: str) -> float:
+    return _WAVELENGTH.get(name, _WAVELENGTH.get(name.lower(), 10_000 + sum(map(ord, name))))
+
+
+def colour_composite(coadds: dict[str, str], png, max_size: int = MAX_DISPLAY) -> dict | None:
+    """A Lupton et al. (2004) colour composite of three coadds (bluest -> blue, reddest ->
+    red); None with fewer than three filters. With more, the bluest, a middle and the
+    reddest are used."""
+    from astropy.visualization import make_lupton_rgb
+
+    if len(coadds) < 3:
+        return None
+    names = sorted(coadds, key=_wavelength)
+    chosen = [names[0], names[len(names) // 2], names[-1]]
+    channels = []
+    shape = None
+    for filt in chosen:
+        image, _, shape_f, _ = _read_fits_binned(coadds[filt], 0, max_size)
+        if shape is not None and image.shape != channels[0].shape:
+            return None  # coadds on different grids: no composite
+        shape = shape_f
+        sky = np.nanmedian(image)
+        top = np.nanpercentile(image, 99.5) - sky
+        channels.append(np.nan_to_num((image - sky) / (top if top > 0 else 1.0), nan=0.0))
+    blue, green, red = channels
+    with np.errstate(invalid="ignore", divide="ignore"):  # black sky: 0 / 0
+        rgb = make_lupton_rgb(red, green, blue, minimum=0.0, stretch=0.5, Q=8)
+    fig = _figure(8.5, 8.5 * shape[0] / shape[1] + 0.6)
+    ax = fig.add_axes([0.08, 0.06, 0.9, 0.88])
+    ax.imshow(rgb, origin="lower", extent=_extent(shape), interpolation="nearest")
+    ax.set_title(f"colour composite: R={chosen[2]}  G={chosen[1]}  B={chosen[0]}",
+                 fontsize=10)
+    _save(fig, Path(png))
+    return {"image": Path(png).name, "filters": {"red": chosen[2], "green": chosen[1],
+                                                 "blue": chosen[0]}}
+
+
+def two_colour_overlay(store_path, png, reference: str = "", aligned: str = "",
+                       max_size: int = MAX_DISPLAY) -> dict | None:
+    """The tutorial's composite: the reference frame (magenta) and an aligned frame (green)
+    from the store's registered data; where they agree stars are white, and the aligned
+    frame's shifted border shows how far it moved."""
+    from . import store as store_mod
+
+    stack = store_mod.open_store(store_path)
+    registered = stack.params.get("registered") or [
+        n for names in stack.filters.values() for n in names]
+    if not registered:
+        return None
+    if reference not in registered:
+        reference = registered[0]
+    if aligned not in registered or aligned == reference:
+        ref_filter, _ = stack.index_of(reference)
+        same = [n for n in stack.filters[ref_filter] if n in registered and n != reference]
+        others = [n for n in registered if n != reference]
+        if not others:
+            return None
+        aligned = (same or others)[-1]
+    images = []
+    for name in (reference, aligned):
+        filt, index = stack.index_of(name)
+        data, _ = stack.arrays(filt)
+        image, _ = _binned_rows(lambda y0, y1, d=data, i=index: d[i, y0:y1],
+                                data.shape[1:], max_size)
+        images.append(scaled(image, 1.0, 99.5))
+    ref, ali = images
+    rgb = np.dstack([ref, ali, ref])
+    shape = stack.grid.shape
+    fig = _figure(8.5, 8.5 * shape[0] / shape[1] + 0.9)
+    ax = fig.add_axes([0.08, 0.06, 0.9, 0.86])
+    ax.imshow(rgb, origin="lower", extent=_extent(shape), interpolation="nearest")
+    ax.set_title(f"magenta: {reference} (reference)\ngreen: {aligned} (aligned)", fontsize=10)
+    _save(fig, Path(png))
+    return {"image": Path(png).name, "reference": reference, "aligned": aligned}
+
+
+def _column(table: Table, name: str) -> np.ndarray:
+    if name not in table.colnames:
+        return np.full(len(table), np.nan)
+    column = table[name]
+    values = np.ma.filled(np.ma.asarray(column, dtype=float), np.nan) if np.ma.isMaskedArray(
+        column) else np.asarray(column, dtype=float)
+    return values
+
+
+def find_outliers(table: Table, sigma: float = OUTLIER_SIGMA) -> dict[str, list[str]]:
+    """Solved frames whose QA stands out from the others of their filter:
+    ``{frame name: [reasons]}``.
+
+    Per filter and metric: farther than ``sigma`` robust standard deviations (1.4826 MAD,
+    floored at a fraction of the median so that a tight set of frames does not flag noise)
+    from the median, on the side that is bad (few matches, large RMS or FWHM, any side for
+    background, scale and flux ratio). Needs at least 4 solved frames of the filter.
+    """
+    out: dict[str, list[str]] = {}
+    if len(table) == 0:
+        return out
+    status = np.asarray(table["status"]).astype(str)
+    filters = np.asarray(table["filter"]).astype(str)
+    names = np.asarray(table["name"]).astype(str)
+    for filt in sorted(set(filters)):
+        rows = np.nonzero((filters == filt) & (status == "ok"))[0]
+        if len(rows) < 4:
+            continue
+        for column, label, side, floor in _METRICS:
+            values = _column(table, column)[rows]
+            good = np.isfinite(values)
+            if good.sum() < 4:
+                continue
+            med = float(np.median(values[good]))
+            spread = max(1.4826 * float(np.median(np.abs(values[good] - med))),
+                         floor * abs(med), 1e-12)
+            z = (values - med) / spread
+            bad = (z > sigma) if side == "high" else (z < -sigma) if side == "low" else (
+                np.abs(z) > sigma)
+            for i in np.nonzero(bad & good)[0]:
+                out.setdefault(names[rows[i]], []).append(
+                    f"{label.split(' (')[0]} {values[i]:.4g} (median {med:.4g})")
+    return out
+
+
+def summary_plots(table: Table, png, outliers: dict[str, list[str]] | None = None) -> dict:
+    """QA across frames against time (hours since the first exposure; frame index when
+    dates are missing): one panel per metric, colour per filter, outliers ringed red and
+    numbered as in the report's table, failed frames as red ticks on the time axis."""
+    outliers = find_outliers(table) if outliers is None else outliers
+    n = len(table)
+    mjd = _column(table, "mjd")
+    use_time = n > 0 and np.isfinite(mjd).all()
+    x = (mjd - np.nanmin(mjd)) * 24.0 if use_time else np.arange(n, dtype=float)
+    xlabel = "hours since the first exposure" if use_time else "frame index (manifest order)"
+    status = np.asarray(table["status"]).astype(str) if n else np.array([], str)
+    filters = np.asarray(table["filter"]).astype(str) if n else np.array([], str)
+    names = np.asarray(table["name"]).astype(str) if n else np.array([], str)
+    ok = status == "ok"
+    failed = ~ok
+    fig = _figure(13, 10.5)
+    axes = fig.subplots(3, 2, sharex=True).ravel()
+    palette = ["tab:blue", "tab:green", "tab:orange", "tab:purple", "tab:brown", "tab:olive",
+               "tab:cyan", "tab:pink"]
+    colours = {f: palette[i % len(palette)] for i, f in enumerate(sorted(set(filters),
+                                                                         key=_wavelength))}
+    is_outlier = np.array([nm in outliers for nm in names], bool)
+    for ax, (column, label, _, _) in zip(axes, _METRICS, strict=True):
+        values = _column(table, column)
+        for filt, colour in colours.items():
+            sel = ok & (filters == filt)
+            if not sel.any():
+                continue
+            ax.plot(x[sel], values[sel], "o", ms=4, color=colour, label=filt, alpha=0.85)
+            finite = values[sel][np.isfinite(values[sel])]
+            if finite.size:
+                ax.axhline(np.median(finite), color=colour, lw=0.8, ls="--", alpha=0.7)
+        flagged = ok & is_outlier & np.isfinite(values)
+        if flagged.any():
+            ax.scatter(x[flagged], values[flagged], s=140, facecolors="none",
+                       edgecolors="red", linewidths=1.5, zorder=5, gid=f"outliers_{column}")
+            for i in np.nonzero(flagged)[0]:
+                ax.annotate(str(i), (x[i], values[i]), xytext=(5, 5),
+                            textcoords="offset points", color="red", fontsize=8)
+        if failed.any():
+            ax.plot(x[failed], np.zeros(failed.sum()), "|", color="red", ms=14, mew=2,
+                    transform=ax.get_xaxis_transform(), label="failed")
+        ax.set_ylabel(label, fontsize=9)
+        ax.ticklabel_format(axis="y", useOffset=False)
+        ax.grid(alpha=0.3)
+    for ax in axes[-2:]:
+        ax.set_xlabel(xlabel)
+    handles, labels = axes[0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="upper right", fontsize=9, ncols=len(labels))
+    fig.suptitle(f"{n} frames: {int(ok.sum())} solved, {int(failed.sum())} failed, "
+                 f"{int((ok & is_outlier).sum())} outliers (red rings, numbered as in the "
+                 "table)", fontsize=11, x=0.02, ha="left")
+    fig.tight_layout(rect=(0, 0, 1, 0.96))
+    _save(fig, Path(png))
+    return {"image": Path(png).name, "outliers": sorted(outliers)}
+
+
+def run_settings(run_dir):
+    """The Settings a run was made with (from ``run.json``); defaults if absent."""
+    from .config import Settings
+
+    run_file = Path(run_dir) / "run.json"
+    try:
+        values = json.loads(run_file.read_text())
+    except (OSError, ValueError):
+        return Settings()
+    settings = Settings.from_dict(values.get("settings", {}))
+    if values.get("catalog"):
+        settings.catalog.source = str(values["catalog"])
+    return settings
+
+
+def run_figure_jobs(run_dir, reference: str = "") -> list[tuple]:
+    """``(kind, function, args)`` for every per-run picture (run as Dask tasks or inline)."""
+    run_dir = Path(run_dir)
+    out = run_dir / REPORT_DIR
+    jobs = []
+    coadds = {}
+    for path in sorted(run_dir.glob("coadd_*.fits")):
+        key = path.stem.removeprefix("coadd_")
+        coadds[key] = str(path)
+        jobs.append((f"coadd:{key}", coadd_preview,
+                     (str(path), str(out / f"coadd_{key}.png"), str(out / f"weight_{key}.png"))))
+    if len(coadds) >= 3:
+        jobs.append(("colour", colour_composite, (coadds, str(out / "colour.png"))))
+    if (run_dir / "store.zarr").exists():
+        jobs.append(("overlay", two_colour_overlay,
+                     (str(run_dir / "store.zarr"), str(out / "overlay.png"), reference)))
+    return jobs
+
+
+def run_figures(run_dir, reference: str = "") -> dict:
+    """Every per-run picture, made here (no Dask); ``{kind: info}``; errors recorded."""
+    results = {}
+    for kind, func, args in run_figure_jobs(run_dir, reference):
+        results[kind] = run_safely(func, *args)
+    return results
+
+
+def run_safely(func, *args):
+    """``func(*args)``, or ``{"error": ...}`` if it raised (one picture must not stop the
+    report)."""
+    try:
+        return func(*args)
+    except Exception as err:  # noqa: BLE001 - one picture must not stop the report
+        log.exception("report picture failed")
+        return {"error": f"{type(err).__name__}: {err}"}
+
+
+# --------------------------------------------------------------------------------------
+# The HTML page
+# --------------------------------------------------------------------------------------
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:1.5em;
+color:#222;background:#fff;max-width:1400px}
+h1{font-size:1.6em;margin-bottom:.2em}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;
+margin-top:1.6em}
+.meta{color:#555}.summary span{display:inline-block;margin-right:1.2em;font-weight:600}
+.bad{color:#b22222}.warn{color:#b8860b}
+table{border-collapse:collapse;font-size:.9em}th,td{border:1px solid #ddd;padding:3px 7px;
+text-align:left;vertical-align:top}th{background:#f3f3f3;position:sticky;top:0}
+td.num{text-align:right;font-variant-numeric:tabular-nums}
+tr.failed td{background:#fdecea}tr.outlier td{background:#fff6e0}
+.gallery{display:flex;flex-wrap:wrap;gap:12px}.gallery figure{margin:0;flex:0 1 560px}
+.frame figure,.gallery figure.wide{margin:0 0 .5em 0;flex:0 1 1040px;max-width:1040px}
+.gallery img,.frame img{max-width:100%;border:1px solid #ccc}
+figcaption{font-size:.85em;color:#444}
+.frame{margin-bottom:1.2em}.frame h3{margin:.3em 0;font-size:1.05em}
+pre{background:#f7f7f7;padding:.6em;overflow-x:auto}
+"""
+
+# after load: how many <img> did not decode (checked by the tests in headless Chromium)
+_SCRIPT = """
+window.addEventListener('load', function () {
+  var imgs = document.images, broken = 0;
+  for (var i = 0; i < imgs.length; i++) {
+    if (!imgs[i].complete || imgs[i].naturalWidth === 0) { broken++; }
+  }
+  document.body.setAttribute('data-images', String(imgs.length));
+  document.body.setAttribute('data-broken-images', String(broken));
+});
+"""
+
+
+def _text(value) -> str:
+    """A table cell as text: masked (ECSV empty strings read back masked) -> ''."""
+    return "" if value is None or np.ma.is_masked(value) else str(value)
+
+
+def _e(value) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _href(*parts: str) -> str:
+    return _e("/".join(quote(str(p)) for p in parts))
+
+
+def _fmt(value, digits: int = 3) -> str:
+    value = _finite_or_none(value)
+    if value is None:
+        return ""
+    if value == 0:
+        return "0"
+    if abs(value) >= 1e5 or abs(value) < 1e-3:
+        return f"{value:.{digits}g}"
+    return f"{value:.{digits}f}"
+
+
+def _img(src_parts, alt: str, caption: str = "", wide: bool = False) -> str:
+    cap = f"<figcaption>{_e(caption)}</figcaption>" if caption else ""
+    cls = ' class="wide"' if wide else ""
+    return (f'<figure{cls}><a href="{_href(*src_parts)}"><img src="{_href(*src_parts)}" '
+            f'alt="{_e(alt)}"></a>{cap}</figure>')
+
+
+def _settings_html(run_info: dict) -> str:
+    parts = []
+    if run_info.get("catalog"):
+        parts.append(f"<p>catalog: <code>{_e(run_info['catalog'])}</code>; "
+                     f"inputs: {len(run_info.get('inputs', []))} frames</p>")
+    settings = run_info.get("settings") or {}
+    rows = []
+    for section, values in settings.items():
+        if not isinstance(values, dict):
+            rows.append(f"<tr><td>{_e(section)}</td><td></td><td>{_e(values)}</td></tr>")
+            continue
+        for key, value in values.items():
+            rows.append(f"<tr><td>{_e(section)}</td><td>{_e(key)}</td>"
+                        f"<td><code>{_e(json.dumps(value))}</code></td></tr>")
+    if rows:
+        parts.append('<table id="parameters"><thead><tr><th>section</th><th>setting</th>'
+                     "<th>value</th></tr></thead><tbody>" + "".join(rows) + "</tbody></table>")
+    else:
+        parts.append("<p>no run.json: parameters unknown</p>")
+    return "\n".join(parts)
+
+
+def frame_order(table: Table) -> list[int]:
+    """Rows of the manifest as the report lists them: failed (and pending) frames first,
+    then solved frames; manifest order within each group."""
+    status = [_text(s) for s in table["status"]] if len(table) else []
+    return sorted(range(len(status)), key=lambda i: (status[i] == "ok", i))
+
+
+def write_report(run_dir, run_plots: dict | None = None, *, title: str | None = None,
+                 max_attention: int = 24) -> Path:
+    """Write ``RUN_DIR/report/index.html`` from the manifest, run.json and the pictures
+    already in ``RUN_DIR/report`` (per-frame pictures are linked where they exist).
+
+    ``run_plots`` is what `run_figures` returned (else pictures are found on disk).
+    Written atomically; every link is relative; no script, font or style is fetched.
+    """
+    from .pipeline import read_manifest
+
+    run_dir = Path(run_dir)
+    out = run_dir / REPORT_DIR
+    frames_dir = out / FRAMES_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    table = read_manifest(run_dir / "manifest.ecsv")
+    if table is None:
+        raise FileNotFoundError(f"{run_dir}: no readable manifest.ecsv")
+    try:
+        run_info = json.loads((run_dir / "run.json").read_text())
+    except (OSError, ValueError):
+        run_info = {}
+    plots = load_frame_plots(frames_dir)
+    outliers = find_outliers(table)
+    summary = run_safely(summary_plots, table, out / "summary.png", outliers)
+    run_plots = run_plots or {}
+
+    n = len(table)
+    status = [_text(s) for s in table["status"]]
+    n_ok = sum(s == "ok" for s in status)
+    n_failed = n - n_ok
+    title = title or f"daskstack report: {run_dir.resolve().name}"
+    generated = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    body = [f"<h1>{_e(title)}</h1>",
+            f'<p class="meta">run directory <code>{_e(run_dir.resolve())}</code>; '
+            f"generated {_e(generated)}</p>",
+            '<p class="summary">'
+            f"<span>{n} frames</span><span>{n_ok} solved</span>"
+            f'<span class="{"bad" if n_failed else ""}">{n_failed} failed</span>'
+            f'<span class="{"warn" if outliers else ""}">{len(outliers)} outliers</span></p>']
+
+    # coadds
+    coadds = sorted(run_dir.glob("coadd_*.fits"))
+    body.append("<h2>Coadds</h2>")
+    if coadds:
+        body.append('<div class="gallery">')
+        for path in coadds:
+            key = path.stem.removeprefix("coadd_")
+            if (out / f"coadd_{key}.png").exists():
+                body.append(_img([f"coadd_{key}.png"], f"coadd {key}",
+                                 f"coadd {key} ({path.name})"))
+            else:
+                body.append(f'<p><a href="{_href("..", path.name)}">{_e(path.name)}</a> '
+                            "(no preview)</p>")
+            if (out / f"weight_{key}.png").exists():
+                body.append(_img([f"weight_{key}.png"], f"weight map {key}",
+                                 f"weight / exposure map {key}"))
+        body.append("</div>")
+        errors = [f"{k}: {v['error']}" for k, v in run_plots.items()
+                  if isinstance(v, dict) and "error" in v]
+        for err in errors:
+            body.append(f'<p class="bad">picture failed: {_e(err)}</p>')
+    else:
+        body.append('<p class="bad">no coadd was written</p>')
+    extra = []
+    if (out / "colour.png").exists() and len(coadds) >= 3:
+        info = run_plots.get("colour") or {}
+        extra.append(_img(["colour.png"], "colour composite",
+                          "colour composite " + " ".join(
+                              f"{k}={v}" for k, v in (info.get("filters") or {}).items())))
+    if (out / "overlay.png").exists():
+        info = run_plots.get("overlay") or {}
+        caption = "two-colour overlay: reference frame (magenta) and an aligned frame (green)"
+        if info.get("reference"):
+            caption += f": {info['reference']} / {info.get('aligned', '')}"
+        extra.append(_img(["overlay.png"], "two-colour overlay", caption))
+    if extra:
+        body.append("<h2>Alignment and colour</h2>")
+        body.append('<div class="gallery">' + "".join(extra) + "</div>")
+
+    # across frames
+    body.append("<h2>Across frames</h2>")
+    if (out / "summary.png").exists() and "error" not in (summary or {}):
+        body.append('<div class="gallery">' + _img(["summary.png"], "summary plots",
+                    "QA against time; outliers ringed red", wide=True) + "</div>")
+    if outliers:
+        body.append("<ul>" + "".join(
+            f'<li><a href="#{_e("frame-" + name)}">{_e(name)}</a>: {_e("; ".join(why))}</li>'
+            for name, why in outliers.items()) + "</ul>")
+
+    # frames that need a look: failed first, then outliers
+    order = frame_order(table)
+    attention = [i for i in order if status[i] != "ok"] + [
+        i for i in order if status[i] == "ok" and str(table["name"][i]) in outliers]
+    if attention:
+        body.append("<h2>Frames to look at</h2>")
+        for i in attention[:max_attention]:
+            name = str(table["name"][i])
+            why = _text(table["reason"][i]) if status[i] != "ok" else "; ".join(outliers[name])
+            body.append(f'<div class="frame"><h3>{_e(name)}: '
+                        f'<span class="{"bad" if status[i] != "ok" else "warn"}">'
+                        f"{_e(status[i])}</span> {_e(why)}</h3>")
+            pics = plots.get(name)
+            for kind in ("sources", "residuals"):
+                fname = pics.files.get(kind) if pics else None
+                if fname and (frames_dir / fname).exists():
+                    body.append(_img([FRAMES_DIR, fname], f"{name} {kind}"))
+            body.append("</div>")
+        if len(attention) > max_attention:
+            body.append(f"<p>... and {len(attention) - max_attention} more in the table "
+                        "below.</p>")
+
+    # every frame
+    body.append("<h2>Frames</h2>")
+    head = ["#", "frame", "filter", "status", "reason", "date", "matches", "RMS (\")",
+            "FWHM (px)", "background", "scale (\"/px)", "header offset (\")", "pictures"]
+    rows = []
+    for i in order:
+        row = table[i]
+        name = str(row["name"])
+        pics = plots.get(name)
+        links = []
+        for kind in ("sources", "residuals"):
+            fname = pics.files.get(kind) if pics else None
+            if fname and (frames_dir / fname).exists():
+                links.append(f'<a href="{_href(FRAMES_DIR, fname)}">{kind}</a>')
+        if (run_dir / f"{name}.wcs").exists():
+            links.append(f'<a href="{_href("..", name + ".wcs")}">wcs</a>')
+        if pics and pics.error:
+            links.append(f'<span class="bad">{_e(pics.error)}</span>')
+        cls = "failed" if status[i] != "ok" else ("outlier" if name in outliers else "ok")
+        reason = _text(row["reason"])
+        if name in outliers:
+            reason = (reason + "; " if reason else "") + "outlier: " + "; ".join(outliers[name])
+        cells = [
+            f'<td class="num">{i}</td>', f"<td>{_e(name)}</td>",
+            f"<td>{_e(_text(row['filter']))}</td>",
+            f"<td>{_e(status[i])}</td>", f"<td>{_e(reason)}</td>",
+            f"<td>{_e(_text(row['date_obs']))}</td>",
+            f'<td class="num">{int(row["n_matches"])}</td>',
+            f'<td class="num">{_fmt(row["rms_arcsec"])}</td>',
+            f'<td class="num">{_fmt(row["fwhm_px"], 2)}</td>',
+            f'<td class="num">{_fmt(row["background"], 1)}</td>',
+            f'<td class="num">{_fmt(row["pixel_scale_arcsec"], 5)}</td>',
+            f'<td class="num">{_fmt(pics.offset_arcsec if pics else None, 1)}</td>',
+            f"<td>{' '.join(links)}</td>",
+        ]
+        rows.append(f'<tr id="{_e("frame-" + name)}" class="{cls}" data-name="{_e(name)}" '
+                    f'data-status="{_e(status[i])}">' + "".join(cells) + "</tr>")
+    body.append('<table id="frames"><thead><tr>' + "".join(f"<th>{_e(h)}</th>" for h in head)
+                + "</tr></thead><tbody>" + "\n".join(rows) + "</tbody></table>")
+
+    body.append("<h2>Parameters</h2>")
+    body.append(_settings_html(run_info))
+    body.append(f'<p class="meta">manifest: <a href="{_href("..", "manifest.ecsv")}">'
+                "manifest.ecsv</a></p>")
+
+    page = ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<title>{_e(title)}</title><style>{_CSS}</style>"
+            f"<script>{_SCRIPT}</script></head>\n<body>\n" + "\n".join(b for b in body if b)
+            + "\n</body></html>\n")
+    path = out / "index.html"
+    atomic_write_text(path, page)
+    return path
