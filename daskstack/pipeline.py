@@ -713,6 +713,13 @@ def combine_store(client, store_path: Path, out_dir: Path, settings: Settings,
         _record_output(out_dir, path)
         outputs[filter_name] = path
         progress("combine", done, len(filters))
+    if len(outputs) >= 3:  # colourise, as the tutorial does with its bands
+        from .report import colour_composite
+
+        colour = colour_composite({f: str(p) for f, p in outputs.items()},
+                                  out_dir / "colour.png")
+        if colour is not None:
+            _record_output(out_dir, out_dir / "colour.png")
     return outputs
 
 

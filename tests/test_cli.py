@@ -126,3 +126,23 @@ def test_demo_command_runs_end_to_end(tmp_path):
     # the grid is the first (rp) frame's; the gp frame is ~1' away (pointing error)
     assert np.isfinite(fits.getdata(out / "coadd_rp.fits")).mean() > 0.95
     assert np.isfinite(fits.getdata(out / "coadd_gp.fits")).mean() > 0.2
+
+
+def test_three_filters_give_a_colour_composite(tmp_path):
+    """Header-WCS frames in three filters: one coadd each and a colour PNG."""
+    from daskstack.simulate import simulate_field
+
+    field = simulate_field(tmp_path / "in", n_frames=3, shape=(320, 320),
+                           filters=("gp", "rp", "ip"), seed=3, pointing_error_arcmin=0,
+                           rotation_error_deg=0, dither_arcsec=3)
+    out = tmp_path / "out"
+    frames = [str(p) for p in field.frames]
+    assert invoke("register", *frames, "--out", out, "--wcs", "header", *CLUSTER).exit_code == 0
+    result = invoke("combine", out / "store.zarr", "--combine", "mean", *CLUSTER)
+    assert result.exit_code == 0, result.output
+    assert {p.name for p in out.glob("coadd_*.fits")} == {
+        "coadd_gp.fits", "coadd_rp.fits", "coadd_ip.fits"}
+    import matplotlib.image
+
+    rgb = matplotlib.image.imread(out / "colour.png")
+    assert rgb.shape[2] >= 3 and rgb[..., :3].std() > 0.05
