@@ -128,8 +128,10 @@ STAGE_OPTIONS = {
     ],
     "combine": [
         ("--combine", "combine.method", dict(
-         type=_choice("mean", "median", "sigclip", "minmax", "weighted"),
-         help="How frames are combined per pixel. [sigclip]")),
+         help="How frames are combined per pixel: mean, median, sigclip, minmax or "
+              "weighted. Several, comma-separated (e.g. mean,median), are computed from "
+              "one read of the store: the first is coadd_<filter>.fits, the others "
+              "coadd_<filter>_<method>.fits. [sigclip]")),
         ("--scale", "combine.scale", dict(
          type=_choice("none", "exptime", "background", "photometric"),
          help="Per-frame scaling before combining: none; exptime (coadd in e-/s); "

@@ -88,7 +88,9 @@ class RegisterSettings:
 
 @dataclass
 class CombineSettings:
-    method: str = "sigclip"  # "mean", "median", "sigclip", "minmax", "weighted"
+    # "mean", "median", "sigclip", "minmax", "weighted"; several, comma-separated, give
+    # one coadd each from one read of the store (the first is coadd_<filter>.fits)
+    method: str = "sigclip"
     scale: str = "exptime"  # "none", "exptime", "background", "photometric"
     sigma: float = 3.0
     iters: int = 3
@@ -97,6 +99,12 @@ class CombineSettings:
     nhigh: int = 1  # minmax: highest values rejected per pixel
     subtract_background: bool = True  # remove each frame's sky level before combining
     weighted_reject: str = "none"  # method="weighted": "none", "sigclip" or "minmax" first
+
+
+    @property
+    def methods(self) -> list[str]:
+        """The combine methods asked for, in order (the first is the main coadd)."""
+        return [m.strip() for m in self.method.split(",") if m.strip()]
 
 
 @dataclass
@@ -195,7 +203,9 @@ class Settings:
         """Raise `SettingsError` for the first option that cannot work."""
         for (section, name), choices in _CHOICES.items():
             value = getattr(getattr(self, section), name)
-            if value not in choices:
+            values = self.combine.methods if (section, name) == ("combine", "method") else [
+                value]
+            if not values or any(v not in choices for v in values):
                 raise SettingsError(
                     f"{section}.{name} = {value!r} is not one of {', '.join(map(repr, choices))}"
                 )

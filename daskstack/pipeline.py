@@ -41,7 +41,7 @@ from .astrometry import SolveResult, solve_frame, write_wcs_file
 from .config import Settings
 from .frames import FrameError, FrameMeta, frame_name, read_frame, read_meta, unusable_reason
 from .grid import Grid, make_grid
-from .register import register_frame
+from .register import register_frame, sky_level
 
 __all__ = [
     "EXIT_FAILED",
@@ -173,7 +173,10 @@ def _register_task(meta: FrameMeta, wcs_header: str, grid: Grid, store_path: str
                                      conserve_flux=settings.register.conserve_flux,
                                      seed=index))
     count = store_mod.write_tiles(store_path, filter_name, index, tiles)
-    return count, time.perf_counter() - start
+    # a frame taken with its header WCS was never detected on: measure its sky here,
+    # from the pixels already in memory, rather than read the frame a second time
+    sky = sky_level(frame.data, frame.mask) if settings.solve.wcs == "header" else None
+    return count, time.perf_counter() - start, sky
 
 
 def _failure(meta: FrameMeta, reason: str) -> SolveResult:
@@ -523,6 +526,22 @@ def solve_frames(client, records: list[FrameRecord], catalog_source: str, out_di
             if reason:
                 _accept_solution(r, _failure(r.meta, reason), out_dir)
     todo = [r for r in records if r.meta is not None and r.result is None]
+    if settings.solve.wcs == "header":
+        # nothing to solve and no pixel to read: the header WCS, checked, as it is (the
+        # sky level is measured later, while the frame is registered)
+        for r in todo:
+            try:
+                r.meta.header_wcs()
+            except FrameError as err:
+                _accept_solution(r, _failure(r.meta, f"header WCS unusable: {err.reason}"),
+                                 out_dir)
+                continue
+            _accept_solution(r, SolveResult(
+                name=r.meta.name, path=r.meta.path, filter=r.meta.filter, status="ok",
+                wcs_header=r.meta.wcs_header, method="header"), out_dir)
+        if manifest is not None:
+            write_manifest(records, manifest)
+        return
     if not todo:
         return
     cache_dir = settings.catalog.cache_dir or str(out_dir / "catalog-cache")
@@ -607,7 +626,8 @@ def register_frames(client, records: list[FrameRecord], grid: Grid, store_path: 
     except store_mod.StoreError:
         previous = None
     stack = store_mod.create_store(store_path, grid, frame_info, filters,
-                                   tile=settings.register.tile, params=params)
+                                   tile=settings.register.tile, params=params,
+                                   footprint=settings.register.method != "interp")
     reused = (previous is not None and previous.grid.fingerprint == grid.fingerprint
               and previous.tile == stack.tile and previous.filters == filters
               and previous.params.get("register") == params["register"])
@@ -632,6 +652,9 @@ def register_frames(client, records: list[FrameRecord], grid: Grid, store_path: 
             log.warning("%s: %s", record.name, record.reason)
             return
         record.registered, record.t_register = True, value[1]
+        if value[2] is not None:  # header-WCS frames: the sky measured while registering
+            record.result.background, record.result.noise = value[2]
+            stack.frames[name] = _frame_info(record)
         if time.monotonic() - last_write[0] > 2.0:  # O(N) writes, not O(N^2)
             _checkpoint_registered(stack, solved, records, manifest)
             last_write[0] = time.monotonic()
@@ -683,35 +706,48 @@ def combine_store(client, store_path: Path, out_dir: Path, settings: Settings,
             continue
         data_arr, foot_arr = stack.arrays(filter_name)
         block = _combine_tile(stack.tile, len(keep), stack.grid.shape)
-        data = da.from_zarr(data_arr)[keep].rechunk((len(keep), block, block))
-        foot = da.from_zarr(foot_arr)[keep].rechunk((len(keep), block, block))
+        # each task reads its whole (frames, block, block) slab straight from the store:
+        # no rechunking, nothing moves between workers
+        data = da.from_zarr(data_arr, chunks=(data_arr.shape[0], block, block))
+        foot = (None if foot_arr is None else
+                da.from_zarr(foot_arr, chunks=(foot_arr.shape[0], block, block)))
+        if len(keep) < data_arr.shape[0]:
+            data = data[keep]
+            foot = None if foot is None else foot[keep]
         infos = [stack.frames[names[i]] for i in keep]
         scales = _scales(cs, infos)
-        frame_weights = None
-        if cs.method == "weighted":
-            frame_weights = combine.inverse_variance_weights(
-                gain=[f["gain"] for f in infos], rdnoise=[f["rdnoise"] for f in infos],
-                sky=[_or_nan(f["background"]) for f in infos], scale=scales.scales)
-        result = combine.combine_stack(
-            data, foot, method=cs.method, sigma=cs.sigma, iters=cs.iters, cenfunc=cs.cenfunc,
-            nlow=cs.nlow, nhigh=cs.nhigh, scales=scales.scales, offsets=scales.offsets,
-            frame_weights=frame_weights)
         key = store_mod.filter_key(filter_name)
         group = stack.group("r+")
         ny, nx = stack.grid.shape
-        targets = []
-        for name in ("image", "weight"):
-            targets.append(group.create_array(
-                f"coadd/{key}/{name}", shape=(ny, nx), chunks=(block, block), dtype="float32",
-                fill_value=np.nan if name == "image" else 0.0, overwrite=True))
-        da.store([result.image.astype("float32"), result.weight.astype("float32")], targets,
-                 lock=False, compute=True)
-        path = out_dir / f"coadd_{key}.fits"
-        header = _coadd_header(stack, filter_name, [names[i] for i in keep], infos, cs,
-                               scales)
-        _write_coadd_fits(path, header, targets[0], targets[1])
-        _record_output(out_dir, path)
-        outputs[filter_name] = path
+        sources, targets, paths = [], [], []
+        # several methods share one read of each slab: one graph, one compute
+        for n_method, method in enumerate(cs.methods):
+            frame_weights = None
+            if method == "weighted":
+                frame_weights = combine.inverse_variance_weights(
+                    gain=[f["gain"] for f in infos], rdnoise=[f["rdnoise"] for f in infos],
+                    sky=[_or_nan(f["background"]) for f in infos], scale=scales.scales)
+            result = combine.combine_stack(
+                data, foot, method=method, sigma=cs.sigma, iters=cs.iters,
+                cenfunc=cs.cenfunc, nlow=cs.nlow, nhigh=cs.nhigh, scales=scales.scales,
+                offsets=scales.offsets, frame_weights=frame_weights)
+            suffix = "" if n_method == 0 else f"_{method}"
+            pair = []
+            for name in ("image", "weight"):
+                pair.append(group.create_array(
+                    f"coadd/{key}{suffix}/{name}", shape=(ny, nx), chunks=(block, block),
+                    dtype="float32", fill_value=np.nan if name == "image" else 0.0,
+                    overwrite=True))
+            sources += [result.image.astype("float32"), result.weight.astype("float32")]
+            targets.append(pair)
+            paths.append((method, out_dir / f"coadd_{key}{suffix}.fits"))
+        da.store(sources, [t for pair in targets for t in pair], lock=False, compute=True)
+        for (method, path), (image, weight) in zip(paths, targets, strict=True):
+            header = _coadd_header(stack, filter_name, [names[i] for i in keep], infos,
+                                   dataclasses.replace(cs, method=method), scales)
+            _write_coadd_fits(path, header, image, weight)
+            _record_output(out_dir, path)
+        outputs[filter_name] = paths[0][1]
         progress("combine", done, len(filters))
     if len(outputs) >= 3:  # colourise, as the tutorial does with its bands
         from .report import colour_composite
@@ -749,11 +785,12 @@ def _or_nan(value):
     return np.nan if value is None else float(value)
 
 
-def _combine_tile(tile: int, n_frames: int, shape, budget_bytes: int = 256 * 2**20) -> int:
+def _combine_tile(tile: int, n_frames: int, shape, budget_bytes: int = 384 * 2**20) -> int:
     """Output block size for the combine: a block holds all frames of a tile, so shrink
-    the tile as frames are added to keep each task's memory bounded (flat in N)."""
+    the tile as frames are added to keep each task's memory bounded (flat in N). The
+    combine needs up to ~4x its input block (sorting, masks: see combine.py)."""
     block = tile
-    while block > 128 and n_frames * block * block * 4 * 3 > budget_bytes:
+    while block > 128 and n_frames * block * block * 4 * 4 > budget_bytes:
         block //= 2
     return min(block, max(shape))
 

@@ -29,6 +29,7 @@ from .grid import Grid
 
 __all__ = [
     "RegisteredTile",
+    "sky_level",
     "exact_mapping",
     "frame_tiles",
     "mesh_mapping",
@@ -38,6 +39,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 ORDERS = {"nearest-neighbor": 0, "bilinear": 1, "biquadratic": 2, "bicubic": 3}
+AREA_TOLERANCE = 0.01  # pixel-area ratios closer to 1 than this are taken as 1
 
 
 @dataclass
@@ -125,6 +127,23 @@ def _interpolate(image: np.ndarray, x_in: np.ndarray, y_in: np.ndarray, order: i
     return out.reshape(x_in.shape)
 
 
+def sky_level(data: np.ndarray, mask: np.ndarray | None, sample: int = 250_000):
+    """Sky level and noise (e-): sigma-clipped median and std of a strided sample of the
+    good pixels. For frames whose WCS is taken from the header (no detection ran), so
+    that sky subtraction and inverse-variance weights still have their numbers."""
+    from astropy.stats import sigma_clipped_stats
+
+    step = max(1, int(np.sqrt(data.size / sample)))
+    values = data[::step, ::step]
+    if mask is not None:
+        values = values[~mask[::step, ::step]]
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        return float("nan"), float("nan")
+    _, median, std = sigma_clipped_stats(values, sigma=3.0, maxiters=5)
+    return float(median), float(std)
+
+
 def frame_tiles(frame_wcs: WCS, frame_shape, grid: Grid, tile: int) -> list[tuple[int, int]]:
     """Origins ``(y0, x0)`` of the output tiles that the frame overlaps."""
     ny, nx = frame_shape
@@ -180,7 +199,10 @@ def register_frame(
         ``mapping_tolerance_px``.
     conserve_flux : bool
         Multiply by (output pixel area / input pixel area) so that values are
-        electrons per *output* pixel: frames of different binning then add up.
+        electrons per *output* pixel: frames of different binning or cameras then
+        add up. Applied when the areas differ by more than ``AREA_TOLERANCE``: the
+        ~1e-4 scatter of solved pixel scales of one camera is fit noise, and leaving
+        it alone keeps same-camera stacks equal to the tutorial's method.
     """
     image = np.array(data, dtype=np.float32, copy=True)
     if mask is not None:
@@ -190,6 +212,8 @@ def register_frame(
     if conserve_flux:
         area_ratio = float(proj_plane_pixel_area(grid_wcs.celestial)
                            / proj_plane_pixel_area(frame_wcs.celestial))
+        if abs(area_ratio - 1.0) <= AREA_TOLERANCE:
+            area_ratio = 1.0
     rng = np.random.default_rng(seed)
     tile = settings.tile
     gny, gnx = grid.shape

@@ -6,7 +6,10 @@ Layout (``OUT/store.zarr``)::
                                grid fingerprint, per-filter frame lists, per-frame
                                records (exptime, sky, flux ratio ...), register options
     <filter>/data              (n_frames, ny, nx) float32, NaN where the frame gives nothing
-    <filter>/footprint         (n_frames, ny, nx) float32, 0..1 coverage of each frame
+    <filter>/footprint         (n_frames, ny, nx) float32, 0..1 coverage of each frame; only
+                               for flux-conserving reprojection (adaptive/exact), where
+                               coverage is fractional: for interpolation it is exactly
+                               "data is finite", and storing it would double the I/O
 
 Chunks are ``(1, tile, tile)``: each registration task writes whole chunks of its own
 frame, so concurrent writers never touch the same chunk (a chunk spanning the stack
@@ -23,6 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import zarr
+from zarr.codecs import BloscCodec
 
 from .grid import Grid
 
@@ -30,6 +34,8 @@ __all__ = ["StackStore", "StoreError", "create_store", "filter_key", "open_store
            "write_tiles"]
 
 FORMAT_VERSION = 1
+# noisy float32 hardly compresses: a fast codec (lz4 + bit shuffle) still saves ~25%
+COMPRESSOR = BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle")
 
 
 class StoreError(ValueError):
@@ -57,10 +63,12 @@ class StackStore:
         return zarr.open_group(self.path, mode=mode)
 
     def arrays(self, filter_name: str):
-        """(data, footprint) zarr arrays of one filter."""
+        """(data, footprint) zarr arrays of one filter; footprint is None where coverage
+        is given by the data alone (interpolation)."""
         group = self.group()
         key = filter_key(filter_name)
-        return group[f"{key}/data"], group[f"{key}/footprint"]
+        footprint = group.get(f"{key}/footprint")
+        return group[f"{key}/data"], footprint
 
     def index_of(self, name: str) -> tuple[str, int]:
         for filter_name, names in self.filters.items():
@@ -70,7 +78,8 @@ class StackStore:
 
 
 def create_store(path, grid: Grid, frames: dict[str, dict], filters: dict[str, list[str]],
-                 *, tile: int, params: dict | None = None) -> StackStore:
+                 *, tile: int, params: dict | None = None,
+                 footprint: bool = False) -> StackStore:
     """Create (or reuse) the store for a run.
 
     An existing store on the same grid, tile and frame lists is reused as it is, so a
@@ -81,7 +90,8 @@ def create_store(path, grid: Grid, frames: dict[str, dict], filters: dict[str, l
     except StoreError:
         existing = None
     if (existing is not None and existing.grid.fingerprint == grid.fingerprint
-            and existing.tile == tile and existing.filters == filters):
+            and existing.tile == tile and existing.filters == filters
+            and all((existing.arrays(f)[1] is not None) == footprint for f in filters)):
         existing.frames.update(frames)
         existing.params = params or {}
         _write_attrs(existing)
@@ -93,9 +103,12 @@ def create_store(path, grid: Grid, frames: dict[str, dict], filters: dict[str, l
         shape = (len(names), ny, nx)
         chunks = (1, min(tile, ny), min(tile, nx))
         group.create_array(f"{key}/data", shape=shape, chunks=chunks, dtype="float32",
-                           fill_value=np.nan, dimension_names=("frame", "y", "x"))
-        group.create_array(f"{key}/footprint", shape=shape, chunks=chunks, dtype="float32",
-                           fill_value=0.0, dimension_names=("frame", "y", "x"))
+                           fill_value=np.nan, dimension_names=("frame", "y", "x"),
+                           compressors=COMPRESSOR)
+        if footprint:
+            group.create_array(f"{key}/footprint", shape=shape, chunks=chunks,
+                               dtype="float32", fill_value=0.0,
+                               dimension_names=("frame", "y", "x"), compressors=COMPRESSOR)
     store = StackStore(path=str(path), grid=grid, tile=tile, filters=filters, frames=frames,
                        params=params or {})
     _write_attrs(store)
@@ -145,11 +158,12 @@ def write_tiles(store_path: str, filter_name: str, index: int, tiles) -> int:
     """
     group = zarr.open_group(store_path, mode="r+")
     key = filter_key(filter_name)
-    data_array, foot_array = group[f"{key}/data"], group[f"{key}/footprint"]
+    data_array, foot_array = group[f"{key}/data"], group.get(f"{key}/footprint")
     count = 0
     for y0, x0, data, footprint in tiles:
         ny, nx = data.shape
         data_array[index, y0:y0 + ny, x0:x0 + nx] = data
-        foot_array[index, y0:y0 + ny, x0:x0 + nx] = footprint
+        if foot_array is not None:
+            foot_array[index, y0:y0 + ny, x0:x0 + nx] = footprint
         count += 1
     return count
