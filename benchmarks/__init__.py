@@ -1,0 +1,1 @@
+"""daskstack benchmarks: ``python -m benchmarks run --suite quick|full`` (see README.md)."""

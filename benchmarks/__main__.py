@@ -1,0 +1,63 @@
+"""Entry point: ``python -m benchmarks run --suite quick|full`` and ``python -m benchmarks
+report RESULTS.json`` (run from the repository root)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .contenders import ALL_CONTENDERS
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks",
+                                     description="daskstack benchmarks against the tutorial's "
+                                                 "method, SWarp and reproject_and_coadd")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run a suite; writes JSON, a markdown table and a plot")
+    run.add_argument("--suite", choices=("quick", "full"), default="quick")
+    run.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                     help="results directory (default: benchmarks/results, git-ignored)")
+    run.add_argument("--real-dir", type=Path, default=None,
+                     help="the PDS 110 frames (default: ../shared/data/lco-pds110)")
+    run.add_argument("--only", nargs="+", choices=ALL_CONTENDERS, default=None,
+                     help="run only these contenders")
+    run.add_argument("--n", type=int, nargs="+", default=None,
+                     help="synthetic frame counts instead of the suite's")
+    run.add_argument("--size", type=int, nargs="+", default=None,
+                     help="synthetic frame sizes instead of 4096 (e.g. 512 to try it out)")
+    run.add_argument("--repeats", type=int, default=None, help="repeats of every run")
+    run.add_argument("--mem-limit-gib", type=float, default=None,
+                     help="stop a run whose process tree exceeds this (default: 90%% of the "
+                          "memory available at the start)")
+    run.add_argument("--timeout", type=float, default=3600.0, help="seconds per step")
+    run.add_argument("--skip-astrometry", action="store_true")
+    run.add_argument("--skip-real", action="store_true")
+    run.add_argument("--profile", action="store_true",
+                     help="wrap daskstack steps in py-spy (pip install py-spy)")
+    run.add_argument("--keep", action="store_true",
+                     help="keep the intermediates (store.zarr, SWarp's resampled frames)")
+    rep = sub.add_parser("report", help="rewrite the markdown table and plot from a JSON file")
+    rep.add_argument("results", type=Path)
+    args = parser.parse_args(argv)
+
+    if args.command == "report":
+        from .report import write_report
+
+        md, png = write_report(args.results)
+        print(md.read_text())
+        return 0
+    from .runner import run_suite
+
+    run_suite(args.suite, args.out, real_dir=args.real_dir, only=args.only, sizes=args.size,
+              repeats=args.repeats, mem_limit_gib=args.mem_limit_gib, timeout=args.timeout,
+              skip_astrometry=args.skip_astrometry, skip_real=args.skip_real,
+              profile=args.profile, keep=args.keep, ns=args.n)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
