@@ -163,6 +163,16 @@ def _solve_task(meta: FrameMeta, catalog: Table, settings: Settings, companions=
         return _failure(meta, f"unexpected error: {type(err).__name__}: {err}")
 
 
+def _detect_task(meta: FrameMeta, settings: Settings):
+    """Detections of one frame, to help solve another exposure of the same pointing."""
+    from .detect import detect_sources
+
+    try:
+        return detect_sources(read_frame(meta.path), settings.detect)
+    except FrameError:
+        return None
+
+
 def _register_task(meta: FrameMeta, wcs_header: str, grid: Grid, store_path: str,
                    filter_name: str, index: int, settings: Settings):
     start = time.perf_counter()
@@ -547,24 +557,22 @@ def solve_frames(client, records: list[FrameRecord], catalog_source: str, out_di
     cache_dir = settings.catalog.cache_dir or str(out_dir / "catalog-cache")
     field_radius = max(settings.solve.search_radius_arcmin / 60.0, 0.25)
     futures = {}
+    catalog_of = {}  # frame name -> future of its field's catalog
+    todo_by_name = {r.name: r for r in todo}
     for members in _fields([r.meta for r in todo], field_radius):
-        if settings.solve.wcs == "header":
-            catalog = None
-        else:
-            try:
-                catalog = _field_catalog(members, catalog_source, settings, cache_dir)
-            except catalogs.CatalogError as err:
-                for r in todo:
-                    if r.meta in members:
-                        _accept_solution(r, _failure(r.meta, str(err)), out_dir)
-                continue
-            # a task holding the (small) table, not scatter: the scheduler can recompute
-            # it if every worker holding it is lost (scattered data would be gone)
-            catalog = client.submit(_catalog_task, catalog, pure=False)
-        for r in todo:
-            if r.meta in members:
-                futures[r.name] = client.submit(_solve_task, r.meta, catalog, settings,
-                                                pure=False)
+        try:
+            catalog = _field_catalog(members, catalog_source, settings, cache_dir)
+        except catalogs.CatalogError as err:
+            for meta in members:
+                _accept_solution(todo_by_name[meta.name], _failure(meta, str(err)), out_dir)
+            continue
+        # a task holding the (small) table, not scatter: the scheduler can recompute
+        # it if every worker holding it is lost (scattered data would be gone)
+        catalog = client.submit(_catalog_task, catalog, pure=False)
+        for meta in members:
+            catalog_of[meta.name] = catalog
+            futures[meta.name] = client.submit(_solve_task, meta, catalog, settings,
+                                               pure=False)
     by_name = {r.name: r for r in records}
     last_write = [0.0]
 
@@ -578,12 +586,54 @@ def solve_frames(client, records: list[FrameRecord], catalog_source: str, out_di
             last_write[0] = time.monotonic()
 
     _gather_as_completed(client, futures, "solve", progress, on_result)
+    # Second chance for frames with too little evidence on their own (a u-band frame
+    # shows a few catalog stars among many cosmic rays and hot pixels): keep only the
+    # sources also seen in other exposures of the same pointing and filter.
+    retry = {}
+    for record, partners in _companion_groups(records, catalog_of):
+        companions = [client.submit(_detect_task, p.meta, settings, pure=False)
+                      for p in partners]
+        retry[record.name] = client.submit(_solve_task, record.meta, catalog_of[record.name],
+                                           settings, companions, pure=False)
+    if retry:
+        _gather_as_completed(client, retry, "solve+companions", progress, on_result)
     for r in records:
         if r.meta is not None and r.result is None:
             r.result = _failure(r.meta, "not solved")
             r.status, r.reason = "failed", r.result.reason
     if manifest is not None:
         write_manifest(records, manifest)
+
+
+COMPANION_RADIUS_DEG = 2.0 / 60  # exposures whose pointings agree this well: one pointing
+
+
+def _companion_groups(records, catalog_of):
+    """Failed frames that other exposures of the same pointing, filter and camera may
+    help solve, each with those exposures (solved or not)."""
+    pending = [r for r in records if r.status == "failed" and r.meta is not None
+               and r.name in catalog_of and r.result is not None and r.result.n_detections]
+    out = []
+    for record in pending:
+        m = record.meta
+        if m.ra is None or m.dec is None:
+            continue
+        partners = [
+            p for p in records
+            if p is not record and p.meta is not None and p.meta.filter == m.filter
+            and p.meta.instrument == m.instrument and p.meta.ra is not None
+            and p.meta.dec is not None
+            and _separation_deg(m.ra, m.dec, p.meta.ra, p.meta.dec) < COMPANION_RADIUS_DEG
+        ]
+        if partners:
+            out.append((record, partners))
+    return out
+
+
+def _separation_deg(ra1, dec1, ra2, dec2) -> float:
+    ra1, dec1, ra2, dec2 = np.radians([ra1, dec1, ra2, dec2])
+    cos = (np.sin(dec1) * np.sin(dec2) + np.cos(dec1) * np.cos(dec2) * np.cos(ra1 - ra2))
+    return float(np.degrees(np.arccos(np.clip(cos, -1.0, 1.0))))
 
 
 def _accept_solution(record: FrameRecord, result: SolveResult, out_dir: Path) -> None:

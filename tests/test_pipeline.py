@@ -118,3 +118,40 @@ def test_real_lco_frames_make_coadds(lco_frames, lco_dir, dask_client, tmp_path)
     assert len(offsets) >= 10
     # the catalog itself scatters by ~0.15" (~0.13 px): the coadd WCS must be that good
     assert np.median(np.hypot(*offsets.T)) < 0.4
+
+
+def test_companion_exposures_rescue_a_thin_frame(tmp_path, monkeypatch):
+    """A frame that fails on its own is solved again with the detections of the other
+    exposures of its pointing and filter (the u-band case), and only with those."""
+    from distributed import Client
+
+    from daskstack import pipeline
+    from daskstack.simulate import simulate_field
+
+    field = simulate_field(tmp_path / "in", n_frames=4, shape=(384, 384), filters=("up", "rp"),
+                           seed=8, pointing_error_arcmin=0.2, dither_arcsec=5)
+    thin = field.frames[0].name.replace(".fits.fz", "")
+    real_solve = pipeline.solve_frame
+    seen = {}
+
+    def picky_solve(frame, catalog, settings, companions=None):
+        if frame.name == thin:
+            seen[companions is None] = companions
+            if companions is None:
+                result = real_solve(frame, catalog, settings)
+                result.status, result.reason, result.wcs_header = "failed", "too thin", ""
+                return result
+        return real_solve(frame, catalog, settings, companions=companions)
+
+    monkeypatch.setattr(pipeline, "solve_frame", picky_solve)
+    with Client(processes=False, n_workers=1, threads_per_worker=2,
+                dashboard_address=":0") as client:
+        records = pipeline.inspect_frames(client, [str(p) for p in field.frames])
+        pipeline.solve_frames(client, records, str(field.catalog), tmp_path / "out",
+                              pipeline.Settings())
+    by_name = {r.name: r for r in records}
+    assert by_name[thin].status == "ok"
+    companions = seen[False]
+    assert len(companions) == 1  # the other 'up' exposure, not the rp frames
+    assert len(companions[0]) > 10
+    assert wcs_error_px(by_name[thin].result.wcs, field.truth_wcs[thin], (384, 384)) < 0.1
