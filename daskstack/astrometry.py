@@ -35,10 +35,11 @@ from .catalogs import propagate_proper_motion
 from .config import Settings
 from .detect import Detections, detect_sources
 from .frames import Frame, FrameError, quiet_astropy
-from .match import MatchError, find_transform
+from .match import MatchError, TriangleIndex, find_transform
 
 __all__ = [
     "SolveResult",
+    "sky_level",
     "companion_filter",
     "fit_tan_sip",
     "solve_frame",
@@ -357,6 +358,37 @@ def _fail(result: SolveResult, reason: str, t0: float) -> SolveResult:
     return result
 
 
+def sky_level(frame: Frame, n_sample: int = 250_000) -> tuple[float, float]:
+    """Sky level and noise per pixel (e-) of a frame, without detecting anything.
+
+    Sigma-clipped (3 sigma, 5 iterations) median and MAD-based standard deviation of
+    a strided subsample of about ``n_sample`` unmasked pixels: a few ms for a
+    4096 x 4096 frame. Stars and cosmic rays are clipped away.
+    """
+    data = frame.data
+    ny, nx = data.shape
+    stride = max(1, int(math.sqrt(ny * nx / n_sample)))
+    sample = data[::stride, ::stride]
+    good = ~np.asarray(frame.mask[::stride, ::stride], bool) & np.isfinite(sample)
+    values = np.asarray(sample[good], np.float64)
+    if values.size == 0:
+        return float("nan"), float("nan")
+    med = float(np.median(values))
+    sig = float(1.4826 * np.median(np.abs(values - med)))
+    for _ in range(5):
+        keep = np.abs(values - med) <= 3.0 * max(sig, 1e-12)
+        if keep.sum() < 10:
+            break
+        new_med = float(np.median(values[keep]))
+        new_sig = float(1.4826 * np.median(np.abs(values[keep] - new_med)))
+        if abs(new_med - med) < 1e-3 * max(sig, 1e-12) and abs(new_sig - sig) < 1e-3 * sig:
+            med, sig = new_med, new_sig
+            break
+        med, sig = new_med, new_sig
+    # the MAD of a Gaussian clipped at 3 sigma is 0.27 % below the unclipped one
+    return med, sig / 0.9973
+
+
 def _header_only(frame, det, catalog, settings, result, t0):
     wcs, _, _ = _start(frame)
     if wcs is None:
@@ -368,7 +400,8 @@ def _header_only(frame, det, catalog, settings, result, t0):
     cd = wcs.pixel_scale_matrix
     result.rotation_deg = float(np.degrees(np.arctan2(cd[0, 1], cd[1, 1])) % 360)
     result.flipped = bool(np.linalg.det(cd) > 0)
-    if catalog is not None and len(catalog) and len(det):
+    # matches and residuals need detections: only when they were given (else 0 / NaN)
+    if det is not None and catalog is not None and len(catalog) and len(det):
         ra, dec, mag = _catalog_arrays(catalog)
         with quiet_astropy():
             cx, cy = wcs.all_world2pix(ra, dec, 0)
@@ -415,6 +448,9 @@ def solve_frame(frame: Frame, catalog: Table, settings: Settings | None = None,
     -------
     SolveResult
         ``status='ok'`` with the WCS, or ``'failed'`` with a specific reason.
+        With ``settings.solve.wcs == 'header'`` nothing is detected (unless
+        ``detections`` are given): the header WCS is returned as is, with the sky level
+        and noise of `sky_level`; the QA that needs detections stays 0 / NaN.
     """
     settings = settings or Settings()
     ss = settings.solve
@@ -422,11 +458,18 @@ def solve_frame(frame: Frame, catalog: Table, settings: Settings | None = None,
     meta = frame.meta
     result = SolveResult(name=meta.name, path=meta.path, filter=meta.filter,
                          sip_order=0, method=ss.wcs)
+    if ss.wcs == "header":
+        # cheap: no detection; sky and noise for the scaling from a strided subsample
+        if detections is not None:
+            result.n_detections = len(detections)
+            result.fwhm_px = detections.fwhm
+            result.background, result.noise = detections.background, detections.noise
+        else:
+            result.background, result.noise = sky_level(frame)
+        return _header_only(frame, detections, catalog, settings, result, t0)
     det = detections if detections is not None else detect_sources(frame, settings.detect)
     result.n_detections = len(det)
     result.fwhm_px, result.background, result.noise = det.fwhm, det.background, det.noise
-    if ss.wcs == "header":
-        return _header_only(frame, det, catalog, settings, result, t0)
     if len(det) == 0:
         return _fail(result, "no stars detected", t0)
     if len(det) < 3:
@@ -450,8 +493,6 @@ def solve_frame(frame: Frame, catalog: Table, settings: Settings | None = None,
     xi, eta, cosc = _project(ra, dec, *centre)
     r_deg = np.hypot(xi, eta)
     region = (cosc > 0) & (r_deg <= half_diag_deg * (1 + ss.scale_tolerance) + search_deg)
-    in_field = (cosc > 0) & (r_deg <= half_diag_deg * (1 + ss.scale_tolerance)
-                             + min(search_deg, 2.0 / 60.0))
     result.n_catalog = int(region.sum())
     if region.sum() < ss.min_matches:
         return _fail(result, f"too few catalog stars in field ({int(region.sum())} < "
@@ -482,33 +523,58 @@ def solve_frame(frame: Frame, catalog: Table, settings: Settings | None = None,
     scale_range = (1.0 / (1.0 + tol), 1.0 + tol)
     frame_area = nx * ny
     levels_base = (12, 20, 30, 45)
+    # Catalog depth per search cell: in cells of the frame's size, each star's brightness
+    # rank among the stars of its cell, scaled to a frame's area. Capping it keeps the
+    # catalog about as dense as the detections everywhere in the search area (a deeper
+    # catalog only adds chance coincidences and triangles), whatever the area's size.
+    cell = float(max(nx, ny))
+    keys = np.floor(ref / cell).astype(np.int64)
+    _, cell_id = np.unique(keys, axis=0, return_inverse=True)
+    cell_id = cell_id.ravel()
+    by_cell = np.argsort(cell_id, kind="stable")  # brightness order kept within a cell
+    starts = np.searchsorted(cell_id[by_cell], cell_id[by_cell])
+    rank_in_cell = np.empty(len(ref), float)
+    rank_in_cell[by_cell] = np.arange(len(ref)) - starts
+    depth = rank_in_cell * frame_area / cell**2
+    keep_ref = np.nonzero(depth < max(3 * len(src), 2 * levels_base[-1]) + 5)[0]
+    ref_used = ref[keep_ref]
+    tri_index = TriangleIndex(ref_used, scale_range, max_side=0.6 * max(nx, ny)
+                              * scale_range[1] * 1.02, rank=depth[keep_ref])
+    levels = tuple((n, 1.5 * n + 5) for n in levels_base)
+    cache: dict = {}
     match = None
     last_err = None
-    # search the neighbourhood of the header position first, then the whole radius
+    # search the neighbourhood of the header position first, then the whole radius; the
+    # catalog triangles are built once (per depth) and reused by every step
+    # (a few bright stars at every radius before more stars anywhere: cheapest first)
     radii = [r for r in (3.0 / 60, 8.0 / 60) if r < search_deg] + [search_deg]
-    for rad in radii:
-        sel = np.nonzero((r_deg[ridx] <= half_diag_deg * (1 + tol) + rad))[0]
-        if len(sel) < 3:
-            continue
-        region_area = math.pi * ((half_diag_deg * (1 + tol) + rad) * 3600 / scale) ** 2
-        ratio = max(1.0, region_area / frame_area)
-        # a catalog much deeper than the detections only adds chance coincidences: keep
-        # the brightest stars up to ~3x the detections' density (ref is brightest first)
-        sel = sel[: max(int(3 * len(src) * ratio) + 20, 30)]
-        levels = tuple((n, min(len(sel), max(n + 5, int(n * ratio * 1.5)), 1500))
-                       for n in levels_base)
-        try:
-            match = find_transform(
-                src, ref[sel], scale_range=scale_range, allow_flip=ss.allow_flip,
-                max_offset=rad * 3600.0 / scale, match_radius=radius_px,
-                min_matches=ss.min_matches,
-                max_false_alarm=ss.max_false_alarm, clip_sigma=ss.clip_sigma, levels=levels,
-                max_triangle_side=0.6 * max(nx, ny),
-            )
-            match.ref_idx = sel[match.ref_idx]
+    t_match = time.perf_counter()
+    r_used = np.hypot(ref_used[:, 0], ref_used[:, 1])
+    for level in levels:
+        for rad in radii:
+            ref_radius = (half_diag_deg * (1 + tol) + rad) * 3600.0 / scale
+            if (r_used <= ref_radius).sum() < 3:
+                continue
+            try:
+                match = find_transform(
+                    src, ref_used, scale_range=scale_range, allow_flip=ss.allow_flip,
+                    max_offset=rad * 3600.0 / scale, match_radius=radius_px,
+                    min_matches=ss.min_matches,
+                    max_false_alarm=ss.max_false_alarm, clip_sigma=ss.clip_sigma,
+                    levels=(level,), max_triangle_side=0.6 * max(nx, ny),
+                    ref_index=tri_index, ref_radius=ref_radius, cache=cache,
+                )
+                match.ref_idx = keep_ref[match.ref_idx]
+                break
+            except MatchError as err:
+                # the most informative failure: the one with the most matches
+                if last_err is None or (err.best is not None and (
+                        last_err.best is None or err.best.n_matches >= last_err.best.n_matches)):
+                    last_err = err
+        if match is not None:
             break
-        except MatchError as err:
-            last_err = err
+    log.debug("%s: pattern match %.2f s, %d catalog triangles built", result.name,
+              time.perf_counter() - t_match, tri_index.n_built)
     if match is None:
         reason = last_err.reason if last_err is not None else "no catalog stars near the field"
         if reason.startswith("no consistent pattern match"):

@@ -5,19 +5,24 @@ Conventions
 Pixels are 0-based everywhere (numpy / astropy ``pixel_to_world(x, y)``): ``x`` runs
 along the second array axis, the centre of the first pixel is (0, 0).
 
-Positions are **photocentres**: flux-weighted first moments of the background-
-subtracted pixels within a circular aperture of radius ``1.4 x FWHM``, iterated so
-that the aperture is centred on its own centroid (as SExtractor's ``X_IMAGE`` or
-``photutils.centroids.centroid_com``). Reference catalogs (Gaia included) measure
-photocentres, and LCO PSFs are asymmetric enough that a symmetric model fit sits
-~0.5 px away from the photocentre; see ``shared/data/lco-pds110/README.md``.
+Positions (``x``, ``y``) are **isophotal barycentres**, as SExtractor's ``X_IMAGE``
+and SEP's ``x``/``y`` (which LCO's catalogs, and the reference catalogs built on them,
+report): the flux-weighted first moments of the background-subtracted pixels whose
+value, filtered with SExtractor's default 3 x 3 kernel, is above
+``ISO_THRESHOLD_SIGMA`` (3.5) x the sky RMS, 8-connected to the star's peak. LCO PSFs
+are asymmetric: a symmetric model fit sits ~0.5 px from the photocentre, and first
+moments in a fixed aperture (kept as ``x_ap``, ``y_ap``; used for detection,
+selection and the FWHM) put faint stars ~0.4-0.5 px away from the isophotal ones,
+which biased WCS fits against catalogs made by SExtractor-like software; see
+``shared/data/lco-pds110/README.md``.
 
-The steps, all cheap enough for a 4096 x 4096 frame in well under a second:
+The steps, all cheap enough for a 4096 x 4096 frame in about half a second:
 
 1. For large frames the image is binned 2 x 2 (mean) for background and detection
    (positions are then measured on the full-resolution pixels).
-2. ``photutils.background.Background2D`` (sigma-clipped median on a coarse mesh,
-   3 x 3 median filter of the mesh) gives the sky and its RMS.
+2. A vectorised mesh background (sigma-clipped median and standard deviation per
+   box, as ``photutils.background.Background2D``, 3 x 3 median filter of the mesh,
+   bilinear interpolation) gives the sky and its RMS.
 3. The sky-subtracted image is smoothed with a small Gaussian and local maxima above
    ``threshold_sigma`` times the smoothed noise are candidates.
 4. Every candidate is measured in a cutout: peak, aperture flux, photocentre,
@@ -29,16 +34,15 @@ The steps, all cheap enough for a 4096 x 4096 frame in well under a second:
 6. The brightest usable sources (unflagged, not sharp, away from the edges, with
    no comparable neighbour within ``min_separation_fwhm x FWHM``) are kept, at most
    ``max_stars``.
+7. Their isophotal barycentres become the positions (see above).
 """
 
 from __future__ import annotations
 
 import logging
-import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
-from astropy.stats import SigmaClip
 from astropy.table import Table
 from scipy import ndimage
 from scipy.spatial import cKDTree
@@ -57,7 +61,13 @@ FLAG_SHARP = 4  # much smaller than the frame FWHM: cosmic ray, hot pixel
 FLAG_CROWDED = 8  # a comparable neighbour within min_separation_fwhm x FWHM
 FLAG_BAD_MOMENTS = 16  # non-positive flux or second moments
 
-_COLUMNS = ("x", "y", "flux", "flux_err", "peak", "snr", "fwhm", "roundness", "flags")
+# Isophote of the positions used for astrometry (see `isophotal_centroids`), in units of
+# the sky RMS per pixel, on the image filtered with SExtractor's default kernel.
+ISO_THRESHOLD_SIGMA = 3.5
+# Largest radius of an isophotal segment, in units of the frame FWHM.
+ISO_RADIUS_FWHM = 3.0
+
+_COLUMNS = ("x", "y", "x_ap", "y_ap", "flux", "flux_err", "peak", "snr", "fwhm", "roundness", "flags")
 
 
 @dataclass
@@ -67,8 +77,9 @@ class Detections:
     Attributes
     ----------
     table : astropy.table.Table
-        The selected stars, brightest first. Columns: ``x``, ``y`` (photocentre,
-        0-based pixels), ``flux`` (background-subtracted aperture flux, e-),
+        The selected stars, brightest first. Columns: ``x``, ``y`` (isophotal
+        barycentre, 0-based pixels: the positions for astrometry), ``x_ap``, ``y_ap``
+        (first moments in the 1.4 x FWHM aperture), ``flux`` (background-subtracted aperture flux, e-),
         ``flux_err``, ``peak`` (peak above background, e-), ``snr``, ``fwhm``
         (px, from second moments), ``roundness`` (1 - minor/major axis), ``flags``
         (0 for the selected stars).
@@ -111,40 +122,120 @@ def _empty_table() -> Table:
 def _bin2(data: np.ndarray, mask: np.ndarray):
     """2 x 2 mean binning that ignores masked pixels; returns (binned, binned_mask)."""
     ny, nx = (data.shape[0] // 2) * 2, (data.shape[1] // 2) * 2
+    values = np.array(data[:ny, :nx], dtype=np.float32)
     good = ~mask[:ny, :nx]
-    values = np.where(good, data[:ny, :nx], 0.0).astype(np.float32)
-    total = values.reshape(ny // 2, 2, nx // 2, 2).sum(axis=(1, 3))
-    count = good.reshape(ny // 2, 2, nx // 2, 2).sum(axis=(1, 3), dtype=np.int16)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        binned = total / count
+    values[~good] = 0.0
+    total = values[0::2, 0::2] + values[1::2, 0::2]
+    total += values[0::2, 1::2]
+    total += values[1::2, 1::2]
+    g = good.view(np.uint8)
+    count = g[0::2, 0::2] + g[1::2, 0::2] + g[0::2, 1::2] + g[1::2, 1::2]
     bmask = count < 2
+    with np.errstate(invalid="ignore", divide="ignore"):
+        binned = total / np.maximum(count, 1).astype(np.float32)
     binned[bmask] = 0.0
-    return binned.astype(np.float32), bmask
+    return binned, bmask
+
+
+def _interp_matrix(n_out: int, n_mesh: int, box: float) -> np.ndarray:
+    """(n_out, n_mesh) bilinear weights from mesh centres ((k + 0.5) box) to pixels."""
+    pos = (np.arange(n_out) + 0.5) / box - 0.5
+    pos = np.clip(pos, 0, n_mesh - 1)
+    lo = np.minimum(np.floor(pos).astype(int), max(n_mesh - 2, 0))
+    frac = pos - lo
+    w = np.zeros((n_out, n_mesh), np.float32)
+    rows = np.arange(n_out)
+    w[rows, lo] += (1 - frac).astype(np.float32)
+    if n_mesh > 1:
+        w[rows, lo + 1] += frac.astype(np.float32)
+    else:
+        w[:, 0] = 1.0
+    return w
+
+
+def _clipped_stats(values: np.ndarray, sigma: float = 3.0, iters: int = 5):
+    """Sigma-clipped median and standard deviation of each row (NaN = excluded).
+
+    One sort per row, then every clipping iteration is a contiguous range of the
+    sorted row (cumulative sums give its mean and variance): no Python loop per row.
+    Returns (median, std, n_used).
+    """
+    v = np.sort(values, axis=1)
+    nrow, ncol = v.shape
+    n_valid = np.isfinite(v).sum(axis=1)
+    vf = np.where(np.isfinite(v), v, 0.0).astype(np.float64)
+    c1 = np.concatenate([np.zeros((nrow, 1)), np.cumsum(vf, axis=1)], axis=1)
+    c2 = np.concatenate([np.zeros((nrow, 1)), np.cumsum(vf * vf, axis=1)], axis=1)
+    rows = np.arange(nrow)
+    lo = np.zeros(nrow, int)
+    hi = n_valid.copy()
+    for _ in range(iters):
+        n = np.maximum(hi - lo, 1)
+        mid_a = np.clip(lo + (n - 1) // 2, 0, ncol - 1)
+        mid_b = np.clip(lo + n // 2, 0, ncol - 1)
+        med = 0.5 * (vf[rows, mid_a] + vf[rows, mid_b])
+        mean = (c1[rows, hi] - c1[rows, lo]) / n
+        var = np.maximum((c2[rows, hi] - c2[rows, lo]) / n - mean**2, 0.0)
+        std = np.sqrt(var)
+        new_lo = (v < (med - sigma * std)[:, None]).sum(axis=1)
+        new_hi = (v <= (med + sigma * std)[:, None]).sum(axis=1)
+        if np.array_equal(new_lo, lo) and np.array_equal(new_hi, hi):
+            break
+        ok = new_hi - new_lo >= 3
+        lo = np.where(ok, new_lo, lo)
+        hi = np.where(ok, new_hi, hi)
+    n = np.maximum(hi - lo, 1)
+    med = 0.5 * (vf[rows, np.clip(lo + (n - 1) // 2, 0, ncol - 1)]
+                 + vf[rows, np.clip(lo + n // 2, 0, ncol - 1)])
+    mean = (c1[rows, hi] - c1[rows, lo]) / n
+    std = np.sqrt(np.maximum((c2[rows, hi] - c2[rows, lo]) / n - mean**2, 0.0))
+    return med, std, hi - lo
 
 
 def _background(data: np.ndarray, mask: np.ndarray, box: int):
-    """Sky and sky RMS on a coarse mesh (photutils Background2D), as small 2-D arrays."""
-    from photutils.background import Background2D, MedianBackground, StdBackgroundRMS
+    """Sky and sky RMS maps: sigma-clipped median / std on a coarse mesh, bilinear.
 
+    As ``photutils.background.Background2D`` with a median estimator, std RMS,
+    ``exclude_percentile=50`` and a 3 x 3 median filter of the mesh, but vectorised
+    over all boxes and on a 2 x 2 strided subsample of each box (>= 256 pixels per
+    box), with the mesh interpolated by two small matrix products: ~10x faster on a
+    4096 x 4096 frame.
+    """
     ny, nx = data.shape
     box = int(max(16, min(box, ny // 2 if ny >= 32 else ny, nx // 2 if nx >= 32 else nx)))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            bkg = Background2D(
-                data, box, mask=mask, filter_size=3, exclude_percentile=50.0,
-                sigma_clip=SigmaClip(sigma=3.0, maxiters=5),
-                bkg_estimator=MedianBackground(), bkg_rms_estimator=StdBackgroundRMS(),
-            )
-            return (np.asarray(bkg.background, np.float32),
-                    np.asarray(bkg.background_rms, np.float32))
-        except ValueError:  # too many masked boxes: one global value
-            good = data[~mask]
-            if good.size == 0:
-                raise
-            med = np.median(good)
-            rms = 1.4826 * np.median(np.abs(good - med))
-            return (np.full(data.shape, med, np.float32), np.full(data.shape, rms, np.float32))
+    nby, nbx = max(1, ny // box), max(1, nx // box)
+    by, bx = ny // nby, nx // nbx
+    step = 2 if by * bx >= 1024 else 1
+    blocks = data[:nby * by, :nbx * bx].reshape(nby, by, nbx, bx)[:, ::step, :, ::step]
+    bmask = mask[:nby * by, :nbx * bx].reshape(nby, by, nbx, bx)[:, ::step, :, ::step]
+    vals = np.where(bmask, np.nan, blocks).astype(np.float32)
+    vals = vals.transpose(0, 2, 1, 3).reshape(nby * nbx, -1)
+    med, std, n_used = _clipped_stats(vals)
+    good_frac = np.isfinite(vals).mean(axis=1)
+    bad_box = (good_frac < 0.5) | (n_used < 3)
+    if bad_box.all():
+        good = data[~mask]
+        if good.size == 0:
+            raise ValueError("no unmasked pixels for the background")
+        m = float(np.median(good))
+        r = float(1.4826 * np.median(np.abs(good - m)))
+        return np.full(data.shape, m, np.float32), np.full(data.shape, r, np.float32)
+    med = med.reshape(nby, nbx)
+    std = std.reshape(nby, nbx)
+    bad_box = bad_box.reshape(nby, nbx)
+    if bad_box.any():  # excluded boxes: the nearest good box
+        _, (iy, ix) = ndimage.distance_transform_edt(bad_box, return_indices=True)
+        med = med[iy, ix]
+        std = std[iy, ix]
+    if nby >= 3 or nbx >= 3:
+        size = (min(3, nby), min(3, nbx))
+        med = ndimage.median_filter(med, size=size, mode="nearest")
+        std = ndimage.median_filter(std, size=size, mode="nearest")
+    wy = _interp_matrix(ny, nby, by)
+    wx = _interp_matrix(nx, nbx, bx)
+    bkg = wy @ med.astype(np.float32) @ wx.T
+    rms = wy @ std.astype(np.float32) @ wx.T
+    return bkg.astype(np.float32), rms.astype(np.float32)
 
 
 # Second moment <r^2> of a 2-D Gaussian of width sigma truncated at radius R, divided by R^2,
@@ -238,18 +329,106 @@ def measure_sources(data, mask, x0, y0, background, radius: float, iterations: i
     }
 
 
+# SExtractor's default detection filter (default.conv, 3 x 3 "pyramid"), normalised to 1
+_SEX_KERNEL = np.array([[1.0, 2.0, 1.0], [2.0, 4.0, 2.0], [1.0, 2.0, 1.0]]) / 16.0
+
+
+def isophotal_centroids(data, mask, x, y, background, rms, threshold_sigma=ISO_THRESHOLD_SIGMA,
+                        radius: float = 10.0):
+    """Isophotal barycentres (SExtractor ``X_IMAGE``/``Y_IMAGE``, SEP ``x``/``y``).
+
+    For each source: the background-subtracted pixels of a cutout are filtered with
+    SExtractor's default 3 x 3 kernel; the pixels whose filtered value exceeds
+    ``threshold_sigma x rms`` and are 8-connected to the source's peak form its
+    isophotal segment (limited to a circle of ``radius`` px, so that a bright star's
+    isophote stays local), and the position is the flux-weighted first moment of the
+    unfiltered pixels of that segment. All cutouts are measured at once (one
+    ``ndimage.label`` call on the stack of cutouts, no Python loop per source).
+
+    Parameters
+    ----------
+    data, mask : 2-D arrays
+        Full-resolution pixels and bad-pixel mask (True = bad, excluded).
+    x, y : arrays of float
+        Starting positions (0-based), e.g. aperture photocentres.
+    background, rms : arrays
+        Local sky and sky RMS per pixel (e-) per source.
+
+    Returns
+    -------
+    (xi, yi, npix) : arrays; ``npix`` is the isophotal area (0 where the peak is below
+    the isophote: then ``xi, yi`` are the input positions).
+    """
+    x = np.asarray(x, float)
+    y = np.asarray(y, float)
+    n = len(x)
+    if n == 0:
+        return x.copy(), y.copy(), np.zeros(0, int)
+    ny, nx = data.shape
+    half = int(np.ceil(radius)) + 1
+    x0 = np.clip(np.rint(x).astype(int), half, nx - half - 1)
+    y0 = np.clip(np.rint(y).astype(int), half, ny - half - 1)
+    off = np.arange(-half, half + 1)
+    rows = y0[:, None, None] + off[None, :, None]
+    cols = x0[:, None, None] + off[None, None, :]
+    bad = mask[rows, cols]
+    cut = data[rows, cols].astype(np.float64) - np.asarray(background, float)[:, None, None]
+    cut = np.where(bad, 0.0, cut)
+    smooth = ndimage.convolve(cut, _SEX_KERNEL[None], mode="nearest")
+    dy = off[None, :, None].astype(float)
+    dx = off[None, None, :].astype(float)
+    fx = (x - x0)[:, None, None]
+    fy = (y - y0)[:, None, None]
+    inside = (dx - fx) ** 2 + (dy - fy) ** 2 <= radius**2
+    above = (smooth > threshold_sigma * np.asarray(rms, float)[:, None, None]) & inside & ~bad
+    structure = np.zeros((3, 3, 3), bool)
+    structure[1] = True  # 8-connected within a cutout, never across cutouts
+    labels, _ = ndimage.label(above, structure=structure)
+    # the segment of the source: the label of the brightest filtered pixel within 1 px
+    c = half
+    core = np.where(above[:, c - 1:c + 2, c - 1:c + 2], smooth[:, c - 1:c + 2, c - 1:c + 2],
+                    -np.inf).reshape(n, 9)
+    k = np.argmax(core, axis=1)
+    own = labels[:, c - 1:c + 2, c - 1:c + 2].reshape(n, 9)[np.arange(n), k]
+    own = np.where(np.isfinite(core[np.arange(n), k]), own, 0)
+    seg = (labels == own[:, None, None]) & (own[:, None, None] > 0)
+    w = np.where(seg, cut, 0.0)
+    flux = w.sum(axis=(1, 2))
+    ok = (own > 0) & (flux > 0)
+    safe = np.where(ok, flux, 1.0)
+    xi = np.where(ok, x0 + (w * dx).sum(axis=(1, 2)) / safe, x)
+    yi = np.where(ok, y0 + (w * dy).sum(axis=(1, 2)) / safe, y)
+    # a barycentre far from the start is a merged neighbour: keep the start
+    far = np.hypot(xi - x, yi - y) > 0.5 * radius
+    xi = np.where(far, x, xi)
+    yi = np.where(far, y, yi)
+    npix = np.where(ok & ~far, seg.sum(axis=(1, 2)), 0)
+    return xi, yi, npix
+
+
 def _find_peaks(image, noise_map, threshold_sigma, sigma_smooth, max_peaks=20000):
     """Local maxima of the smoothed image above threshold; returns (x, y) ints and heights."""
-    smooth = ndimage.gaussian_filter(image, sigma_smooth, mode="nearest")
+    smooth = ndimage.gaussian_filter(image, sigma_smooth, mode="nearest", truncate=3.0,
+                                     output=np.float32)
     # noise of the smoothed image: white noise reduced by the kernel's effective area
     reduction = 1.0 / (2.0 * np.sqrt(np.pi) * sigma_smooth)
     thresh = threshold_sigma * noise_map * reduction
     above = smooth > thresh
     if not above.any():
         return np.zeros(0, int), np.zeros(0, int), np.zeros(0)
-    maxf = ndimage.maximum_filter(smooth, size=3, mode="nearest")
-    peaks = above & (smooth >= maxf)
-    y, x = np.nonzero(peaks)
+    # local maxima among the (few) pixels above threshold: compare with the 8 neighbours
+    y, x = np.nonzero(above)
+    ny, nx = smooth.shape
+    value = smooth[y, x]
+    peak = np.ones(len(y), bool)
+    for oy in (-1, 0, 1):
+        for ox in (-1, 0, 1):
+            if oy == 0 and ox == 0:
+                continue
+            yy = np.clip(y + oy, 0, ny - 1)
+            xx = np.clip(x + ox, 0, nx - 1)
+            peak &= value >= smooth[yy, xx]
+    y, x = y[peak], x[peak]
     height = smooth[y, x] / (noise_map[y, x] * reduction)
     if len(x) > max_peaks:
         keep = np.argsort(height)[::-1][:max_peaks]
@@ -286,8 +465,9 @@ def detect_sources(frame: Frame, settings: DetectSettings | None = None) -> Dete
         work, wmask = np.where(mask, 0.0, data).astype(np.float32), mask
     box = max(16, settings.background_box // binning)
     bkg, rms = _background(work, wmask, box)
-    sky = float(np.median(bkg))
-    noise_binned = float(np.median(rms))
+    stride = max(1, min(bkg.shape) // 256)
+    sky = float(np.median(bkg[::stride, ::stride]))
+    noise_binned = float(np.median(rms[::stride, ::stride]))
     noise = noise_binned * binning  # per full-resolution pixel (white noise)
     sub = work - bkg
     sub[wmask] = 0.0
@@ -382,8 +562,12 @@ def detect_sources(frame: Frame, settings: DetectSettings | None = None) -> Dete
     good = (flags == 0) & (snr_all > settings.threshold_sigma)
     idx = np.nonzero(good)[0]
     idx = idx[np.argsort(m["flux"][idx])[::-1]][: settings.max_stars]
+    # positions for astrometry: isophotal barycentres, as the catalogs' (SExtractor) ones
+    xi, yi, _ = isophotal_centroids(data, mask, m["x"][idx], m["y"][idx], local_sky[idx],
+                                    local_rms[idx], ISO_THRESHOLD_SIGMA,
+                                    max(4.0, ISO_RADIUS_FWHM * fwhm))
     table = Table({
-        "x": m["x"][idx], "y": m["y"][idx], "flux": m["flux"][idx],
+        "x": xi, "y": yi, "x_ap": m["x"][idx], "y_ap": m["y"][idx], "flux": m["flux"][idx],
         "flux_err": flux_err[idx], "peak": m["peak"][idx], "snr": snr_all[idx],
         "fwhm": fw_all[idx], "roundness": m["roundness"][idx], "flags": flags[idx],
     })

@@ -19,6 +19,9 @@ Method
    triangle pairs with close invariants; because the scale is known to within
    ``scale_range``, the longest sides must agree too, and each pair gives a
    candidate transform, discarded unless its scale, parity and offset are allowed.
+   Triangles are enumerated with numpy (no Python loop per triangle); the reference
+   triangles live in a `TriangleIndex` that builds each depth tier once and extends
+   it ring by ring when the search radius grows, so repeated calls reuse them.
 2. **Voting / verification.** Every candidate is applied to the bright detections
    and scored by the number of catalog stars within a verification radius
    (KD-tree). The best candidates are refined by iterative nearest-neighbour
@@ -33,7 +36,6 @@ Method
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 from dataclasses import dataclass, field
@@ -46,6 +48,7 @@ __all__ = [
     "MatchError",
     "MatchResult",
     "Transform",
+    "TriangleIndex",
     "find_transform",
     "fit_similarity",
     "nn_match",
@@ -180,6 +183,48 @@ def nn_match(src_xy, ref_tree: cKDTree, radius: float):
 
 
 # -- triangles --------------------------------------------------------------------------
+def _all_triangles(n: int) -> np.ndarray:
+    """(m, 3) int32: every (i < j < k) of ``range(n)`` (numpy, no Python loop per triangle)."""
+    if n < 3:
+        return np.zeros((0, 3), np.int32)
+    i, j = np.triu_indices(n, 1)
+    # for each pair (i, j): every k > j
+    cnt = n - 1 - j
+    e = np.repeat(np.arange(len(i)), cnt)
+    first = np.cumsum(cnt) - cnt
+    k = np.arange(cnt.sum()) - np.repeat(first, cnt) + np.repeat(j + 1, cnt)
+    return np.column_stack([i[e], j[e], k]).astype(np.int32)
+
+
+def _local_triangles(xy: np.ndarray, max_side: float) -> np.ndarray:
+    """(m, 3) int32: every (i < j < k) of ``xy`` whose three sides are all <= ``max_side``.
+
+    The pairs within ``max_side`` come from a KD-tree; every pair (i, j) is extended by
+    the neighbours k > j of j, and kept if (i, k) is a pair too (a sorted-key lookup):
+    all in numpy, no Python loop per pair or triangle.
+    """
+    n = len(xy)
+    pairs = cKDTree(xy).query_pairs(max_side, output_type="ndarray").astype(np.int64)
+    if len(pairs) == 0:
+        return np.zeros((0, 3), np.int32)
+    pairs = np.sort(pairs, axis=1)
+    pairs = pairs[np.lexsort((pairs[:, 1], pairs[:, 0]))]
+    i, j = pairs[:, 0], pairs[:, 1]
+    keys = i * n + j  # ascending
+    indptr = np.searchsorted(i, np.arange(n + 1))
+    cnt = indptr[j + 1] - indptr[j]  # pairs (j, k) with k > j
+    total = int(cnt.sum())
+    if total == 0:
+        return np.zeros((0, 3), np.int32)
+    e = np.repeat(np.arange(len(i)), cnt)
+    first = np.cumsum(cnt) - cnt
+    k = pairs[np.repeat(indptr[j], cnt) + np.arange(total) - np.repeat(first, cnt), 1]
+    q = i[e] * n + k
+    pos = np.minimum(np.searchsorted(keys, q), len(keys) - 1)
+    ok = keys[pos] == q
+    return np.column_stack([i[e][ok], j[e][ok], k[ok]]).astype(np.int32)
+
+
 def triangle_invariants(xy: np.ndarray, max_side: float = np.inf, min_ratio: float = 0.1):
     """All triangles of ``xy``: invariants, vertex order and longest side.
 
@@ -196,18 +241,14 @@ def triangle_invariants(xy: np.ndarray, max_side: float = np.inf, min_ratio: flo
     if n < 3:
         return np.zeros((0, 2)), np.zeros((0, 3), int), np.zeros(0), np.zeros(0)
     if np.isfinite(max_side) and n > 30:
-        # local enumeration: only triangles whose sides are all <= max_side
-        tree = cKDTree(xy)
-        pairs = tree.query_pairs(max_side, output_type="ndarray")
-        adj = [set() for _ in range(n)]
-        for i, j in pairs:
-            adj[i].add(j)
-            adj[j].add(i)
-        tri = [(i, j, k) for i, j in pairs if i < j
-               for k in adj[i] & adj[j] if k > j]
-        comb = np.array(tri, dtype=np.int32).reshape(-1, 3)
+        comb = _local_triangles(xy, max_side)
     else:
-        comb = np.array(list(itertools.combinations(range(n), 3)), dtype=np.int32)
+        comb = _all_triangles(n)
+    return _invariants_of(xy, comb, max_side, min_ratio)
+
+
+def _invariants_of(xy, comb, max_side=np.inf, min_ratio: float = 0.1):
+    """`triangle_invariants` of the given vertex triples ``comb`` ((m, 3) indices of ``xy``)."""
     if len(comb) == 0:
         return np.zeros((0, 2)), np.zeros((0, 3), int), np.zeros(0), np.zeros(0)
     p = xy[comb]  # (m, 3, 2)
@@ -230,33 +271,111 @@ def triangle_invariants(xy: np.ndarray, max_side: float = np.inf, min_ratio: flo
     return inv[keep], verts, l0[keep], np.sign(cross)
 
 
-def _candidates_from_triangles(src, ref, n_src, n_ref, scale_range, allow_flip, max_offset,
-                               tol=0.008, max_side=np.inf):
-    """Candidate transforms (as (k, 2, 2) matrices and (k, 2) offsets) from triangle pairs."""
-    s_inv, s_v, s_l0, s_or = triangle_invariants(src[:n_src], max_side=max_side)
+class TriangleIndex:
+    """Triangles of a reference point set, built once and queried many times.
+
+    ``rank`` orders the points by depth (default: their index, i.e. brightness
+    order); the triangles of the points with ``rank < n_ref`` (a *tier*) within a
+    distance ``radius`` of the origin are built on first use and kept. A larger radius
+    later only adds the triangles that reach beyond the radius already built (a new
+    *chunk*), so that a solve widening its search (more detections, a larger radius)
+    never builds the same catalog triangles twice. Each chunk's invariants and longest
+    sides sit in a KD-tree in which the allowed scale range is a box (the longest sides
+    of corresponding triangles must agree within it).
+    """
+
+    def __init__(self, ref, scale_range=(0.95, 1.05), max_side: float = np.inf, rank=None,
+                 tol: float = 0.008):
+        self.ref = np.asarray(ref, float).reshape(-1, 2)
+        self.rank = (np.arange(len(self.ref), dtype=float) if rank is None
+                     else np.asarray(rank, float))
+        self.scale_range = (float(scale_range[0]), float(scale_range[1]))
+        self.max_side = float(max_side)
+        self.tol = float(tol)
+        lo, hi = np.log(self.scale_range[0]), np.log(self.scale_range[1])
+        self._lcentre = 0.5 * (lo + hi)
+        self._lhalf = 0.5 * (hi - lo) + 0.01
+        self._tiers: dict = {}
+        self.tree = cKDTree(self.ref) if len(self.ref) else None
+        self._radius = np.hypot(self.ref[:, 0], self.ref[:, 1])
+        self.n_built = 0  # triangles built so far (all tiers and chunks)
+
+    def chunks(self, n_ref: float, radius: float = np.inf):
+        """The chunks ``(inv, verts, l0, orient, far, tree)`` of tier ``n_ref`` up to ``radius``."""
+        key = float(n_ref)
+        built_r, chunks = self._tiers.get(key, (-1.0, []))
+        if radius > built_r:
+            pts = np.nonzero((self.rank < n_ref) & (self._radius <= radius))[0]
+            comb = (_local_triangles(self.ref[pts], self.max_side)
+                    if np.isfinite(self.max_side) and len(pts) > 30 else _all_triangles(len(pts)))
+            comb = pts[comb] if len(comb) else np.zeros((0, 3), int)
+            if built_r >= 0 and len(comb):  # only the triangles that reach beyond built_r
+                comb = comb[self._radius[comb].max(axis=1) > built_r]
+            inv, verts, l0, orient = _invariants_of(self.ref, comb, self.max_side)
+            coords = np.column_stack([inv / self.tol, np.log(np.maximum(l0, 1e-12))
+                                      / self._lhalf])
+            tree = cKDTree(coords) if len(coords) else None
+            far = self._radius[verts].max(axis=1) if len(verts) else np.zeros(0)
+            chunks = chunks + [(inv, verts, l0, orient, far, tree)]
+            self._tiers[key] = (radius, chunks)
+            self.n_built += len(inv)
+        return chunks
+
+
+def _candidates_from_triangles(src, ref_index: TriangleIndex, n_src, n_ref, allow_flip,
+                               max_offset, max_side=np.inf, ref_radius=np.inf, cache=None):
+    """Candidate transforms (as (k, 2, 2) matrices and (k, 2) offsets) from triangle pairs.
+
+    Source triangles of the ``n_src`` first points of ``src`` are looked up in the
+    reference tier ``n_ref`` of ``ref_index`` (box query: invariants within ``tol``,
+    longest sides within the scale range); reference triangles with a vertex beyond
+    ``ref_radius`` from the origin are not used. ``cache`` keeps the look-ups of each
+    chunk for later calls with the same ``src``.
+    """
+    empty = np.zeros((0, 2, 2)), np.zeros((0, 2))
+    scale_range = ref_index.scale_range
+    cache = {} if cache is None else cache
+    skey = ("src", n_src)
+    if skey not in cache:
+        cache[skey] = triangle_invariants(src[:n_src], max_side=max_side)
+    s_inv, s_v, s_l0, s_or = cache[skey]
     if len(s_inv) == 0:
-        return np.zeros((0, 2, 2)), np.zeros((0, 2))
-    max_side = s_l0.max() * scale_range[1] * 1.02
-    r_inv, r_v, r_l0, r_or = triangle_invariants(ref[:n_ref], max_side=max_side)
-    if len(r_inv) == 0:
-        return np.zeros((0, 2, 2)), np.zeros((0, 2))
-    tree = cKDTree(r_inv)
-    hits = tree.query_ball_point(s_inv, tol)
-    lens = np.fromiter((len(h) for h in hits), int, len(hits))
-    if lens.sum() == 0:
-        return np.zeros((0, 2, 2)), np.zeros((0, 2))
-    si = np.repeat(np.arange(len(hits)), lens)
-    ri = np.fromiter(itertools.chain.from_iterable(hits), int, lens.sum())
-    ratio = r_l0[ri] / s_l0[si]
-    ok = (ratio >= scale_range[0]) & (ratio <= scale_range[1])
-    flip = s_or[si] != r_or[ri]
-    if not allow_flip:
-        ok &= ~flip
-    si, ri, flip = si[ok], ri[ok], flip[ok]
-    if len(si) == 0:
-        return np.zeros((0, 2, 2)), np.zeros((0, 2))
-    ps = src[s_v[si]]  # (k, 3, 2)
-    pr = ref[r_v[ri]]
+        return empty
+    q = None
+    parts_s, parts_r, parts_f = [], [], []
+    for c, (inv, r_verts, r_l0, r_or, far, tree) in enumerate(
+            ref_index.chunks(n_ref, ref_radius)):
+        key = (n_src, float(n_ref), c)
+        if key not in cache:
+            if tree is None:
+                cache[key] = (np.zeros(0, int), np.zeros(0, int), np.zeros(0, bool))
+            else:
+                if q is None:
+                    q = np.column_stack([s_inv / ref_index.tol,
+                                         (np.log(np.maximum(s_l0, 1e-12)) + ref_index._lcentre)
+                                         / ref_index._lhalf])
+                pairs = cKDTree(q).sparse_distance_matrix(tree, 1.0, p=np.inf,
+                                                          output_type="ndarray")
+                si = pairs["i"].astype(np.int64)
+                ri = pairs["j"].astype(np.int64)
+                ratio = r_l0[ri] / s_l0[si]
+                ok = (ratio >= scale_range[0]) & (ratio <= scale_range[1])
+                flip = s_or[si] != r_or[ri]
+                if not allow_flip:
+                    ok &= ~flip
+                cache[key] = (si[ok], ri[ok], flip[ok])
+        si, ri, flip = cache[key]
+        if np.isfinite(ref_radius):
+            ok = far[ri] <= ref_radius
+            si, ri, flip = si[ok], ri[ok], flip[ok]
+        parts_s.append(s_v[si])
+        parts_r.append(r_verts[ri])
+        parts_f.append(flip)
+    if not parts_s or sum(len(x) for x in parts_f) == 0:
+        return empty
+    flip = np.concatenate(parts_f)
+    ps = src[np.concatenate(parts_s)]  # (k, 3, 2)
+    pr = ref_index.ref[np.concatenate(parts_r)]
     sign = np.where(flip, -1.0, 1.0)
     ps_f = ps * np.stack([np.ones_like(sign), sign], axis=-1)[:, None, :]
     ms = ps_f.mean(axis=1)
@@ -358,7 +477,8 @@ def find_transform(src, ref, *, scale_range=(0.95, 1.05), allow_flip: bool = Tru
                    min_matches: int = 8, max_false_alarm: float = 1e-4,
                    clip_sigma: float = 3.0, levels=((12, 30), (20, 60), (30, 110), (40, 160)),
                    max_verify: int = 200, max_triangle_side: float = np.inf,
-                   max_candidates: int = 3000) -> MatchResult:
+                   max_candidates: int = 3000, ref_index: TriangleIndex | None = None,
+                   ref_radius: float = np.inf, cache: dict | None = None) -> MatchResult:
     """Find the similarity that maps ``src`` onto ``ref`` (both sorted brightest first).
 
     Parameters
@@ -388,6 +508,17 @@ def find_transform(src, ref, *, scale_range=(0.95, 1.05), allow_flip: bool = Tru
     max_candidates : int
         Candidate transforms verified per level; beyond that, those of the cells of
         (flip, rotation, offset) proposed by most triangle pairs are kept.
+    ref_index : TriangleIndex, optional
+        Triangles of ``ref`` (built once, reused by repeated calls, e.g. a search that
+        widens); its ``rank`` replaces the brightness index in ``levels``' ``n_ref``,
+        its ``scale_range`` must equal ``scale_range``. Default: built here, with
+        ``rank`` = index in ``ref``.
+    ref_radius : float
+        Only reference triangles whose vertices all lie within this distance of the
+        origin of ``ref`` are used (the search area of this call).
+    cache : dict, optional
+        Triangle-pair look-ups kept between calls with the same ``src`` and
+        ``ref_index`` (an empty dict to start).
 
     Returns
     -------
@@ -404,19 +535,26 @@ def find_transform(src, ref, *, scale_range=(0.95, 1.05), allow_flip: bool = Tru
         raise MatchError(f"too few detections to match ({len(src)} < 3)")
     if len(ref) < 3:
         raise MatchError(f"too few reference stars to match ({len(ref)} < 3)")
-    ref_tree = cKDTree(ref)
+    if ref_index is None:
+        ref_index = TriangleIndex(ref, scale_range, max_side=max_triangle_side
+                                  * scale_range[1] * 1.02)
+    elif len(ref_index.ref) != len(ref):
+        raise ValueError("ref_index was built for another reference set")
+    ref_tree = ref_index.tree
     n_verify = min(len(src), max_verify)
     src_v = src[:n_verify]
     verify_radius = 3.0 * match_radius
     best: MatchResult | None = None
     tried = set()
     for n_s, n_r in levels:
-        n_s, n_r = min(n_s, len(src)), min(n_r, len(ref))
+        n_s = min(n_s, len(src))
+        n_r = min(n_r, float(ref_index.rank.max()) + 1)
         if (n_s, n_r) in tried:
             continue
         tried.add((n_s, n_r))
-        mats, offs = _candidates_from_triangles(src, ref, n_s, n_r, scale_range, allow_flip,
-                                                max_offset, max_side=max_triangle_side)
+        mats, offs = _candidates_from_triangles(src, ref_index, n_s, n_r, allow_flip,
+                                                max_offset, max_side=max_triangle_side,
+                                                ref_radius=ref_radius, cache=cache)
         if len(mats) == 0:
             continue
         if len(mats) > max_candidates:
@@ -426,9 +564,13 @@ def find_transform(src, ref, *, scale_range=(0.95, 1.05), allow_flip: bool = Tru
             rot = np.degrees(np.arctan2(mats[:, 1, 0], mats[:, 0, 0]))
             flipk = np.linalg.det(mats) < 0
             cell = max(4.0 * match_radius, 0.03 * extent)
-            keys = np.column_stack([flipk, np.floor(rot / 2.0), np.floor(offs / cell)])
-            _, inverse, votes = np.unique(keys, axis=0, return_inverse=True,
-                                          return_counts=True)
+            # one int64 key per (flip, 2-degree rotation bin, offset cell)
+            cells = np.floor(offs / cell).astype(np.int64)
+            cells -= cells.min(axis=0)
+            span = int(cells.max()) + 1
+            keys = ((flipk.astype(np.int64) * 181 + np.floor(rot / 2.0).astype(np.int64) + 90)
+                    * span + cells[:, 0]) * span + cells[:, 1]
+            _, inverse, votes = np.unique(keys, return_inverse=True, return_counts=True)
             top = np.argsort(-votes[inverse.ravel()], kind="stable")[:max_candidates]
             mats, offs = mats[top], offs[top]
         counts = _score(mats, offs, src_v[:80], ref_tree, verify_radius)

@@ -19,29 +19,38 @@ registered (same grid) are not computed again.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import logging
-import os
-import re
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from astropy.io import fits
 from astropy.table import Table
 
 from . import catalogs, combine, store as store_mod
-from ._io import atomic_path, atomic_write_text
 from .astrometry import SolveResult, solve_frame, write_wcs_file
 from .config import Settings
 from .frames import FrameError, FrameMeta, frame_name, read_frame, read_meta, unusable_reason
 from .grid import Grid, make_grid
 from .register import register_frame, sky_level
+from .rundir import (
+    FrameRecord,
+    OutputLog,
+    RunError,
+    check_disk_space,
+    check_run_dir,
+    dedupe,
+    estimate_output_bytes,
+    failure,
+    read_manifest,
+    restore,
+    result_from_wcs_file,
+    run_signature,
+    wcs_from_text,
+    write_manifest,
+)
+from .write import coadd_header, write_coadd_fits
 
 __all__ = [
     "EXIT_FAILED",
@@ -62,50 +71,8 @@ EXIT_OK = 0  # every frame made it into a coadd
 EXIT_PARTIAL = 3  # coadds were written, some frames failed
 EXIT_FAILED = 4  # nothing usable came out
 
-MANIFEST_COLUMNS = [
-    ("file", str), ("name", str), ("filter", str), ("status", str), ("reason", str),
-    ("n_detections", int), ("n_matches", int), ("rms_arcsec", float), ("rms_px", float),
-    ("fwhm_px", float), ("background", float), ("noise", float), ("flux_ratio", float),
-    ("pixel_scale_arcsec", float), ("exptime", float), ("date_obs", str), ("mjd", float),
-    ("registered", bool), ("t_solve", float), ("t_register", float), ("warnings", str),
-]
 
 ProgressCallback = Callable[[str, int, int], None]
-
-
-class RunError(RuntimeError):
-    """A run that cannot start or cannot go on (not a per-frame failure)."""
-
-
-@dataclass
-class FrameRecord:
-    """Everything the run knows of one input frame; one manifest row."""
-
-    file: str
-    name: str
-    meta: FrameMeta | None = None
-    result: SolveResult | None = None
-    status: str = "pending"
-    reason: str = ""
-    registered: bool = False
-    t_register: float = float("nan")
-
-    def row(self) -> dict:
-        row = {"file": self.file, "name": self.name, "status": self.status,
-               "reason": self.reason, "registered": self.registered,
-               "t_register": self.t_register}
-        meta, res = self.meta, self.result
-        row["filter"] = meta.filter if meta else ""
-        row["exptime"] = meta.exptime if meta and meta.exptime is not None else np.nan
-        row["date_obs"] = meta.date_obs or "" if meta else ""
-        row["mjd"] = meta.mjd if meta and meta.mjd is not None else np.nan
-        row["warnings"] = "; ".join(getattr(meta, "warnings", ()) or ()) if meta else ""
-        for key in ("n_detections", "n_matches", "rms_arcsec", "rms_px", "fwhm_px",
-                    "background", "noise", "flux_ratio", "pixel_scale_arcsec"):
-            value = getattr(res, key, None) if res is not None else None
-            row[key] = value if value is not None else (0 if key.startswith("n_") else np.nan)
-        row["t_solve"] = getattr(res, "elapsed", np.nan) if res is not None else np.nan
-        return row
 
 
 @dataclass
@@ -155,12 +122,14 @@ def _catalog_task(catalog: Table) -> Table:
 def _solve_task(meta: FrameMeta, catalog: Table, settings: Settings, companions=None):
     try:
         frame = read_frame(meta.path)
+        if companions is not None:  # exposures that could not be read give None
+            companions = [c for c in companions if c is not None] or None
         return solve_frame(frame, catalog, settings, companions=companions)
     except FrameError as err:
-        return _failure(meta, err.reason)
+        return failure(meta, err.reason)
     except Exception as err:  # one frame's bug must not stop the batch: record it
         log.exception("%s: solving failed", meta.name)
-        return _failure(meta, f"unexpected error: {type(err).__name__}: {err}")
+        return failure(meta, f"unexpected error: {type(err).__name__}: {err}")
 
 
 def _detect_task(meta: FrameMeta, settings: Settings):
@@ -177,7 +146,7 @@ def _register_task(meta: FrameMeta, wcs_header: str, grid: Grid, store_path: str
                    filter_name: str, index: int, settings: Settings):
     start = time.perf_counter()
     frame = read_frame(meta.path)
-    wcs = _wcs_from_text(wcs_header, frame.data.shape)
+    wcs = wcs_from_text(wcs_header, frame.data.shape)
     tiles = ((t.y0, t.x0, t.data, t.footprint)
              for t in register_frame(frame.data, frame.mask, wcs, grid, settings.register,
                                      conserve_flux=settings.register.conserve_flux,
@@ -187,49 +156,6 @@ def _register_task(meta: FrameMeta, wcs_header: str, grid: Grid, store_path: str
     # from the pixels already in memory, rather than read the frame a second time
     sky = sky_level(frame.data, frame.mask) if settings.solve.wcs == "header" else None
     return count, time.perf_counter() - start, sky
-
-
-def _failure(meta: FrameMeta, reason: str) -> SolveResult:
-    return SolveResult(name=meta.name, path=meta.path, filter=meta.filter, status="failed",
-                       reason=reason)
-
-
-def _from_wcs_file(meta: FrameMeta, path: Path, row: dict | None = None) -> SolveResult:
-    """A solved frame taken back from its ``.wcs`` file (and manifest row, on resume)."""
-    from .frames import quiet_astropy
-
-    with quiet_astropy():
-        header = fits.getheader(path)
-        from astropy.wcs import WCS
-
-        wcs = WCS(header, relax=True)
-    if not wcs.has_celestial:
-        raise ValueError(f"{path.name} holds no celestial WCS")
-    result = SolveResult(name=meta.name, path=meta.path, filter=meta.filter, status="ok",
-                         wcs_header=wcs.to_header(relax=True).tostring(),
-                         sip_order=int(header.get("A_ORDER", 0)))
-    for key, value in (row or {}).items():
-        if hasattr(result, key) and key not in ("name", "path", "filter", "status", "reason"):
-            kind = type(getattr(result, key))
-            try:
-                setattr(result, key, kind(value))
-            except (TypeError, ValueError):
-                pass
-    if row and "t_solve" in row:
-        result.elapsed = float(row["t_solve"])
-    return result
-
-
-def _wcs_from_text(text: str, shape=None):
-    from astropy.wcs import WCS
-
-    from .frames import quiet_astropy
-
-    with quiet_astropy():
-        wcs = WCS(fits.Header.fromstring(text), relax=True)
-    if shape is not None:
-        wcs.array_shape = shape
-    return wcs
 
 
 # --------------------------------------------------------------------------------------
@@ -259,192 +185,9 @@ def _gather_as_completed(client, futures, phase, progress, on_result):
         progress(phase, done, total)
 
 
-def _run_signature(inputs, catalog, settings: Settings) -> dict:
-    settings_dict = settings.to_dict()
-    settings_dict.pop("cluster", None)  # where it runs does not change the result
-    return {"inputs": [str(Path(p).resolve()) for p in inputs], "catalog": str(catalog),
-            "settings": settings_dict}
-
-
-def _check_run_dir(out_dir: Path, signature: dict, overwrite: bool) -> bool:
-    """Prepare the run directory; True when an earlier run of the same inputs is resumed."""
-    run_file = out_dir / "run.json"
-    if out_dir.exists() and not out_dir.is_dir():
-        raise RunError(f"{out_dir}: exists and is not a directory")
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise RunError(f"{out_dir}: cannot create the output directory "
-                       f"({err.strerror or err})") from None
-    _check_writable(out_dir)
-    _remove_stale_temporaries(out_dir)
-    if run_file.exists():
-        try:
-            previous = json.loads(run_file.read_text())
-        except (OSError, json.JSONDecodeError):
-            previous = None
-        same = previous is not None and _comparable(previous) == _comparable(signature)
-        if same and not overwrite:
-            return True
-        if not overwrite:
-            raise RunError(
-                f"{out_dir} holds a different run (other inputs or options); "
-                "use --overwrite to replace it or choose another --out"
-            )
-        for child in ("store.zarr",):
-            shutil.rmtree(out_dir / child, ignore_errors=True)
-        (out_dir / "manifest.ecsv").unlink(missing_ok=True)
-        _remove_recorded_outputs(out_dir)  # no coadd of the old run may look like ours
-    elif any(out_dir.iterdir()) and not overwrite and (out_dir / "manifest.ecsv").exists():
-        raise RunError(f"{out_dir} holds a run without run.json; use --overwrite")
-    atomic_write_text(run_file, json.dumps(signature, indent=1, default=str))
-    return False
-
-
-def _comparable(signature: dict) -> str:
-    return json.dumps(signature, sort_keys=True, default=str)
-
-
 # --------------------------------------------------------------------------------------
 # Output safety: writable, room enough, checksums of what was written, no leftovers
 # --------------------------------------------------------------------------------------
-OUTPUTS_FILE = "outputs.ecsv"  # name, sha256, bytes of every .wcs and coadd written
-_TEMPORARY = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp")  # names made by _io.atomic_path
-_outputs_cache: dict[str, dict[str, tuple[str, int]]] = {}
-
-
-def _check_writable(out_dir: Path) -> None:
-    """Write a probe file: unlike os.access, this also holds for root and read-only mounts."""
-    try:
-        fd, probe = tempfile.mkstemp(prefix=".daskstack-probe.", dir=out_dir)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as err:
-        raise RunError(f"{out_dir}: output directory is not writable "
-                       f"({err.strerror or err})") from None
-    if not os.access(out_dir, os.W_OK):
-        raise RunError(f"{out_dir}: output directory is not writable")
-
-
-def _remove_stale_temporaries(out_dir: Path) -> None:
-    """Temporaries of atomic writes that a killed run left behind (never final names)."""
-    for path in out_dir.iterdir():
-        if path.is_file() and _TEMPORARY.match(path.name):
-            log.info("removing %s, left by an interrupted run", path.name)
-            path.unlink(missing_ok=True)
-
-
-def read_outputs(out_dir: Path) -> dict[str, tuple[str, int]]:
-    """``{file name: (sha256, bytes)}`` of the outputs a run recorded in outputs.ecsv."""
-    try:
-        table = Table.read(Path(out_dir) / OUTPUTS_FILE, format="ascii.ecsv")
-    except (OSError, ValueError):
-        return {}
-    return {str(row["file"]): (str(row["sha256"]), int(row["bytes"])) for row in table}
-
-
-def _record_output(out_dir: Path, path: Path) -> None:
-    """Add ``path`` (already renamed into place) to outputs.ecsv, atomically."""
-    key = str(Path(out_dir).resolve())
-    outputs = _outputs_cache.get(key)
-    if outputs is None:
-        outputs = _outputs_cache[key] = read_outputs(out_dir)
-    outputs[path.name] = (run_fingerprint(path), path.stat().st_size)
-    names = sorted(outputs)
-    table = Table([names, [outputs[n][0] for n in names], [outputs[n][1] for n in names]],
-                  names=("file", "sha256", "bytes"), dtype=(str, str, np.int64))
-    table.meta["comments"] = ["daskstack outputs: sha256 of every file written (after it "
-                              "was renamed into place)"]
-    with atomic_path(Path(out_dir) / OUTPUTS_FILE) as tmp:
-        table.write(tmp, format="ascii.ecsv")
-
-
-def _output_verified(out_dir: Path, path: Path) -> bool:
-    """True when ``path`` is recorded in outputs.ecsv with its present checksum."""
-    recorded = read_outputs(out_dir).get(path.name)
-    return (recorded is not None and path.exists()
-            and recorded[1] == path.stat().st_size and recorded[0] == run_fingerprint(path))
-
-
-def _remove_recorded_outputs(out_dir: Path) -> None:
-    for name in read_outputs(out_dir):
-        if "/" not in name and name not in ("", ".", ".."):
-            (out_dir / name).unlink(missing_ok=True)
-    (out_dir / OUTPUTS_FILE).unlink(missing_ok=True)
-    _outputs_cache.pop(str(Path(out_dir).resolve()), None)
-
-
-def estimate_output_bytes(records: list[FrameRecord], grid: Grid | None = None,
-                          tile: int = 1024) -> int:
-    """Bytes the store and coadds may take, before compression (an upper bound).
-
-    Without a grid (before solving): each frame as many grid pixels as it has pixels,
-    the grid as large as the largest frame. With the grid: the tiles each solved frame
-    overlaps, and the grid itself per filter. 8 bytes per pixel (data + footprint or
-    image + weight, float32), the coadds twice (zarr + FITS).
-    """
-    usable = [r for r in records if r.meta is not None and r.status != "failed"]
-    if not usable:
-        return 0
-    filters = {r.meta.filter for r in usable}
-    if grid is None:
-        frame_px = sum(r.meta.shape[0] * r.meta.shape[1] for r in usable)
-        grid_px = max(r.meta.shape[0] * r.meta.shape[1] for r in usable)
-    else:
-        from .register import frame_tiles
-
-        frame_px = 0
-        for r in usable:
-            if r.result is None or not r.result.wcs_header:
-                continue
-            wcs = _wcs_from_text(r.result.wcs_header, r.meta.shape)
-            frame_px += len(frame_tiles(wcs, r.meta.shape, grid, tile)) * tile * tile
-        grid_px = grid.shape[0] * grid.shape[1]
-    return int(8 * frame_px + 2 * 8 * grid_px * len(filters))
-
-
-def _check_disk_space(out_dir: Path, needed: int, when: str) -> None:
-    free = shutil.disk_usage(out_dir).free
-    if needed * 1.1 > free:
-        raise RunError(f"{out_dir}: not enough disk space {when}: the store and coadds need "
-                       f"up to {needed / 2**30:.2f} GiB, {free / 2**30:.2f} GiB free")
-
-
-def write_manifest(records: list[FrameRecord], path: Path) -> None:
-    rows = [r.row() for r in records]
-    table = Table(rows=[[row[name] for name, _ in MANIFEST_COLUMNS] for row in rows],
-                  names=[name for name, _ in MANIFEST_COLUMNS],
-                  dtype=[kind for _, kind in MANIFEST_COLUMNS]) if rows else Table(
-        names=[name for name, _ in MANIFEST_COLUMNS], dtype=[k for _, k in MANIFEST_COLUMNS])
-    table.meta["comments"] = ["daskstack manifest: one row per input frame",
-                              "status: ok | failed | pending; reason: why a frame failed"]
-    with atomic_path(path) as tmp:
-        table.write(tmp, format="ascii.ecsv")
-
-
-def read_manifest(path: Path) -> Table | None:
-    try:
-        return Table.read(path, format="ascii.ecsv")
-    except (OSError, ValueError):
-        return None
-
-
-def _dedupe(inputs) -> list[str]:
-    seen, unique = {}, []
-    for path in inputs:
-        key = str(Path(path).resolve())
-        if key in seen:
-            log.warning("%s: given more than once; used once", Path(path).name)
-            continue
-        name = frame_name(path)
-        if name in seen.values():
-            log.warning("%s: a frame of the same name was already given; this copy is "
-                        "ignored", Path(path).name)
-            continue
-        seen[key] = name
-        # absolute: workers (another host, another working directory) open it by path
-        unique.append(str(Path(path).absolute()))
-    return unique
 
 
 def _fields(metas: list[FrameMeta], radius_deg: float) -> list[list[FrameMeta]]:
@@ -524,17 +267,18 @@ def inspect_frames(client, inputs, progress=_progress_none) -> list[FrameRecord]
 
 def solve_frames(client, records: list[FrameRecord], catalog_source: str, out_dir: Path,
                  settings: Settings, progress=_progress_none, manifest=None, *,
-                 needs_exptime: bool = False) -> None:
+                 needs_exptime: bool = False, output_log: OutputLog | None = None) -> None:
     """Solve every inspected frame not solved yet; write ``<name>.wcs`` for each success.
 
     Frames whose header already says they cannot work (a broken WCS, no start for the
     solver, no EXPTIME when ``needs_exptime``) fail here, before any pixel is read."""
+    output_log = output_log or OutputLog(out_dir)
     for r in records:
         if r.meta is not None and r.result is None:
             reason = unusable_reason(r.meta, needs_exptime=needs_exptime,
                                      needs_start=settings.solve.wcs == "solve")
             if reason:
-                _accept_solution(r, _failure(r.meta, reason), out_dir)
+                _accept_solution(r, failure(r.meta, reason), output_log)
     todo = [r for r in records if r.meta is not None and r.result is None]
     if settings.solve.wcs == "header":
         # nothing to solve and no pixel to read: the header WCS, checked, as it is (the
@@ -543,12 +287,12 @@ def solve_frames(client, records: list[FrameRecord], catalog_source: str, out_di
             try:
                 r.meta.header_wcs()
             except FrameError as err:
-                _accept_solution(r, _failure(r.meta, f"header WCS unusable: {err.reason}"),
+                _accept_solution(r, failure(r.meta, f"header WCS unusable: {err.reason}"),
                                  out_dir)
                 continue
             _accept_solution(r, SolveResult(
                 name=r.meta.name, path=r.meta.path, filter=r.meta.filter, status="ok",
-                wcs_header=r.meta.wcs_header, method="header"), out_dir)
+                wcs_header=r.meta.wcs_header, method="header"), output_log)
         if manifest is not None:
             write_manifest(records, manifest)
         return
@@ -564,7 +308,7 @@ def solve_frames(client, records: list[FrameRecord], catalog_source: str, out_di
             catalog = _field_catalog(members, catalog_source, settings, cache_dir)
         except catalogs.CatalogError as err:
             for meta in members:
-                _accept_solution(todo_by_name[meta.name], _failure(meta, str(err)), out_dir)
+                _accept_solution(todo_by_name[meta.name], failure(meta, str(err)), output_log)
             continue
         # a task holding the (small) table, not scatter: the scheduler can recompute
         # it if every worker holding it is lost (scattered data would be gone)
@@ -579,8 +323,8 @@ def solve_frames(client, records: list[FrameRecord], catalog_source: str, out_di
     def on_result(name, value):
         record = by_name[name]
         if not isinstance(value, SolveResult):
-            value = _failure(record.meta, f"unexpected error: {value}")
-        _accept_solution(record, value, out_dir)
+            value = failure(record.meta, f"unexpected error: {value}")
+        _accept_solution(record, value, output_log)
         if manifest is not None and time.monotonic() - last_write[0] > 2.0:
             write_manifest(records, manifest)
             last_write[0] = time.monotonic()
@@ -595,11 +339,16 @@ def solve_frames(client, records: list[FrameRecord], catalog_source: str, out_di
                       for p in partners]
         retry[record.name] = client.submit(_solve_task, record.meta, catalog_of[record.name],
                                            settings, companions, pure=False)
+    def on_retry(name, value):
+        # only a success replaces the first answer, whose reason says more
+        if isinstance(value, SolveResult) and value.status == "ok":
+            on_result(name, value)
+
     if retry:
-        _gather_as_completed(client, retry, "solve+companions", progress, on_result)
+        _gather_as_completed(client, retry, "solve+companions", progress, on_retry)
     for r in records:
         if r.meta is not None and r.result is None:
-            r.result = _failure(r.meta, "not solved")
+            r.result = failure(r.meta, "not solved")
             r.status, r.reason = "failed", r.result.reason
     if manifest is not None:
         write_manifest(records, manifest)
@@ -636,12 +385,13 @@ def _separation_deg(ra1, dec1, ra2, dec2) -> float:
     return float(np.degrees(np.arccos(np.clip(cos, -1.0, 1.0))))
 
 
-def _accept_solution(record: FrameRecord, result: SolveResult, out_dir: Path) -> None:
+def _accept_solution(record: FrameRecord, result: SolveResult, output_log: OutputLog) -> None:
     record.result = result
     if result.status == "ok":
         record.status, record.reason = "ok", ""
-        write_wcs_file(result, out_dir / f"{record.name}.wcs")
-        _record_output(out_dir, out_dir / f"{record.name}.wcs")
+        path = output_log.out_dir / f"{record.name}.wcs"
+        write_wcs_file(result, path)
+        output_log.add(path)
     else:
         record.status, record.reason = "failed", result.reason
         log.warning("%s: %s", Path(record.file).name, result.reason)
@@ -649,7 +399,7 @@ def _accept_solution(record: FrameRecord, result: SolveResult, out_dir: Path) ->
 
 def choose_grid(records: list[FrameRecord], settings: Settings) -> Grid:
     solved = [r for r in records if r.status == "ok"]
-    footprints = [(r.meta.shape, _wcs_from_text(r.result.wcs_header, r.meta.shape))
+    footprints = [(r.meta.shape, wcs_from_text(r.result.wcs_header, r.meta.shape))
                   for r in solved]
     return make_grid(footprints, settings.grid, names=[r.name for r in solved])
 
@@ -660,7 +410,7 @@ def register_frames(client, records: list[FrameRecord], grid: Grid, store_path: 
     from .register import frame_tiles
 
     for r in records:
-        if r.status == "ok" and not frame_tiles(_wcs_from_text(r.result.wcs_header, r.meta.shape),
+        if r.status == "ok" and not frame_tiles(wcs_from_text(r.result.wcs_header, r.meta.shape),
                                                 r.meta.shape, grid, settings.register.tile):
             r.status, r.registered = "failed", False
             r.reason = f"does not overlap the output grid ({settings.grid.method} grid)"
@@ -740,9 +490,12 @@ def _finite(value):
 
 
 def combine_store(client, store_path: Path, out_dir: Path, settings: Settings,
-                  progress=_progress_none) -> dict[str, Path]:
+                  progress=_progress_none, output_log: OutputLog | None = None
+                  ) -> dict[str, Path]:
     """Combine every filter of a store into ``coadd_<filter>.fits`` (no reprojection)."""
     import dask.array as da
+
+    output_log = output_log or OutputLog(out_dir)
 
     stack = store_mod.open_store(store_path)
     cs = settings.combine
@@ -793,10 +546,10 @@ def combine_store(client, store_path: Path, out_dir: Path, settings: Settings,
             paths.append((method, out_dir / f"coadd_{key}{suffix}.fits"))
         da.store(sources, [t for pair in targets for t in pair], lock=False, compute=True)
         for (method, path), (image, weight) in zip(paths, targets, strict=True):
-            header = _coadd_header(stack, filter_name, [names[i] for i in keep], infos,
+            header = coadd_header(stack, filter_name, [names[i] for i in keep], infos,
                                    dataclasses.replace(cs, method=method), scales)
-            _write_coadd_fits(path, header, image, weight)
-            _record_output(out_dir, path)
+            write_coadd_fits(path, header, image, weight)
+            output_log.add(path)
         outputs[filter_name] = paths[0][1]
         progress("combine", done, len(filters))
     if len(outputs) >= 3:  # colourise, as the tutorial does with its bands
@@ -805,7 +558,7 @@ def combine_store(client, store_path: Path, out_dir: Path, settings: Settings,
         colour = colour_composite({f: str(p) for f, p in outputs.items()},
                                   out_dir / "colour.png")
         if colour is not None:
-            _record_output(out_dir, out_dir / "colour.png")
+            output_log.add(out_dir / "colour.png")
     return outputs
 
 
@@ -845,77 +598,6 @@ def _combine_tile(tile: int, n_frames: int, shape, budget_bytes: int = 384 * 2**
     return min(block, max(shape))
 
 
-def _coadd_header(stack, filter_name, names, infos, cs, scales) -> fits.Header:
-    header = stack.grid.header
-    header["FILTER"] = (filter_name, "filter of the combined frames")
-    header["NCOMBINE"] = (len(names), "number of frames combined")
-    exptimes = [f["exptime"] for f in infos if f.get("exptime")]
-    header["EXPTIME"] = (float(np.sum(exptimes)) if exptimes else 0.0,
-                         "[s] summed exposure time of the inputs")
-    dates = sorted(f["date_obs"] for f in infos if f.get("date_obs"))
-    if dates:
-        header["DATE-OBS"] = (dates[0], "start of the first input exposure")
-        header["DATE-END"] = (dates[-1], "start of the last input exposure")
-    header["COMBINE"] = (cs.method, "daskstack combine method")
-    header["SCALING"] = (cs.scale, "daskstack per-frame scaling")
-    if cs.method == "sigclip":
-        header["CLIPSIG"] = (cs.sigma, "sigma-clipping threshold")
-        header["CLIPITER"] = (cs.iters, "sigma-clipping iterations")
-    header["BUNIT"] = (scales.unit("electron"), "unit of the coadd")
-    header["ORIGIN"] = "daskstack"
-    for i, name in enumerate(names, 1):
-        header[f"IMCMB{i:03d}" if i < 1000 else "HISTORY"] = name
-    return header
-
-
-def _write_coadd_fits(path: Path, header: fits.Header, image_array, weight_array) -> None:
-    """Stream the coadd (primary HDU) and its weight map (``WEIGHT`` extension) row block by
-    row block from zarr into FITS, so the client never holds the whole mosaic twice."""
-    ny, nx = image_array.shape
-    rows = max(1, int(64 * 2**20 // (4 * nx)))
-    with atomic_path(path) as tmp:
-        primary = header.copy()
-        primary["SIMPLE"] = True
-        primary["BITPIX"] = -32
-        primary.insert(1, ("BITPIX", -32)) if "BITPIX" not in primary else None
-        _stream_hdu(tmp, _image_header(primary, ny, nx, primary_hdu=True), image_array, rows)
-        weight_header = fits.Header()
-        weight_header["EXTNAME"] = ("WEIGHT", "frames (or summed weights) per pixel")
-        for key in header:
-            if key.startswith(("CTYPE", "CRVAL", "CRPIX", "CD", "PC", "CDELT", "CUNIT",
-                               "LONPOLE", "LATPOLE", "RADESYS", "EQUINOX", "WCSAXES")):
-                weight_header[key] = header[key]
-        _stream_hdu(tmp, _image_header(weight_header, ny, nx, primary_hdu=False),
-                    weight_array, rows)
-
-
-def _image_header(header: fits.Header, ny: int, nx: int, primary_hdu: bool) -> fits.Header:
-    hdu = fits.PrimaryHDU() if primary_hdu else fits.ImageHDU()
-    out = hdu.header
-    out["BITPIX"] = -32
-    out["NAXIS"] = 2
-    out.set("NAXIS1", nx, after="NAXIS")  # before PCOUNT/GCOUNT, as the standard says
-    out.set("NAXIS2", ny, after="NAXIS1")
-    if not primary_hdu:
-        out["PCOUNT"] = 0
-        out["GCOUNT"] = 1
-    skip = {"SIMPLE", "XTENSION", "BITPIX", "NAXIS", "NAXIS1", "NAXIS2", "EXTEND", "PCOUNT",
-            "GCOUNT"}
-    for card in header.cards:
-        if card.keyword in skip or card.keyword == "":
-            continue
-        out.append(card, end=True)
-    return out
-
-
-def _stream_hdu(path, header, array, rows) -> None:
-    hdu = fits.StreamingHDU(str(path), header)
-    ny = array.shape[0]
-    for y0 in range(0, ny, rows):
-        hdu.write(np.asarray(array[y0:y0 + rows], dtype=">f4"))
-    hdu.close()
-
-
 # --------------------------------------------------------------------------------------
 # The whole run
 # --------------------------------------------------------------------------------------
@@ -945,10 +627,10 @@ def run(inputs, catalog: str, out_dir, settings: Settings | None = None, *, clie
     settings.catalog.source = catalog
     progress = progress or _progress_none
     out_dir = Path(out_dir).absolute()  # workers write the store by this path
-    inputs = _dedupe(inputs)
+    inputs = dedupe(inputs)
     if not inputs:
         raise RunError("no input frames")
-    resumed = _check_run_dir(out_dir, _run_signature(inputs, catalog, settings), overwrite)
+    resumed = check_run_dir(out_dir, run_signature(inputs, catalog, settings), overwrite)
     if client is None:
         with open_client(settings.cluster, local_directory=str(out_dir / ".dask"),
                          announce=getattr(progress, "notice", None)) as own:
@@ -971,18 +653,19 @@ def _run(client, inputs, catalog, out_dir, settings, progress, resumed,
 
 def _run_stages(client, inputs, catalog, out_dir, settings, progress, resumed) -> RunResult:
     manifest = out_dir / "manifest.ecsv"
+    output_log = OutputLog(out_dir)
     timings = {}
     start = time.perf_counter()
     records = inspect_frames(client, inputs, progress)
     _check_workers_see_inputs(records)
     if resumed:
-        _restore(records, manifest, out_dir)
-    _check_disk_space(out_dir, estimate_output_bytes(records), "for the planned store")
+        restore(records, manifest, output_log)
+    check_disk_space(out_dir, estimate_output_bytes(records), "for the planned store")
     timings["inspect"] = time.perf_counter() - start
 
     start = time.perf_counter()
     solve_frames(client, records, catalog, out_dir, settings, progress, manifest,
-                 needs_exptime=settings.combine.scale == "exptime")
+                 needs_exptime=settings.combine.scale == "exptime", output_log=output_log)
     timings["solve"] = time.perf_counter() - start
     result = RunResult(out_dir=out_dir, frames=records, timings=timings)
     if not any(r.status == "ok" for r in records):
@@ -991,7 +674,7 @@ def _run_stages(client, inputs, catalog, out_dir, settings, progress, resumed) -
 
     start = time.perf_counter()
     result.grid = choose_grid(records, settings)
-    _check_disk_space(out_dir, estimate_output_bytes(records, result.grid,
+    check_disk_space(out_dir, estimate_output_bytes(records, result.grid,
                                                      settings.register.tile),
                       f"for the {result.grid.shape[1]}x{result.grid.shape[0]} grid")
     store_path = out_dir / "store.zarr"
@@ -1001,7 +684,8 @@ def _run_stages(client, inputs, catalog, out_dir, settings, progress, resumed) -
 
     start = time.perf_counter()
     write_manifest(records, manifest)
-    result.coadds = combine_store(client, store_path, out_dir, settings, progress)
+    result.coadds = combine_store(client, store_path, out_dir, settings, progress,
+                                  output_log)
     timings["combine"] = time.perf_counter() - start
     write_manifest(records, manifest)
     return result
@@ -1016,38 +700,6 @@ def _check_workers_see_inputs(records: list[FrameRecord]) -> None:
         raise RunError(
             f"the Dask workers cannot see the input files (e.g. {missing[0].file}), which "
             "exist here: put the inputs and --out on a filesystem the workers share")
-
-
-def _restore(records: list[FrameRecord], manifest: Path, out_dir: Path) -> None:
-    """Take back what an earlier, interrupted run of the same inputs finished."""
-    table = read_manifest(manifest)
-    if table is None:
-        return
-    rows = {row["name"]: row for row in table}
-    for record in records:
-        row = rows.get(record.name)
-        if row is None or record.meta is None or row["status"] != "ok":
-            continue
-        wcs_path = out_dir / f"{record.name}.wcs"
-        if not wcs_path.exists() or not _output_verified(out_dir, wcs_path):
-            continue  # written but not recorded (killed in between), or changed: solve again
-        try:
-            result = _from_wcs_file(record.meta, wcs_path,
-                                    dict(zip(row.colnames, row, strict=True)))
-        except (OSError, ValueError, KeyError):
-            continue
-        record.result, record.status = result, "ok"
-        record.registered = bool(row["registered"])
-        record.t_register = float(row["t_register"])
-
-
-def run_fingerprint(path) -> str:
-    """sha256 of a file, for manifests and checks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(2**20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 # --------------------------------------------------------------------------------------
@@ -1071,7 +723,7 @@ def solve_files(inputs, catalog: str, out_dir, settings: Settings | None = None,
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     progress = progress or _progress_none
-    inputs = _dedupe(inputs)
+    inputs = dedupe(inputs)
 
     def work(client):
         records = inspect_frames(client, inputs, progress)
@@ -1092,7 +744,7 @@ def register_files(inputs, out_dir, settings: Settings | None = None, *,
     out_dir = Path(out_dir).absolute()  # workers write the store by this path
     out_dir.mkdir(parents=True, exist_ok=True)
     progress = progress or _progress_none
-    inputs = _dedupe(inputs)
+    inputs = dedupe(inputs)
 
     def work(client):
         records = inspect_frames(client, inputs, progress)
@@ -1110,14 +762,14 @@ def register_files(inputs, out_dir, settings: Settings | None = None, *,
                 continue  # solve_frames below takes the header WCS as it is
             try:
                 if wcs_file.exists():
-                    record.result = _from_wcs_file(record.meta, wcs_file,
+                    record.result = result_from_wcs_file(record.meta, wcs_file,
                                                    qa_rows.get(record.name))
                 else:
-                    record.result = _failure(
+                    record.result = failure(
                         record.meta, f"no solved WCS ({wcs_file.name}); run daskstack solve "
                         "first or use --wcs header")
             except (OSError, ValueError) as err:
-                record.result = _failure(record.meta, f"unreadable {wcs_file.name}: {err}")
+                record.result = failure(record.meta, f"unreadable {wcs_file.name}: {err}")
             record.status = record.result.status
             record.reason = record.result.reason
         if wcs_source == "header":

@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 from astropy.io import fits
 from astropy.table import Table
 from click.testing import CliRunner

@@ -328,7 +328,7 @@ def test_slurm_cluster_coadd_equals_local(local_slurm, sim_field, sim_run, tmp_p
 # --------------------------------------------------------------------------------------
 def test_graph_carries_no_pixels(tmp_path):
     """200 frames of 4096x4096 from synthetic headers: one task per frame and phase, each
-    a few KB (a frame's pixels are 64 MiB), built in seconds."""
+    a few KB (a frame's pixels are 64 MiB). Build times: benchmarks/graph_build.py."""
     import json
 
     spec = importlib.util.spec_from_file_location("graph_build",
@@ -342,4 +342,3 @@ def test_graph_carries_no_pixels(tmp_path):
     assert [phases[p]["tasks"] for p in ("inspect", "solve", "register")] == [200] * 3
     assert report["largest_task_bytes"] < 32 * 1024
     assert phases["combine"]["bytes_total"] < 8 * 2**20
-    assert report["total"]["seconds"] < 30

@@ -21,7 +21,8 @@ import pytest
 from astropy.io import fits
 from astropy.table import Table
 
-from daskstack.pipeline import EXIT_OK, OUTPUTS_FILE, _TEMPORARY, read_outputs, run_fingerprint
+from daskstack.pipeline import EXIT_OK
+from daskstack.rundir import OUTPUTS_FILE, TEMPORARY, read_outputs, sha256
 
 N_KILLS = 5
 
@@ -68,7 +69,7 @@ def check_run_dir(out: Path) -> None:
     for path in sorted(out.iterdir()):
         name = path.name
         if name.startswith("."):
-            assert name == ".dask" or _TEMPORARY.match(name), name  # only our temporaries
+            assert name == ".dask" or TEMPORARY.match(name), name  # only our temporaries
             continue
         if path.is_dir():
             assert name in ("store.zarr", "catalog-cache"), name
@@ -81,7 +82,7 @@ def check_run_dir(out: Path) -> None:
                         assert np.asarray(hdu.data).shape == hdu.shape
                 if name.endswith(".wcs"):
                     assert hdul[0].header["CTYPE1"].startswith("RA---TAN")
-            if name in recorded and recorded[name] == (run_fingerprint(path),
+            if name in recorded and recorded[name] == (sha256(path),
                                                        path.stat().st_size):
                 continue
             # renamed into place, killed before outputs.ecsv caught up: newer than its record
@@ -113,7 +114,7 @@ def test_crash_drill(drill_field, tmp_path):
     code, err = _run(drill_field, out)
     assert code == EXIT_OK, err[-3000:]
     check_run_dir(out)
-    assert not [p.name for p in out.iterdir() if _TEMPORARY.match(p.name)]
+    assert not [p.name for p in out.iterdir() if TEMPORARY.match(p.name)]
     np.testing.assert_array_equal(fits.getdata(out / "coadd_rp.fits"), reference)
     recorded = read_outputs(out)
-    assert recorded["coadd_rp.fits"][0] == run_fingerprint(out / "coadd_rp.fits")
+    assert recorded["coadd_rp.fits"][0] == sha256(out / "coadd_rp.fits")

@@ -63,3 +63,44 @@ def test_masked_and_saturated_stars_are_not_selected():
     for x, y in (pos[0], pos[2]):
         assert np.min(np.hypot(xy[:, 0] - x, xy[:, 1] - y)) < 0.05  # 0-based photocentre
     assert abs(det.fwhm - 2.3548 * 1.4) < 0.3
+
+
+def test_real_frame_isophotal_positions_match_sextractor(lco_dir):
+    """Faint stars too: the positions are isophotal barycentres like the CAT's X, Y.
+
+    Aperture first moments put faint stars of these asymmetric PSFs ~0.4-0.5 px away from
+    LCO's (SExtractor) positions, on which the reference catalog is built."""
+    path = lco_dir / "ogg0m404-kb82-20170815-1157-e91.fits.fz"
+    det = detect_sources(read_frame(path), DetectSettings())
+    cat = fits.getdata(path, "CAT")
+    tree = cKDTree(np.column_stack([cat["X"] - 1, cat["Y"] - 1]))
+    snr = np.asarray(det.table["snr"])
+    for cols, limit in ((("x", "y"), 0.2), (("x_ap", "y_ap"), None)):
+        xy = np.column_stack([np.asarray(det.table[c], float) for c in cols])
+        d, j = tree.query(xy, distance_upper_bound=2)
+        faint = np.isfinite(d) & (snr < 60)
+        assert faint.sum() >= 30
+        off = xy[faint] - np.column_stack([cat["X"] - 1, cat["Y"] - 1])[j[faint]]
+        if limit is not None:
+            assert np.median(d[faint]) < limit
+            assert np.all(np.abs(off.mean(axis=0)) < 0.1), off.mean(axis=0)  # no bias
+        else:  # the aperture photocentres of the same stars: biased (why isophotal is used)
+            assert np.abs(off.mean(axis=0)).max() > 0.2
+
+
+def test_isophotal_centroids_unbiased_on_symmetric_stars():
+    from daskstack.detect import isophotal_centroids
+
+    rng = np.random.default_rng(3)
+    yy, xx = np.mgrid[:200, :200]
+    true = rng.uniform(20, 180, (12, 2))
+    data = rng.normal(100, 5, (200, 200))
+    for x, y in true:
+        data += 400 * np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / (2 * 1.5**2))
+    mask = np.zeros(data.shape, bool)
+    start = true + rng.uniform(-0.7, 0.7, true.shape)
+    xi, yi, npix = isophotal_centroids(data, mask, start[:, 0], start[:, 1],
+                                       np.full(12, 100.0), np.full(12, 5.0), 3.5, 10.0)
+    assert np.all(npix > 5)
+    err = np.hypot(xi - true[:, 0], yi - true[:, 1])
+    assert np.median(err) < 0.05 and err.max() < 0.15, err

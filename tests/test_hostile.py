@@ -19,7 +19,7 @@ import pytest
 from astropy.io import fits
 from astropy.table import Table, vstack
 
-from daskstack import catalogs as catalogs_mod, pipeline
+from daskstack import catalogs as catalogs_mod, pipeline, rundir
 from daskstack.config import Settings
 from daskstack.frames import frame_name, read_meta
 from daskstack.pipeline import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL, RunError, run
@@ -354,12 +354,12 @@ def test_nothing_written_outside_the_output_directory(batch_run):
 
 def test_outputs_checksums_match(batch_run):
     result, _, _, _ = batch_run
-    recorded = pipeline.read_outputs(result.out_dir)
+    recorded = rundir.read_outputs(result.out_dir)
     assert set(recorded) >= {f"{n}.wcs" for n in GOOD_RP + GOOD_GP} | {
         "coadd_rp.fits", "coadd__.._gp.fits"}
     for name, (sha, size) in recorded.items():
         path = result.out_dir / name
-        assert path.stat().st_size == size and pipeline.run_fingerprint(path) == sha
+        assert path.stat().st_size == size and rundir.sha256(path) == sha
 
 
 # --------------------------------------------------------------------------------------
@@ -451,7 +451,7 @@ def test_output_directory_not_writable(batch, tmp_path, monkeypatch):
     def refuse(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(pipeline.tempfile, "mkstemp", refuse)
+    monkeypatch.setattr(rundir.tempfile, "mkstemp", refuse)
     with pytest.raises(RunError, match=r"out: output directory is not writable \(Permission "
                                        r"denied\)"):
         run(_one_good(batch), "cat.ecsv", tmp_path / "out")
@@ -476,8 +476,8 @@ def test_output_directory_on_a_read_only_mount(batch):
 def test_not_enough_disk_space_is_reported_before_work(batch, dask_client, tmp_path,
                                                        monkeypatch):
     _, _, cat = batch
-    real = pipeline.shutil.disk_usage
-    monkeypatch.setattr(pipeline.shutil, "disk_usage",
+    real = rundir.shutil.disk_usage
+    monkeypatch.setattr(rundir.shutil, "disk_usage",
                         lambda path: real(path)._replace(free=100_000))
     out = tmp_path / "out"
     with pytest.raises(RunError, match=r"out: not enough disk space for the planned store: "
@@ -490,12 +490,12 @@ def test_not_enough_disk_space_is_reported_before_work(batch, dask_client, tmp_p
 def test_store_estimate_follows_frames_and_grid(batch_run):
     """The estimate before solving uses frame shapes; after, the tiles on the grid."""
     result, _, _, _ = batch_run
-    before = pipeline.estimate_output_bytes(
-        [pipeline.FrameRecord(file=r.file, name=r.name, meta=r.meta) for r in result.frames])
+    before = rundir.estimate_output_bytes(
+        [rundir.FrameRecord(file=r.file, name=r.name, meta=r.meta) for r in result.frames])
     n_px = sum(r.meta.shape[0] * r.meta.shape[1] for r in result.frames
                if r.meta is not None)
     assert before >= 8 * n_px
-    after = pipeline.estimate_output_bytes(result.frames, result.grid, tile=128)
+    after = rundir.estimate_output_bytes(result.frames, result.grid, tile=128)
     ny, nx = result.grid.shape
     assert after >= 2 * 16 * ny * nx  # two filters, image + weight, zarr + FITS
     assert after < before
@@ -506,17 +506,16 @@ def test_different_run_is_not_overwritten_without_overwrite(tmp_path):
     out.mkdir()
     (out / "run.json").write_text(json.dumps({"inputs": ["a.fits"]}))
     (out / "coadd_rp.fits").write_bytes(b"old coadd")
-    pipeline._outputs_cache.clear()
-    pipeline._record_output(out, out / "coadd_rp.fits")
+    rundir.OutputLog(out).add(out / "coadd_rp.fits")
     (out / "user-notes.txt").write_text("mine")
     with pytest.raises(RunError, match="holds a different run"):
-        pipeline._check_run_dir(out, {"inputs": ["b.fits"]}, overwrite=False)
+        rundir.check_run_dir(out, {"inputs": ["b.fits"]}, overwrite=False)
     assert (out / "coadd_rp.fits").read_bytes() == b"old coadd"
-    assert not pipeline._check_run_dir(out, {"inputs": ["b.fits"]}, overwrite=True)
+    assert not rundir.check_run_dir(out, {"inputs": ["b.fits"]}, overwrite=True)
     assert not (out / "coadd_rp.fits").exists()  # no old coadd that looks like the new run's
     assert (out / "user-notes.txt").exists()  # what daskstack did not write is left alone
     assert json.loads((out / "run.json").read_text()) == {"inputs": ["b.fits"]}
-    assert pipeline._check_run_dir(out, {"inputs": ["b.fits"]}, overwrite=False)  # resumes
+    assert rundir.check_run_dir(out, {"inputs": ["b.fits"]}, overwrite=False)  # resumes
 
 
 def test_stale_temporaries_of_a_killed_run_are_removed(tmp_path):
@@ -526,7 +525,7 @@ def test_stale_temporaries_of_a_killed_run_are_removed(tmp_path):
     stale.write_bytes(b"half a coadd")
     keep = out / ".hidden-user-file"
     keep.write_text("mine")
-    pipeline._check_run_dir(out, {"inputs": []}, overwrite=False)
+    rundir.check_run_dir(out, {"inputs": []}, overwrite=False)
     assert not stale.exists() and keep.exists()
 
 

@@ -63,3 +63,44 @@ def test_fit_similarity_exact():
     t = Transform(0.9 * np.array([[0.0, -1.0], [1.0, 0.0]]) @ np.diag([1, -1]), (5.0, -3.0))
     fit = fit_similarity(src, t(src), flip=True)
     assert np.allclose(fit.matrix, t.matrix) and np.allclose(fit.offset, t.offset)
+
+
+def test_triangles_vectorised_equal_brute_force():
+    import itertools
+
+    from daskstack.match import _all_triangles, _local_triangles
+
+    rng = np.random.default_rng(0)
+    xy = rng.uniform(0, 1000, (60, 2))
+    d = np.hypot(*(xy[:, None] - xy[None]).transpose(2, 0, 1))
+    local = {tuple(t) for t in _local_triangles(xy, 300.0).tolist()}
+    brute = {(i, j, k) for i, j, k in itertools.combinations(range(60), 3)
+             if max(d[i, j], d[i, k], d[j, k]) <= 300}
+    assert local == brute and len(brute) > 100
+    assert _all_triangles(9).tolist() == [list(c) for c in itertools.combinations(range(9), 3)]
+
+
+def test_reference_triangles_built_once_across_widening_search():
+    from daskstack.match import TriangleIndex
+
+    src, ref, truth = _field(120, False, seed=11, offset=(700.0, 200.0))
+    index = TriangleIndex(ref, (0.95, 1.05), max_side=1300)
+    cache = {}
+    with pytest.raises(MatchError):  # the field lies beyond the first search radius
+        find_transform(src, ref, max_offset=300, match_radius=2.0, ref_index=index,
+                       ref_radius=1000 + 300, cache=cache)
+    n_inner = index.n_built
+    res = find_transform(src, ref, max_offset=1000, match_radius=2.0, ref_index=index,
+                         ref_radius=2200, cache=cache)
+    assert np.allclose(res.transform.offset, truth.offset, atol=0.2)
+    n_all = index.n_built
+    assert n_all > n_inner > 0
+    # the wider step only added the triangles reaching beyond the first radius
+    fresh = TriangleIndex(ref, (0.95, 1.05), max_side=1300)
+    for n_ref in {float(k) for k in index._tiers}:
+        fresh.chunks(n_ref, index._tiers[n_ref][0])
+    assert fresh.n_built == n_all
+    # asking again builds nothing
+    find_transform(src, ref, max_offset=1000, match_radius=2.0, ref_index=index,
+                   ref_radius=2200, cache=cache)
+    assert index.n_built == n_all

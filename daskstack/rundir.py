@@ -1,0 +1,357 @@
+"""The run directory: what a run records, so that it can be checked and resumed.
+
+``OUT/run.json`` (the inputs and settings, what a resume is checked against),
+``OUT/manifest.ecsv`` (one `FrameRecord` per input frame), ``OUT/outputs.ecsv``
+(sha256 of every file written, after its rename), the ``.wcs`` files read back on
+resume, and the checks made before any work starts: a writable directory with room
+enough, no other run in it. Plain file I/O: no Dask here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from astropy.io import fits
+from astropy.table import Table
+from astropy.wcs import WCS
+
+from ._io import atomic_path, atomic_write_text
+from .astrometry import SolveResult
+from .config import Settings
+from .frames import FrameMeta, frame_name, quiet_astropy
+from .grid import Grid
+
+__all__ = [
+    "MANIFEST_COLUMNS",
+    "OUTPUTS_FILE",
+    "FrameRecord",
+    "OutputLog",
+    "RunError",
+    "check_run_dir",
+    "dedupe",
+    "estimate_output_bytes",
+    "failure",
+    "read_manifest",
+    "restore",
+    "result_from_wcs_file",
+    "run_signature",
+    "sha256",
+    "wcs_from_text",
+    "write_manifest",
+]
+
+log = logging.getLogger(__name__)
+
+MANIFEST_COLUMNS = [
+    ("file", str), ("name", str), ("filter", str), ("status", str), ("reason", str),
+    ("n_detections", int), ("n_matches", int), ("rms_arcsec", float), ("rms_px", float),
+    ("fwhm_px", float), ("background", float), ("noise", float), ("flux_ratio", float),
+    ("pixel_scale_arcsec", float), ("exptime", float), ("date_obs", str), ("mjd", float),
+    ("registered", bool), ("t_solve", float), ("t_register", float), ("warnings", str),
+]
+OUTPUTS_FILE = "outputs.ecsv"  # name, sha256, bytes of every .wcs and coadd written
+TEMPORARY = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp")  # names made by _io.atomic_path
+
+
+class RunError(RuntimeError):
+    """A run that cannot start or cannot go on (not a per-frame failure)."""
+
+
+@dataclass
+class FrameRecord:
+    """Everything the run knows of one input frame; one manifest row."""
+
+    file: str
+    name: str
+    meta: FrameMeta | None = None
+    result: SolveResult | None = None
+    status: str = "pending"
+    reason: str = ""
+    registered: bool = False
+    t_register: float = float("nan")
+
+    def row(self) -> dict:
+        row = {"file": self.file, "name": self.name, "status": self.status,
+               "reason": self.reason, "registered": self.registered,
+               "t_register": self.t_register}
+        meta, res = self.meta, self.result
+        row["filter"] = meta.filter if meta else ""
+        row["exptime"] = meta.exptime if meta and meta.exptime is not None else np.nan
+        row["date_obs"] = meta.date_obs or "" if meta else ""
+        row["mjd"] = meta.mjd if meta and meta.mjd is not None else np.nan
+        row["warnings"] = "; ".join(getattr(meta, "warnings", ()) or ()) if meta else ""
+        for key in ("n_detections", "n_matches", "rms_arcsec", "rms_px", "fwhm_px",
+                    "background", "noise", "flux_ratio", "pixel_scale_arcsec"):
+            value = getattr(res, key, None) if res is not None else None
+            row[key] = value if value is not None else (0 if key.startswith("n_") else np.nan)
+        row["t_solve"] = getattr(res, "elapsed", np.nan) if res is not None else np.nan
+        return row
+
+
+class OutputLog:
+    """``OUT/outputs.ecsv``: name, sha256 and size of every file a run wrote, recorded
+    after the file was renamed into place. A resumed run trusts a ``.wcs`` file only
+    when it matches its record (a file renamed but not yet recorded when a run was
+    killed is simply made again). One object per run keeps the records in memory."""
+
+    def __init__(self, out_dir):
+        self.out_dir = Path(out_dir)
+        self.path = self.out_dir / OUTPUTS_FILE
+        self.records = read_outputs(self.out_dir)
+
+    def add(self, path) -> None:
+        """Record ``path`` (already in place) and rewrite the log atomically."""
+        path = Path(path)
+        self.records[path.name] = (sha256(path), path.stat().st_size)
+        names = sorted(self.records)
+        table = Table([names, [self.records[n][0] for n in names],
+                       [self.records[n][1] for n in names]],
+                      names=("file", "sha256", "bytes"), dtype=(str, str, np.int64))
+        table.meta["comments"] = ["daskstack outputs: sha256 of every file written (after "
+                                  "it was renamed into place)"]
+        with atomic_path(self.path) as tmp:
+            table.write(tmp, format="ascii.ecsv")
+
+    def verified(self, path) -> bool:
+        """True when ``path`` exists and matches its record."""
+        path = Path(path)
+        recorded = self.records.get(path.name)
+        return (recorded is not None and path.exists()
+                and recorded[1] == path.stat().st_size and recorded[0] == sha256(path))
+
+    def remove_all(self) -> None:
+        """Delete every recorded output (``--overwrite``: no coadd of an old run may stay
+        looking like the new run's) and the log itself."""
+        for name in self.records:
+            if "/" not in name and name not in ("", ".", ".."):
+                (self.out_dir / name).unlink(missing_ok=True)
+        self.path.unlink(missing_ok=True)
+        self.records = {}
+
+
+def read_outputs(out_dir) -> dict[str, tuple[str, int]]:
+    """``{file name: (sha256, bytes)}`` of the outputs a run recorded in outputs.ecsv."""
+    try:
+        table = Table.read(Path(out_dir) / OUTPUTS_FILE, format="ascii.ecsv")
+    except (OSError, ValueError):
+        return {}
+    return {str(row["file"]): (str(row["sha256"]), int(row["bytes"])) for row in table}
+
+
+def run_signature(inputs, catalog, settings: Settings) -> dict:
+    settings_dict = settings.to_dict()
+    settings_dict.pop("cluster", None)  # where it runs does not change the result
+    return {"inputs": [str(Path(p).resolve()) for p in inputs], "catalog": str(catalog),
+            "settings": settings_dict}
+
+
+def check_run_dir(out_dir: Path, signature: dict, overwrite: bool) -> bool:
+    """Prepare the run directory; True when an earlier run of the same inputs is resumed."""
+    run_file = out_dir / "run.json"
+    if out_dir.exists() and not out_dir.is_dir():
+        raise RunError(f"{out_dir}: exists and is not a directory")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise RunError(f"{out_dir}: cannot create the output directory "
+                       f"({err.strerror or err})") from None
+    _check_writable(out_dir)
+    _remove_stale_temporaries(out_dir)
+    if run_file.exists():
+        try:
+            previous = json.loads(run_file.read_text())
+        except (OSError, json.JSONDecodeError):
+            previous = None
+        same = previous is not None and _comparable(previous) == _comparable(signature)
+        if same and not overwrite:
+            return True
+        if not overwrite:
+            raise RunError(
+                f"{out_dir} holds a different run (other inputs or options); "
+                "use --overwrite to replace it or choose another --out"
+            )
+        for child in ("store.zarr",):
+            shutil.rmtree(out_dir / child, ignore_errors=True)
+        (out_dir / "manifest.ecsv").unlink(missing_ok=True)
+        OutputLog(out_dir).remove_all()  # no coadd of the old run may look like ours
+    elif any(out_dir.iterdir()) and not overwrite and (out_dir / "manifest.ecsv").exists():
+        raise RunError(f"{out_dir} holds a run without run.json; use --overwrite")
+    atomic_write_text(run_file, json.dumps(signature, indent=1, default=str))
+    return False
+
+
+def _comparable(signature: dict) -> str:
+    return json.dumps(signature, sort_keys=True, default=str)
+
+
+def _check_writable(out_dir: Path) -> None:
+    """Write a probe file: unlike os.access, this also holds for root and read-only mounts."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".daskstack-probe.", dir=out_dir)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise RunError(f"{out_dir}: output directory is not writable "
+                       f"({err.strerror or err})") from None
+    if not os.access(out_dir, os.W_OK):
+        raise RunError(f"{out_dir}: output directory is not writable")
+
+
+def _remove_stale_temporaries(out_dir: Path) -> None:
+    """Temporaries of atomic writes that a killed run left behind (never final names)."""
+    for path in out_dir.iterdir():
+        if path.is_file() and TEMPORARY.match(path.name):
+            log.info("removing %s, left by an interrupted run", path.name)
+            path.unlink(missing_ok=True)
+
+
+def estimate_output_bytes(records: list[FrameRecord], grid: Grid | None = None,
+                          tile: int = 1024) -> int:
+    """Bytes the store and coadds may take, before compression (an upper bound).
+
+    Without a grid (before solving): each frame as many grid pixels as it has pixels,
+    the grid as large as the largest frame. With the grid: the tiles each solved frame
+    overlaps, and the grid itself per filter. 8 bytes per pixel (data + footprint or
+    image + weight, float32), the coadds twice (zarr + FITS).
+    """
+    usable = [r for r in records if r.meta is not None and r.status != "failed"]
+    if not usable:
+        return 0
+    filters = {r.meta.filter for r in usable}
+    if grid is None:
+        frame_px = sum(r.meta.shape[0] * r.meta.shape[1] for r in usable)
+        grid_px = max(r.meta.shape[0] * r.meta.shape[1] for r in usable)
+    else:
+        from .register import frame_tiles
+
+        frame_px = 0
+        for r in usable:
+            if r.result is None or not r.result.wcs_header:
+                continue
+            wcs = wcs_from_text(r.result.wcs_header, r.meta.shape)
+            frame_px += len(frame_tiles(wcs, r.meta.shape, grid, tile)) * tile * tile
+        grid_px = grid.shape[0] * grid.shape[1]
+    return int(8 * frame_px + 2 * 8 * grid_px * len(filters))
+
+
+def check_disk_space(out_dir: Path, needed: int, when: str) -> None:
+    free = shutil.disk_usage(out_dir).free
+    if needed * 1.1 > free:
+        raise RunError(f"{out_dir}: not enough disk space {when}: the store and coadds need "
+                       f"up to {needed / 2**30:.2f} GiB, {free / 2**30:.2f} GiB free")
+
+
+def write_manifest(records: list[FrameRecord], path: Path) -> None:
+    rows = [r.row() for r in records]
+    table = Table(rows=[[row[name] for name, _ in MANIFEST_COLUMNS] for row in rows],
+                  names=[name for name, _ in MANIFEST_COLUMNS],
+                  dtype=[kind for _, kind in MANIFEST_COLUMNS]) if rows else Table(
+        names=[name for name, _ in MANIFEST_COLUMNS], dtype=[k for _, k in MANIFEST_COLUMNS])
+    table.meta["comments"] = ["daskstack manifest: one row per input frame",
+                              "status: ok | failed | pending; reason: why a frame failed"]
+    with atomic_path(path) as tmp:
+        table.write(tmp, format="ascii.ecsv")
+
+
+def read_manifest(path: Path) -> Table | None:
+    try:
+        return Table.read(path, format="ascii.ecsv")
+    except (OSError, ValueError):
+        return None
+
+
+def dedupe(inputs) -> list[str]:
+    seen, unique = {}, []
+    for path in inputs:
+        key = str(Path(path).resolve())
+        if key in seen:
+            log.warning("%s: given more than once; used once", Path(path).name)
+            continue
+        name = frame_name(path)
+        if name in seen.values():
+            log.warning("%s: a frame of the same name was already given; this copy is "
+                        "ignored", Path(path).name)
+            continue
+        seen[key] = name
+        # absolute: workers (another host, another working directory) open it by path
+        unique.append(str(Path(path).absolute()))
+    return unique
+
+
+def failure(meta: FrameMeta, reason: str) -> SolveResult:
+    """The record of a frame that failed before or outside the solver."""
+    return SolveResult(name=meta.name, path=meta.path, filter=meta.filter, status="failed",
+                       reason=reason)
+
+
+def result_from_wcs_file(meta: FrameMeta, path: Path, row: dict | None = None) -> SolveResult:
+    """A solved frame taken back from its ``.wcs`` file (and manifest row, on resume)."""
+    with quiet_astropy():
+        header = fits.getheader(path)
+        wcs = WCS(header, relax=True)
+    if not wcs.has_celestial:
+        raise ValueError(f"{path.name} holds no celestial WCS")
+    result = SolveResult(name=meta.name, path=meta.path, filter=meta.filter, status="ok",
+                         wcs_header=wcs.to_header(relax=True).tostring(),
+                         sip_order=int(header.get("A_ORDER", 0)))
+    for key, value in (row or {}).items():
+        if hasattr(result, key) and key not in ("name", "path", "filter", "status", "reason"):
+            kind = type(getattr(result, key))
+            try:
+                setattr(result, key, kind(value))
+            except (TypeError, ValueError):
+                pass
+    if row and "t_solve" in row:
+        result.elapsed = float(row["t_solve"])
+    return result
+
+
+def restore(records: list[FrameRecord], manifest: Path, outputs: OutputLog) -> None:
+    """Take back what an earlier, interrupted run of the same inputs finished."""
+    out_dir = outputs.out_dir
+    table = read_manifest(manifest)
+    if table is None:
+        return
+    rows = {row["name"]: row for row in table}
+    for record in records:
+        row = rows.get(record.name)
+        if row is None or record.meta is None or row["status"] != "ok":
+            continue
+        wcs_path = out_dir / f"{record.name}.wcs"
+        if not outputs.verified(wcs_path):
+            continue  # written but not recorded (killed in between), or changed: solve again
+        try:
+            result = result_from_wcs_file(record.meta, wcs_path,
+                                          dict(zip(row.colnames, row, strict=True)))
+        except (OSError, ValueError, KeyError):
+            continue
+        record.result, record.status = result, "ok"
+        record.registered = bool(row["registered"])
+        record.t_register = float(row["t_register"])
+
+
+def sha256(path) -> str:
+    """sha256 of a file, for the output log and checks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(2**20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def wcs_from_text(text: str, shape=None) -> WCS:
+    """A WCS from header text (how WCSs travel between tasks), optionally with its shape."""
+    with quiet_astropy():
+        wcs = WCS(fits.Header.fromstring(text), relax=True)
+    if shape is not None:
+        wcs.array_shape = shape
+    return wcs
