@@ -58,7 +58,8 @@ def _simulate(directory, n, size, pe, rot, seed):
     stamp = Path(directory) / "done.json"
     if stamp.exists():
         info = json.loads(stamp.read_text())
-        return [Path(p) for p in info["frames"]], info["truth"], info["catalog"]
+        if len(info["frames"]) >= n:  # cached with fewer frames (e.g. quick): regenerate
+            return [Path(p) for p in info["frames"]], info["truth"], info["catalog"]
     field = simulate_field(directory, n_frames=n, shape=(size, size), filters=("rp",),
                            seed=seed, pointing_error_arcmin=pe, rotation_error_deg=rot,
                            sip=False)

@@ -207,18 +207,8 @@ def run_suite(suite_name: str, out: Path, *, real_dir=None, only=None, sizes=Non
         except FileNotFoundError as err:
             results["notes"].append(f"real frames skipped: {err}")
             log(f"real frames skipped: {err}")
-    # synthetic frames
-    spec = suite["synthetic"]
-    ns = ns or spec["n"]
-    for size in sizes or [spec["size"]]:
-        t0 = time.perf_counter()
-        ds = datasets.synthetic(data_root, max(ns), size=size, log=log)
-        results.setdefault("generation_s", {})[f"synth{size}"] = time.perf_counter() - t0
-        for n in ns:
-            cont = [c for c in suites.contenders_for(suite, n, C.ALL_CONTENDERS)
-                    if c in contenders_all] or contenders_all
-            bench(ds, n, cont, repeats or spec["repeats"].get(n, 1))
-    # astrometry
+    # astrometry (before the synthetic sizes, so that a run stopped for time during the
+    # largest N still has it)
     if not skip_astrometry:
         a = suite["astrometry"]
         astro_json = out / f"astrometry-{suite_name}-{stamp}.json"
@@ -232,6 +222,17 @@ def run_suite(suite_name: str, out: Path, *, real_dir=None, only=None, sizes=Non
         if astro_json.exists():
             results["astrometry"] = json.loads(astro_json.read_text())
         log(f"    astrometry {m.status} in {m.wall_s:.0f} s")
+    # synthetic frames
+    spec = suite["synthetic"]
+    ns = ns or spec["n"]
+    for size in sizes or [spec["size"]]:
+        t0 = time.perf_counter()
+        ds = datasets.synthetic(data_root, max(ns), size=size, log=log)
+        results.setdefault("generation_s", {})[f"synth{size}"] = time.perf_counter() - t0
+        for n in ns:
+            cont = [c for c in suites.contenders_for(suite, n, C.ALL_CONTENDERS)
+                    if c in contenders_all] or contenders_all
+            bench(ds, n, cont, repeats or spec["repeats"].get(n, 1))
     save()
     from . import report
 

@@ -144,6 +144,10 @@ STAGE_OPTIONS = {
         ("--nlow", "combine.nlow", dict(type=int, help="minmax: lowest values rejected. [1]")),
         ("--nhigh", "combine.nhigh", dict(type=int,
          help="minmax: highest values rejected. [1]")),
+        ("--weighted-reject", "combine.weighted_reject", dict(
+         type=_choice("none", "sigclip", "minmax"),
+         help="--combine weighted: reject outliers first (sigma clipping or min/max). "
+              "[none]")),
         ("--subtract-background/--keep-background", "combine.subtract_background",
          dict(default=None, help="Remove each frame's sky level before combining. [subtract]")),
     ],
@@ -260,6 +264,7 @@ def main():
     daskstack register FRAMES... --out DIR               reproject into DIR/store.zarr
     daskstack combine DIR/store.zarr --combine median    combine again, no reprojection
     daskstack report DIR                 pictures of every frame, DIR/report/index.html
+    daskstack download ID... --out DIR   frames from the LCO archive
     """
 
 
@@ -450,7 +455,7 @@ def register(frames, out_dir, wcs_source, config_file, verbose, quiet, overrides
 @stage_options("combine", "cluster")
 @common_options
 def combine(store_path, out_dir, config_file, verbose, quiet, overrides):
-    """Combine a registered store (STORE_PATH, e.g. OUT/store.zarr) without reprojecting."""
+    """Combine a registered store again (e.g. OUT/store.zarr), without reprojecting."""
     from .pipeline import combine_store_path
 
     _setup_logging(verbose, quiet)

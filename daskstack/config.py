@@ -100,7 +100,6 @@ class CombineSettings:
     subtract_background: bool = True  # remove each frame's sky level before combining
     weighted_reject: str = "none"  # method="weighted": "none", "sigclip" or "minmax" first
 
-
     @property
     def methods(self) -> list[str]:
         """The combine methods asked for, in order (the first is the main coadd)."""
@@ -121,7 +120,6 @@ class ClusterSettings:
     account: str = ""
     minimum_jobs: int = 0
     maximum_jobs: int = 4
-    shared_filesystem: bool = True
     interface: str = ""  # jobqueue: network interface of scheduler and workers (e.g. ib0)
     python: str = ""  # jobqueue: python on the compute nodes; "" = this interpreter
     worker_directory: str = ""  # jobqueue: workers' scratch on the node; "" = <out>/.dask

@@ -533,7 +533,8 @@ def combine_store(client, store_path: Path, out_dir: Path, settings: Settings,
             result = combine.combine_stack(
                 data, foot, method=method, sigma=cs.sigma, iters=cs.iters,
                 cenfunc=cs.cenfunc, nlow=cs.nlow, nhigh=cs.nhigh, scales=scales.scales,
-                offsets=scales.offsets, frame_weights=frame_weights)
+                offsets=scales.offsets, frame_weights=frame_weights,
+                reject=cs.weighted_reject if method == "weighted" else "none")
             suffix = "" if n_method == 0 else f"_{method}"
             pair = []
             for name in ("image", "weight"):
