@@ -35,7 +35,7 @@ from .catalogs import propagate_proper_motion
 from .config import Settings
 from .detect import Detections, detect_sources
 from .frames import Frame, FrameError, quiet_astropy
-from .match import MatchError, TriangleIndex, find_transform
+from .match import MatchError, TriangleIndex, find_transform, nn_match
 
 __all__ = [
     "SolveResult",
@@ -611,17 +611,7 @@ def solve_frame(frame: Frame, catalog: Table, settings: Settings | None = None,
         cxi, ceta, _ = _project(cat_ra, cat_dec, *model.crval)
         tree = cKDTree(np.column_stack([cxi, ceta]) * 3600.0)
         dxi, deta = model.pix_to_std(all_xy[:, 0], all_xy[:, 1])
-        d, j = tree.query(np.column_stack([dxi, deta]) * 3600.0,
-                          distance_upper_bound=radius * scale)
-        ok = np.isfinite(d)
-        si = np.nonzero(ok)[0]
-        rj = j[ok]
-        dd = d[ok]
-        # one-to-one
-        o = np.argsort(dd)
-        _, first = np.unique(rj[o], return_index=True)
-        sel = np.sort(o[first])
-        si, rj, dd = si[sel], rj[sel], dd[sel]
+        si, rj, dd = nn_match(np.column_stack([dxi, deta]) * 3600.0, tree, radius * scale)
         if len(si) < 3:
             break
         sig = 1.4826 * np.median(dd) / 0.8326

@@ -282,15 +282,7 @@ def _combine_block(
     kind = reject if method == "weighted" else ("none" if method == "mean" else method)
     if kind == "none":  # plain (weighted) mean: no sort needed
         count = valid.sum(axis=0)
-        if per_value_w is None:
-            mean, _ = _range_mean_std(values, valid, count, need_std=False)
-            wsum = count.astype(np.float64)
-        else:
-            w = np.where(valid, per_value_w, 0)
-            wsum = np.sum(w, axis=0, dtype=np.float64)
-            with np.errstate(invalid="ignore", divide="ignore"):
-                mean = np.sum(np.where(valid, values * w, 0), axis=0, dtype=np.float64) / wsum
-        return _pack(mean, wsum, count)
+        return _pack(*_mean_of(values, valid, count, per_value_w), count)
 
     # Sort each pixel's values (NaN last); every rejection keeps a contiguous range
     # [lo, hi) of the sorted values.
@@ -346,15 +338,20 @@ def _combine_block(
 
     count = hi - lo
     inside = (k >= lo) & (k < hi)
-    if sorted_w is None:
-        mean, _ = _range_mean_std(sorted_, inside, count, need_std=False)
-        wsum = count.astype(np.float64)
-    else:
-        w = np.where(inside, sorted_w, 0)
-        wsum = np.sum(w, axis=0, dtype=np.float64)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            mean = np.sum(np.where(inside, sorted_ * w, 0), axis=0, dtype=np.float64) / wsum
-    return _pack(mean, wsum, count)
+    return _pack(*_mean_of(sorted_, inside, count, sorted_w), count)
+
+
+def _mean_of(values, inside, count, weights=None):
+    """(mean, summed weight) per pixel of the values flagged ``inside``: plain, or
+    weighted by ``weights`` (same shape as ``values``)."""
+    if weights is None:
+        mean, _ = _range_mean_std(values, inside, count, need_std=False)
+        return mean, count.astype(np.float64)
+    w = np.where(inside, weights, 0)
+    wsum = np.sum(w, axis=0, dtype=np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.sum(np.where(inside, values * w, 0), axis=0, dtype=np.float64) / wsum
+    return mean, wsum
 
 
 def _pack(image, weight, count):
