@@ -579,24 +579,33 @@ def _wavelength(name: str) -> float:
 
 def colour_composite(coadds: dict[str, str], png, max_size: int = MAX_DISPLAY) -> dict | None:
     """A Lupton et al. (2004) colour composite of three coadds (bluest -> blue, reddest ->
-    red); None with fewer than three filters. With more, the bluest, a middle and the
-    reddest are used."""
+    red); None with fewer than three filters. With more, the three deepest (star light
+    over sky noise) are used, so a shallow band (u') does not paint the sky with noise.
+    Each channel is the sky-subtracted coadd in units of its own sky noise, with the
+    noise below one sigma left black."""
+    from astropy.stats import mad_std
     from astropy.visualization import make_lupton_rgb
 
     if len(coadds) < 3:
         return None
-    names = sorted(coadds, key=_wavelength)
-    chosen = [names[0], names[len(names) // 2], names[-1]]
-    channels = []
-    shape = None
-    for filt in chosen:
-        image, _, shape_f, _ = _read_fits_binned(coadds[filt], 0, max_size)
-        if shape is not None and image.shape != channels[0].shape:
+    planes, shape = {}, None
+    for filt, path in coadds.items():
+        image, _, shape_f, _ = _read_fits_binned(path, 0, max_size)
+        if shape is not None and image.shape != shape[1]:
             return None  # coadds on different grids: no composite
-        shape = shape_f
+        shape = (shape_f, image.shape)
         sky = np.nanmedian(image)
-        top = np.nanpercentile(image, 99.5) - sky
-        channels.append(np.nan_to_num((image - sky) / (top if top > 0 else 1.0), nan=0.0))
+        noise = mad_std(image, ignore_nan=True) or 1.0
+        signal = (image - sky) / noise
+        planes[filt] = (signal, float(np.nanpercentile(signal, 99.9)))
+    deepest = sorted(planes, key=lambda f: planes[f][1], reverse=True)[:3]
+    chosen = sorted(deepest, key=_wavelength)
+    shape = shape[0]
+    channels = []
+    for filt in chosen:
+        signal, top = planes[filt]
+        channels.append(np.nan_to_num(np.clip(signal - 1.0, 0, None) / max(top, 1.0),
+                                      nan=0.0))
     blue, green, red = channels
     with np.errstate(invalid="ignore", divide="ignore"):  # black sky: 0 / 0
         rgb = make_lupton_rgb(red, green, blue, minimum=0.0, stretch=0.5, Q=8)
