@@ -162,8 +162,9 @@ def grid_from_file(path) -> Grid:
             wcs = WCS(header, naxis=2, relax=True)
     except (OSError, ValueError) as err:
         raise GridError(f"{path.name}: cannot read a grid WCS ({err})") from None
-    shape = (header.get("NAXIS2", header.get("ZNAXIS2", 0)),
-             header.get("NAXIS1", header.get("ZNAXIS1", 0)))
+    # image size: NAXISn, fpack's ZNAXISn, or IMAGEH/IMAGEW (astrometry.net .wcs files)
+    shape = (header.get("ZNAXIS2") or header.get("NAXIS2") or header.get("IMAGEH", 0),
+             header.get("ZNAXIS1") or header.get("NAXIS1") or header.get("IMAGEW", 0))
     if not wcs.has_celestial:
         raise GridError(f"{path.name}: the header has no celestial WCS")
     if not shape[0] or not shape[1]:
