@@ -695,15 +695,19 @@ def _qa_cards(result: SolveResult):
     return cards
 
 
-def write_wcs_file(result: SolveResult, path) -> None:
+def write_wcs_file(result: SolveResult, path, shape=None) -> None:
     """Write the fitted WCS as the PRIMARY header of a FITS file (astrometry.net ``.wcs``).
 
-    Atomic. QA keywords (DSSTATUS, DSNMATCH, DSRMS ...) are added. Raises ValueError
-    for a failed result (there is no WCS to write).
+    Atomic. QA keywords (DSSTATUS, DSNMATCH, DSRMS ...) are added, and with ``shape``
+    (ny, nx) the image size as IMAGEW/IMAGEH, as solve-field writes it (so the file
+    can serve as an output grid). Raises ValueError for a failed result.
     """
     if not result.wcs_header:
         raise ValueError(f"{result.name}: no WCS to write ({result.reason})")
     header = fits.Header.fromstring(result.wcs_header)
+    if shape is not None:
+        header["IMAGEW"] = (int(shape[1]), "image width, pixels")
+        header["IMAGEH"] = (int(shape[0]), "image height, pixels")
     for key, value, comment in _qa_cards(result):
         header[key] = (value, comment)
     header["HISTORY"] = f"daskstack astrometry of {result.name}"

@@ -390,7 +390,7 @@ def _accept_solution(record: FrameRecord, result: SolveResult, output_log: Outpu
     if result.status == "ok":
         record.status, record.reason = "ok", ""
         path = output_log.out_dir / f"{record.name}.wcs"
-        write_wcs_file(result, path)
+        write_wcs_file(result, path, record.meta.shape if record.meta else None)
         output_log.add(path)
     else:
         record.status, record.reason = "failed", result.reason
