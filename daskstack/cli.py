@@ -148,6 +148,9 @@ STAGE_OPTIONS = {
          type=_choice("none", "sigclip", "minmax"),
          help="--combine weighted: reject outliers first (sigma clipping or min/max). "
               "[none]")),
+        ("--difference/--no-difference", "combine.difference", dict(default=None,
+         help="Also write OUT/difference/<frame>.fits: each frame, scaled as in the coadd, "
+              "minus the coadd (brings out variable stars and transients). [no]")),
         ("--subtract-background/--keep-background", "combine.subtract_background",
          dict(default=None, help="Remove each frame's sky level before combining. [subtract]")),
     ],

@@ -99,6 +99,7 @@ class CombineSettings:
     nhigh: int = 1  # minmax: highest values rejected per pixel
     subtract_background: bool = True  # remove each frame's sky level before combining
     weighted_reject: str = "none"  # method="weighted": "none", "sigclip" or "minmax" first
+    difference: bool = False  # also write each frame minus the coadd (variable sources)
 
     @property
     def methods(self) -> list[str]:

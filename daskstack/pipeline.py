@@ -50,7 +50,7 @@ from .rundir import (
     wcs_from_text,
     write_manifest,
 )
-from .write import coadd_header, write_coadd_fits
+from .write import coadd_header, write_coadd_fits, write_image_fits
 
 __all__ = [
     "EXIT_FAILED",
@@ -130,6 +130,19 @@ def _solve_task(meta: FrameMeta, catalog: Table, settings: Settings, companions=
     except Exception as err:  # one frame's bug must not stop the batch: record it
         log.exception("%s: solving failed", meta.name)
         return failure(meta, f"unexpected error: {type(err).__name__}: {err}")
+
+
+def _difference_task(store_path: str, filter_name: str, index: int, scale: float,
+                     offset: float, coadd_key: str, path: str, header_text: str) -> str:
+    """One frame, scaled as in the coadd, minus the coadd: ``path`` (FITS, grid WCS)."""
+    from astropy.io import fits
+
+    group = store_mod.open_store(store_path).group()
+    frame = group[f"{store_mod.filter_key(filter_name)}/data"][index]
+    coadd = group[f"coadd/{coadd_key}/image"][...]
+    difference = (frame * np.float32(scale) + np.float32(offset) - coadd).astype(np.float32)
+    write_image_fits(Path(path), [(fits.Header.fromstring(header_text), difference)])
+    return path
 
 
 def _detect_task(meta: FrameMeta, settings: Settings):
@@ -552,6 +565,9 @@ def combine_store(client, store_path: Path, out_dir: Path, settings: Settings,
             write_coadd_fits(path, header, image, weight)
             output_log.add(path)
         outputs[filter_name] = paths[0][1]
+        if cs.difference:
+            _write_differences(client, stack, filter_name, [names[i] for i in keep], keep,
+                               scales, key, out_dir, output_log)
         progress("combine", done, len(filters))
     if len(outputs) >= 3:  # colourise, as the tutorial does with its bands
         from .report import colour_composite
@@ -561,6 +577,27 @@ def combine_store(client, store_path: Path, out_dir: Path, settings: Settings,
         if colour is not None:
             output_log.add(out_dir / "colour.png")
     return outputs
+
+
+def _write_differences(client, stack, filter_name, names, indices, scales, coadd_key,
+                       out_dir, output_log) -> None:
+    """``OUT/difference/<frame>.fits`` for every combined frame: one task each."""
+    directory = out_dir / "difference"
+    directory.mkdir(exist_ok=True)
+    header = stack.grid.header
+    futures = {}
+    for name, index, scale, offset in zip(names, indices, scales.scales, scales.offsets,
+                                          strict=True):
+        frame_header = header.copy()
+        frame_header["FRAME"] = (name, "this frame minus the coadd")
+        frame_header["FILTER"] = filter_name
+        futures[name] = client.submit(
+            _difference_task, stack.path, filter_name, index, float(scale), float(offset),
+            coadd_key, str(directory / f"{name}.fits"), frame_header.tostring(), pure=False)
+    _gather_as_completed(client, futures, "difference", _progress_none,
+                         lambda name, path: output_log.add(Path(path))
+                         if isinstance(path, str) else log.warning(
+                             "%s: no difference image (%s)", name, path))
 
 
 def _scales(cs, infos):

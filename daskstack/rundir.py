@@ -111,7 +111,7 @@ class OutputLog:
     def add(self, path) -> None:
         """Record ``path`` (already in place) and rewrite the log atomically."""
         path = Path(path)
-        self.records[path.name] = (sha256(path), path.stat().st_size)
+        self.records[self._key(path)] = (sha256(path), path.stat().st_size)
         names = sorted(self.records)
         table = Table([names, [self.records[n][0] for n in names],
                        [self.records[n][1] for n in names]],
@@ -121,10 +121,17 @@ class OutputLog:
         with atomic_path(self.path) as tmp:
             table.write(tmp, format="ascii.ecsv")
 
+    def _key(self, path: Path) -> str:
+        """The name a file is recorded under: its path inside the run directory."""
+        try:
+            return Path(path).resolve().relative_to(self.out_dir.resolve()).as_posix()
+        except ValueError:
+            return Path(path).name
+
     def verified(self, path) -> bool:
         """True when ``path`` exists and matches its record."""
         path = Path(path)
-        recorded = self.records.get(path.name)
+        recorded = self.records.get(self._key(path))
         return (recorded is not None and path.exists()
                 and recorded[1] == path.stat().st_size and recorded[0] == sha256(path))
 
@@ -132,7 +139,7 @@ class OutputLog:
         """Delete every recorded output (``--overwrite``: no coadd of an old run may stay
         looking like the new run's) and the log itself."""
         for name in self.records:
-            if "/" not in name and name not in ("", ".", ".."):
+            if name and ".." not in Path(name).parts and not Path(name).is_absolute():
                 (self.out_dir / name).unlink(missing_ok=True)
         self.path.unlink(missing_ok=True)
         self.records = {}

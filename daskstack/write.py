@@ -14,7 +14,10 @@ from astropy.io import fits
 
 from ._io import atomic_path
 
-__all__ = ["coadd_header", "write_coadd_fits"]
+__all__ = ["coadd_header", "write_coadd_fits", "write_image_fits"]
+
+WCS_KEYS = ("CTYPE", "CRVAL", "CRPIX", "CD", "PC", "CDELT", "CUNIT", "LONPOLE", "LATPOLE",
+            "RADESYS", "EQUINOX", "WCSAXES")
 
 
 def coadd_header(stack, filter_name, names, infos, cs, scales) -> fits.Header:
@@ -45,22 +48,22 @@ def coadd_header(stack, filter_name, names, infos, cs, scales) -> fits.Header:
 def write_coadd_fits(path: Path, header: fits.Header, image_array, weight_array) -> None:
     """Stream the coadd (primary HDU) and its weight map (``WEIGHT`` extension) row block by
     row block from zarr into FITS, so the client never holds the whole mosaic twice."""
-    ny, nx = image_array.shape
-    rows = max(1, int(64 * 2**20 // (4 * nx)))
+    weight_header = fits.Header()
+    weight_header["EXTNAME"] = ("WEIGHT", "frames (or summed weights) per pixel")
+    for key in header:
+        if key.startswith(WCS_KEYS):
+            weight_header[key] = header[key]
+    write_image_fits(path, [(header, image_array), (weight_header, weight_array)])
+
+
+def write_image_fits(path: Path, planes) -> None:
+    """Write ``[(header, 2-D array), ...]`` as a primary HDU and image extensions,
+    float32, streamed row block by row block (arrays may be zarr arrays), atomically."""
     with atomic_path(path) as tmp:
-        primary = header.copy()
-        primary["SIMPLE"] = True
-        primary["BITPIX"] = -32
-        primary.insert(1, ("BITPIX", -32)) if "BITPIX" not in primary else None
-        _stream_hdu(tmp, _image_header(primary, ny, nx, primary_hdu=True), image_array, rows)
-        weight_header = fits.Header()
-        weight_header["EXTNAME"] = ("WEIGHT", "frames (or summed weights) per pixel")
-        for key in header:
-            if key.startswith(("CTYPE", "CRVAL", "CRPIX", "CD", "PC", "CDELT", "CUNIT",
-                               "LONPOLE", "LATPOLE", "RADESYS", "EQUINOX", "WCSAXES")):
-                weight_header[key] = header[key]
-        _stream_hdu(tmp, _image_header(weight_header, ny, nx, primary_hdu=False),
-                    weight_array, rows)
+        for n, (header, array) in enumerate(planes):
+            ny, nx = array.shape
+            rows = max(1, int(64 * 2**20 // (4 * nx)))
+            _stream_hdu(tmp, _image_header(header, ny, nx, primary_hdu=n == 0), array, rows)
 
 
 def _image_header(header: fits.Header, ny: int, nx: int, primary_hdu: bool) -> fits.Header:

@@ -266,3 +266,29 @@ def test_store_describes_itself(stack_store, stack_field):
     table = Table.read(stack_store / "manifest.ecsv") if (stack_store / "manifest.ecsv").exists() \
         else None
     assert table is None or len(table) == N_FRAMES
+
+
+def test_difference_images_bring_out_what_changed(stack_field, stack_store, dask_client):
+    """Frame minus coadd: the trail stands out in its frame's difference, nowhere else."""
+    settings = Settings()
+    settings.combine.method = "median"
+    settings.combine.difference = True
+    out = stack_store / "combine-difference"
+    combine_store_path(stack_store / "store.zarr", out, settings, client=dask_client)
+    names = [p.name.replace(".fits.fz", "") for p in stack_field.frames]
+    files = sorted((out / "difference").glob("*.fits"))
+    assert [p.stem for p in files] == sorted(names)
+    bright = {}
+    for name in names:
+        diff = fits.getdata(out / "difference" / f"{name}.fits")
+        noise = mad_std(diff, ignore_nan=True)
+        assert abs(np.nanmedian(diff)) < 0.2 * noise  # sky matched: scaled as in the coadd
+        bright[name] = int(np.sum(diff > 10 * noise))
+    trail = names[TRAIL_FRAME]
+    assert bright[trail] > 300
+    assert max(v for k, v in bright.items() if k != trail) < bright[trail] / 3
+    header = fits.getheader(out / "difference" / f"{trail}.fits")
+    assert header["FRAME"] == trail and "CRVAL1" in header
+    from daskstack.rundir import read_outputs
+
+    assert f"difference/{trail}.fits" in read_outputs(out)
