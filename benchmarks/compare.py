@@ -167,7 +167,7 @@ def star_photometry(path, dataset, weight=None, aperture: float = 20.0) -> dict:
     bkg = np.array([np.median(m.get_values(image)) for m in masks])
     # centroid on the background-subtracted image, star by star
     cx, cy = np.empty(len(xs)), np.empty(len(xs))
-    for i, (xx, yy, b) in enumerate(zip(xs, ys, bkg)):
+    for i, (xx, yy, b) in enumerate(zip(xs, ys, bkg, strict=False)):
         ix, iy = int(round(xx)), int(round(yy))
         sub = image[iy - 8:iy + 9, ix - 8:ix + 9] - b
         px, py = centroid_sources(sub, xx - (ix - 8), yy - (iy - 8), box_size=11,

@@ -43,7 +43,7 @@ class Dataset:
     truth: Path | None = None
     info: dict = field(default_factory=dict)
 
-    def subset(self, n: int) -> "Dataset":
+    def subset(self, n: int) -> Dataset:
         if n > len(self.frames):
             raise ValueError(f"{self.name}: {n} frames asked, {len(self.frames)} available")
         return Dataset(self.name, self.kind, self.frames[:n], self.frame_shape, self.filter,

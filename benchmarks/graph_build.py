@@ -94,7 +94,8 @@ def build_combine(store_path: Path, grid, metas, settings) -> dict:
     import dask
     import dask.array as da
 
-    from daskstack import combine, store as store_mod
+    from daskstack import combine
+    from daskstack import store as store_mod
     from daskstack.pipeline import _combine_tile
 
     filters: dict[str, list[str]] = {}

@@ -71,7 +71,7 @@ def run_contender(contender, dataset, run_dir: Path, repeats: int, mem_limit: in
                   timeout: float, profile: bool = False) -> dict:
     record = {"contender": contender, "dataset": dataset.name, "n_frames": len(dataset.frames),
               "frame_shape": list(dataset.frame_shape), "repeats": []}
-    for r in range(repeats):
+    for _r in range(repeats):
         shutil.rmtree(run_dir, ignore_errors=True)
         plan = C.plan(contender, dataset, run_dir)
         if plan is None:

@@ -306,7 +306,8 @@ def run(frames, catalog, out_dir, overwrite, report, lco_frames, lco_query, lco_
     the same command resumes: frames already solved or registered are not computed
     again. One coadd per filter.
     """
-    from .pipeline import RunError, run as run_pipeline
+    from .pipeline import RunError
+    from .pipeline import run as run_pipeline
 
     _setup_logging(verbose, quiet)
     settings = _settings(config_file, overrides)

@@ -343,7 +343,7 @@ def _candidates_from_triangles(src, ref_index: TriangleIndex, n_src, n_ref, allo
         return empty
     q = None
     parts_s, parts_r, parts_f = [], [], []
-    for c, (inv, r_verts, r_l0, r_or, far, tree) in enumerate(
+    for c, (_inv, r_verts, r_l0, r_or, far, tree) in enumerate(
             ref_index.chunks(n_ref, ref_radius)):
         key = (n_src, float(n_ref), c)
         if key not in cache:

@@ -28,7 +28,8 @@ from pathlib import Path
 import numpy as np
 from astropy.table import Table
 
-from . import catalogs, combine, store as store_mod
+from . import catalogs, combine
+from . import store as store_mod
 from .astrometry import SolveResult, solve_frame, write_wcs_file
 from .config import Settings
 from .frames import FrameError, FrameMeta, frame_name, read_frame, read_meta, unusable_reason

@@ -360,7 +360,7 @@ def _fit_inverse_sip(a, b, shape, crpix):
     coef_v, *_ = np.linalg.lstsq(design, vv - V, rcond=None)
     ap = np.zeros((inv_order + 1, inv_order + 1))
     bp = np.zeros((inv_order + 1, inv_order + 1))
-    for (p, q), cu, cv in zip(terms, coef_u, coef_v):
+    for (p, q), cu, cv in zip(terms, coef_u, coef_v, strict=False):
         ap[p, q] = cu / norm ** (p + q)
         bp[p, q] = cv / norm ** (p + q)
     return ap, bp
@@ -1086,7 +1086,7 @@ def simulate_field(
         frame_seed = [int(seed) & 0xFFFFFFFF, 100 + i]
 
         time = Time(t_mjd, format="mjd", scale="utc")
-        t_mjd += ((cadence_s if cadence_s is not None else texp + 30.0)) / 86400.0
+        t_mjd += (cadence_s if cadence_s is not None else texp + 30.0) / 86400.0
         ra_req, dec_req = _offset(ra0, dec0, dither[0], dither[1])
         ra_true, dec_true = _offset(ra_req, dec_req, -perr[0], -perr[1])
         wcs_args = dict(center=(float(ra_true), float(dec_true)), shape=shape,
@@ -1132,7 +1132,7 @@ def simulate_field(
 
     mapper = executor.map if executor is not None else map
     results = list(mapper(_make_one, specs))
-    for row, result in zip(rows, results):
+    for row, result in zip(rows, results, strict=False):
         row.update(result)
     truth = Table(rows=rows)
     truth.meta.update({"center_ra": ra0, "center_dec": dec0, "seed": int(seed),
@@ -1145,7 +1145,7 @@ def simulate_field(
     return SimulatedField(
         frames=[s["path"] for s in specs],
         catalog=catalog_path,
-        truth_wcs={row["name"]: s["truth_path"] for row, s in zip(rows, specs)},
+        truth_wcs={row["name"]: s["truth_path"] for row, s in zip(rows, specs, strict=False)},
         truth=truth_path,
         center=(ra0, dec0),
     )

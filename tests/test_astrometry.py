@@ -87,7 +87,7 @@ def test_real_frames_agree_with_lco(start, request):
     """Every gp/rp/zs frame solves and agrees with LCO's WCS to <= 0.5" RMS, median <= 0.3"."""
     solved = request.getfixturevalue(start)
     errs = {}
-    for name, (res, truth, shape, err) in solved.items():
+    for name, (res, _truth, _shape, err) in solved.items():
         assert res.ok, f"{name}: {res.reason}"
         assert res.n_matches >= 100
         assert abs(res.pixel_scale_arcsec - 1.141) < 0.003

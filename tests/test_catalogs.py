@@ -6,8 +6,13 @@ from astropy.coordinates import SkyCoord
 from astropy.table import Table
 
 from daskstack import catalogs
-from daskstack.catalogs import (CatalogError, load_catalog, propagate_proper_motion, query_gaia,
-                                reference_catalog)
+from daskstack.catalogs import (
+    CatalogError,
+    load_catalog,
+    propagate_proper_motion,
+    query_gaia,
+    reference_catalog,
+)
 from daskstack.config import CatalogSettings
 
 

@@ -246,11 +246,11 @@ def test_photometric_scaling_matches_reference_frame_flux():
     sky = np.array([80.0, 120.0, 95.0, 150.0, 85.0, 100.0])
     target, comparison = 5.0e4, 8.0e4
     frames = []
-    for tr, s in zip(transparency, sky):
+    for tr, s in zip(transparency, sky, strict=False):
         model = s + tr * (_star(shape, 24, 18, target) + _star(shape, 24, 46, comparison))
         frames.append(rng.normal(model, 2.0).astype(np.float32))
     # "catalog star" flux ratios relative to frame 0, measured on the comparison star
-    phot = np.array([_aperture(f - s, 24, 46) for f, s in zip(frames, sky)])
+    phot = np.array([_aperture(f - s, 24, 46) for f, s in zip(frames, sky, strict=False)])
     ratio = phot / phot[0]
     fs = frame_scales("photometric", flux_ratio=ratio, sky=sky, subtract_background=True)
     assert fs.units == "reference"
@@ -354,5 +354,5 @@ def test_combination_is_lazy_and_graph_is_small(tmp_path):
     chunk_bytes = 12 * 64 * 64 * 4
     assert max(sizes.nbytes) <= chunk_bytes  # never more than one chunk in one task
     expect = _compute(combine_stack(values, method="sigclip"))
-    for got, ref in zip((image, weight, nused), expect):
+    for got, ref in zip((image, weight, nused), expect, strict=False):
         np.testing.assert_array_equal(got, ref)

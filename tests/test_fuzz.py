@@ -15,7 +15,8 @@ import math
 import numpy as np
 import pytest
 from astropy.io import fits
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from daskstack.frames import FrameError, header_wcs, read_frame, read_meta, unusable_reason
 from daskstack.simulate import lco_header, true_frame_wcs

@@ -19,7 +19,8 @@ import pytest
 from astropy.io import fits
 from astropy.table import Table, vstack
 
-from daskstack import catalogs as catalogs_mod, pipeline, rundir
+from daskstack import catalogs as catalogs_mod
+from daskstack import pipeline, rundir
 from daskstack.config import Settings
 from daskstack.frames import frame_name, read_meta
 from daskstack.pipeline import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL, RunError, run

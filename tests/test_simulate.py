@@ -159,7 +159,7 @@ def test_truth_wcs_places_stars_to_hundredths_of_a_pixel_with_sip():
     assert np.allclose(info["y"], ys.ravel(), atol=1e-4)
     lin_x, lin_y = wcs.wcs_world2pix(ra, dec, 0)  # without SIP
     assert np.hypot(lin_x - xs.ravel(), lin_y - ys.ravel()).max() > 1.0  # SIP matters here
-    for x, y in zip(info["x"], info["y"]):
+    for x, y in zip(info["x"], info["y"], strict=False):
         cx, cy, _ = _measure(data, x, y, 150.0)
         assert np.hypot(cx - x, cy - y) < 0.05
     # the truth WCS file round-trips, SIP and all
@@ -171,7 +171,7 @@ def test_truth_wcs_places_stars_to_hundredths_of_a_pixel_with_sip():
 
 def test_header_wcs_is_wrong_as_requested(field):
     truth = Table.read(field.truth)
-    for path, row in zip(field.frames, truth):
+    for path, row in zip(field.frames, truth, strict=False):
         with quiet_astropy():  # NAXIS=0 in a header-only file: astropy warns, harmlessly
             true = WCS(fits.getheader(field.truth_wcs[row["name"]]))
         head = read_meta(path).header_wcs()
@@ -235,7 +235,7 @@ def test_star_flux_follows_the_photometric_model():
                                      rng=9)
     expected = exptime * transparency * 10 ** (-0.4 * (14.0 - zp)) / gain  # ADU
     assert np.allclose(info["flux"], expected)
-    for x, y in zip(info["x"], info["y"]):
+    for x, y in zip(info["x"], info["y"], strict=False):
         _, _, flux = _measure(data, x, y, 80.0, radius=20)
         assert flux == pytest.approx(expected, rel=0.03)
 
@@ -271,7 +271,7 @@ def test_same_seed_same_pixels_other_seed_other_pixels(tmp_path):
     b = sim.simulate_field(tmp_path / "b", seed=3, **kwargs)
     c = sim.simulate_field(tmp_path / "c", seed=4, **kwargs)
     assert [p.name for p in a.frames] == [p.name for p in b.frames]
-    for pa, pb, pc in zip(a.frames, b.frames, c.frames):
+    for pa, pb, pc in zip(a.frames, b.frames, c.frames, strict=False):
         fa, fb, fc = read_frame(pa), read_frame(pb), read_frame(pc)
         assert fa.data.shape == (128, 160)
         assert np.array_equal(fa.data, fb.data) and np.array_equal(fa.mask, fb.mask)
