@@ -3,17 +3,21 @@
 Phases, each a fan-out of small tasks over a `distributed.Client`::
 
     inspect   per frame: read the header (no pixels)          -> FrameMeta
-    catalog   client: one reference catalog per field (cached), scattered once
+    catalog   client: one reference catalog per field (cached); a small task holds it
     solve     per frame: read, detect, match, fit             -> SolveResult (WCS text + QA)
+              again, with the detections of the other exposures of the same pointing,
+              for frames too thin to solve alone
     grid      client: one output grid from the solved WCSs
-    register  per frame: reproject tile by tile into zarr    -> tile count
-    combine   per output chunk: scale, reject, combine       -> zarr -> FITS (streamed)
+    register  per frame: reproject tile by tile into zarr    -> tile count (+ sky level)
+    combine   per output block: scale, reject, combine       -> zarr -> FITS (streamed)
+              (+ per frame: frame minus coadd, on request)
+    report    per frame and per run: pictures, then one HTML page (on request)
 
 Tasks carry paths and small records, never pixel arrays: workers open the files
 themselves, so the graph grows with the number of frames, not with their size.
-Results come back as they complete; the manifest is rewritten atomically as they
-do, so an interrupted run resumes where it stopped: frames already solved or
-registered (same grid) are not computed again.
+Results come back as they complete and are recorded in the run directory
+(`daskstack.rundir`) as they do, so an interrupted run resumes where it stopped:
+frames already solved or registered (same grid) are not computed again.
 """
 
 from __future__ import annotations
