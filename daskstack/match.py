@@ -152,15 +152,6 @@ def fit_similarity(src, ref, flip: bool = False, weights=None) -> Transform:
     return Transform(m, t)
 
 
-def fit_affine(src, ref) -> Transform:
-    """Least-squares affine transform mapping ``src`` to ``ref`` (needs >= 3 points)."""
-    src = np.asarray(src, float)
-    ref = np.asarray(ref, float)
-    design = np.column_stack([src, np.ones(len(src))])
-    coef, *_ = np.linalg.lstsq(design, ref, rcond=None)
-    return Transform(coef[:2].T, coef[2])
-
-
 def nn_match(src_xy, ref_tree: cKDTree, radius: float):
     """One-to-one nearest-neighbour pairs within ``radius``.
 

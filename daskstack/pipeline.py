@@ -417,9 +417,16 @@ def _accept_solution(record: FrameRecord, result: SolveResult, output_log: Outpu
 
 def choose_grid(records: list[FrameRecord], settings: Settings) -> Grid:
     solved = [r for r in records if r.status == "ok"]
+    names = [r.name for r in solved]
+    if settings.grid.method == "reference" and solved:
+        # only the reference frame's WCS is needed: do not parse thousands on the client
+        wanted = settings.grid.reference or names[0]
+        match = [r for r in solved if r.name == wanted]
+        if match:  # else make_grid names the missing reference
+            solved, names = match, [wanted]
     footprints = [(r.meta.shape, wcs_from_text(r.result.wcs_header, r.meta.shape))
                   for r in solved]
-    return make_grid(footprints, settings.grid, names=[r.name for r in solved])
+    return make_grid(footprints, settings.grid, names=names)
 
 
 def register_frames(client, records: list[FrameRecord], grid: Grid, store_path: Path,
