@@ -13,8 +13,11 @@ The archive (https://archive-api.lco.global) is a REST API:
 `ArchiveClient` queries it, then downloads with bounded concurrency, retries
 with exponential backoff, checks every response against the documented shape,
 verifies each file against the archive's md5 and the expected size, writes it
-atomically, and skips files already present and verified. `download_frames` is
-the one-call entry point used by ``daskstack download`` and ``daskstack run``.
+atomically, and skips files already present and verified. Each record is judged
+alone: one the archive got wrong (unsafe file name, no url, 404, wrong md5, truncated
+body) fails that frame with its reason, the others download, and nothing is written
+outside the output directory. `download_frames` is the one-call entry point used by
+``daskstack download`` and ``daskstack run``.
 
 Settings, most specific first:
 

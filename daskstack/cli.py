@@ -305,6 +305,7 @@ def run(frames, catalog, out_dir, overwrite, report, lco_frames, lco_query, lco_
     the same command resumes: frames already solved or registered are not computed
     again. One coadd per filter.
     """
+    from .archive import OUTCOMES_NAME
     from .pipeline import RunError
     from .pipeline import run as run_pipeline
 
@@ -318,7 +319,7 @@ def run(frames, catalog, out_dir, overwrite, report, lco_frames, lco_query, lco_
                                                    archive_url, Path(out_dir) / "frames")
         if not frames and not downloaded:
             _fail(f"no frame could be downloaded ({len(not_downloaded)} failed, see "
-                  f"{Path(out_dir) / 'frames' / 'lco-download.ecsv'})", code=EXIT_FAILED)
+                  f"{Path(out_dir) / 'frames' / OUTCOMES_NAME})", code=EXIT_FAILED)
         frames = tuple(frames) + tuple(downloaded)
     frames = _check_inputs(frames)
     try:
@@ -329,27 +330,19 @@ def run(frames, catalog, out_dir, overwrite, report, lco_frames, lco_query, lco_
     _summary(result, quiet)
     if not_downloaded and not quiet:
         click.echo(f"archive: {len(not_downloaded)} frames not downloaded (not in the run; see "
-                   f"{Path(out_dir) / 'frames' / 'lco-download.ecsv'})")
+                   f"{Path(out_dir) / 'frames' / OUTCOMES_NAME})")
     # Frames that never arrived are failed frames too: the run is at best partial.
     code = result.exit_code
     sys.exit(EXIT_PARTIAL if code == EXIT_OK and not_downloaded else code)
 
 
-def _archive_query(items, option: str) -> dict:
-    """``KEY=VALUE`` strings (or a dict) as query keywords, checked before any request."""
+def _checked_query(query: dict, option: str) -> dict:
+    """The archive query keywords, checked before any request (bad ones: exit 2)."""
     from . import archive
 
-    query = dict(items) if isinstance(items, dict) else {}
-    for item in () if isinstance(items, dict) else items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            _fail(f"{option} {item!r}: expected KEY=VALUE")
-        query[key.strip()] = value.strip()
     try:
         archive.build_query(**query)
-    except TypeError as err:
-        _fail(f"{option}: {err}")
-    except archive.ArchiveError as err:
+    except (TypeError, archive.ArchiveError) as err:
         _fail(f"{option}: {err}")
     return query
 
@@ -378,7 +371,13 @@ def _lco_download(ids, query_items, limit, archive_url, out_dir) -> tuple[list[s
     paths that arrived, and the failed `DownloadResult`s (each also on stderr)."""
     from . import archive
 
-    query = _archive_query(query_items, "--lco-query")
+    query = {}
+    for item in query_items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            _fail(f"--lco-query {item!r}: expected KEY=VALUE")
+        query[key.strip()] = value.strip()
+    query = _checked_query(query, "--lco-query")
     results = []
     with _archive_client(archive_url) as client:
         try:
@@ -632,7 +631,7 @@ def download(ids, out_dir, target, ra, dec, radius, start, end, filter_, site, t
     }
     if not ids and not query:
         _fail("give frame ids or at least one query option (--target, --ra/--dec, ...)")
-    query = _archive_query(query, "query options")
+    query = _checked_query(query, "query options")
     results = []
     with _archive_client(archive_url, token_file=token_file, token_env=token_env,
                          timeout=timeout, retries=retries, max_workers=workers) as client:
