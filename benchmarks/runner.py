@@ -120,9 +120,10 @@ def run_repeat(record: dict, dataset, run_dir: Path, mem_limit: int, timeout: fl
 def _agreement(dataset, records, n) -> tuple[list, list]:
     from . import compare
 
+    # the outputs on disk are those of each contender's last try: compare only finished ones
     outputs = {r["contender"]: {k: Path(v) for k, v in r.get("outputs", {}).items()
                                 if Path(v).exists()}
-               for r in records if r.get("summary", {}).get("status") == "ok"}
+               for r in records if r["repeats"] and r["repeats"][-1]["status"] == "ok"}
     reference = next((c for c in ("daskstack-2w", "daskstack-1w") if c in outputs), None)
     if reference is None:
         return [], []
@@ -237,7 +238,7 @@ def run_suite(suite_name: str, out: Path, *, real_dir=None, only=None, sizes=Non
             log(f"real frames skipped: {err}")
     # astrometry (before the synthetic sizes, so that a run stopped for time during the
     # largest N still has it)
-    if not skip_astrometry:
+    if not skip_astrometry and suite["astrometry"]:
         a = suite["astrometry"]
         # raw rows, merged into the results file (kept out of the committed top level)
         astro_json = out / "runs" / f"astrometry-{suite_name}-{stamp}.json"

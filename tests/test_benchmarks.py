@@ -15,9 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("psutil")
-
-from benchmarks import datasets, report, runner, stats  # noqa: E402
+from benchmarks import datasets, report, runner, stats
 
 GiB = 2**30
 CONTENDERS = ["floor", "tutorial", "swarp", "daskstack-1w", "daskstack-2w"]
