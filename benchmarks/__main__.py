@@ -43,6 +43,9 @@ def main(argv=None) -> int:
                      help="wrap daskstack steps in py-spy (pip install py-spy)")
     run.add_argument("--keep", action="store_true",
                      help="keep the intermediates (store.zarr, SWarp's resampled frames)")
+    run.add_argument("--baseline", metavar="REV", default=None,
+                     help="also run daskstack at git revision REV (2 workers), interleaved "
+                          "with this one: the before/after of a change, as per-round ratios")
     rep = sub.add_parser("report", help="rewrite the markdown table and plot from a JSON file")
     rep.add_argument("results", type=Path)
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -59,7 +62,8 @@ def main(argv=None) -> int:
     run_suite(args.suite, args.out, real_dir=args.real_dir, only=args.only, sizes=args.size,
               repeats=args.repeats, mem_limit_gib=args.mem_limit_gib, timeout=args.timeout,
               skip_astrometry=args.skip_astrometry, skip_real=args.skip_real,
-              profile=args.profile, keep=args.keep, ns=args.n, command=argv)
+              profile=args.profile, keep=args.keep, ns=args.n, command=argv,
+              baseline=args.baseline)
     return 0
 
 

@@ -68,13 +68,28 @@ def new_record(contender, dataset) -> dict:
             "frame_shape": list(dataset.frame_shape), "repeats": []}
 
 
+def unpack_revision(revision: str, directory: Path) -> Path:
+    """The package ``daskstack/`` of git ``revision`` unpacked (``git archive``) under
+    ``directory``/<short hash>, to run beside the working tree (``--baseline``)."""
+    sha = subprocess.run(["git", "rev-parse", "--short=10", f"{revision}^{{commit}}"],
+                         cwd=datasets.REPO, capture_output=True, text=True, check=True
+                         ).stdout.strip()
+    target = Path(directory) / sha
+    if not (target / "daskstack" / "__init__.py").exists():
+        target.mkdir(parents=True, exist_ok=True)
+        archive = subprocess.run(["git", "archive", "--format=tar", sha, "daskstack"],
+                                 cwd=datasets.REPO, capture_output=True, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(target)], input=archive, check=True)
+    return target
+
+
 def run_repeat(record: dict, dataset, run_dir: Path, mem_limit: int, timeout: float,
-               profile: bool = False) -> dict | None:
+               profile: bool = False, baselines: Path | None = None) -> dict | None:
     """One repeat of ``record``'s contender on ``dataset``, appended to the record (with
     the record's outputs: those of its latest repeat); None when it cannot run here."""
     contender = record["contender"]
     shutil.rmtree(run_dir, ignore_errors=True)
-    plan = C.plan(contender, dataset, run_dir)
+    plan = C.plan(contender, dataset, run_dir, baselines)
     if plan is None:
         record["skipped"] = "SWarp is not installed (Debian package 'swarp')"
         return None
@@ -144,7 +159,7 @@ def _agreement(dataset, records, n) -> tuple[list, list]:
 def run_suite(suite_name: str, out: Path, *, real_dir=None, only=None, sizes=None,
               repeats=None, mem_limit_gib=None, timeout=None, skip_astrometry=False,
               skip_real=False, profile=False, keep=False, ns=None,
-              command=None) -> Path:
+              command=None, baseline=None) -> Path:
     """Run ``suite_name`` and write ``<suite>-<UTC time>.json`` (+ .md, .png) into ``out``;
     ``command`` is the argument list of ``python -m benchmarks`` that asked for it."""
     suite = suites.SUITES[suite_name]
@@ -161,6 +176,12 @@ def run_suite(suite_name: str, out: Path, *, real_dir=None, only=None, sizes=Non
     result_path = out / f"{suite_name}-{kind}{stamp}.json"
     mem_limit = int(mem_limit_gib * GiB) if mem_limit_gib else measure.default_mem_limit()
     contenders_all = [c for c in C.ALL_CONTENDERS if not only or c in only]
+    baselines = data_root / "baselines"
+    if baseline:  # another revision beside this one, interleaved: a change's before/after
+        source = unpack_revision(baseline, baselines)
+        contenders_all.insert(contenders_all.index("daskstack-2w") + 1
+                              if "daskstack-2w" in contenders_all else len(contenders_all),
+                              C.baseline_contender(source))
     results = {"suite": suite_name,
                "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
                "overrides": overrides,
@@ -168,6 +189,7 @@ def run_suite(suite_name: str, out: Path, *, real_dir=None, only=None, sizes=Non
                              if command is not None
                              else f"benchmarks.runner.run_suite({suite_name!r}) from Python"),
                "machine": _machine(), "mem_limit_bytes": mem_limit,
+               "baseline": baseline,  # the suite as defined, plus this revision beside it
                "swarp_config": C.SWARP_CONFIG, "schedule": [], "runs": [], "ratios": [],
                "agreement": [], "stars": [], "astrometry": None, "notes": []}
     if not C.SWARP:
@@ -206,7 +228,8 @@ def run_suite(suite_name: str, out: Path, *, real_dir=None, only=None, sizes=Non
                     continue
                 run_dir = out / "runs" / f"{dataset.name}-N{n}" / contender
                 started = time.perf_counter() - t_start
-                rep = run_repeat(records[contender], sub, run_dir, mem_limit, timeout, profile)
+                rep = run_repeat(records[contender], sub, run_dir, mem_limit, timeout, profile,
+                                 baselines)
                 if rep is None or rep["status"] != "ok":
                     stopped.add(contender)
                 if rep is not None:
@@ -262,8 +285,8 @@ def run_suite(suite_name: str, out: Path, *, real_dir=None, only=None, sizes=Non
         ds = datasets.synthetic(data_root, max(ns), size=size, log=log)
         results.setdefault("generation_s", {})[f"synth{size}"] = time.perf_counter() - t0
         for n in ns:
-            cont = [c for c in suites.contenders_for(suite, n, C.ALL_CONTENDERS)
-                    if c in contenders_all] or contenders_all
+            cont = [c for c in suites.contenders_for(suite, n, contenders_all)] \
+                or contenders_all
             bench(ds, n, cont, repeats or spec["repeats"])
     save()
     from . import report

@@ -83,9 +83,22 @@ def _by_round(record: dict) -> dict[int, dict]:
             if rep.get("status") == "ok"}
 
 
-def paired_ratios(runs: list[dict], ratios=RATIOS) -> list[dict]:
-    """For each data size, each ratio of ``ratios`` whose two contenders both finished in
-    some round: the ratio in every such round, and its median [min-max] over them."""
+def ratios_for(runs: list[dict]) -> tuple:
+    """`RATIOS`, plus this revision against each other revision run beside it
+    (``daskstack-2w@<rev>``, ``--baseline``): the before/after of a change, per round."""
+    extra = []
+    for name in sorted({rec["contender"] for rec in runs if "@" in rec["contender"]}):
+        current = name.partition("@")[0]
+        extra += [(f"{current} / {name}, wall", current, name, "wall_core_s"),
+                  (f"{current} / {name}, CPU", current, name, "cpu_core_s")]
+    return RATIOS + tuple(extra)
+
+
+def paired_ratios(runs: list[dict], ratios=None) -> list[dict]:
+    """For each data size, each ratio of ``ratios`` (default `ratios_for` the runs) whose
+    two contenders both finished in some round: the ratio in every such round, and its
+    median [min-max] over them."""
+    ratios = ratios_for(runs) if ratios is None else ratios
     groups: dict[tuple, dict] = {}
     for rec in runs:
         groups.setdefault((rec["dataset"], rec["n_frames"]), {})[rec["contender"]] = rec

@@ -86,6 +86,35 @@ def test_ratios_are_taken_within_a_round_then_summarised():
     assert row["n"] == 2 and rounds[0] not in [p["repeat"] for p in row["per_repeat"]]
 
 
+def test_a_baseline_revision_is_compared_round_by_round(tmp_path):
+    """``--baseline REV``: the revision's package is unpacked (not checked out) and its
+    runs are paired with this revision's in the same rounds."""
+    source = runner.unpack_revision("HEAD", tmp_path)
+    assert (source / "daskstack" / "__init__.py").exists()
+    assert not (source / "tests").exists()  # the package only
+    name = f"daskstack-2w@{source.name}"
+    runs = [_fake_record("daskstack-2w", [dict(_fake_repeat(v), repeat=r)
+                                          for r, v in enumerate([10.0, 30.0, 20.0])]),
+            _fake_record(name, [dict(_fake_repeat(v), repeat=r)
+                                for r, v in enumerate([20.0, 20.0, 40.0])])]
+    (row,) = [r for r in stats.paired_ratios(runs) if r["measure"] == "wall_core_s"]
+    assert (row["numerator"], row["denominator"]) == ("daskstack-2w", name)
+    assert row["median"] == 0.5 and (row["min"], row["max"]) == (0.5, 1.5)
+    from benchmarks import contenders, suites
+
+    plan = contenders.plan(name, _FakeDataset(), tmp_path / "run", baselines=tmp_path)
+    assert plan.steps[0].cmd[:2] == ["env", f"PYTHONPATH={source}"]
+    spec = {"synthetic": {"contenders": {"daskstack-2w": 10}}}
+    assert suites.contenders_for(spec, 5, ["daskstack-2w", name]) == ["daskstack-2w", name]
+    assert suites.contenders_for(spec, 20, ["daskstack-2w", name]) == []
+
+
+class _FakeDataset:
+    frames = [Path("a.fits.fz"), Path("b.fits.fz")]
+    grid_head = Path("grid.head")
+    filter = "rp"
+
+
 @pytest.fixture(scope="module")
 def fake_suite(tmp_path_factory):
     """Run the real suite loop with a fake ``run_repeat`` (and no coadds to compare);
@@ -100,7 +129,8 @@ def fake_suite(tmp_path_factory):
         return datasets.Dataset(f"synth{size}", "synthetic", frames, (size, size), "rp",
                                 directory)
 
-    def fake_run_repeat(record, dataset, run_dir, mem_limit, timeout, profile=False):
+    def fake_run_repeat(record, dataset, run_dir, mem_limit, timeout, profile=False,
+                        baselines=None):
         c, n = record["contender"], len(dataset.frames)
         calls.append((n, c))
         rep = _fake_repeat(float(rng.uniform(1, 100)), rss=int(rng.uniform(0.1, 4) * GiB))
