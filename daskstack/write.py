@@ -27,7 +27,7 @@ WCS_KEYS = ("CTYPE", "CRVAL", "CRPIX", "CD", "PC", "CDELT", "CUNIT", "LONPOLE", 
 def coadd_header(stack, filter_name, names, infos, cs, scales, frame_weights=None,
                  ) -> fits.Header:
     """The coadd header: grid WCS, NCOMBINE, summed EXPTIME, time span (DATE-OBS and
-    MJD-OBS: start of the first exposure; DATE-END: end of the last), method, scaling,
+    MJD-OBS: start of the first exposure; DATE-END, MJD-END: end of the last), method, scaling,
     unit (BUNIT) and effective GAIN, the inputs' OBJECT/TELESCOP/INSTRUME, the catalog
     (REFCAT), software (CREATOR) and time written (DATE), input frame names (IMCMBnnn).
 
@@ -49,6 +49,7 @@ def coadd_header(stack, filter_name, names, infos, cs, scales, frame_weights=Non
         header["DATE-OBS"] = (start.isot, "[UTC] start of the first input exposure")
         header["MJD-OBS"] = (round(float(start.mjd), 8), "[d] MJD of DATE-OBS")
         header["DATE-END"] = (end.isot, "[UTC] end of the last input exposure")
+        header["MJD-END"] = (round(float(end.mjd), 8), "[d] MJD of DATE-END")
     header["COMBINE"] = (cs.method, "daskstack combine method")
     header["SCALING"] = (cs.scale, "daskstack per-frame scaling")
     if cs.method == "sigclip":
