@@ -37,7 +37,6 @@ def coadd_header(stack, filter_name, names, infos, cs, scales, frame_weights=Non
     from . import __version__
 
     header = stack.grid.header
-    header.remove("MJDREF", ignore_missing=True)  # astropy's 0: no time axis here
     header["FILTER"] = (filter_name, "filter of the combined frames")
     header["NCOMBINE"] = (len(names), "number of frames combined")
     exptimes = [f["exptime"] for f in infos if f.get("exptime")]
