@@ -63,7 +63,7 @@ def coadd_header(stack, filter_name, names, infos, cs, scales, frame_weights=Non
         header["GAIN"] = (float(f"{gain:.7g}"), "[e-/BUNIT] effective gain of the coadd")
     elif len(units) > 1:
         header["COMMENT"] = ("no BUNIT: the inputs are in different units ("
-                             + ", ".join(u or "unknown" for u in units) + ")")
+                             + ", ".join(unit or "unknown" for unit in units) + ")")
     for key, field, what in (("OBJECT", "object", "object"),
                              ("TELESCOP", "telescope", "telescope"),
                              ("INSTRUME", "instrument", "instrument")):
