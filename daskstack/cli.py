@@ -153,6 +153,12 @@ STAGE_OPTIONS = {
         ("--subtract-background/--keep-background", "combine.subtract_background",
          dict(default=None, help="Remove each frame's sky level before combining. [subtract]")),
     ],
+    "run": [
+        ("--keep-store/--no-keep-store", "register.keep_store", dict(default=None,
+         help="Keep OUT/store.zarr (the registered stack, about the inputs' size "
+              "uncompressed) once the coadds are written; 'daskstack combine' needs it. "
+              "[keep]")),
+    ],
     "cluster": [
         ("--scheduler", "cluster.scheduler", dict(
          help="Address of an existing Dask scheduler (tcp://host:8786). Workers must see "
@@ -295,7 +301,7 @@ def main():
 @click.option("--archive-url", default=None,
               help="LCO archive API base URL (default: $DASKSTACK_LCO_ARCHIVE_URL or the real "
                    "archive). The token comes from $LCO_ARCHIVE_TOKEN.")
-@stage_options("solve", "register", "combine", "cluster")
+@stage_options("solve", "register", "combine", "run", "cluster")
 @common_options
 def run(frames, catalog, out_dir, overwrite, report, lco_frames, lco_query, lco_limit,
         archive_url, config_file, verbose, quiet, overrides):
@@ -501,7 +507,7 @@ def register(frames, out_dir, wcs_source, config_file, verbose, quiet, overrides
 
 
 @main.command()
-@click.argument("store_path", type=click.Path(exists=True, file_okay=False))
+@click.argument("store_path", type=click.Path(file_okay=False))
 @click.option("--out", "out_dir", type=click.Path(file_okay=False),
               help="Where coadd_<filter>.fits go (default: the store's directory).")
 @stage_options("combine", "cluster")

@@ -80,6 +80,8 @@ __all__ = [
     "CombineResult",
     "FrameScales",
     "combine_stack",
+    "effective_gain",
+    "electrons_per_unit",
     "frame_scales",
     "inverse_variance_weights",
 ]
@@ -195,6 +197,42 @@ def frame_scales(
     else:
         offsets = np.zeros(n)
     return FrameScales(scales, offsets, units)
+
+
+def electrons_per_unit(unit: str, gain) -> np.ndarray:
+    """Electrons per pixel-value unit of each frame: 1 for frames in electrons (whatever
+    their GAIN card says), else the header GAIN (e-/ADU)."""
+    gain = np.asarray(gain, dtype=np.float64)
+    return np.ones_like(gain) if unit == "electron" else gain
+
+
+def effective_gain(method: str, gain, scales, weights=None, *, nlow: int = 0,
+                   nhigh: int = 0) -> float:
+    """Electrons per unit of the coadd, for its Poisson noise: ``variance = value / G``.
+
+    Frame i has ``gain_i`` electrons per unit of its own (`electrons_per_unit`) and is
+    multiplied by ``s_i`` (``scales``). A source of S coadd units has Poisson variance
+    ``S * s_i / gain_i`` in frame i (scaled); the weighted mean (``w_i``, 1 unless
+    ``weighted``) of N frames then has variance ``S * sum(w_i**2 s_i / gain_i) /
+    sum(w_i)**2``, so
+
+        G = sum(w_i)**2 / sum(w_i**2 * s_i / gain_i)
+
+    (N frames alike: ``G = N * gain / s``; scaled by exposure time, ``gain * sum(t_i)``).
+    ``median``: times 2/pi (the median's variance is pi/2 that of the mean); ``minmax``:
+    times (N - nlow - nhigh) / N (that many values kept per pixel); ``sigclip``: as the
+    mean (clipping removes few values of a source's own noise).
+    """
+    gain = np.asarray(gain, dtype=np.float64)
+    scales = np.asarray(scales, dtype=np.float64)
+    w = np.ones_like(scales) if weights is None else np.asarray(weights, dtype=np.float64)
+    g = float(np.sum(w) ** 2 / np.sum(w**2 * scales / gain))
+    n = scales.size
+    if method == "median":
+        g *= 2.0 / np.pi
+    elif method == "minmax":
+        g *= max(n - nlow - nhigh, 1) / n
+    return g
 
 
 def inverse_variance_weights(gain, rdnoise, sky, exptime=None, scale=None) -> np.ndarray:

@@ -84,6 +84,9 @@ class RegisterSettings:
     fast_mapping: bool = True  # evaluate the pixel mapping on a coarse mesh (checked)
     mapping_tolerance_px: float = 0.01  # max mesh-interpolation error before the exact path
     conserve_flux: bool = True  # scale by output/input pixel area: e- per output pixel
+    # False: remove store.zarr once the coadds are written (it is ~ the inputs' size
+    # uncompressed; `daskstack combine` needs it, the same run with it kept rebuilds it)
+    keep_store: bool = True
 
 
 @dataclass

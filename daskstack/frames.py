@@ -29,6 +29,7 @@ __all__ = [
     "FrameMeta",
     "frame_name",
     "header_wcs",
+    "pixel_unit",
     "quiet_astropy",
     "read_frame",
     "read_meta",
@@ -105,6 +106,8 @@ class FrameMeta:
     wcserr: int | None = None
     binning: int = 1
     object: str = ""
+    # unit of the pixel values: BUNIT, normalised (`pixel_unit`); "" = not known
+    bunit: str = ""
     hdu: str | int = "SCI"
     wcs_header: str = field(default="", repr=False)  # header WCS as text, picklable
     # why the header WCS cannot be used ("" = usable; NO_WCS = no WCS keywords at all)
@@ -262,11 +265,30 @@ def _meta_from_header(path, hdu_key, header: fits.Header, shape) -> FrameMeta:
         wcserr=int(wcserr) if isinstance(wcserr, (int, np.integer)) else None,
         binning=binning,
         object=str(header.get("OBJECT", "")).strip(),
+        bunit=pixel_unit(header),
         hdu=hdu_key,
         wcs_header=wcs_text,
         wcs_error=wcs_error,
         warnings=tuple(notes),
     )
+
+
+# BUNIT spellings met in the wild -> one name each (FITS/astropy spelling, lower case)
+_UNIT_NAMES = {"electron": "electron", "electrons": "electron", "e-": "electron",
+               "e": "electron", "adu": "adu", "count": "adu", "counts": "adu", "ct": "adu",
+               "dn": "adu"}
+
+
+def pixel_unit(header: fits.Header) -> str:
+    """The unit of a frame's pixel values: its BUNIT (normalised: ``'electron'``,
+    ``'adu'``, or as written), else ``'electron'`` for an LCO processed frame (BANZAI
+    ``e91`` products are in electrons and carry no BUNIT), else "" (not known)."""
+    bunit = str(header.get("BUNIT", "") or "").strip()
+    if bunit:
+        return _UNIT_NAMES.get(bunit.lower(), bunit)
+    if str(header.get("ORIGIN", "")).strip().upper() == "LCOGT" and header.get("RLEVEL") == 91:
+        return "electron"
+    return ""
 
 
 _MAGIC = (b"SIMPLE  =", b"\x1f\x8b", b"BZh", b"PK\x03\x04")  # FITS, gzip, bzip2, zip

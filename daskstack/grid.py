@@ -47,6 +47,7 @@ class Grid:
     @property
     def header(self) -> fits.Header:
         header = fits.Header.fromstring(self.header_text)
+        header.remove("MJDREF", ignore_missing=True)  # astropy writes 0; no time axis here
         header["NAXIS"] = 2
         header["NAXIS1"] = self.shape[1]
         header["NAXIS2"] = self.shape[0]

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -47,7 +48,9 @@ from .rundir import (
     check_disk_space,
     check_run_dir,
     dedupe,
+    dedupe_exposures,
     estimate_output_bytes,
+    estimate_store_bytes,
     failure,
     read_manifest,
     restore,
@@ -277,7 +280,7 @@ def inspect_frames(client, inputs, progress=_progress_none) -> list[FrameRecord]
             records[i].reason = getattr(value, "reason", None) or f"unreadable: {value}"
 
     _gather_as_completed(client, futures, "inspect", progress, on_result)
-    return records
+    return dedupe_exposures(records)
 
 
 def solve_frames(client, records: list[FrameRecord], catalog_source: str, out_dir: Path,
@@ -442,7 +445,8 @@ def register_frames(client, records: list[FrameRecord], grid: Grid, store_path: 
     for r in solved:
         filters.setdefault(r.meta.filter, []).append(r.name)
     frame_info = {r.name: _frame_info(r) for r in solved}
-    params = {"register": dataclasses.asdict(settings.register)}
+    params = {"register": dataclasses.asdict(settings.register),
+              "catalog": catalog_label(settings)}
     try:  # read before create_store, which resets the params of a store it reuses
         previous = store_mod.open_store(store_path)
     except store_mod.StoreError:
@@ -504,7 +508,17 @@ def _frame_info(record: FrameRecord) -> dict:
         "rdnoise": meta.rdnoise, "background": _finite(res.background),
         "flux_ratio": _finite(res.flux_ratio), "fwhm_px": _finite(res.fwhm_px),
         "site": meta.site, "telescope": meta.telescope, "instrument": meta.instrument,
+        "object": meta.object, "bunit": meta.bunit,
     }
+
+
+def catalog_label(settings: Settings) -> str:
+    """The reference catalog the frames were solved against, for the coadd header:
+    'gaia', 'gaia-tap' or the file's name; "" when the header WCS was used as it is."""
+    source = str(settings.catalog.source or "")
+    if not source or settings.solve.wcs == "header":
+        return ""
+    return Path(source).name
 
 
 def _finite(value):
@@ -519,6 +533,7 @@ def combine_store(client, store_path: Path, out_dir: Path, settings: Settings,
 
     output_log = output_log or OutputLog(out_dir)
 
+    _check_store_kept(store_path)
     stack = store_mod.open_store(store_path)
     cs = settings.combine
     outputs = {}
@@ -546,12 +561,14 @@ def combine_store(client, store_path: Path, out_dir: Path, settings: Settings,
         ny, nx = stack.grid.shape
         sources, targets, paths = [], [], []
         # several methods share one read of each slab: one graph, one compute
+        weights_of = {}
         for n_method, method in enumerate(cs.methods):
             frame_weights = None
             if method == "weighted":
                 frame_weights = combine.inverse_variance_weights(
                     gain=[f["gain"] for f in infos], rdnoise=[f["rdnoise"] for f in infos],
                     sky=[_or_nan(f["background"]) for f in infos], scale=scales.scales)
+                weights_of[method] = frame_weights
             result = combine.combine_stack(
                 data, foot, method=method, sigma=cs.sigma, iters=cs.iters,
                 cenfunc=cs.cenfunc, nlow=cs.nlow, nhigh=cs.nhigh, scales=scales.scales,
@@ -570,7 +587,8 @@ def combine_store(client, store_path: Path, out_dir: Path, settings: Settings,
         da.store(sources, [t for pair in targets for t in pair], lock=False, compute=True)
         for (method, path), (image, weight) in zip(paths, targets, strict=True):
             header = coadd_header(stack, filter_name, [names[i] for i in keep], infos,
-                                   dataclasses.replace(cs, method=method), scales)
+                                   dataclasses.replace(cs, method=method), scales,
+                                   weights_of.get(method))
             write_coadd_fits(path, header, image, weight)
             output_log.add(path)
         outputs[filter_name] = paths[0][1]
@@ -695,7 +713,23 @@ def _run(client, inputs, catalog, out_dir, settings, progress, resumed,
         except Exception:  # the pictures must not fail a run whose coadds are written
             log.exception("the report could not be written")
         result.timings["report"] = time.perf_counter() - start
+    if result.store is not None and result.coadds and not settings.register.keep_store:
+        # after the report, which draws from the store; outputs.ecsv never lists the
+        # store, so it stays true; combine says how to get the store back
+        shutil.rmtree(result.store, ignore_errors=True)
+        log.info("removed %s (--no-keep-store)", result.store)
+        result.store = None
     return result
+
+
+def _check_store_kept(store_path: Path) -> None:
+    """A run directory whose store is gone: say why and how to get it back."""
+    store_path = Path(store_path)
+    if not store_path.exists() and (store_path.parent / "run.json").exists():
+        raise RunError(
+            f"{store_path}: the registered stack was removed after the coadds were written "
+            "(run with --no-keep-store); run the same 'daskstack run' command again with "
+            "--keep-store to register the frames again, then combine")
 
 
 def _run_stages(client, inputs, catalog, out_dir, settings, progress, resumed) -> RunResult:
@@ -724,6 +758,7 @@ def _run_stages(client, inputs, catalog, out_dir, settings, progress, resumed) -
     check_disk_space(out_dir, estimate_output_bytes(records, result.grid,
                                                      settings.register.tile),
                       f"for the {result.grid.shape[1]}x{result.grid.shape[0]} grid")
+    _announce_store_size(records, result.grid, settings, progress)
     store_path = out_dir / "store.zarr"
     register_frames(client, records, result.grid, store_path, settings, progress, manifest)
     result.store = store_path
@@ -736,6 +771,21 @@ def _run_stages(client, inputs, catalog, out_dir, settings, progress, resumed) -
     timings["combine"] = time.perf_counter() - start
     write_manifest(records, manifest)
     return result
+
+
+def _announce_store_size(records, grid: Grid, settings: Settings, progress) -> None:
+    """Say before registering how large the store will be (logged and, in the command,
+    shown with the progress)."""
+    size = estimate_store_bytes(records, grid, settings.register.tile,
+                                footprint=settings.register.method != "interp")
+    n_frames = sum(r.status == "ok" for r in records)
+    amount = f"{size / 2**30:.1f} GiB" if size >= 2**30 else f"{size / 2**20:.0f} MiB"
+    text = (f"store: ~{amount} for {n_frames} frames on a "
+            f"{grid.shape[1]}x{grid.shape[0]} grid (before compression)")
+    log.info(text)
+    notice = getattr(progress, "notice", None)
+    if notice is not None:
+        notice(text)
 
 
 def _check_workers_see_inputs(records: list[FrameRecord]) -> None:
@@ -792,6 +842,7 @@ def register_files(inputs, out_dir, settings: Settings | None = None, *,
     out_dir.mkdir(parents=True, exist_ok=True)
     progress = progress or _progress_none
     inputs = dedupe(inputs)
+    settings.catalog.source = ""  # which catalog solved the .wcs files is not known here
 
     def work(client):
         records = inspect_frames(client, inputs, progress)
@@ -836,6 +887,7 @@ def combine_store_path(store_path, out_dir, settings: Settings | None = None, *,
                        progress: ProgressCallback | None = None) -> dict[str, Path]:
     """Combine an existing store again (other method or scaling) without reprojecting."""
     settings = (settings or Settings()).validate()
+    _check_store_kept(store_path)  # before a cluster is started for nothing
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     return _with_client(settings, out_dir, client, lambda c: combine_store(

@@ -38,7 +38,9 @@ __all__ = [
     "RunError",
     "check_run_dir",
     "dedupe",
+    "dedupe_exposures",
     "estimate_output_bytes",
+    "estimate_store_bytes",
     "failure",
     "read_manifest",
     "restore",
@@ -157,6 +159,8 @@ def read_outputs(out_dir) -> dict[str, tuple[str, int]]:
 def run_signature(inputs, catalog, settings: Settings) -> dict:
     settings_dict = settings.to_dict()
     settings_dict.pop("cluster", None)  # where it runs does not change the result
+    # nor whether the store is kept: the same run with it kept rebuilds a removed store
+    settings_dict.get("register", {}).pop("keep_store", None)
     return {"inputs": [str(Path(p).resolve()) for p in inputs], "catalog": str(catalog),
             "settings": settings_dict}
 
@@ -230,9 +234,23 @@ def estimate_output_bytes(records: list[FrameRecord], grid: Grid | None = None,
     overlaps, and the grid itself per filter. 8 bytes per pixel (data + footprint or
     image + weight, float32), the coadds twice (zarr + FITS).
     """
+    frame_px, grid_px, n_filters = _planned_pixels(records, grid, tile)
+    return int(8 * frame_px + 2 * 8 * grid_px * n_filters)
+
+
+def estimate_store_bytes(records: list[FrameRecord], grid: Grid, tile: int = 1024,
+                         footprint: bool = False) -> int:
+    """Bytes of the registered stack (``store.zarr``) before compression: the tiles each
+    solved frame overlaps, float32 data (and footprint, for flux-conserving methods)."""
+    frame_px, _, _ = _planned_pixels(records, grid, tile)
+    return int((8 if footprint else 4) * frame_px)
+
+
+def _planned_pixels(records, grid, tile) -> tuple[int, int, int]:
+    """(frame pixels in the store, grid pixels, filters) of the frames not failed."""
     usable = [r for r in records if r.meta is not None and r.status != "failed"]
     if not usable:
-        return 0
+        return 0, 0, 0
     filters = {r.meta.filter for r in usable}
     if grid is None:
         frame_px = sum(r.meta.shape[0] * r.meta.shape[1] for r in usable)
@@ -245,9 +263,11 @@ def estimate_output_bytes(records: list[FrameRecord], grid: Grid | None = None,
             if r.result is None or not r.result.wcs_header:
                 continue
             wcs = wcs_from_text(r.result.wcs_header, r.meta.shape)
-            frame_px += len(frame_tiles(wcs, r.meta.shape, grid, tile)) * tile * tile
+            gny, gnx = grid.shape  # edge tiles (chunks) stop at the grid's edge
+            frame_px += sum(min(tile, gny - y0) * min(tile, gnx - x0)
+                            for y0, x0 in frame_tiles(wcs, r.meta.shape, grid, tile))
         grid_px = grid.shape[0] * grid.shape[1]
-    return int(8 * frame_px + 2 * 8 * grid_px * len(filters))
+    return frame_px, grid_px, len(filters)
 
 
 def check_disk_space(out_dir: Path, needed: int, when: str) -> None:
@@ -277,6 +297,9 @@ def read_manifest(path: Path) -> Table | None:
 
 
 def dedupe(inputs) -> list[str]:
+    """Input paths, each frame once: a path given twice, or a second file of the same
+    frame name, is dropped with a warning. Copies under other names are found once the
+    headers are read (`dedupe_exposures`)."""
     seen, unique = {}, []
     for path in inputs:
         key = str(Path(path).resolve())
@@ -292,6 +315,41 @@ def dedupe(inputs) -> list[str]:
         # absolute: workers (another host, another working directory) open it by path
         unique.append(str(Path(path).absolute()))
     return unique
+
+
+def dedupe_exposures(records: list[FrameRecord]) -> list[FrameRecord]:
+    """The records without copies of one exposure under other file names: the same
+    DATE-OBS, TELESCOP and INSTRUME, or (frames whose header does not say when and
+    where they were taken) the same bytes. The first given is kept; each copy dropped
+    is named in a warning with the frame it repeats. Checksums are computed only for
+    files of the same size (copies have it), so a batch of distinct frames reads none."""
+    keys = {id(r): _exposure_key(r.meta) for r in records if r.meta is not None}
+    sizes: dict[int, int] = {}
+    for r in records:
+        if r.meta is not None and keys[id(r)] is None:
+            size = Path(r.file).stat().st_size
+            sizes[size] = sizes.get(size, 0) + 1
+    kept, first_of = [], {}
+    for record in records:
+        key = keys.get(id(record))
+        if key is None and record.meta is not None \
+                and sizes.get(Path(record.file).stat().st_size, 0) > 1:
+            key = ("same checksum", sha256(record.file))
+        if key is not None and key in first_of:
+            log.warning("%s: the same exposure as %s (%s); used once",
+                        Path(record.file).name, Path(first_of[key].file).name, key[0])
+            continue
+        if key is not None:
+            first_of[key] = record
+        kept.append(record)
+    return kept
+
+
+def _exposure_key(meta: FrameMeta):
+    if meta.date_obs and (meta.telescope or meta.instrument):
+        return ("same DATE-OBS, telescope and instrument", meta.date_obs, meta.telescope,
+                meta.instrument)
+    return None
 
 
 def failure(meta: FrameMeta, reason: str) -> SolveResult:

@@ -784,6 +784,7 @@ def lco_header(
     framenum: int = 1,
     binning: int = 1,
     wcserr: int | None = None,
+    bunit: str | None = None,
     extra: Mapping | None = None,
 ) -> fits.Header:
     """The SCI header of an LCO ``e91`` frame whose true WCS is ``true_wcs``.
@@ -795,7 +796,9 @@ def lco_header(
     ``scale_error``, and a 180-degree rotation if ``rotate_180``. RA/DEC (the
     pointing, sexagesimal) are the header's CRVAL. WCSERR is 4 ("not solved")
     unless the header WCS is exact (then 0) or ``wcserr`` is given.
-    L1FWHM is in arcsec, as LCO writes it.
+    L1FWHM is in arcsec, as LCO writes it. ``bunit``: the BUNIT card; by default none
+    when ``gain`` is 1 (LCO e91 frames are in electrons and carry none) and ``'adu'``
+    otherwise (the pixels are then ADU = electrons / gain).
     """
     del shape  # CRPIX comes from true_wcs; kept for symmetry with the other builders
     if pointing_offset_arcsec is None:
@@ -870,6 +873,10 @@ def lco_header(
         ("RLEVEL", 91, "Reduction level"),
         ("PIPEVER", "daskstack-sim", "Pipeline version"),
     ]
+    if bunit is None and float(gain) != 1.0:
+        bunit = "adu"
+    if bunit:
+        cards.append(("BUNIT", bunit, "Unit of the pixel values"))
     for key, value, comment in cards:
         h.append(_card(key, value, comment))
     if extra:

@@ -7,42 +7,106 @@ the client never holds a whole mosaic, and written under a temporary name.
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from pathlib import Path
 
+import astropy.units as u
 import numpy as np
 from astropy.io import fits
+from astropy.time import Time
 
+from . import combine
 from ._io import atomic_path
 
-__all__ = ["coadd_header", "write_coadd_fits", "write_image_fits"]
+__all__ = ["coadd_header", "exposure_span", "write_coadd_fits", "write_image_fits"]
 
 WCS_KEYS = ("CTYPE", "CRVAL", "CRPIX", "CD", "PC", "CDELT", "CUNIT", "LONPOLE", "LATPOLE",
             "RADESYS", "EQUINOX", "WCSAXES")
 
 
-def coadd_header(stack, filter_name, names, infos, cs, scales) -> fits.Header:
-    """The coadd header: grid WCS, NCOMBINE, summed EXPTIME, DATE-OBS range, method,
-    scaling and unit, input frame names (IMCMBnnn)."""
+def coadd_header(stack, filter_name, names, infos, cs, scales, frame_weights=None,
+                 ) -> fits.Header:
+    """The coadd header: grid WCS, NCOMBINE, summed EXPTIME, time span (DATE-OBS and
+    MJD-OBS: start of the first exposure; DATE-END, MJD-END: end of the last), method, scaling,
+    unit (BUNIT) and effective GAIN, the inputs' OBJECT/TELESCOP/INSTRUME, the catalog
+    (REFCAT), software (CREATOR) and time written (DATE), input frame names (IMCMBnnn).
+
+    ``infos`` are the store's frame records (`pipeline._frame_info`), ``scales`` the
+    `combine.FrameScales` applied, ``frame_weights`` those of a weighted combine.
+    """
+    from . import __version__
+
     header = stack.grid.header
     header["FILTER"] = (filter_name, "filter of the combined frames")
     header["NCOMBINE"] = (len(names), "number of frames combined")
     exptimes = [f["exptime"] for f in infos if f.get("exptime")]
     header["EXPTIME"] = (float(np.sum(exptimes)) if exptimes else 0.0,
                          "[s] summed exposure time of the inputs")
-    dates = sorted(f["date_obs"] for f in infos if f.get("date_obs"))
-    if dates:
-        header["DATE-OBS"] = (dates[0], "start of the first input exposure")
-        header["DATE-END"] = (dates[-1], "start of the last input exposure")
+    span = exposure_span(infos)
+    if span is not None:
+        start, end = span
+        header["DATE-OBS"] = (start.isot, "[UTC] start of the first input exposure")
+        header["MJD-OBS"] = (round(float(start.mjd), 8), "[d] MJD of DATE-OBS")
+        header["DATE-END"] = (end.isot, "[UTC] end of the last input exposure")
+        header["MJD-END"] = (round(float(end.mjd), 8), "[d] MJD of DATE-END")
     header["COMBINE"] = (cs.method, "daskstack combine method")
     header["SCALING"] = (cs.scale, "daskstack per-frame scaling")
     if cs.method == "sigclip":
         header["CLIPSIG"] = (cs.sigma, "sigma-clipping threshold")
         header["CLIPITER"] = (cs.iters, "sigma-clipping iterations")
-    header["BUNIT"] = (scales.unit("electron"), "unit of the coadd")
+    units = _distinct(infos, "bunit")
+    if len(units) == 1 and units[0]:
+        header["BUNIT"] = (scales.unit(units[0]), "unit of the coadd")
+        gains = combine.electrons_per_unit(units[0], [f.get("gain") or 1.0 for f in infos])
+        gain = combine.effective_gain(cs.method, gains, scales.scales, frame_weights,
+                                      nlow=cs.nlow, nhigh=cs.nhigh)
+        header["GAIN"] = (float(f"{gain:.7g}"), "[e-/BUNIT] effective gain of the coadd")
+    elif len(units) > 1:
+        header["COMMENT"] = ("no BUNIT: the inputs are in different units ("
+                             + ", ".join(unit or "unknown" for unit in units) + ")")
+    for key, field, what in (("OBJECT", "object", "object"),
+                             ("TELESCOP", "telescope", "telescope"),
+                             ("INSTRUME", "instrument", "instrument")):
+        values = [v for v in _distinct(infos, field) if v]
+        if len(values) == 1:
+            header[key] = (values[0], f"{what} of every input")
+        elif values:
+            header[key] = ("multiple", f"inputs of {len(values)} {what}s: see HISTORY")
+            header["HISTORY"] = f"{key} of the inputs: " + ", ".join(values)
+    catalog = stack.params.get("catalog")
+    if catalog:
+        header["REFCAT"] = (catalog, "reference catalog of the astrometry")
+    header["CREATOR"] = (f"daskstack {__version__}", "software that made this file")
+    header["DATE"] = (datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S"),
+                      "[UTC] date this file was written")
     header["ORIGIN"] = "daskstack"
     for i, name in enumerate(names, 1):
         header[f"IMCMB{i:03d}" if i < 1000 else "HISTORY"] = name
     return header
+
+
+def exposure_span(infos) -> tuple[Time, Time] | None:
+    """(start of the first exposure, end of the last) of frame records with ``date_obs``
+    (or ``mjd``) and ``exptime`` (a frame without EXPTIME ends where it starts); None
+    without any date."""
+    starts, ends = [], []
+    for info in infos:
+        if info.get("date_obs"):
+            start = Time(info["date_obs"], scale="utc", precision=3)
+        elif info.get("mjd") is not None:
+            start = Time(info["mjd"], format="mjd", scale="utc", precision=3)
+        else:
+            continue
+        starts.append(start)
+        ends.append(start + (info.get("exptime") or 0.0) * u.s)
+    if not starts:
+        return None
+    return min(starts), max(ends)
+
+
+def _distinct(infos, field) -> list[str]:
+    """The distinct values of a frame-record field, in the order met."""
+    return list(dict.fromkeys(str(f.get(field) or "").strip() for f in infos))
 
 
 def write_coadd_fits(path: Path, header: fits.Header, image_array, weight_array) -> None:

@@ -14,7 +14,8 @@ LCO_DIR = ROOT.parent / "shared" / "data" / "lco-pds110"
 def lco_dir() -> Path:
     """The twelve real LCO frames of PDS 110 and their reference catalog (never copied)."""
     if not (LCO_DIR / "refcat-pds110.ecsv").exists():
-        pytest.skip(f"real LCO frames not found at {LCO_DIR}")
+        pytest.skip(f"real LCO frames not found at {LCO_DIR} (12 LCO frames of PDS 110 "
+                    "from the public repository hposborn/pds110: see README.md, Test data)")
     return LCO_DIR
 
 

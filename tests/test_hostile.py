@@ -57,10 +57,14 @@ def catalogs(seed=5):
 def make_frame(path, catalog, center, *, shape=SHAPE, pixscale=PIXSCALE, filter_name="rp",
                site="lsc", telescope="1m0-09", instrument="fa15", binning=1, framenum=1,
                offset_arcsec=(25.0, -15.0), transparency=1.0, exptime=30.0, seed=0,
-               date_obs="2023-07-01T03:00:00", edit=None, drop=(), compressed=True):
+               date_obs=None, edit=None, drop=(), compressed=True):
     """A synthetic LCO frame of ``center`` (true), its header WCS ``offset_arcsec`` off.
 
-    ``edit``: header cards to set afterwards; ``drop``: cards to remove."""
+    ``edit``: header cards to set afterwards; ``drop``: cards to remove. Each ``seed``
+    is its own exposure, started at its own time (frames of one camera with the same
+    DATE-OBS are copies of one exposure, used once)."""
+    if date_obs is None:
+        date_obs = f"2023-07-01T03:{seed:02d}:00"
     wcs = true_frame_wcs(center, shape, pixscale, rotation_deg=0.0)
     data, bpm, _ = render_frame(catalog, wcs, shape, epoch=2023.5, fwhm_px=3.0 / binning + 0.6,
                                 sky=120.0, exptime=exptime, transparency=transparency,
@@ -129,8 +133,10 @@ def build_batch(root):
     fits.HDUList([fits.PrimaryHDU(), fits.ImageHDU(np.zeros((64, 64), np.uint8), name="BPM")]
                  ).writeto(root / "nosci.fits")
     plain_sci(root / "cube.fits", np.ones((3, 64, 64), np.float32))
-    header = good_header(f["g1"])
+    header = good_header(f["g1"])  # at other times: not copies of g1's exposure
+    header["DATE-OBS"] = "2023-07-01T03:30:00"
     plain_sci(root / "allnan.fits", np.full(SHAPE, np.nan, np.float32), header)
+    header["DATE-OBS"] = "2023-07-01T03:31:00"
     plain_sci(root / "constant.fits", np.full(SHAPE, 100.0, np.float32), header)
 
     # -- header problems (the pixels are fine)

@@ -95,6 +95,7 @@ def failed_run(sim_field, dask_client, tmp_path_factory):
         sci = hdul["SCI"]
         noise = np.random.default_rng(5).normal(100.0, 10.0, sci.data.shape)
         hdu = fits.ImageHDU(noise.astype(np.float32), header=sci.header, name="SCI")
+        hdu.header["DATE-OBS"] = "2023-07-03T00:00:00"  # another exposure, not a copy
         fits.HDUList([fits.PrimaryHDU(), hdu]).writeto(bad)
     result = run([str(good[0]), str(bad), str(good[1])], str(sim_field.catalog), base / "out",
                  client=dask_client, report=True)
