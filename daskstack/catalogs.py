@@ -29,6 +29,7 @@ from astropy.table import Table
 
 from ._io import atomic_path
 from .config import CatalogSettings
+from .errors import DaskstackError
 
 __all__ = [
     "CatalogError",
@@ -58,7 +59,7 @@ ALIASES = {
 }
 
 
-class CatalogError(RuntimeError):
+class CatalogError(DaskstackError, RuntimeError):
     """A catalog that cannot be read or fetched; the message names the file or service."""
 
 

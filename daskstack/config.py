@@ -12,6 +12,8 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .errors import DaskstackError
+
 __all__ = [
     "CatalogSettings",
     "ClusterSettings",
@@ -25,7 +27,7 @@ __all__ = [
 ]
 
 
-class SettingsError(ValueError):
+class SettingsError(DaskstackError, ValueError):
     """An option with a value that cannot work; the message names the option."""
 
 

@@ -44,6 +44,8 @@ import numpy as np
 from scipy import stats
 from scipy.spatial import cKDTree
 
+from .errors import DaskstackError
+
 __all__ = [
     "MatchError",
     "MatchResult",
@@ -59,7 +61,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-class MatchError(RuntimeError):
+class MatchError(DaskstackError, RuntimeError):
     """No trustworthy transform; ``reason`` is one line saying why."""
 
     def __init__(self, reason: str, best: MatchResult | None = None):
