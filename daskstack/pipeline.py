@@ -35,6 +35,7 @@ from astropy.table import Table
 from . import catalogs, combine
 from . import store as store_mod
 from .astrometry import SolveResult, solve_frame, write_wcs_file
+from .combine import COMBINE_METHODS, _combine_tile, _or_nan, _scales
 from .config import Settings
 from .fields import _companion_groups, _field_catalog, _fields
 from .frames import FrameError, FrameMeta, frame_name, read_frame, read_meta, unusable_reason
@@ -444,7 +445,7 @@ def combine_store(client, store_path: Path, out_dir: Path, settings: Settings,
         if not keep:
             continue
         data_arr, foot_arr = stack.arrays(filter_name)
-        block = _combine_tile(stack.tile, len(keep), stack.grid.shape)
+        block = _combine_tile(stack.tile, len(keep), stack.grid.shape, methods=cs.methods)
         # each task reads its whole (frames, block, block) slab straight from the store:
         # no rechunking, nothing moves between workers
         data = da.from_zarr(data_arr, chunks=(data_arr.shape[0], block, block))
@@ -461,8 +462,9 @@ def combine_store(client, store_path: Path, out_dir: Path, settings: Settings,
         sources, targets, paths = [], [], []
         # several methods share one read of each slab: one graph, one compute
         for n_method, method in enumerate(cs.methods):
+            spec = COMBINE_METHODS[method]
             frame_weights = None
-            if method == "weighted":
+            if spec.estimator == "weighted":
                 frame_weights = combine.inverse_variance_weights(
                     gain=[f["gain"] for f in infos], rdnoise=[f["rdnoise"] for f in infos],
                     sky=[_or_nan(f["background"]) for f in infos], scale=scales.scales)
@@ -470,7 +472,7 @@ def combine_store(client, store_path: Path, out_dir: Path, settings: Settings,
                 data, foot, method=method, sigma=cs.sigma, iters=cs.iters,
                 cenfunc=cs.cenfunc, nlow=cs.nlow, nhigh=cs.nhigh, scales=scales.scales,
                 offsets=scales.offsets, frame_weights=frame_weights,
-                reject=cs.weighted_reject if method == "weighted" else "none")
+                reject=cs.weighted_reject if spec.rejection is None else "none")
             suffix = "" if n_method == 0 else f"_{method}"
             pair = []
             for name in ("image", "weight"):
@@ -521,42 +523,6 @@ def _write_differences(client, stack, filter_name, names, indices, scales, coadd
                          lambda name, path: output_log.add(Path(path))
                          if isinstance(path, str) else log.warning(
                              "%s: no difference image (%s)", name, path))
-
-
-def _scales(cs, infos):
-    """Per-frame scales/offsets; a clear error names the frame whose record lacks a value."""
-    def values(key):
-        out = np.array([_or_nan(f.get(key)) for f in infos])
-        bad = [f["file"] for f, v in zip(infos, out, strict=True) if not np.isfinite(v)]
-        if bad and (cs.scale in _NEEDS.get(key, ()) or (key == "background"
-                                                       and cs.subtract_background)):
-            raise RunError(f"--scale {cs.scale}: no {key} known for {Path(bad[0]).name}")
-        return out
-
-    exptime, sky, ratio = values("exptime"), values("background"), values("flux_ratio")
-    if cs.scale == "photometric":
-        ratio = ratio / np.median(ratio)  # the coadd is in the units of a typical frame
-    return combine.frame_scales(cs.scale, exptime=exptime, sky=sky, flux_ratio=ratio,
-                                subtract_background=cs.subtract_background,
-                                n_frames=len(infos))
-
-
-_NEEDS = {"exptime": ("exptime",), "background": ("background",),
-          "flux_ratio": ("photometric",)}
-
-
-def _or_nan(value):
-    return np.nan if value is None else float(value)
-
-
-def _combine_tile(tile: int, n_frames: int, shape, budget_bytes: int = 384 * 2**20) -> int:
-    """Output block size for the combine: a block holds all frames of a tile, so shrink
-    the tile as frames are added to keep each task's memory bounded (flat in N). The
-    combine needs up to ~4x its input block (sorting, masks: see combine.py)."""
-    block = tile
-    while block > 128 and n_frames * block * block * 4 * 4 > budget_bytes:
-        block //= 2
-    return min(block, max(shape))
 
 
 # --------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import numpy as np
 from astropy.io import fits
 
 from ._io import atomic_path
+from .combine import header_cards
 
 __all__ = ["coadd_header", "write_coadd_fits", "write_image_fits"]
 
@@ -35,9 +36,8 @@ def coadd_header(stack, filter_name, names, infos, cs, scales) -> fits.Header:
         header["DATE-END"] = (dates[-1], "start of the last input exposure")
     header["COMBINE"] = (cs.method, "daskstack combine method")
     header["SCALING"] = (cs.scale, "daskstack per-frame scaling")
-    if cs.method == "sigclip":
-        header["CLIPSIG"] = (cs.sigma, "sigma-clipping threshold")
-        header["CLIPITER"] = (cs.iters, "sigma-clipping iterations")
+    for key, value, comment in header_cards(cs.method, cs):
+        header[key] = (value, comment)
     header["BUNIT"] = (scales.unit("electron"), "unit of the coadd")
     header["ORIGIN"] = "daskstack"
     for i, name in enumerate(names, 1):
