@@ -18,7 +18,7 @@ from daskstack.combine import (
     combine_stack,
     header_cards,
 )
-from daskstack.config import CombineSettings
+from daskstack.config import CombineSettings, Settings, SettingsError
 
 
 def _stack(seed=3, n=11, shape=(16, 18)):
@@ -55,6 +55,12 @@ def test_a_new_method_is_one_table_entry(monkeypatch):
     np.testing.assert_array_equal(nused, clipped.count(axis=0))
     cards = header_cards("clipmedian", CombineSettings(sigma=2.5, iters=4))
     assert [(k, v) for k, v, _ in cards] == [("CLIPSIG", 2.5), ("CLIPITER", 4)]
+    settings = Settings()
+    settings.combine.method = "mean,clipmedian"  # the settings accept it: same table
+    assert settings.validate().combine.methods == ["mean", "clipmedian"]
+    monkeypatch.delitem(COMBINE_METHODS, "clipmedian")
+    with pytest.raises(SettingsError, match="combine.method = 'mean,clipmedian' is not one of"):
+        settings.validate()
 
 
 def test_header_cards_from_the_table():
