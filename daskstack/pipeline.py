@@ -37,6 +37,7 @@ from . import store as store_mod
 from .astrometry import SolveResult, solve_frame, write_wcs_file
 from .combine import COMBINE_METHODS, _combine_tile, _or_nan, _scales
 from .config import Settings
+from .exitcodes import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL
 from .fields import _companion_groups, _field_catalog, _fields
 from .frames import FrameError, FrameMeta, frame_name, read_frame, read_meta, unusable_reason
 from .grid import Grid, make_grid
@@ -74,10 +75,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-EXIT_OK = 0  # every frame made it into a coadd
-EXIT_PARTIAL = 3  # coadds were written, some frames failed
-EXIT_FAILED = 4  # nothing usable came out
 
 
 ProgressCallback = Callable[[str, int, int], None]
