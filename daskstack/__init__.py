@@ -20,6 +20,7 @@ from .catalogs import load_catalog, propagate_proper_motion, reference_catalog
 from .combine import combine_stack, frame_scales
 from .config import Settings, SettingsError
 from .detect import Detections, detect_sources
+from .errors import DaskstackError
 from .frames import Frame, FrameError, FrameMeta, read_frame, read_meta
 from .grid import Grid, make_grid
 from .pipeline import RunResult, combine_store_path, register_files, run, solve_files
@@ -29,6 +30,7 @@ from .store import open_store
 __version__ = "0.1.0"
 
 __all__ = [
+    "DaskstackError",
     "Detections",
     "Frame",
     "FrameError",

@@ -51,6 +51,7 @@ import requests
 from requests.adapters import HTTPAdapter
 
 from ._io import atomic_path
+from .errors import DaskstackError
 
 __all__ = [
     "ARCHIVE_URL_ENV",
@@ -93,7 +94,7 @@ _INDEX_COLUMNS = (
 )
 
 
-class ArchiveError(Exception):
+class ArchiveError(DaskstackError):
     """A request to the archive that failed; ``str(err)`` is one line naming the frame or URL.
 
     Never contains the API token.

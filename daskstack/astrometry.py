@@ -36,10 +36,10 @@ from .config import Settings
 from .detect import Detections, detect_sources
 from .frames import Frame, FrameError, quiet_astropy
 from .match import MatchError, TriangleIndex, find_transform, nn_match
+from .stats import clip_residuals, sky_level
 
 __all__ = [
     "SolveResult",
-    "sky_level",
     "companion_filter",
     "fit_tan_sip",
     "solve_frame",
@@ -358,37 +358,6 @@ def _fail(result: SolveResult, reason: str, t0: float) -> SolveResult:
     return result
 
 
-def sky_level(frame: Frame, n_sample: int = 250_000) -> tuple[float, float]:
-    """Sky level and noise per pixel (e-) of a frame, without detecting anything.
-
-    Sigma-clipped (3 sigma, 5 iterations) median and MAD-based standard deviation of
-    a strided subsample of about ``n_sample`` unmasked pixels: a few ms for a
-    4096 x 4096 frame. Stars and cosmic rays are clipped away.
-    """
-    data = frame.data
-    ny, nx = data.shape
-    stride = max(1, int(math.sqrt(ny * nx / n_sample)))
-    sample = data[::stride, ::stride]
-    good = ~np.asarray(frame.mask[::stride, ::stride], bool) & np.isfinite(sample)
-    values = np.asarray(sample[good], np.float64)
-    if values.size == 0:
-        return float("nan"), float("nan")
-    med = float(np.median(values))
-    sig = float(1.4826 * np.median(np.abs(values - med)))
-    for _ in range(5):
-        keep = np.abs(values - med) <= 3.0 * max(sig, 1e-12)
-        if keep.sum() < 10:
-            break
-        new_med = float(np.median(values[keep]))
-        new_sig = float(1.4826 * np.median(np.abs(values[keep] - new_med)))
-        if abs(new_med - med) < 1e-3 * max(sig, 1e-12) and abs(new_sig - sig) < 1e-3 * sig:
-            med, sig = new_med, new_sig
-            break
-        med, sig = new_med, new_sig
-    # the MAD of a Gaussian clipped at 3 sigma is 0.27 % below the unclipped one
-    return med, sig / 0.9973
-
-
 def _header_only(frame, det, catalog, settings, result, t0):
     wcs, _, _ = _start(frame)
     if wcs is None:
@@ -450,7 +419,7 @@ def solve_frame(frame: Frame, catalog: Table, settings: Settings | None = None,
         ``status='ok'`` with the WCS, or ``'failed'`` with a specific reason.
         With ``settings.solve.wcs == 'header'`` nothing is detected (unless
         ``detections`` are given): the header WCS is returned as is, with the sky level
-        and noise of `sky_level`; the QA that needs detections stays 0 / NaN.
+        and noise of `daskstack.stats.sky_level`; the QA that needs detections stays 0 / NaN.
     """
     settings = settings or Settings()
     ss = settings.solve
@@ -465,7 +434,7 @@ def solve_frame(frame: Frame, catalog: Table, settings: Settings | None = None,
             result.fwhm_px = detections.fwhm
             result.background, result.noise = detections.background, detections.noise
         else:
-            result.background, result.noise = sky_level(frame)
+            result.background, result.noise = sky_level(frame.data, frame.mask)
         return _header_only(frame, detections, catalog, settings, result, t0)
     det = detections if detections is not None else detect_sources(frame, settings.detect)
     result.n_detections = len(det)
@@ -614,8 +583,7 @@ def solve_frame(frame: Frame, catalog: Table, settings: Settings | None = None,
         si, rj, dd = nn_match(np.column_stack([dxi, deta]) * 3600.0, tree, radius * scale)
         if len(si) < 3:
             break
-        sig = 1.4826 * np.median(dd) / 0.8326
-        keep = dd <= max(ss.clip_sigma * sig, 0.1 * scale)
+        keep = clip_residuals(dd, ss.clip_sigma, 0.1 * scale)
         n_coef = (order + 1) * (order + 2) // 2 if order >= 2 else 3
         if order >= 2 and keep.sum() < 3 * n_coef:
             order = 0

@@ -1,4 +1,4 @@
-"""Reference catalogs: files or Gaia DR3, normalised, cached, moved to the frame epoch.
+"""Reference catalogs: files or catalog services, normalised, cached, moved to the frame epoch.
 
 Every catalog leaves this module as an astropy `Table` with the columns
 
@@ -7,11 +7,13 @@ Every catalog leaves this module as an astropy `Table` with the columns
 * ``pmra``, ``pmdec`` -- proper motion, mas/yr (``pmra`` includes cos(dec)); 0 if unknown
 * ``ref_epoch`` -- decimal Julian year of the positions; NaN = no proper motion known
 
-sorted brightest first. Gaia is queried through astroquery (MAST ``Catalogs`` as in
-the learn.astropy tutorial, or the ESA Gaia TAP service), with retries and
-exponential backoff, and cached on disk per field (rounded centre, radius, magnitude
-limit, service) with atomic writes: 500 frames of one field query the service once,
-and a cached field works offline.
+sorted brightest first. The catalogs a run can name are the entries of `SOURCES`
+(`CatalogSource`: its service query, the bands it carries, the epoch of its positions):
+Gaia DR3 through astroquery (``'gaia'``: MAST ``Catalogs`` as in the learn.astropy
+tutorial; ``'gaia-tap'``: the ESA Gaia TAP service), and local files. `query_source`
+wraps every service once: retries with exponential backoff, and a cache on disk per
+field (catalog, rounded centre, radius, magnitude limit, service) with atomic writes:
+500 frames of one field query the service once, and a cached field works offline.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import hashlib
 import logging
 import time
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,15 +33,20 @@ from astropy.table import Table
 
 from ._io import atomic_path
 from .config import CatalogSettings
+from .errors import DaskstackError
 
 __all__ = [
     "CatalogError",
+    "CatalogSource",
     "GAIA_DR3_EPOCH",
+    "SOURCES",
     "cache_path",
+    "catalog_source",
     "load_catalog",
     "normalize_catalog",
     "propagate_proper_motion",
     "query_gaia",
+    "query_source",
     "reference_catalog",
 ]
 
@@ -58,7 +67,7 @@ ALIASES = {
 }
 
 
-class CatalogError(RuntimeError):
+class CatalogError(DaskstackError, RuntimeError):
     """A catalog that cannot be read or fetched; the message names the file or service."""
 
 
@@ -194,7 +203,7 @@ def propagate_proper_motion(table: Table, epoch: float | None) -> Table:
     return out
 
 
-# -- Gaia -------------------------------------------------------------------------------
+# -- sources: the reference catalogs a run can name ----------------------------------------
 def _field_key(center: SkyCoord, radius_deg: float, mag_limit: float, service: str) -> str:
     c = center.icrs
     return (f"{service}_ra{c.ra.deg:08.3f}_dec{c.dec.deg:+08.3f}_r{radius_deg:.3f}"
@@ -202,11 +211,12 @@ def _field_key(center: SkyCoord, radius_deg: float, mag_limit: float, service: s
 
 
 def cache_path(cache_dir, center: SkyCoord, radius_deg: float, mag_limit: float,
-               service: str) -> Path:
-    """Where a field's query is cached: one ECSV per (rounded centre, radius, mag, service)."""
+               service: str, catalog: str = "gaia") -> Path:
+    """Where a field's query is cached: one ECSV per (catalog, rounded centre, radius, mag,
+    service)."""
     key = _field_key(center, radius_deg, mag_limit, service)
     digest = hashlib.sha1(key.encode()).hexdigest()[:8]
-    return Path(cache_dir) / f"gaia-{key}-{digest}.ecsv"
+    return Path(cache_dir) / f"{catalog.lower()}-{key}-{digest}.ecsv"
 
 
 def _query_mast(center: SkyCoord, radius_deg: float, mag_limit: float, timeout: float) -> Table:
@@ -234,22 +244,91 @@ def _query_tap(center: SkyCoord, radius_deg: float, mag_limit: float, timeout: f
     return job.get_results()
 
 
+# The network queries by service name: ``(center, radius_deg, mag_limit, timeout) -> Table``
+# of the service's own columns (tests replace entries to work offline).
 _SERVICES = {"mast": _query_mast, "tap": _query_tap}
 
 
-def query_gaia(center: SkyCoord, radius_deg: float, mag_limit: float = 19.0,
-               service: str = "mast", timeout: float = 60.0, retries: int = 4,
-               cache_dir=None, backoff: float = 2.0) -> Table:
-    """Gaia DR3 stars within ``radius_deg`` of ``center``, normalised (see module notes).
+def _fetch_service(source, spec, center, radius_deg, settings) -> Table:
+    if center is None or radius_deg is None:
+        raise CatalogError(f"{spec}: a field centre and radius are needed to query "
+                           f"{source.catalog}")
+    return query_source(source, center, radius_deg, settings.mag_limit,
+                        timeout=settings.timeout, retries=settings.retries,
+                        cache_dir=settings.cache_dir or None)
+
+
+def _fetch_file(source, spec, center, radius_deg, settings) -> Table:
+    table = load_catalog(spec)
+    if center is not None and radius_deg is not None and len(table):
+        sep = SkyCoord(table["ra"], table["dec"], unit="deg").separation(center).deg
+        table = table[sep <= radius_deg]
+    mag = _plain(table["mag"])
+    return table[~(mag > settings.mag_limit)]
+
+
+@dataclass(frozen=True)
+class CatalogSource:
+    """A reference catalog a run can use, as ``--catalog NAME`` names it.
+
+    name : what the user writes (``'gaia'``); `SOURCES` is keyed by it.
+    catalog, release : the catalog (``'Gaia'``, ``'DR3'``) for messages, table metadata
+        and the cache files' names.
+    service : key of its query in `_SERVICES` (and part of its cache key); None for a
+        local file.
+    bands : ``((band, column of the service's result), ...)``, the magnitudes the catalog
+        carries; the first becomes the normalised ``mag`` (brightness order, limit).
+    epoch : decimal year of the positions where the rows do not say (Gaia DR3: 2016.0).
+    fetch : ``(source, spec, center, radius_deg, settings) -> normalised Table``;
+        services go through `query_source` (cache and retries), files through
+        `load_catalog`.
+    """
+
+    name: str
+    catalog: str
+    release: str
+    service: str | None
+    bands: tuple[tuple[str, str], ...]
+    epoch: float | None
+    fetch: Callable = _fetch_service
+
+    @property
+    def title(self) -> str:
+        return f"{self.catalog} {self.release}".strip()
+
+
+GAIA_BANDS = (("G", "phot_g_mean_mag"),)
+
+# The sources a run can name; a new catalog is one entry here (and, for a new service,
+# its query in _SERVICES), plus its tests.
+SOURCES = {source.name: source for source in (
+    CatalogSource("gaia", "Gaia", "DR3", "mast", GAIA_BANDS, GAIA_DR3_EPOCH),
+    CatalogSource("gaia-tap", "Gaia", "DR3", "tap", GAIA_BANDS, GAIA_DR3_EPOCH),
+    CatalogSource("file", "catalog file", "", None, (), None, _fetch_file),
+)}
+FILE_SOURCE = SOURCES["file"]
+
+
+def catalog_source(spec) -> CatalogSource:
+    """The source that ``spec`` names: an entry of `SOURCES` (``'gaia'``, ``'gaia-tap'``),
+    else a catalog file (``spec`` is its path)."""
+    return SOURCES.get(str(spec), FILE_SOURCE)
+
+
+def query_source(source: CatalogSource, center: SkyCoord, radius_deg: float,
+                 mag_limit: float = 19.0, timeout: float = 60.0, retries: int = 4,
+                 cache_dir=None, backoff: float = 2.0) -> Table:
+    """Stars of a service catalog within ``radius_deg`` of ``center``, normalised (see
+    module notes), with retries and the on-disk cache written once for every source.
 
     Parameters
     ----------
+    source : CatalogSource
+        A service source (``source.service`` set), e.g. ``SOURCES['gaia']``.
     center : SkyCoord
     radius_deg : float
     mag_limit : float
-        Faintest G magnitude kept.
-    service : {'mast', 'tap'}
-        MAST ``Catalogs.query_region(catalog="Gaia", version=3)`` or ESA Gaia TAP.
+        Faintest magnitude kept (in the source's first band).
     timeout : float
         Seconds per request (where the service supports it).
     retries : int
@@ -261,17 +340,18 @@ def query_gaia(center: SkyCoord, radius_deg: float, mag_limit: float = 19.0,
     Raises
     ------
     CatalogError
-        Naming the service and the field, after the last attempt failed.
+        Naming the catalog, the service and the field, after the last attempt failed.
     """
-    if service not in _SERVICES:
-        raise CatalogError(f"unknown Gaia service {service!r} (one of: {', '.join(_SERVICES)})")
+    service = source.service
     field_desc = (f"field RA {center.icrs.ra.deg:.4f} Dec {center.icrs.dec.deg:+.4f} "
                   f"radius {radius_deg:.3f} deg")
-    path = cache_path(cache_dir, center, radius_deg, mag_limit, service) if cache_dir else None
+    path = (cache_path(cache_dir, center, radius_deg, mag_limit, service, source.catalog)
+            if cache_dir else None)
     if path is not None and path.exists():
         try:
             cached = Table.read(path, format="ascii.ecsv")
-            log.debug("Gaia %s: cached %s (%d stars)", service, path.name, len(cached))
+            log.debug("%s %s: cached %s (%d stars)", source.catalog, service, path.name,
+                      len(cached))
             return cached
         except Exception as err:  # a damaged cache file: query again
             log.warning("ignoring unreadable catalog cache %s (%s)", path, err)
@@ -283,23 +363,42 @@ def query_gaia(center: SkyCoord, radius_deg: float, mag_limit: float = 19.0,
             break
         except Exception as err:  # network errors come in many types
             last = err
-            log.warning("Gaia %s query failed (attempt %d/%d) for %s: %s", service, attempt + 1,
-                        retries + 1, field_desc, err)
+            log.warning("%s %s query failed (attempt %d/%d) for %s: %s", source.catalog,
+                        service, attempt + 1, retries + 1, field_desc, err)
             if attempt < retries:
                 time.sleep(backoff * 2**attempt)
     else:
         raise CatalogError(
-            f"Gaia query via {service} failed after {int(retries) + 1} attempts for "
-            f"{field_desc}: {type(last).__name__}: {last}"
+            f"{source.catalog} query via {service} failed after {int(retries) + 1} attempts "
+            f"for {field_desc}: {type(last).__name__}: {last}"
         )
-    table = normalize_catalog(raw, name=f"Gaia DR3 ({service})", default_epoch=GAIA_DR3_EPOCH)
+    band, column = source.bands[0]
+    if column in raw.colnames and "mag" not in raw.colnames:
+        raw = raw.copy(copy_data=False)
+        raw.rename_column(column, "mag")  # the first band orders and limits the stars
+    table = normalize_catalog(raw, name=f"{source.title} ({service})",
+                              default_epoch=source.epoch)
     mag = _plain(table["mag"])
     table = table[~(mag > mag_limit)]
-    table.meta.update({"service": service, "field": field_desc, "mag_limit": mag_limit})
+    table.meta.update({"service": service, "field": field_desc, "mag_limit": mag_limit,
+                       "band": band})
     if path is not None:
         with atomic_path(path) as tmp:
             table.write(tmp, format="ascii.ecsv")
     return table
+
+
+def query_gaia(center: SkyCoord, radius_deg: float, mag_limit: float = 19.0,
+               service: str = "mast", timeout: float = 60.0, retries: int = 4,
+               cache_dir=None, backoff: float = 2.0) -> Table:
+    """Gaia DR3 stars within ``radius_deg`` of ``center``: `query_source` of the Gaia
+    source on ``service``, ``'mast'`` (MAST ``Catalogs.query_region(catalog="Gaia",
+    version=3)``) or ``'tap'`` (ESA Gaia TAP)."""
+    gaia = {s.service: s for s in SOURCES.values() if s.catalog == "Gaia"}
+    if service not in gaia:
+        raise CatalogError(f"unknown Gaia service {service!r} (one of: {', '.join(gaia)})")
+    return query_source(gaia[service], center, radius_deg, mag_limit, timeout=timeout,
+                        retries=retries, cache_dir=cache_dir, backoff=backoff)
 
 
 def reference_catalog(source, center: SkyCoord | None = None, radius_deg: float | None = None,
@@ -310,9 +409,10 @@ def reference_catalog(source, center: SkyCoord | None = None, radius_deg: float 
     Parameters
     ----------
     source : str or path
-        ``'gaia'`` (MAST), ``'gaia-tap'`` (ESA TAP), or a catalog file.
+        A name of `SOURCES` (``'gaia'`` = Gaia DR3 via MAST, ``'gaia-tap'`` = ESA TAP),
+        or a catalog file.
     center, radius_deg
-        The field (needed for Gaia; for a file, stars farther than ``radius_deg``
+        The field (needed for a service; for a file, stars farther than ``radius_deg``
         from ``center`` are dropped when both are given).
     settings : CatalogSettings
         ``mag_limit``, ``max_stars`` (brightest kept), ``cache_dir``, ``propagate_pm``,
@@ -321,24 +421,10 @@ def reference_catalog(source, center: SkyCoord | None = None, radius_deg: float 
         Decimal year to propagate proper motions to (if ``settings.propagate_pm``).
     """
     settings = settings or CatalogSettings()
-    source = str(source)
-    if source in ("gaia", "gaia-tap"):
-        if center is None or radius_deg is None:
-            raise CatalogError(f"{source}: a field centre and radius are needed to query Gaia")
-        table = query_gaia(center, radius_deg, settings.mag_limit,
-                           service="tap" if source == "gaia-tap" else "mast",
-                           timeout=settings.timeout, retries=settings.retries,
-                           cache_dir=settings.cache_dir or None)
-    else:
-        table = load_catalog(source)
-        if center is not None and radius_deg is not None and len(table):
-            sep = SkyCoord(table["ra"], table["dec"], unit="deg").separation(center).deg
-            table = table[sep <= radius_deg]
-        mag = _plain(table["mag"])
-        table = table[~(mag > settings.mag_limit)]
+    found = catalog_source(source)
+    table = found.fetch(found, str(source), center, radius_deg, settings)
     if settings.max_stars and len(table) > settings.max_stars:
         table = table[: settings.max_stars]
     if settings.propagate_pm and epoch is not None:
         table = propagate_proper_motion(table, epoch)
     return table
-

@@ -20,6 +20,8 @@ import logging
 import os
 import sys
 
+from .errors import DaskstackError
+
 __all__ = [
     "ClusterError",
     "describe",
@@ -48,7 +50,7 @@ _NO_WALLTIME = ("sge", "htcondor")
 _NO_ACCOUNT = ("htcondor",)
 
 
-class ClusterError(RuntimeError):
+class ClusterError(DaskstackError, RuntimeError):
     """The requested Dask cluster cannot be started or reached."""
 
 

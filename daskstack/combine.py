@@ -28,6 +28,14 @@ rejects good pixels, so we do not copy it).
 
 Methods and the library semantics they reproduce
 ------------------------------------------------
+Each method the user names is one row of `COMBINE_METHODS`: a rejection from
+`REJECTIONS` ('none', 'sigclip', 'minmax': which of each pixel's sorted values are
+kept) followed by an estimator from `ESTIMATORS` ('mean', 'median', 'weighted': how
+the kept values become one), as ccdproc's ``Combiner`` separates ``clip_extrema`` /
+``sigma_clipping`` from ``average_combine`` / ``median_combine``; the row also holds
+the method's memory factor and its header cards. A new method is one row (and its
+tests); a new rejection or estimator one function in its table.
+
 ``mean``
     mean of the valid values = ``ccdproc.Combiner.average_combine`` with masked
     (NaN) values excluded.
@@ -68,27 +76,35 @@ Pixels where no value is used are NaN in ``image`` and 0 in ``weight`` and ``nus
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import NamedTuple
 
 import dask.array as da
 import numpy as np
 
+from .errors import RunError
+
 __all__ = [
+    "COMBINE_METHODS",
+    "ESTIMATORS",
     "METHODS",
+    "REJECTIONS",
     "REJECTS",
     "SCALES",
+    "CombineMethod",
     "CombineResult",
     "FrameScales",
     "combine_stack",
     "effective_gain",
     "electrons_per_unit",
     "frame_scales",
+    "header_cards",
     "inverse_variance_weights",
 ]
 
-METHODS = ("mean", "median", "sigclip", "minmax", "weighted")
 SCALES = ("none", "exptime", "background", "photometric")
-REJECTS = ("none", "sigclip", "minmax")
 
 
 # -- per-frame scaling ----------------------------------------------------------------------
@@ -290,11 +306,11 @@ def _range_mean_std(values, inside, count, need_std=True):
 
 
 def _combine_block(
-    data, weights=None, *, method, reject, sigma, iters, cenfunc, nlow, nhigh,
+    data, weights=None, *, rejection, estimator, sigma, iters, cenfunc, nlow, nhigh,
     scales, offsets, frame_weights,
 ):
     """Combine one chunk ``(n_frames, ty, tx)`` -> ``(3, ty, tx)`` float32:
-    image, weight, number of values used."""
+    image, weight, number of values used (``rejection`` then ``estimator``)."""
     n = data.shape[0]
     values = np.asarray(data, dtype=np.float32)
     if scales is not None or offsets is not None:
@@ -310,15 +326,14 @@ def _combine_block(
     values[~valid] = np.nan
 
     per_value_w = None
-    if method == "weighted":
+    if estimator == "weighted":
         fw = np.ones(n, np.float32) if frame_weights is None else frame_weights.astype(np.float32)
         if weights is None:
             per_value_w = np.broadcast_to(fw[:, None, None], values.shape)
         else:
             per_value_w = np.where(valid, weights.astype(np.float32) * fw[:, None, None], 0)
 
-    kind = reject if method == "weighted" else ("none" if method == "mean" else method)
-    if kind == "none":  # plain (weighted) mean: no sort needed
+    if rejection == "none" and estimator != "median":  # plain (weighted) mean: no sort
         count = valid.sum(axis=0)
         return _pack(*_mean_of(values, valid, count, per_value_w), count)
 
@@ -335,48 +350,158 @@ def _combine_block(
     del values
     nvalid = valid.sum(axis=0)
     del valid
-    k = np.arange(n).reshape(n, 1, 1)
     lo = np.zeros(nvalid.shape, np.intp)
     hi = nvalid.astype(np.intp)
-
-    if kind == "median":
-        count = hi - lo
-        with np.errstate(invalid="ignore"):
-            med = 0.5 * (_take(sorted_, (count - 1) // 2).astype(np.float64)
-                         + _take(sorted_, count // 2))
-        med[count == 0] = np.nan
-        return _pack(med, count.astype(np.float64), count)
-
-    if kind == "minmax":
-        lo = np.minimum(lo + nlow, hi)
-        hi = np.maximum(hi - nhigh, lo)
-    elif kind == "sigclip":
-        for _ in range(iters):
-            count = hi - lo
-            inside = (k >= lo) & (k < hi)
-            if cenfunc == "median":
-                cen = 0.5 * (_take(sorted_, lo + (count - 1) // 2)
-                             + _take(sorted_, lo + count // 2))
-                _, std = _range_mean_std(sorted_, inside, count)
-            else:
-                cen, std = _range_mean_std(sorted_, inside, count)
-            std = std.astype(np.float32)
-            cen = np.asarray(cen).astype(np.float32)
-            with np.errstate(invalid="ignore"):
-                low = sorted_ < (cen - std * np.float32(sigma))
-                high = sorted_ > (cen + std * np.float32(sigma))
-            new_lo = lo + np.sum(inside & low, axis=0)
-            new_hi = hi - np.sum(inside & high, axis=0)
-            changed = np.any(new_lo != lo) or np.any(new_hi != hi)
-            lo, hi = new_lo, new_hi
-            if not changed:
-                break
-    else:  # pragma: no cover - checked by combine_stack
-        raise ValueError(kind)
-
+    lo, hi = REJECTIONS[rejection](sorted_, lo, hi, sigma=sigma, iters=iters,
+                                   cenfunc=cenfunc, nlow=nlow, nhigh=nhigh)
     count = hi - lo
-    inside = (k >= lo) & (k < hi)
-    return _pack(*_mean_of(sorted_, inside, count, sorted_w), count)
+    image, weight = ESTIMATORS[estimator](sorted_, sorted_w, lo, hi)
+    return _pack(image, weight, count)
+
+
+# Rejections: (sorted values, lo, hi, **options) -> the range [lo, hi) of each pixel's
+# sorted valid values that is kept.
+def _reject_none(sorted_, lo, hi, **_):
+    return lo, hi
+
+
+def _reject_minmax(sorted_, lo, hi, *, nlow, nhigh, **_):
+    lo = np.minimum(lo + nlow, hi)
+    hi = np.maximum(hi - nhigh, lo)
+    return lo, hi
+
+
+def _reject_sigclip(sorted_, lo, hi, *, sigma, iters, cenfunc, **_):
+    k = np.arange(sorted_.shape[0]).reshape(-1, 1, 1)
+    for _ in range(iters):
+        count = hi - lo
+        inside = (k >= lo) & (k < hi)
+        if cenfunc == "median":
+            cen = 0.5 * (_take(sorted_, lo + (count - 1) // 2)
+                         + _take(sorted_, lo + count // 2))
+            _, std = _range_mean_std(sorted_, inside, count)
+        else:
+            cen, std = _range_mean_std(sorted_, inside, count)
+        std = std.astype(np.float32)
+        cen = np.asarray(cen).astype(np.float32)
+        with np.errstate(invalid="ignore"):
+            low = sorted_ < (cen - std * np.float32(sigma))
+            high = sorted_ > (cen + std * np.float32(sigma))
+        new_lo = lo + np.sum(inside & low, axis=0)
+        new_hi = hi - np.sum(inside & high, axis=0)
+        changed = np.any(new_lo != lo) or np.any(new_hi != hi)
+        lo, hi = new_lo, new_hi
+        if not changed:
+            break
+    return lo, hi
+
+
+# Estimators: (sorted values, their weights or None, lo, hi) -> (image, weight) of the
+# kept range; the weight is the number of values, or the sum of their weights.
+def _estimate_mean(sorted_, sorted_w, lo, hi):
+    k = np.arange(sorted_.shape[0]).reshape(-1, 1, 1)
+    count = hi - lo
+    return _mean_of(sorted_, (k >= lo) & (k < hi), count, sorted_w)
+
+
+def _estimate_median(sorted_, sorted_w, lo, hi):
+    count = hi - lo
+    with np.errstate(invalid="ignore"):
+        med = 0.5 * (_take(sorted_, lo + (count - 1) // 2).astype(np.float64)
+                     + _take(sorted_, lo + count // 2))
+    med[count == 0] = np.nan
+    return med, count.astype(np.float64)
+
+
+REJECTIONS = {"none": _reject_none, "sigclip": _reject_sigclip, "minmax": _reject_minmax}
+ESTIMATORS = {"mean": _estimate_mean, "median": _estimate_median, "weighted": _estimate_mean}
+REJECTS = tuple(REJECTIONS)
+
+
+# -- the methods: the user's vocabulary, as rejection x estimator ---------------------------
+def _no_cards(settings) -> list:
+    return []
+
+
+def _sigclip_cards(settings) -> list:
+    return [("CLIPSIG", settings.sigma, "sigma-clipping threshold"),
+            ("CLIPITER", settings.iters, "sigma-clipping iterations")]
+
+
+@dataclass(frozen=True)
+class CombineMethod:
+    """One combine method as the user names it (``--combine NAME``).
+
+    rejection : key of `REJECTIONS`, or None: taken from the ``reject`` argument
+        (``weighted_reject`` in the settings).
+    estimator : key of `ESTIMATORS`; 'weighted' also uses the per-frame weights.
+    memory_factor : peak memory of one task / its input block (measured, see the module
+        docstring); the combine's block size keeps the product within a budget.
+    cards : ``settings -> [(keyword, value, comment), ...]``: the coadd header cards
+        that record the method's parameters.
+    """
+
+    rejection: str | None
+    estimator: str
+    memory_factor: float
+    cards: Callable = _no_cards
+
+
+# A new method is one entry here (plus its tests); the names are what --combine takes.
+COMBINE_METHODS = {
+    "mean": CombineMethod("none", "mean", 2.3),
+    "median": CombineMethod("none", "median", 2.3),
+    "sigclip": CombineMethod("sigclip", "mean", 4.0, _sigclip_cards),
+    "minmax": CombineMethod("minmax", "mean", 2.3),
+    "weighted": CombineMethod(None, "weighted", 8.0),
+}
+METHODS = tuple(COMBINE_METHODS)
+
+
+def header_cards(method: str, settings) -> list:
+    """The coadd header cards ``[(keyword, value, comment)]`` of ``method`` with the
+    combine ``settings`` (`daskstack.config.CombineSettings`)."""
+    return COMBINE_METHODS[method].cards(settings)
+
+
+def _combine_tile(tile: int, n_frames: int, shape, budget_bytes: int = 384 * 2**20,
+                  methods=("sigclip",)) -> int:
+    """Output block size for the combine: a block holds all frames of a tile, so shrink
+    the tile as frames are added to keep each task's memory bounded (flat in N). A task
+    needs its input block (4 bytes a value) times the largest ``memory_factor`` of the
+    ``methods`` combined from it."""
+    factor = max(COMBINE_METHODS[m].memory_factor for m in methods)
+    block = tile
+    while block > 128 and n_frames * block * block * 4 * factor > budget_bytes:
+        block //= 2
+    return min(block, max(shape))
+
+
+# -- per-frame scales of a store's frames ----------------------------------------------------
+def _scales(cs, infos):
+    """Per-frame scales/offsets; a clear error names the frame whose record lacks a value."""
+    def values(key):
+        out = np.array([_or_nan(f.get(key)) for f in infos])
+        bad = [f["file"] for f, v in zip(infos, out, strict=True) if not np.isfinite(v)]
+        if bad and (cs.scale in _NEEDS.get(key, ()) or (key == "background"
+                                                       and cs.subtract_background)):
+            raise RunError(f"--scale {cs.scale}: no {key} known for {Path(bad[0]).name}")
+        return out
+
+    exptime, sky, ratio = values("exptime"), values("background"), values("flux_ratio")
+    if cs.scale == "photometric":
+        ratio = ratio / np.median(ratio)  # the coadd is in the units of a typical frame
+    return frame_scales(cs.scale, exptime=exptime, sky=sky, flux_ratio=ratio,
+                        subtract_background=cs.subtract_background,
+                        n_frames=len(infos))
+
+
+_NEEDS = {"exptime": ("exptime",), "background": ("background",),
+          "flux_ratio": ("photometric",)}
+
+
+def _or_nan(value):
+    return np.nan if value is None else float(value)
 
 
 def _mean_of(values, inside, count, weights=None):
@@ -467,13 +592,14 @@ def combine_stack(
     Returns a `CombineResult` of dask arrays; nothing is computed. Chunks along the
     sky axes are those of ``data``.
     """
-    if method not in METHODS:
+    if method not in COMBINE_METHODS:
         raise ValueError(f"method = {method!r} is not one of {', '.join(map(repr, METHODS))}")
-    if reject not in REJECTS:
+    if reject not in REJECTIONS:
         raise ValueError(f"reject = {reject!r} is not one of {', '.join(map(repr, REJECTS))}")
-    if reject != "none" and method != "weighted":
+    spec = COMBINE_METHODS[method]
+    if reject != "none" and spec.rejection is not None:
         raise ValueError("reject applies to method='weighted' only")
-    if frame_weights is not None and method != "weighted":
+    if frame_weights is not None and spec.estimator != "weighted":
         raise ValueError("frame_weights are used by method='weighted' only")
     if cenfunc not in ("median", "mean"):
         raise ValueError("cenfunc must be 'median' or 'mean'")
@@ -505,8 +631,8 @@ def combine_stack(
         args.append(weights)
 
     kwargs = dict(
-        method=method,
-        reject=reject,
+        rejection=reject if spec.rejection is None else spec.rejection,
+        estimator=spec.estimator,
         sigma=float(sigma),
         iters=int(iters),
         cenfunc=cenfunc,

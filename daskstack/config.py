@@ -12,6 +12,9 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .combine import COMBINE_METHODS, REJECTIONS
+from .errors import DaskstackError
+
 __all__ = [
     "CatalogSettings",
     "ClusterSettings",
@@ -25,7 +28,7 @@ __all__ = [
 ]
 
 
-class SettingsError(ValueError):
+class SettingsError(DaskstackError, ValueError):
     """An option with a value that cannot work; the message names the option."""
 
 
@@ -135,10 +138,10 @@ _CHOICES = {
     ("solve", "wcs"): ("solve", "header"),
     ("register", "method"): ("interp", "adaptive", "exact"),
     ("register", "order"): ("nearest-neighbor", "bilinear", "biquadratic", "bicubic"),
-    ("combine", "method"): ("mean", "median", "sigclip", "minmax", "weighted"),
+    ("combine", "method"): COMBINE_METHODS,  # its names: a new method is one row there
     ("combine", "scale"): ("none", "exptime", "background", "photometric"),
     ("combine", "cenfunc"): ("median", "mean"),
-    ("combine", "weighted_reject"): ("none", "sigclip", "minmax"),
+    ("combine", "weighted_reject"): REJECTIONS,
     ("cluster", "jobqueue"): ("", "slurm", "pbs", "sge", "lsf", "oar", "moab", "htcondor"),
 }
 

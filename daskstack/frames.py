@@ -23,6 +23,8 @@ from astropy.time import Time
 from astropy.utils.exceptions import AstropyWarning
 from astropy.wcs import WCS, FITSFixedWarning
 
+from .errors import DaskstackError
+
 __all__ = [
     "Frame",
     "FrameError",
@@ -41,7 +43,7 @@ log = logging.getLogger(__name__)
 FITS_SUFFIXES = (".fits.fz", ".fits.gz", ".fits", ".fit", ".fts", ".fz")
 
 
-class FrameError(ValueError):
+class FrameError(DaskstackError, ValueError):
     """A frame that cannot be used, with the file and the reason.
 
     ``str(err)`` is one line, ``"<file>: <reason>"``; ``err.reason`` alone is

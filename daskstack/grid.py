@@ -21,12 +21,13 @@ from astropy.io import fits
 from astropy.wcs import WCS
 from astropy.wcs.utils import proj_plane_pixel_scales
 
+from .errors import DaskstackError
 from .frames import FrameError, quiet_astropy
 
 __all__ = ["Grid", "GridError", "grid_from_file", "make_grid", "optimal_grid", "reference_grid"]
 
 
-class GridError(ValueError):
+class GridError(DaskstackError, ValueError):
     """No output grid can be made from the inputs and options."""
 
 

@@ -44,6 +44,9 @@ import numpy as np
 from scipy import stats
 from scipy.spatial import cKDTree
 
+from .errors import DaskstackError
+from .stats import clip_residuals
+
 __all__ = [
     "MatchError",
     "MatchResult",
@@ -59,7 +62,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-class MatchError(RuntimeError):
+class MatchError(DaskstackError, RuntimeError):
     """No trustworthy transform; ``reason`` is one line saying why."""
 
     def __init__(self, reason: str, best: MatchResult | None = None):
@@ -426,8 +429,7 @@ def refine_match(src, ref, transform: Transform, radius: float, *, ref_tree=None
         for _ in range(3):
             t_new = fit_similarity(src[si[keep]], ref[ri[keep]], flip=flip if keep_flip else False)
             res = np.hypot(*(t_new(src[si]) - ref[ri]).T)
-            sig = 1.4826 * np.median(res[keep]) / 0.8326 if keep.sum() else 0.0  # Rayleigh
-            new_keep = res <= max(clip_sigma * sig, radius / 3.0)
+            new_keep = clip_residuals(res, clip_sigma, radius / 3.0, fit=keep)
             if new_keep.sum() < 3 or np.array_equal(new_keep, keep):
                 keep = new_keep if new_keep.sum() >= 3 else keep
                 break

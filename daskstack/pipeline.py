@@ -36,11 +36,13 @@ from astropy.table import Table
 from . import catalogs, combine
 from . import store as store_mod
 from .astrometry import SolveResult, solve_frame, write_wcs_file
+from .combine import COMBINE_METHODS, _combine_tile, _or_nan, _scales
 from .config import Settings
 from .exitcodes import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL
+from .fields import _companion_groups, _field_catalog, _fields
 from .frames import FrameError, FrameMeta, frame_name, read_frame, read_meta, unusable_reason
 from .grid import Grid, make_grid
-from .register import register_frame, sky_level
+from .register import register_frame
 from .rundir import (
     FrameRecord,
     OutputLog,
@@ -59,6 +61,7 @@ from .rundir import (
     wcs_from_text,
     write_manifest,
 )
+from .stats import sky_level
 from .write import coadd_header, write_coadd_fits, write_image_fits
 
 __all__ = [
@@ -204,66 +207,6 @@ def _gather_as_completed(client, futures, phase, progress, on_result):
 
 
 # --------------------------------------------------------------------------------------
-# Output safety: writable, room enough, checksums of what was written, no leftovers
-# --------------------------------------------------------------------------------------
-
-
-def _fields(metas: list[FrameMeta], radius_deg: float) -> list[list[FrameMeta]]:
-    """Group frames whose pointings lie within ``radius_deg`` (one catalog per group)."""
-    from astropy.coordinates import SkyCoord
-
-    groups: list[tuple[SkyCoord, list[FrameMeta]]] = []
-    for meta in metas:
-        centre = _frame_centre(meta)
-        for coord, members in groups:
-            if centre is not None and coord.separation(centre).deg < radius_deg:
-                members.append(meta)
-                break
-        else:
-            groups.append((centre, [meta]))
-    return [members for _, members in groups]
-
-
-def _frame_centre(meta: FrameMeta):
-    from astropy.coordinates import SkyCoord
-
-    try:
-        wcs = meta.header_wcs()
-        ra, dec = wcs.pixel_to_world_values((meta.shape[1] - 1) / 2, (meta.shape[0] - 1) / 2)
-        return SkyCoord(float(ra), float(dec), unit="deg")
-    except (FrameError, ValueError):
-        if meta.ra is not None and meta.dec is not None:
-            return SkyCoord(meta.ra, meta.dec, unit="deg")
-        return None
-
-
-def _field_catalog(members: list[FrameMeta], source: str, settings: Settings, cache_dir):
-    """The reference catalog for one group of frames (file, or service query, cached)."""
-    from astropy.coordinates import SkyCoord
-
-    centres = [c for c in (_frame_centre(m) for m in members) if c is not None]
-    if not centres:
-        raise catalogs.CatalogError(f"no pointing known for {members[0].name}")
-    ra = np.array([c.ra.deg for c in centres])
-    dec = np.array([c.dec.deg for c in centres])
-    centre = SkyCoord(np.degrees(np.angle(np.mean(np.exp(1j * np.radians(ra))))),
-                      float(np.mean(dec)), unit="deg")
-    half_diag = max(
-        np.hypot(*m.shape) / 2 * (m.pixscale or 1.0) * m.binning / 3600.0 for m in members
-    )
-    spread = max(c.separation(centre).deg for c in centres)
-    radius = half_diag + spread + settings.solve.search_radius_arcmin / 60.0
-    catalog_settings = dataclasses.replace(settings.catalog, cache_dir=str(cache_dir))
-    # proper motion is applied per frame by solve_frame, at each frame's own epoch
-    table = catalogs.reference_catalog(source, centre, radius, catalog_settings)
-    if len(table) == 0:
-        raise catalogs.CatalogError(
-            f"no stars of catalog {Path(str(source)).name} within {radius:.3f} deg of "
-            f"RA {centre.ra.deg:.4f} Dec {centre.dec.deg:+.4f} (a frame of another field?)")
-    return table
-
-
-# --------------------------------------------------------------------------------------
 # Phases
 # --------------------------------------------------------------------------------------
 def inspect_frames(client, inputs, progress=_progress_none) -> list[FrameRecord]:
@@ -370,37 +313,6 @@ def solve_frames(client, records: list[FrameRecord], catalog_source: str, out_di
             r.status, r.reason = "failed", r.result.reason
     if manifest is not None:
         write_manifest(records, manifest)
-
-
-COMPANION_RADIUS_DEG = 2.0 / 60  # exposures whose pointings agree this well: one pointing
-
-
-def _companion_groups(records, catalog_of):
-    """Failed frames that other exposures of the same pointing, filter and camera may
-    help solve, each with those exposures (solved or not)."""
-    pending = [r for r in records if r.status == "failed" and r.meta is not None
-               and r.name in catalog_of and r.result is not None and r.result.n_detections]
-    out = []
-    for record in pending:
-        m = record.meta
-        if m.ra is None or m.dec is None:
-            continue
-        partners = [
-            p for p in records
-            if p is not record and p.meta is not None and p.meta.filter == m.filter
-            and p.meta.instrument == m.instrument and p.meta.ra is not None
-            and p.meta.dec is not None
-            and _separation_deg(m.ra, m.dec, p.meta.ra, p.meta.dec) < COMPANION_RADIUS_DEG
-        ]
-        if partners:
-            out.append((record, partners))
-    return out
-
-
-def _separation_deg(ra1, dec1, ra2, dec2) -> float:
-    ra1, dec1, ra2, dec2 = np.radians([ra1, dec1, ra2, dec2])
-    cos = (np.sin(dec1) * np.sin(dec2) + np.cos(dec1) * np.cos(dec2) * np.cos(ra1 - ra2))
-    return float(np.degrees(np.arccos(np.clip(cos, -1.0, 1.0))))
 
 
 def _accept_solution(record: FrameRecord, result: SolveResult, output_log: OutputLog) -> None:
@@ -545,7 +457,7 @@ def combine_store(client, store_path: Path, out_dir: Path, settings: Settings,
         if not keep:
             continue
         data_arr, foot_arr = stack.arrays(filter_name)
-        block = _combine_tile(stack.tile, len(keep), stack.grid.shape)
+        block = _combine_tile(stack.tile, len(keep), stack.grid.shape, methods=cs.methods)
         # each task reads its whole (frames, block, block) slab straight from the store:
         # no rechunking, nothing moves between workers
         data = da.from_zarr(data_arr, chunks=(data_arr.shape[0], block, block))
@@ -563,8 +475,9 @@ def combine_store(client, store_path: Path, out_dir: Path, settings: Settings,
         # several methods share one read of each slab: one graph, one compute
         weights_of = {}
         for n_method, method in enumerate(cs.methods):
+            spec = COMBINE_METHODS[method]
             frame_weights = None
-            if method == "weighted":
+            if spec.estimator == "weighted":
                 frame_weights = combine.inverse_variance_weights(
                     gain=[f["gain"] for f in infos], rdnoise=[f["rdnoise"] for f in infos],
                     sky=[_or_nan(f["background"]) for f in infos], scale=scales.scales)
@@ -573,7 +486,7 @@ def combine_store(client, store_path: Path, out_dir: Path, settings: Settings,
                 data, foot, method=method, sigma=cs.sigma, iters=cs.iters,
                 cenfunc=cs.cenfunc, nlow=cs.nlow, nhigh=cs.nhigh, scales=scales.scales,
                 offsets=scales.offsets, frame_weights=frame_weights,
-                reject=cs.weighted_reject if method == "weighted" else "none")
+                reject=cs.weighted_reject if spec.rejection is None else "none")
             suffix = "" if n_method == 0 else f"_{method}"
             pair = []
             for name in ("image", "weight"):
@@ -625,42 +538,6 @@ def _write_differences(client, stack, filter_name, names, indices, scales, coadd
                          lambda name, path: output_log.add(Path(path))
                          if isinstance(path, str) else log.warning(
                              "%s: no difference image (%s)", name, path))
-
-
-def _scales(cs, infos):
-    """Per-frame scales/offsets; a clear error names the frame whose record lacks a value."""
-    def values(key):
-        out = np.array([_or_nan(f.get(key)) for f in infos])
-        bad = [f["file"] for f, v in zip(infos, out, strict=True) if not np.isfinite(v)]
-        if bad and (cs.scale in _NEEDS.get(key, ()) or (key == "background"
-                                                       and cs.subtract_background)):
-            raise RunError(f"--scale {cs.scale}: no {key} known for {Path(bad[0]).name}")
-        return out
-
-    exptime, sky, ratio = values("exptime"), values("background"), values("flux_ratio")
-    if cs.scale == "photometric":
-        ratio = ratio / np.median(ratio)  # the coadd is in the units of a typical frame
-    return combine.frame_scales(cs.scale, exptime=exptime, sky=sky, flux_ratio=ratio,
-                                subtract_background=cs.subtract_background,
-                                n_frames=len(infos))
-
-
-_NEEDS = {"exptime": ("exptime",), "background": ("background",),
-          "flux_ratio": ("photometric",)}
-
-
-def _or_nan(value):
-    return np.nan if value is None else float(value)
-
-
-def _combine_tile(tile: int, n_frames: int, shape, budget_bytes: int = 384 * 2**20) -> int:
-    """Output block size for the combine: a block holds all frames of a tile, so shrink
-    the tile as frames are added to keep each task's memory bounded (flat in N). The
-    combine needs up to ~4x its input block (sorting, masks: see combine.py)."""
-    block = tile
-    while block > 128 and n_frames * block * block * 4 * 4 > budget_bytes:
-        block //= 2
-    return min(block, max(shape))
 
 
 # --------------------------------------------------------------------------------------

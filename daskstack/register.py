@@ -29,7 +29,6 @@ from .grid import Grid
 
 __all__ = [
     "RegisteredTile",
-    "sky_level",
     "exact_mapping",
     "frame_tiles",
     "mesh_mapping",
@@ -125,23 +124,6 @@ def _interpolate(image: np.ndarray, x_in: np.ndarray, y_in: np.ndarray, order: i
         outside |= (coords[axis] < -0.5) | (coords[axis] > size - 0.5)
     out[outside] = np.nan
     return out.reshape(x_in.shape)
-
-
-def sky_level(data: np.ndarray, mask: np.ndarray | None, sample: int = 250_000):
-    """Sky level and noise (e-): sigma-clipped median and std of a strided sample of the
-    good pixels. For frames whose WCS is taken from the header (no detection ran), so
-    that sky subtraction and inverse-variance weights still have their numbers."""
-    from astropy.stats import sigma_clipped_stats
-
-    step = max(1, int(np.sqrt(data.size / sample)))
-    values = data[::step, ::step]
-    if mask is not None:
-        values = values[~mask[::step, ::step]]
-    values = values[np.isfinite(values)]
-    if values.size == 0:
-        return float("nan"), float("nan")
-    _, median, std = sigma_clipped_stats(values, sigma=3.0, maxiters=5)
-    return float(median), float(std)
 
 
 def frame_tiles(frame_wcs: WCS, frame_shape, grid: Grid, tile: int) -> list[tuple[int, int]]:

@@ -37,6 +37,10 @@ from astropy.io import fits
 from astropy.table import Table
 
 from ._io import atomic_path, atomic_write_text
+from .fields import separation_deg
+from .match import nn_match
+from .rundir import read_manifest
+from .stats import clip_residuals
 
 __all__ = [
     "FRAMES_DIR",
@@ -267,10 +271,7 @@ def _near_field(catalog, wcs, shape):
     dec = np.asarray(catalog["dec"], float)
     ra0, dec0 = (float(v) for v in wcs.all_pix2world([[(nx - 1) / 2, (ny - 1) / 2]], 0)[0])
     scale = float(np.sqrt(abs(np.linalg.det(wcs.pixel_scale_matrix))) * 3600.0)
-    cos_sep = (np.sin(np.radians(dec)) * np.sin(np.radians(dec0)) + np.cos(np.radians(dec))
-               * np.cos(np.radians(dec0)) * np.cos(np.radians(ra - ra0)))
-    sep_deg = np.degrees(np.arccos(np.clip(cos_sep, -1, 1)))
-    keep = sep_deg < 1.5 * 0.5 * math.hypot(nx, ny) * scale / 3600.0 + 1.0 / 60
+    keep = separation_deg(ra, dec, ra0, dec0) < 1.5 * 0.5 * math.hypot(nx, ny) * scale / 3600.0 + 1.0 / 60
     return ra[keep], dec[keep], scale
 
 
@@ -287,17 +288,9 @@ def match_catalog(det_xy, cat_x, cat_y, radius_px: float, clip_sigma: float,
     empty = (np.zeros(0, int), np.zeros(0, int), np.zeros(0), np.zeros(0))
     if len(det_xy) == 0 or len(cat_x) == 0:
         return empty
-    tree = cKDTree(np.column_stack([cat_x, cat_y]))
-    d, j = tree.query(det_xy, distance_upper_bound=radius_px)
-    ok = np.isfinite(d)
-    si, rj, dd = np.nonzero(ok)[0], j[ok], d[ok]
-    order = np.argsort(dd)
-    _, first = np.unique(rj[order], return_index=True)
-    sel = np.sort(order[first])
-    si, rj, dd = si[sel], rj[sel], dd[sel]
+    si, rj, dd = nn_match(det_xy, cKDTree(np.column_stack([cat_x, cat_y])), radius_px)
     if len(si) >= 3:
-        sig = 1.4826 * np.median(dd) / 0.8326
-        keep = dd <= max(clip_sigma * sig, 0.1)  # px, as the solver (0.1 px * scale arcsec)
+        keep = clip_residuals(dd, clip_sigma, 0.1)  # px, as the solver (0.1 px * scale arcsec)
         si, rj = si[keep], rj[keep]
     dx = np.asarray(cat_x)[rj] - det_xy[si, 0]
     dy = np.asarray(cat_y)[rj] - det_xy[si, 1]
@@ -375,10 +368,7 @@ def frame_figures(frame_path, start_wcs, solved_wcs, catalog, settings, out_dir,
             centre = [[(nx - 1) / 2, (ny - 1) / 2]]
             a = start_wcs.all_pix2world(centre, 0)[0]
             b = solved_wcs.all_pix2world(centre, 0)[0]
-        cos_sep = (math.sin(math.radians(a[1])) * math.sin(math.radians(b[1]))
-                   + math.cos(math.radians(a[1])) * math.cos(math.radians(b[1]))
-                   * math.cos(math.radians(a[0] - b[0])))
-        plots.offset_arcsec = math.degrees(math.acos(min(1.0, max(-1.0, cos_sep)))) * 3600
+        plots.offset_arcsec = separation_deg(a[0], a[1], b[0], b[1]) * 3600
 
     # matches through the solved WCS, as the solver made them
     si = np.zeros(0, int)
@@ -916,8 +906,6 @@ def write_report(run_dir, run_plots: dict | None = None, *, title: str | None = 
     ``run_plots`` is what `run_figures` returned (else pictures are found on disk).
     Written atomically; every link is relative; no script, font or style is fetched.
     """
-    from .pipeline import read_manifest
-
     run_dir = Path(run_dir)
     out = run_dir / REPORT_DIR
     frames_dir = out / FRAMES_DIR

@@ -27,6 +27,7 @@ from astropy.wcs import WCS
 from ._io import atomic_path, atomic_write_text
 from .astrometry import SolveResult
 from .config import Settings
+from .errors import RunError
 from .frames import FrameMeta, frame_name, quiet_astropy
 from .grid import Grid
 
@@ -62,10 +63,6 @@ MANIFEST_COLUMNS = [
 ]
 OUTPUTS_FILE = "outputs.ecsv"  # name, sha256, bytes of every .wcs and coadd written
 TEMPORARY = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp")  # names made by _io.atomic_path
-
-
-class RunError(RuntimeError):
-    """A run that cannot start or cannot go on (not a per-frame failure)."""
 
 
 @dataclass

@@ -28,6 +28,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
+from .errors import DaskstackError
 from .grid import Grid
 
 __all__ = ["StackStore", "StoreError", "create_store", "filter_key", "open_store",
@@ -38,7 +39,7 @@ FORMAT_VERSION = 1
 COMPRESSOR = BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle")
 
 
-class StoreError(ValueError):
+class StoreError(DaskstackError, ValueError):
     """A store that is missing, not daskstack's, or does not fit the run."""
 
 

@@ -17,6 +17,7 @@ from astropy.time import Time
 
 from . import combine
 from ._io import atomic_path
+from .combine import header_cards
 
 __all__ = ["coadd_header", "exposure_span", "write_coadd_fits", "write_image_fits"]
 
@@ -51,9 +52,8 @@ def coadd_header(stack, filter_name, names, infos, cs, scales, frame_weights=Non
         header["MJD-END"] = (round(float(end.mjd), 8), "[d] MJD of DATE-END")
     header["COMBINE"] = (cs.method, "daskstack combine method")
     header["SCALING"] = (cs.scale, "daskstack per-frame scaling")
-    if cs.method == "sigclip":
-        header["CLIPSIG"] = (cs.sigma, "sigma-clipping threshold")
-        header["CLIPITER"] = (cs.iters, "sigma-clipping iterations")
+    for key, value, comment in header_cards(cs.method, cs):
+        header[key] = (value, comment)
     units = _distinct(infos, "bunit")
     if len(units) == 1 and units[0]:
         header["BUNIT"] = (scales.unit(units[0]), "unit of the coadd")

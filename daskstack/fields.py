@@ -1,0 +1,113 @@
+"""Fields: which frames share a pointing, and the reference catalog of each field.
+
+A batch may hold many targets. Frames are grouped once, early, by where they point
+(`_fields`), so that one catalog query serves every frame of a field
+(`_field_catalog`); frames too thin to solve alone are paired with the other exposures
+of the same pointing, filter and camera (`_companion_groups`). Plain functions of
+`FrameMeta` records (header information, no pixels); `daskstack.pipeline` calls them
+on the client.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+from astropy.coordinates import angular_separation
+
+from . import catalogs
+from .config import Settings
+from .frames import FrameError, FrameMeta
+
+__all__ = ["COMPANION_RADIUS_DEG", "separation_deg"]
+
+
+def _fields(metas: list[FrameMeta], radius_deg: float) -> list[list[FrameMeta]]:
+    """Group frames whose pointings lie within ``radius_deg`` (one catalog per group)."""
+    from astropy.coordinates import SkyCoord
+
+    groups: list[tuple[SkyCoord, list[FrameMeta]]] = []
+    for meta in metas:
+        centre = _frame_centre(meta)
+        for coord, members in groups:
+            if centre is not None and coord.separation(centre).deg < radius_deg:
+                members.append(meta)
+                break
+        else:
+            groups.append((centre, [meta]))
+    return [members for _, members in groups]
+
+
+def _frame_centre(meta: FrameMeta):
+    from astropy.coordinates import SkyCoord
+
+    try:
+        wcs = meta.header_wcs()
+        ra, dec = wcs.pixel_to_world_values((meta.shape[1] - 1) / 2, (meta.shape[0] - 1) / 2)
+        return SkyCoord(float(ra), float(dec), unit="deg")
+    except (FrameError, ValueError):
+        if meta.ra is not None and meta.dec is not None:
+            return SkyCoord(meta.ra, meta.dec, unit="deg")
+        return None
+
+
+def _field_catalog(members: list[FrameMeta], source: str, settings: Settings, cache_dir):
+    """The reference catalog for one group of frames (file, or service query, cached)."""
+    from astropy.coordinates import SkyCoord
+
+    centres = [c for c in (_frame_centre(m) for m in members) if c is not None]
+    if not centres:
+        raise catalogs.CatalogError(f"no pointing known for {members[0].name}")
+    ra = np.array([c.ra.deg for c in centres])
+    dec = np.array([c.dec.deg for c in centres])
+    centre = SkyCoord(np.degrees(np.angle(np.mean(np.exp(1j * np.radians(ra))))),
+                      float(np.mean(dec)), unit="deg")
+    half_diag = max(
+        np.hypot(*m.shape) / 2 * (m.pixscale or 1.0) * m.binning / 3600.0 for m in members
+    )
+    spread = max(c.separation(centre).deg for c in centres)
+    radius = half_diag + spread + settings.solve.search_radius_arcmin / 60.0
+    catalog_settings = dataclasses.replace(settings.catalog, cache_dir=str(cache_dir))
+    # proper motion is applied per frame by solve_frame, at each frame's own epoch
+    table = catalogs.reference_catalog(source, centre, radius, catalog_settings)
+    if len(table) == 0:
+        raise catalogs.CatalogError(
+            f"no stars of catalog {Path(str(source)).name} within {radius:.3f} deg of "
+            f"RA {centre.ra.deg:.4f} Dec {centre.dec.deg:+.4f} (a frame of another field?)")
+    return table
+
+
+COMPANION_RADIUS_DEG = 2.0 / 60  # exposures whose pointings agree this well: one pointing
+
+
+def _companion_groups(records, catalog_of):
+    """Failed frames that other exposures of the same pointing, filter and camera may
+    help solve, each with those exposures (solved or not)."""
+    pending = [r for r in records if r.status == "failed" and r.meta is not None
+               and r.name in catalog_of and r.result is not None and r.result.n_detections]
+    out = []
+    for record in pending:
+        m = record.meta
+        if m.ra is None or m.dec is None:
+            continue
+        partners = [
+            p for p in records
+            if p is not record and p.meta is not None and p.meta.filter == m.filter
+            and p.meta.instrument == m.instrument and p.meta.ra is not None
+            and p.meta.dec is not None
+            and separation_deg(m.ra, m.dec, p.meta.ra, p.meta.dec) < COMPANION_RADIUS_DEG
+        ]
+        if partners:
+            out.append((record, partners))
+    return out
+
+
+def separation_deg(ra1, dec1, ra2, dec2):
+    """Great-circle separation in degrees between (ra1, dec1) and (ra2, dec2), all in
+    degrees, with numpy broadcasting (a float for scalars). Vincenty's formula
+    (`astropy.coordinates.angular_separation`): accurate at every angle, where the
+    arccos of the spherical law of cosines loses milliarcseconds near 0."""
+    sep = np.degrees(angular_separation(np.radians(ra1), np.radians(dec1),
+                                        np.radians(ra2), np.radians(dec2)))
+    return float(sep) if np.ndim(sep) == 0 else sep
