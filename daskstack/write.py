@@ -40,6 +40,8 @@ def coadd_header(stack, filter_name, names, infos, cs, scales) -> fits.Header:
         header["CLIPITER"] = (cs.iters, "sigma-clipping iterations")
     header["BUNIT"] = (scales.unit("electron"), "unit of the coadd")
     header["ORIGIN"] = "daskstack"
+    if stack.params.get("reference_frame"):
+        header["REFFRAME"] = (stack.params["reference_frame"], "frame whose pixel grid this is")
     for i, name in enumerate(names, 1):
         header[f"IMCMB{i:03d}" if i < 1000 else "HISTORY"] = name
     return header
