@@ -36,7 +36,7 @@ from . import catalogs, combine
 from . import store as store_mod
 from .astrometry import SolveResult, solve_frame, write_wcs_file
 from .config import Settings
-from .exitcodes import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL
+from .exitcodes import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL, outcome
 from .frames import FrameError, FrameMeta, frame_name, read_frame, read_meta, unusable_reason
 from .grid import Grid, make_grid
 from .register import register_frame, sky_level
@@ -109,9 +109,8 @@ class RunResult:
 
     @property
     def exit_code(self) -> int:
-        if not self.coadds or self.n_combined == 0:
-            return EXIT_FAILED
-        return EXIT_OK if self.n_failed == 0 else EXIT_PARTIAL
+        # usable = combined: frames solved but never in a coadd are no result
+        return outcome(self.n_combined, self.n_failed)
 
     @property
     def manifest(self) -> Path:
