@@ -8,7 +8,7 @@ output pixel, while the interpolation itself is cheap. Like SWarp, the fast path
 evaluates the exact mapping on a coarse mesh, interpolates it with a bicubic spline,
 **checks** it against the exact mapping at the points where interpolation is worst
 (mesh cell centres and a random sample) and falls back to reproject when the error
-exceeds ``mapping_tolerance_px``. The interpolation then uses the same edge and NaN
+exceeds ``mapping_tolerance_px`` (or when anything in the fast path fails). The interpolation then uses the same edge and NaN
 conventions as reproject, so results agree with reproject to float precision.
 """
 
