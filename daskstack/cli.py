@@ -78,9 +78,11 @@ def _choice(*values):
 # (option, settings key, click kwargs)
 STAGE_OPTIONS = {
     "solve": [
-        ("--wcs", "solve.wcs", dict(type=_choice("solve", "header"),
-         help="'solve': fit a new WCS to each frame against the catalog; 'header': use each "
-              "frame's header WCS as it is (frames already calibrated).")),
+        ("--wcs", "solve.wcs", dict(type=_choice("auto", "solve", "header"),
+         help="'auto': 'solve' with a catalog, else 'header'; 'solve': fit a new WCS to each "
+              "frame against the catalog (the header WCS only the start); 'header': use each "
+              "frame's header WCS as it is, refusing frames whose header says it failed "
+              "(LCO WCSERR != 0; frames without WCSERR are trusted). [auto]")),
         ("--search-radius", "solve.search_radius_arcmin", dict(type=float,
          help="How far (arcmin) the true field centre may lie from the header's. [20]")),
         ("--scale-tolerance", "solve.scale_tolerance", dict(type=float,
@@ -105,7 +107,8 @@ STAGE_OPTIONS = {
          help="Output grid: 'reference' (a frame's pixel grid, the tutorial's way), 'optimal' "
               "(covers all frames), or a FITS/header FILE holding the WCS. [reference]")),
         ("--reference", "grid.reference", dict(
-         help="Frame name giving the reference grid (default: the first solved frame).")),
+         help="Frame name giving the reference grid (default: the best solved frame of the "
+              "deepest filter; named in the coadd header as REFFRAME).")),
         ("--pixel-scale", "grid.pixel_scale_arcsec", dict(type=float,
          help="Optimal grid pixel scale (arcsec); default the finest input scale.")),
         ("--rotation", "grid.rotation_deg", dict(type=float,
@@ -243,7 +246,8 @@ def _summary(result, quiet: bool) -> None:
     if quiet:
         return
     echo = functools.partial(click.echo, err=False)
-    echo(f"frames: {len(result.frames)}  solved: {result.n_ok}  failed: {result.n_failed}")
+    echo(f"frames: {len(result.frames)}  solved: {result.n_solved}  "
+         f"in the coadd: {result.n_combined}  failed: {result.n_failed}")
     for record in sorted(result.frames, key=lambda r: r.status != "failed"):
         if record.status == "failed":
             echo(f"  FAILED {Path(record.file).name}: {record.reason}")
@@ -281,7 +285,7 @@ def main():
 @click.option("--catalog", default="",
               help="Reference catalog: 'gaia' (Gaia DR3 via MAST), 'gaia-tap' (ESA TAP) or a "
                    "file (ECSV/FITS/CSV with ra, dec, a magnitude; pmra/pmdec/ref_epoch "
-                   "optional). Required unless --wcs header.")
+                   "optional). Without one, frames keep their header WCS (--wcs auto).")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Run directory: coadd_<filter>.fits, manifest.ecsv, <frame>.wcs, "
                    "store.zarr.")

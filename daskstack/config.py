@@ -54,7 +54,9 @@ class CatalogSettings:
 
 @dataclass
 class SolveSettings:
-    wcs: str = "solve"  # "solve": fit a new WCS; "header": trust the header WCS
+    # "auto": solve with a catalog, else the header WCS where the header calls it good;
+    # "solve": fit a new WCS (the header WCS only the start); "header": the header WCS
+    wcs: str = "auto"
     search_radius_arcmin: float = 20.0  # how far the true centre may be from the header's
     scale_tolerance: float = 0.05  # fractional error allowed in the header pixel scale
     allow_flip: bool = True  # also try a mirrored sky (parity change)
@@ -69,11 +71,19 @@ class SolveSettings:
     companion_fraction: float = 0.6  # companions: a source must be in this fraction of them
     companion_max_shift_arcsec: float = 30.0  # companions: largest dither between exposures
 
+    def wcs_source(self, catalog: str) -> str:
+        """Where the frames' WCS comes from, 'solve' or 'header', given the catalog
+        (``""`` = none): what ``wcs = "auto"`` means."""
+        if self.wcs == "auto":
+            return "solve" if catalog else "header"
+        return self.wcs
+
 
 @dataclass
 class GridSettings:
     method: str = "reference"  # "reference", "optimal", or the path of a FITS header/WCS file
-    reference: str = ""  # frame name for method="reference"; "" = the first frame
+    # frame name for method="reference"; "" = the best solved frame of the deepest filter
+    reference: str = ""
     pixel_scale_arcsec: float = 0.0  # optimal grid: 0 = the finest input scale
     rotation_deg: float = 0.0  # optimal grid: position angle of +y
     shape: tuple[int, int] | None = None  # optimal grid: force (ny, nx)
@@ -135,7 +145,7 @@ class ClusterSettings:
 
 
 _CHOICES = {
-    ("solve", "wcs"): ("solve", "header"),
+    ("solve", "wcs"): ("auto", "solve", "header"),
     ("register", "method"): ("interp", "adaptive", "exact"),
     ("register", "order"): ("nearest-neighbor", "bilinear", "biquadratic", "bicubic"),
     ("combine", "method"): COMBINE_METHODS,  # its names: a new method is one row there

@@ -39,6 +39,11 @@ def _fields(metas: list[FrameMeta], radius_deg: float) -> list[list[FrameMeta]]:
     return [members for _, members in groups]
 
 
+def _field_radius_deg(settings: Settings) -> float:
+    """Pointings closer than this are one field (one catalog, one reference grid)."""
+    return max(settings.solve.search_radius_arcmin / 60.0, 0.25)
+
+
 def _frame_centre(meta: FrameMeta):
     from astropy.coordinates import SkyCoord
 

@@ -31,6 +31,7 @@ __all__ = [
     "FrameMeta",
     "frame_name",
     "header_wcs",
+    "header_wcs_failure",
     "pixel_unit",
     "quiet_astropy",
     "read_frame",
@@ -245,7 +246,8 @@ def _meta_from_header(path, hdu_key, header: fits.Header, shape) -> FrameMeta:
     ccdsum = str(header.get("CCDSUM", "1 1")).split()
     if ccdsum and ccdsum[0].isdigit() and 1 <= int(ccdsum[0]) <= 64:
         binning = int(ccdsum[0])
-    wcserr = header.get("WCSERR")
+    # LCO's own WCS-solve status (0 = solved); a float or a numeric string counts too
+    wcserr = _float_or_none(header.get("WCSERR"))
     wcs_text, wcs_error = _wcs_problem(header, path)
     return FrameMeta(
         path=str(path),
@@ -264,7 +266,7 @@ def _meta_from_header(path, hdu_key, header: fits.Header, shape) -> FrameMeta:
         site=str(header.get("SITEID", "")).strip(),
         telescope=str(header.get("TELESCOP", "")).strip(),
         instrument=str(header.get("INSTRUME", "")).strip(),
-        wcserr=int(wcserr) if isinstance(wcserr, (int, np.integer)) else None,
+        wcserr=int(wcserr) if wcserr is not None else None,
         binning=binning,
         object=str(header.get("OBJECT", "")).strip(),
         bunit=pixel_unit(header),
@@ -414,14 +416,20 @@ def read_frame(path) -> Frame:
 
 
 def unusable_reason(meta: FrameMeta, *, needs_exptime: bool = False,
-                    needs_start: bool = True) -> str:
+                    needs_start: bool = True, trusts_header: bool = False) -> str:
     """Why a frame cannot be processed, from its header alone ("" = it can).
 
     ``needs_start``: the solver needs a start (a usable header WCS, or no WCS at all and
     RA/DEC + PIXSCALE); a header WCS that is present but broken (NaN, absurd scale) is
     a header that lies, so the frame fails rather than being solved from RA/DEC.
+    ``trusts_header``: the header WCS is to be used as it is, so a header that says its
+    own WCS failed (`header_wcs_failure`) refuses the frame.
     ``needs_exptime``: scaling by exposure time needs EXPTIME > 0.
     """
+    if trusts_header:
+        failed = header_wcs_failure(meta)
+        if failed:
+            return failed
     if needs_start and meta.wcs_error:
         if meta.wcs_error != NO_WCS:
             return f"header WCS unusable: {meta.wcs_error}"
@@ -433,6 +441,20 @@ def unusable_reason(meta: FrameMeta, *, needs_exptime: bool = False,
         if meta.exptime <= 0:
             return f"EXPTIME = {meta.exptime:g} s (<= 0): cannot scale by exposure time"
     return ""
+
+
+def header_wcs_failure(meta: FrameMeta) -> str:
+    """Why the frame's own header says its WCS is no solution ("" = it does not say so).
+
+    LCO writes ``WCSERR = 0`` when its pipeline solved the WCS; any other value means the
+    solve failed and the header holds only the nominal pointing WCS (on the 0.4 m SBIG
+    frames rotated 180 degrees and ~1.7% off in scale). A frame without WCSERR (other
+    observatories, frames reduced elsewhere) does not say, and its header WCS is trusted.
+    """
+    if meta.wcserr is None or meta.wcserr == 0:
+        return ""
+    return (f"the header says its WCS failed (WCSERR = {meta.wcserr}: only the nominal "
+            "pointing, not a solution); pass a catalog (--catalog) to solve this frame")
 
 
 def header_wcs(header: fits.Header, path="<header>") -> WCS:

@@ -38,8 +38,8 @@ from . import store as store_mod
 from .astrometry import SolveResult, solve_frame, write_wcs_file
 from .combine import COMBINE_METHODS, _combine_tile, _or_nan, _scales
 from .config import Settings
-from .exitcodes import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL
-from .fields import _companion_groups, _field_catalog, _fields
+from .exitcodes import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL, outcome
+from .fields import _companion_groups, _field_catalog, _field_radius_deg, _fields
 from .frames import FrameError, FrameMeta, frame_name, read_frame, read_meta, unusable_reason
 from .grid import Grid, make_grid
 from .register import register_frame
@@ -103,10 +103,20 @@ class RunResult:
         return sum(f.status == "failed" for f in self.frames)
 
     @property
+    def n_solved(self) -> int:
+        """Frames with a WCS (solved, or a header WCS taken as good), registered or not."""
+        return sum(f.result is not None and f.result.status == "ok" for f in self.frames)
+
+    @property
+    def n_combined(self) -> int:
+        """Frames whose pixels are in a coadd: registered, and their filter combined."""
+        return sum(f.status == "ok" and f.registered and f.meta is not None
+                   and f.meta.filter in self.coadds for f in self.frames)
+
+    @property
     def exit_code(self) -> int:
-        if not self.coadds:
-            return EXIT_FAILED
-        return EXIT_OK if self.n_failed == 0 else EXIT_PARTIAL
+        # usable = combined: frames solved but never in a coadd are no result
+        return outcome(self.n_combined, self.n_failed)
 
     @property
     def manifest(self) -> Path:
@@ -164,7 +174,7 @@ def _detect_task(meta: FrameMeta, settings: Settings):
 
 
 def _register_task(meta: FrameMeta, wcs_header: str, grid: Grid, store_path: str,
-                   filter_name: str, index: int, settings: Settings):
+                   filter_name: str, index: int, settings: Settings, measure_sky: bool):
     start = time.perf_counter()
     frame = read_frame(meta.path)
     wcs = wcs_from_text(wcs_header, frame.data.shape)
@@ -173,9 +183,9 @@ def _register_task(meta: FrameMeta, wcs_header: str, grid: Grid, store_path: str
                                      conserve_flux=settings.register.conserve_flux,
                                      seed=index))
     count = store_mod.write_tiles(store_path, filter_name, index, tiles)
-    # a frame taken with its header WCS was never detected on: measure its sky here,
-    # from the pixels already in memory, rather than read the frame a second time
-    sky = sky_level(frame.data, frame.mask) if settings.solve.wcs == "header" else None
+    # a frame taken with its header WCS was never detected on (``measure_sky``): measure
+    # its sky here, from the pixels already in memory, rather than read it a second time
+    sky = sky_level(frame.data, frame.mask) if measure_sky else None
     return count, time.perf_counter() - start, sky
 
 
@@ -232,16 +242,19 @@ def solve_frames(client, records: list[FrameRecord], catalog_source: str, out_di
     """Solve every inspected frame not solved yet; write ``<name>.wcs`` for each success.
 
     Frames whose header already says they cannot work (a broken WCS, no start for the
-    solver, no EXPTIME when ``needs_exptime``) fail here, before any pixel is read."""
+    solver, no EXPTIME when ``needs_exptime``, a header WCS that its own header calls
+    failed when that WCS is to be used as it is) fail here, before any pixel is read."""
     output_log = output_log or OutputLog(out_dir)
+    wcs_source = settings.solve.wcs_source(catalog_source)
     for r in records:
         if r.meta is not None and r.result is None:
             reason = unusable_reason(r.meta, needs_exptime=needs_exptime,
-                                     needs_start=settings.solve.wcs == "solve")
+                                     needs_start=wcs_source == "solve",
+                                     trusts_header=wcs_source == "header")
             if reason:
                 _accept_solution(r, failure(r.meta, reason), output_log)
     todo = [r for r in records if r.meta is not None and r.result is None]
-    if settings.solve.wcs == "header":
+    if wcs_source == "header":
         # nothing to solve and no pixel to read: the header WCS, checked, as it is (the
         # sky level is measured later, while the frame is registered)
         for r in todo:
@@ -249,7 +262,7 @@ def solve_frames(client, records: list[FrameRecord], catalog_source: str, out_di
                 r.meta.header_wcs()
             except FrameError as err:
                 _accept_solution(r, failure(r.meta, f"header WCS unusable: {err.reason}"),
-                                 out_dir)
+                                 output_log)
                 continue
             _accept_solution(r, SolveResult(
                 name=r.meta.name, path=r.meta.path, filter=r.meta.filter, status="ok",
@@ -260,7 +273,7 @@ def solve_frames(client, records: list[FrameRecord], catalog_source: str, out_di
     if not todo:
         return
     cache_dir = settings.catalog.cache_dir or str(out_dir / "catalog-cache")
-    field_radius = max(settings.solve.search_radius_arcmin / 60.0, 0.25)
+    field_radius = _field_radius_deg(settings)
     futures = {}
     catalog_of = {}  # frame name -> future of its field's catalog
     todo_by_name = {r.name: r for r in todo}
@@ -327,12 +340,47 @@ def _accept_solution(record: FrameRecord, result: SolveResult, output_log: Outpu
         log.warning("%s: %s", Path(record.file).name, result.reason)
 
 
+def reference_frame(records: list[FrameRecord], settings: Settings) -> str:
+    """The frame whose pixel grid is the output grid ("" unless ``grid.method`` is
+    'reference'): ``grid.reference`` if given, else the best solved frame of the deepest
+    filter of the main field. Main field: the pointing with the most solved frames (a
+    frame of another field among the inputs must not take the grid from the rest).
+    Deepest: the largest summed exposure time of its solved frames. Best: most matched
+    catalog stars, then the lowest RMS; frames taken with their header WCS have no such
+    QA, so among equals the longest exposure, then the first name in sort order, wins.
+    Never the command-line order: one frame with a bad WCS listed first would otherwise
+    set the grid of every coadd."""
+    if settings.grid.method != "reference":
+        return ""
+    if settings.grid.reference:
+        return settings.grid.reference
+    solved = [r for r in records if r.status == "ok"]
+    if not solved:
+        return ""
+    fields = _fields([r.meta for r in solved], _field_radius_deg(settings))
+    main = {m.name for m in min(fields, key=lambda members: (
+        -len(members), -sum(m.exptime or 0.0 for m in members),
+        min(m.name for m in members)))}
+    solved = [r for r in solved if r.name in main]
+    depth: dict[str, float] = {}
+    for r in solved:
+        depth[r.meta.filter] = depth.get(r.meta.filter, 0.0) + (r.meta.exptime or 0.0)
+    deepest = min(depth, key=lambda f: (-depth[f], f))
+
+    def quality(r):
+        rms = r.result.rms_arcsec
+        return (-r.result.n_matches, rms if np.isfinite(rms) else np.inf,
+                -(r.meta.exptime or 0.0), r.name)
+
+    return min((r for r in solved if r.meta.filter == deepest), key=quality).name
+
+
 def choose_grid(records: list[FrameRecord], settings: Settings) -> Grid:
     solved = [r for r in records if r.status == "ok"]
     names = [r.name for r in solved]
     if settings.grid.method == "reference" and solved:
         # only the reference frame's WCS is needed: do not parse thousands on the client
-        wanted = settings.grid.reference or names[0]
+        wanted = reference_frame(records, settings)
         match = [r for r in solved if r.name == wanted]
         if match:  # else make_grid names the missing reference
             solved, names = match, [wanted]
@@ -342,8 +390,13 @@ def choose_grid(records: list[FrameRecord], settings: Settings) -> Grid:
 
 
 def register_frames(client, records: list[FrameRecord], grid: Grid, store_path: Path,
-                    settings: Settings, progress=_progress_none, manifest=None):
-    """Reproject every solved frame into the store (frames already registered are kept)."""
+                    settings: Settings, progress=_progress_none, manifest=None, *,
+                    reference: str = ""):
+    """Reproject every solved frame into the store (frames already registered are kept).
+
+    A frame whose registration fails is all or nothing: the tiles it wrote before
+    failing are cleared, and it is left out of the combine. ``reference``: the frame
+    whose pixel grid ``grid`` is (recorded in the store, named in the coadd headers)."""
     from .register import frame_tiles
 
     for r in records:
@@ -359,6 +412,8 @@ def register_frames(client, records: list[FrameRecord], grid: Grid, store_path: 
     frame_info = {r.name: _frame_info(r) for r in solved}
     params = {"register": dataclasses.asdict(settings.register),
               "catalog": catalog_label(settings)}
+    if reference:
+        params["reference_frame"] = reference
     try:  # read before create_store, which resets the params of a store it reuses
         previous = store_mod.open_store(store_path)
     except store_mod.StoreError:
@@ -379,7 +434,8 @@ def register_frames(client, records: list[FrameRecord], grid: Grid, store_path: 
         filter_name, index = stack.index_of(r.name)
         futures[r.name] = client.submit(_register_task, r.meta, r.result.wcs_header, grid,
                                         str(store_path), filter_name, index, settings,
-                                        pure=False, retries=1)
+                                        _finite(r.result.background) is None, pure=False,
+                                        retries=1)
     by_name = {r.name: r for r in records}
 
     def on_result(name, value):
@@ -388,6 +444,11 @@ def register_frames(client, records: list[FrameRecord], grid: Grid, store_path: 
             record.status = "failed"
             record.reason = f"registration failed: {getattr(value, 'reason', value)}"
             log.warning("%s: %s", record.name, record.reason)
+            # the task may have written some tiles before it failed (or its worker died)
+            filter_name, index = stack.index_of(name)
+            store_mod.clear_frame(str(store_path), filter_name, index, frame_tiles(
+                wcs_from_text(record.result.wcs_header, record.meta.shape),
+                record.meta.shape, grid, stack.tile))
             return
         record.registered, record.t_register = True, value[1]
         if value[2] is not None:  # header-WCS frames: the sky measured while registering
@@ -449,7 +510,9 @@ def combine_store(client, store_path: Path, out_dir: Path, settings: Settings,
     stack = store_mod.open_store(store_path)
     cs = settings.combine
     outputs = {}
-    registered = set(stack.params.get("registered", [])) or None
+    # stores that predate the "registered" record hold registered frames only
+    registered = (set(stack.params["registered"]) if "registered" in stack.params
+                  else None)
     filters = list(stack.filters.items())
     progress("combine", 0, len(filters))
     for done, (filter_name, names) in enumerate(filters, 1):
@@ -567,6 +630,9 @@ def run(inputs, catalog: str, out_dir, settings: Settings | None = None, *, clie
 
     settings = (settings or Settings()).validate()
     settings.catalog.source = catalog
+    # 'auto' settled once, here: the run signature, the report and a resumed run all see
+    # what was done ('solve' with a catalog, else 'header')
+    settings.solve.wcs = settings.solve.wcs_source(catalog)
     progress = progress or _progress_none
     out_dir = Path(out_dir).absolute()  # workers write the store by this path
     inputs = dedupe(inputs)
@@ -631,13 +697,15 @@ def _run_stages(client, inputs, catalog, out_dir, settings, progress, resumed) -
         return result
 
     start = time.perf_counter()
+    reference = reference_frame(records, settings)
     result.grid = choose_grid(records, settings)
     check_disk_space(out_dir, estimate_output_bytes(records, result.grid,
                                                      settings.register.tile),
                       f"for the {result.grid.shape[1]}x{result.grid.shape[0]} grid")
     _announce_store_size(records, result.grid, settings, progress)
     store_path = out_dir / "store.zarr"
-    register_frames(client, records, result.grid, store_path, settings, progress, manifest)
+    register_frames(client, records, result.grid, store_path, settings, progress, manifest,
+                    reference=reference)
     result.store = store_path
     timings["register"] = time.perf_counter() - start
 
@@ -755,7 +823,7 @@ def register_files(inputs, out_dir, settings: Settings | None = None, *,
                 f"{r.name}: {r.reason}" for r in records[:3]))
         grid = choose_grid(records, settings)
         return register_frames(client, records, grid, out_dir / "store.zarr", settings,
-                               progress)
+                               progress, reference=reference_frame(records, settings))
 
     return _with_client(settings, out_dir, client, work, progress)
 
@@ -806,7 +874,7 @@ def make_report(client, run_dir, settings: Settings | None = None, *, frames: bo
             quick = dataclasses.replace(settings, catalog=dataclasses.replace(
                 settings.catalog, retries=0, timeout=min(settings.catalog.timeout, 20.0)))
             cache_dir = settings.catalog.cache_dir or str(run_dir / "catalog-cache")
-            radius = max(settings.solve.search_radius_arcmin / 60.0, 0.25)
+            radius = _field_radius_deg(settings)
             metas = [r.meta for r in records if r.meta is not None]
             for members in _fields(metas, radius):
                 try:

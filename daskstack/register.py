@@ -8,7 +8,7 @@ output pixel, while the interpolation itself is cheap. Like SWarp, the fast path
 evaluates the exact mapping on a coarse mesh, interpolates it with a bicubic spline,
 **checks** it against the exact mapping at the points where interpolation is worst
 (mesh cell centres and a random sample) and falls back to reproject when the error
-exceeds ``mapping_tolerance_px``. The interpolation then uses the same edge and NaN
+exceeds ``mapping_tolerance_px`` (or when anything in the fast path fails). The interpolation then uses the same edge and NaN
 conventions as reproject, so results agree with reproject to float precision.
 """
 
@@ -86,10 +86,13 @@ def mesh_mapping(grid_wcs, frame_wcs, y0, x0, shape, step):
 
 
 def _mesh_nodes(start, size, step):
-    """Evenly spaced nodes spanning ``size`` pixels, at most ``step`` apart, at least 4
-    (so a cubic spline fits) unless the tile is narrower than that."""
+    """Evenly spaced nodes spanning ``size`` pixels, at most ``step`` apart, at least 4 so
+    a cubic spline fits. A tile narrower than 4 px (the edge tile of a grid 1-3 px longer
+    than a multiple of the tile) gets nodes 1 px apart reaching past its far edge: the
+    mapping is defined there too, and the spline is only evaluated inside the tile."""
     count = max(4, int(np.ceil((size - 1) / step)) + 1)
-    return np.linspace(start, start + size - 1, min(count, size), dtype=float)
+    span = max(size - 1, count - 1)
+    return np.linspace(start, start + span, count, dtype=float)
 
 
 def _mapping_error(evaluate, grid_wcs, frame_wcs, mesh_y, mesh_x, rng) -> float:
@@ -216,22 +219,39 @@ def register_frame(
 def _register_tile(image, frame_wcs, grid_wcs, y0, x0, shape, settings, rng):
     order = ORDERS[settings.order]
     if settings.method == "interp" and settings.fast_mapping:
-        step = 64
-        for _attempt in range(2):
-            mesh = mesh_mapping(grid_wcs, frame_wcs, y0, x0, shape, step)
-            if mesh is None or min(len(mesh[1]), len(mesh[2])) < 2:
-                break
-            evaluate, mesh_y, mesh_x = mesh
-            error = _mapping_error(evaluate, grid_wcs, frame_wcs, mesh_y, mesh_x, rng)
-            if error <= settings.mapping_tolerance_px:
-                ys = np.arange(y0, y0 + shape[0], dtype=float)
-                xs = np.arange(x0, x0 + shape[1], dtype=float)
-                x_in, y_in = evaluate(ys, xs)
-                out = _interpolate(image, x_in, y_in, order)
-                return out, np.isfinite(out).astype(np.float32), "mesh", error
-            step //= 4
+        try:
+            fast = _mesh_tile(image, frame_wcs, grid_wcs, y0, x0, shape, settings, order, rng)
+        except Exception as err:  # noqa: BLE001
+            # the fast path is only an acceleration of the exact one: whatever breaks it
+            # (a spline that cannot be built, a WCS that misbehaves off the frame) must
+            # cost speed, never a tile; say so, since it points at a bug to fix
+            log.warning("fast mapping failed for tile (%d, %d) (%s: %s); exact path",
+                        y0, x0, type(err).__name__, err)
+            fast = None
+        if fast is not None:
+            return fast
         log.debug("mesh mapping error too large for tile (%d, %d); exact path", y0, x0)
     return _reproject_tile(image, frame_wcs, grid_wcs, y0, x0, shape, settings, order)
+
+
+def _mesh_tile(image, frame_wcs, grid_wcs, y0, x0, shape, settings, order, rng):
+    """One tile through the checked mesh mapping; None when the mesh is not accurate
+    enough (or not finite) even at a finer step."""
+    step = 64
+    for _attempt in range(2):
+        mesh = mesh_mapping(grid_wcs, frame_wcs, y0, x0, shape, step)
+        if mesh is None:
+            return None
+        evaluate, mesh_y, mesh_x = mesh
+        error = _mapping_error(evaluate, grid_wcs, frame_wcs, mesh_y, mesh_x, rng)
+        if error <= settings.mapping_tolerance_px:
+            ys = np.arange(y0, y0 + shape[0], dtype=float)
+            xs = np.arange(x0, x0 + shape[1], dtype=float)
+            x_in, y_in = evaluate(ys, xs)
+            out = _interpolate(image, x_in, y_in, order)
+            return out, np.isfinite(out).astype(np.float32), "mesh", error
+        step //= 4
+    return None
 
 
 def _reproject_tile(image, frame_wcs, grid_wcs, y0, x0, shape, settings, order):

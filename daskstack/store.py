@@ -31,8 +31,8 @@ from zarr.codecs import BloscCodec
 from .errors import DaskstackError
 from .grid import Grid
 
-__all__ = ["StackStore", "StoreError", "create_store", "filter_key", "open_store",
-           "write_tiles"]
+__all__ = ["StackStore", "StoreError", "clear_frame", "create_store", "filter_key",
+           "open_store", "write_tiles"]
 
 FORMAT_VERSION = 1
 # noisy float32 hardly compresses: a fast codec (lz4 + bit shuffle) still saves ~25%
@@ -168,3 +168,21 @@ def write_tiles(store_path: str, filter_name: str, index: int, tiles) -> int:
             foot_array[index, y0:y0 + ny, x0:x0 + nx] = footprint
         count += 1
     return count
+
+
+def clear_frame(store_path: str, filter_name: str, index: int, tiles) -> None:
+    """Reset one frame's slice to "no data" on the tiles ``(y0, x0)`` it may have written
+    (a registration that failed half-way must leave no pixel behind). Chunks that hold
+    only the fill value are deleted, not written, so this costs no space."""
+    group = zarr.open_group(store_path, mode="r+")
+    key = filter_key(filter_name)
+    arrays = [(group[f"{key}/data"], np.nan), (group.get(f"{key}/footprint"), 0.0)]
+    for array, empty in arrays:
+        if array is None:
+            continue
+        _, ny, nx = array.shape
+        _, tile_y, tile_x = array.chunks
+        for y0, x0 in tiles:
+            # whole chunks: the tiles of a run are its chunks
+            y0, x0 = y0 // tile_y * tile_y, x0 // tile_x * tile_x
+            array[index, y0:min(y0 + tile_y, ny), x0:min(x0 + tile_x, nx)] = empty

@@ -80,6 +80,8 @@ def coadd_header(stack, filter_name, names, infos, cs, scales, frame_weights=Non
     header["DATE"] = (datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S"),
                       "[UTC] date this file was written")
     header["ORIGIN"] = "daskstack"
+    if stack.params.get("reference_frame"):
+        header["REFFRAME"] = (stack.params["reference_frame"], "frame whose pixel grid this is")
     for i, name in enumerate(names, 1):
         header[f"IMCMB{i:03d}" if i < 1000 else "HISTORY"] = name
     return header

@@ -116,3 +116,45 @@ def test_flux_conserved_across_pixel_scales():
     out, _ = assemble(register_frame(data, None, coarse, Grid.from_wcs(fine, (200, 200)),
                                      RegisterSettings(tile=128)), (200, 200))
     assert np.nanmedian(out) == pytest.approx(100.0, rel=1e-3)
+
+
+def test_one_pixel_edge_tiles_take_the_fast_path_and_match_reproject(sip_case):
+    """A grid one pixel longer than a multiple of the tile has 1-px edge tiles (and a
+    1x1 corner): the mesh spline must still be built there (issue 20: it raised
+    ``regrid_smth:ky=0``) and give reproject's values."""
+    data, frame_wcs, grid = sip_case
+    grid = Grid.from_wcs(grid.wcs, (257, 513))
+    settings = RegisterSettings(tile=256)
+    tiles = list(register_frame(data, None, frame_wcs, grid, settings, conserve_flux=False))
+    shapes = {t.data.shape for t in tiles}
+    assert {(1, 256), (256, 1), (1, 1)} <= shapes
+    assert {t.mapping for t in tiles} == {"mesh"}
+    out, _ = assemble(tiles, grid.shape)
+    ref, _ = reproject_interp((data, frame_wcs), grid.wcs, shape_out=grid.shape,
+                              order="bilinear")
+    assert np.isfinite(ref[-1]).sum() > 100 and np.isfinite(ref[:, -1]).sum() > 100
+    assert (np.isfinite(ref) != np.isfinite(out)).sum() <= 5
+    both = np.isfinite(ref) & np.isfinite(out)
+    assert np.max(np.abs(out[both] - ref[both])) < 1e-3 * 15.0
+
+
+def test_failing_fast_path_falls_back_to_the_exact_path(sip_case, monkeypatch):
+    """Whatever breaks the mesh mapping costs speed, never a tile: the frame comes out
+    exactly as through the exact path (reproject) alone."""
+    from daskstack import register
+
+    data, frame_wcs, grid = sip_case
+    settings = RegisterSettings(tile=256)
+    exact = list(register_frame(data, None, frame_wcs, grid,
+                                RegisterSettings(tile=256, fast_mapping=False)))
+
+    def broken_mesh(*args, **kwargs):
+        raise ValueError("spline cannot be built")
+
+    monkeypatch.setattr(register, "mesh_mapping", broken_mesh)
+    fallback = list(register_frame(data, None, frame_wcs, grid, settings))
+    assert {t.mapping for t in fallback} == {"reproject_interp"}
+    assert [(t.y0, t.x0) for t in fallback] == [(t.y0, t.x0) for t in exact]
+    for a, b in zip(fallback, exact, strict=True):
+        np.testing.assert_array_equal(a.data, b.data)
+        np.testing.assert_array_equal(a.footprint, b.footprint)
