@@ -2,9 +2,7 @@
 
 Exit codes: 0 every frame made it into the coadd; 3 coadds were written but some
 frames failed (see manifest.ecsv); 4 nothing usable was produced; 2 bad usage or
-options (nothing was started); 1 an unexpected error. Frames that failed on an
-internal error (a bug, not a bad frame) count as failed for the exit code, and the
-summary names them apart: "N frames hit an internal error (a bug): see OUT/errors.log".
+options (nothing was started); 1 an unexpected error.
 """
 
 from __future__ import annotations
@@ -256,7 +254,9 @@ def _summary(result, quiet: bool) -> None:
 
 
 def _internal_errors_notice(n_errors: int, errors_log: Path) -> None:
-    """On stderr, even with -q: a bug must not pass for a bad frame."""
+    """On stderr, even with -q: a bug must not pass for a bad frame. Such frames count
+    as failed frames for the exit code (3 when coadds were written, else 4): the coadds
+    are as usable as a partial run's; this line and errors.log tell the bug apart."""
     if n_errors:
         frames = "frame" if n_errors == 1 else "frames"
         click.echo(f"daskstack: {n_errors} {frames} hit an internal error (a bug): see "

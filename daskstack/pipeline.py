@@ -77,7 +77,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 EXIT_OK = 0  # every frame made it into a coadd
-EXIT_PARTIAL = 3  # coadds were written, some frames failed (n_errors of them by a bug)
+EXIT_PARTIAL = 3  # coadds were written, some frames failed
 EXIT_FAILED = 4  # nothing usable came out
 
 
