@@ -28,14 +28,11 @@ def small_field(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def thread_client():
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
-    cluster = LocalCluster(n_workers=1, threads_per_worker=2, processes=False,
-                           dashboard_address=":0", silence_logs=50)
-    client = Client(cluster)
-    yield client
-    client.close()
-    cluster.close()
+    with Client(processes=False, n_workers=1, threads_per_worker=2, dashboard_address=":0",
+                silence_logs=50) as client:
+        yield client
 
 
 def _solve_raising_for(name, error):
@@ -85,10 +82,12 @@ def test_bugs_are_counted_logged_and_the_batch_goes_on(small_field, thread_clien
         solve_bug, register_bug}
 
     log = (out / ERRORS_FILE).read_text()
-    for name, where in ((solve_bug, "_solve_task"), (register_bug, "_register_task")):
+    for name, task, stage in ((solve_bug, "_solve_task", "solve_frame"),
+                              (register_bug, "_register_task", "register_frame")):
         entry = log.split(f"=== {name}: ", 1)[1].split("\n=== ", 1)[0]
         assert "Traceback (most recent call last)" in entry
-        assert where in entry and "raise error" in entry  # every frame down to the raise
+        # every frame from the task down to the stage function that raised
+        assert f"in {task}\n" in entry and f"in {stage}\n" in entry
     assert read_outputs(out)[ERRORS_FILE][0] == sha256(out / ERRORS_FILE)
     Table.read(out / OUTPUTS_FILE, format="ascii.ecsv")
 
