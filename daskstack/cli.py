@@ -244,6 +244,7 @@ def _check_inputs(frames) -> list[str]:
 
 def _summary(result, quiet: bool) -> None:
     if quiet:
+        _internal_errors_notice(result.n_errors, result.errors_log)
         return
     echo = functools.partial(click.echo, err=False)
     echo(f"frames: {len(result.frames)}  solved: {result.n_solved}  "
@@ -256,8 +257,19 @@ def _summary(result, quiet: bool) -> None:
     for filter_name, path in result.coadds.items():
         echo(f"coadd [{filter_name}]: {path}")
     echo(f"manifest: {result.manifest}")
+    _internal_errors_notice(result.n_errors, result.errors_log)
     if "report" in result.timings and (result.out_dir / "report" / "index.html").exists():
         echo(f"report: {result.out_dir / 'report' / 'index.html'}")
+
+
+def _internal_errors_notice(n_errors: int, errors_log: Path) -> None:
+    """On stderr, even with -q: a bug must not pass for a bad frame. Such frames count
+    as failed frames for the exit code (3 when coadds were written, else 4): the coadds
+    are as usable as a partial run's; this line and errors.log tell the bug apart."""
+    if n_errors:
+        frames = "frame" if n_errors == 1 else "frames"
+        click.echo(f"daskstack: {n_errors} {frames} hit an internal error (a bug): see "
+                   f"{errors_log}, please report it", err=True)
 
 
 # --------------------------------------------------------------------------------------
@@ -464,6 +476,7 @@ def solve(frames, catalog, out_dir, config_file, verbose, quiet, overrides):
     and OUT/solve.ecsv with one row of QA per frame; failed frames carry a reason.
     """
     from .pipeline import solve_files
+    from .rundir import ERRORS_FILE, INTERNAL_ERROR
 
     _setup_logging(verbose, quiet)
     settings = _settings(config_file, overrides)
@@ -476,6 +489,8 @@ def solve(frames, catalog, out_dir, config_file, verbose, quiet, overrides):
         for record in failed:
             click.echo(f"  FAILED {Path(record.file).name}: {record.reason}")
         click.echo(f"QA: {Path(out_dir) / 'solve.ecsv'}")
+    _internal_errors_notice(sum(r.reason.startswith(INTERNAL_ERROR) for r in failed),
+                            Path(out_dir) / ERRORS_FILE)
     sys.exit(outcome(len(records) - len(failed), len(failed)))
 
 

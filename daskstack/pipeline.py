@@ -44,7 +44,11 @@ from .frames import FrameError, FrameMeta, frame_name, read_frame, read_meta, un
 from .grid import Grid, make_grid
 from .register import register_frame
 from .rundir import (
+    ERRORS_FILE,
+    INTERNAL_ERROR,
+    ErrorLog,
     FrameRecord,
+    InternalError,
     OutputLog,
     RunError,
     check_disk_space,
@@ -114,6 +118,16 @@ class RunResult:
                    and f.meta.filter in self.coadds for f in self.frames)
 
     @property
+    def n_errors(self) -> int:
+        """Frames that failed on an internal error (a bug; tracebacks in errors.log)."""
+        return sum(f.status == "failed" and f.reason.startswith(INTERNAL_ERROR)
+                   for f in self.frames)
+
+    @property
+    def errors_log(self) -> Path:
+        return self.out_dir / ERRORS_FILE
+
+    @property
     def exit_code(self) -> int:
         # usable = combined: frames solved but never in a coadd are no result
         return outcome(self.n_combined, self.n_failed)
@@ -145,9 +159,8 @@ def _solve_task(meta: FrameMeta, catalog: Table, settings: Settings, companions=
         return solve_frame(frame, catalog, settings, companions=companions)
     except FrameError as err:
         return failure(meta, err.reason)
-    except Exception as err:  # one frame's bug must not stop the batch: record it
-        log.exception("%s: solving failed", meta.name)
-        return failure(meta, f"unexpected error: {type(err).__name__}: {err}")
+    except Exception as err:  # a bug: reported apart (errors.log), the batch goes on
+        return InternalError.from_exception("solving", err)
 
 
 def _difference_task(store_path: str, filter_name: str, index: int, scale: float,
@@ -176,16 +189,21 @@ def _detect_task(meta: FrameMeta, settings: Settings):
 def _register_task(meta: FrameMeta, wcs_header: str, grid: Grid, store_path: str,
                    filter_name: str, index: int, settings: Settings, measure_sky: bool):
     start = time.perf_counter()
-    frame = read_frame(meta.path)
-    wcs = wcs_from_text(wcs_header, frame.data.shape)
-    tiles = ((t.y0, t.x0, t.data, t.footprint)
-             for t in register_frame(frame.data, frame.mask, wcs, grid, settings.register,
-                                     conserve_flux=settings.register.conserve_flux,
-                                     seed=index))
-    count = store_mod.write_tiles(store_path, filter_name, index, tiles)
-    # a frame taken with its header WCS was never detected on (``measure_sky``): measure
-    # its sky here, from the pixels already in memory, rather than read it a second time
-    sky = sky_level(frame.data, frame.mask) if measure_sky else None
+    try:
+        frame = read_frame(meta.path)
+        wcs = wcs_from_text(wcs_header, frame.data.shape)
+        tiles = ((t.y0, t.x0, t.data, t.footprint)
+                 for t in register_frame(frame.data, frame.mask, wcs, grid, settings.register,
+                                         conserve_flux=settings.register.conserve_flux,
+                                         seed=index))
+        count = store_mod.write_tiles(store_path, filter_name, index, tiles)
+        # a frame taken with its header WCS was never detected on (``measure_sky``): measure
+        # its sky here, from the pixels already in memory, rather than read it a second time
+        sky = sky_level(frame.data, frame.mask) if measure_sky else None
+    except (FrameError, OSError):
+        raise  # the frame unreadable now, or the store's disk: the frame fails, with why
+    except Exception as err:  # a bug: reported apart (errors.log), the batch goes on
+        return InternalError.from_exception("registering", err)
     return count, time.perf_counter() - start, sky
 
 
@@ -238,13 +256,17 @@ def inspect_frames(client, inputs, progress=_progress_none) -> list[FrameRecord]
 
 def solve_frames(client, records: list[FrameRecord], catalog_source: str, out_dir: Path,
                  settings: Settings, progress=_progress_none, manifest=None, *,
-                 needs_exptime: bool = False, output_log: OutputLog | None = None) -> None:
+                 needs_exptime: bool = False, output_log: OutputLog | None = None,
+                 errors: ErrorLog | None = None) -> None:
     """Solve every inspected frame not solved yet; write ``<name>.wcs`` for each success.
 
     Frames whose header already says they cannot work (a broken WCS, no start for the
     solver, no EXPTIME when ``needs_exptime``, a header WCS that its own header calls
-    failed when that WCS is to be used as it is) fail here, before any pixel is read."""
+    failed when that WCS is to be used as it is) fail here, before any pixel is read.
+    A frame whose solving raised unexpectedly fails with an INTERNAL_ERROR reason and
+    its traceback goes to ``errors`` (``OUT/errors.log``)."""
     output_log = output_log or OutputLog(out_dir)
+    errors = errors or ErrorLog(output_log)
     wcs_source = settings.solve.wcs_source(catalog_source)
     for r in records:
         if r.meta is not None and r.result is None:
@@ -296,8 +318,11 @@ def solve_frames(client, records: list[FrameRecord], catalog_source: str, out_di
 
     def on_result(name, value):
         record = by_name[name]
-        if not isinstance(value, SolveResult):
-            value = failure(record.meta, f"unexpected error: {value}")
+        if isinstance(value, BaseException):  # the task itself failed (a lost worker ...)
+            value = InternalError.from_exception("solving", value)
+        if isinstance(value, InternalError):
+            errors.add(name, value)
+            value = failure(record.meta, value.reason)
         _accept_solution(record, value, output_log)
         if manifest is not None and time.monotonic() - last_write[0] > 2.0:
             write_manifest(records, manifest)
@@ -314,8 +339,8 @@ def solve_frames(client, records: list[FrameRecord], catalog_source: str, out_di
         retry[record.name] = client.submit(_solve_task, record.meta, catalog_of[record.name],
                                            settings, companions, pure=False)
     def on_retry(name, value):
-        # only a success replaces the first answer, whose reason says more
-        if isinstance(value, SolveResult) and value.status == "ok":
+        # only a success or a bug replaces the first answer, whose reason says more
+        if not isinstance(value, SolveResult) or value.status == "ok":
             on_result(name, value)
 
     if retry:
@@ -391,13 +416,17 @@ def choose_grid(records: list[FrameRecord], settings: Settings) -> Grid:
 
 def register_frames(client, records: list[FrameRecord], grid: Grid, store_path: Path,
                     settings: Settings, progress=_progress_none, manifest=None, *,
-                    reference: str = ""):
+                    reference: str = "", errors: ErrorLog | None = None):
     """Reproject every solved frame into the store (frames already registered are kept).
 
     A frame whose registration fails is all or nothing: the tiles it wrote before
     failing are cleared, and it is left out of the combine. ``reference``: the frame
-    whose pixel grid ``grid`` is (recorded in the store, named in the coadd headers)."""
+    whose pixel grid ``grid`` is (recorded in the store, named in the coadd headers).
+    A frame whose registering raised unexpectedly fails with an INTERNAL_ERROR reason;
+    its traceback goes to ``errors`` (default ``errors.log`` beside the store)."""
     from .register import frame_tiles
+
+    errors = errors or ErrorLog(OutputLog(store_path.parent))
 
     for r in records:
         if r.status == "ok" and not frame_tiles(wcs_from_text(r.result.wcs_header, r.meta.shape),
@@ -440,10 +469,16 @@ def register_frames(client, records: list[FrameRecord], grid: Grid, store_path: 
 
     def on_result(name, value):
         record = by_name[name]
-        if isinstance(value, BaseException):
-            record.status = "failed"
-            record.reason = f"registration failed: {getattr(value, 'reason', value)}"
-            log.warning("%s: %s", record.name, record.reason)
+        if isinstance(value, BaseException) and not isinstance(value, (FrameError, OSError)):
+            value = InternalError.from_exception("registering", value)
+        if isinstance(value, (InternalError, BaseException)):
+            if isinstance(value, InternalError):
+                errors.add(name, value)
+                record.status, record.reason = "failed", value.reason
+            else:
+                record.status = "failed"
+                record.reason = f"registration failed: {getattr(value, 'reason', value)}"
+                log.warning("%s: %s", record.name, record.reason)
             # the task may have written some tiles before it failed (or its worker died)
             filter_name, index = stack.index_of(name)
             store_mod.clear_frame(str(store_path), filter_name, index, frame_tiles(
@@ -678,6 +713,8 @@ def _check_store_kept(store_path: Path) -> None:
 def _run_stages(client, inputs, catalog, out_dir, settings, progress, resumed) -> RunResult:
     manifest = out_dir / "manifest.ecsv"
     output_log = OutputLog(out_dir)
+    errors = ErrorLog(output_log)
+    errors.clear()  # frames an earlier run left with an internal error are tried again
     timings = {}
     start = time.perf_counter()
     records = inspect_frames(client, inputs, progress)
@@ -689,7 +726,8 @@ def _run_stages(client, inputs, catalog, out_dir, settings, progress, resumed) -
 
     start = time.perf_counter()
     solve_frames(client, records, catalog, out_dir, settings, progress, manifest,
-                 needs_exptime=settings.combine.scale == "exptime", output_log=output_log)
+                 needs_exptime=settings.combine.scale == "exptime", output_log=output_log,
+                 errors=errors)
     timings["solve"] = time.perf_counter() - start
     result = RunResult(out_dir=out_dir, frames=records, timings=timings)
     if not any(r.status == "ok" for r in records):
@@ -705,7 +743,7 @@ def _run_stages(client, inputs, catalog, out_dir, settings, progress, resumed) -
     _announce_store_size(records, result.grid, settings, progress)
     store_path = out_dir / "store.zarr"
     register_frames(client, records, result.grid, store_path, settings, progress, manifest,
-                    reference=reference)
+                    reference=reference, errors=errors)
     result.store = store_path
     timings["register"] = time.perf_counter() - start
 
@@ -815,15 +853,19 @@ def register_files(inputs, out_dir, settings: Settings | None = None, *,
                 record.result = failure(record.meta, f"unreadable {wcs_file.name}: {err}")
             record.status = record.result.status
             record.reason = record.result.reason
+        output_log = OutputLog(out_dir)
+        errors = ErrorLog(output_log)
         if wcs_source == "header":
             settings.solve.wcs = "header"
-            solve_frames(client, records, "", out_dir, settings, progress)
+            solve_frames(client, records, "", out_dir, settings, progress,
+                         output_log=output_log, errors=errors)
         if not any(r.status == "ok" for r in records):
             raise RunError("no frame has a usable WCS: " + "; ".join(
                 f"{r.name}: {r.reason}" for r in records[:3]))
         grid = choose_grid(records, settings)
         return register_frames(client, records, grid, out_dir / "store.zarr", settings,
-                               progress, reference=reference_frame(records, settings))
+                               progress, reference=reference_frame(records, settings),
+                               errors=errors)
 
     return _with_client(settings, out_dir, client, work, progress)
 
@@ -887,7 +929,8 @@ def make_report(client, run_dir, settings: Settings | None = None, *, frames: bo
             status, reason = reasons.get(r.name, (r.status, r.reason))
             if r.meta is None:
                 status, reason = "failed", r.reason or reason
-            solved = status == "ok" or reason.startswith("registration failed")
+            solved = status == "ok" or reason.startswith(
+                ("registration failed", f"{INTERNAL_ERROR} while registering"))
             wcs = run_dir / f"{r.name}.wcs"
             futures[f"frame:{r.name}"] = client.submit(
                 report_mod.frame_task, r.file, str(wcs) if solved else None,

@@ -2,7 +2,8 @@
 
 ``OUT/run.json`` (the inputs and settings, what a resume is checked against),
 ``OUT/manifest.ecsv`` (one `FrameRecord` per input frame), ``OUT/outputs.ecsv``
-(sha256 of every file written, after its rename), the ``.wcs`` files read back on
+(sha256 of every file written, after its rename), ``OUT/errors.log`` (the traceback
+of every frame that hit an unexpected exception: a bug), the ``.wcs`` files read back on
 resume, and the checks made before any work starts: a writable directory with room
 enough, no other run in it. Plain file I/O: no Dask here.
 """
@@ -16,6 +17,7 @@ import os
 import re
 import shutil
 import tempfile
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,9 +34,13 @@ from .frames import FrameMeta, frame_name, quiet_astropy
 from .grid import Grid
 
 __all__ = [
+    "ERRORS_FILE",
+    "INTERNAL_ERROR",
     "MANIFEST_COLUMNS",
     "OUTPUTS_FILE",
+    "ErrorLog",
     "FrameRecord",
+    "InternalError",
     "OutputLog",
     "RunError",
     "check_run_dir",
@@ -63,6 +69,11 @@ MANIFEST_COLUMNS = [
 ]
 OUTPUTS_FILE = "outputs.ecsv"  # name, sha256, bytes of every .wcs and coadd written
 TEMPORARY = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp")  # names made by _io.atomic_path
+ERRORS_FILE = "errors.log"  # the traceback of every frame that hit an internal error
+INTERNAL_ERROR = "unexpected error"  # how the manifest reason of such a frame begins
+# When set, `write_manifest` appends every internal-error reason it writes to this file:
+# the test suite sets it to fail any test whose run hit a bug (also in subprocesses).
+INTERNAL_ERRORS_ENV = "DASKSTACK_INTERNAL_ERRORS_FILE"
 
 
 @dataclass
@@ -111,6 +122,9 @@ class OutputLog:
         """Record ``path`` (already in place) and rewrite the log atomically."""
         path = Path(path)
         self.records[self._key(path)] = (sha256(path), path.stat().st_size)
+        self._write()
+
+    def _write(self) -> None:
         names = sorted(self.records)
         table = Table([names, [self.records[n][0] for n in names],
                        [self.records[n][1] for n in names]],
@@ -134,6 +148,13 @@ class OutputLog:
         return (recorded is not None and path.exists()
                 and recorded[1] == path.stat().st_size and recorded[0] == sha256(path))
 
+    def discard(self, path) -> None:
+        """Delete ``path`` and its record (an output this run replaces by nothing)."""
+        path = Path(path)
+        path.unlink(missing_ok=True)
+        if self.records.pop(self._key(path), None) is not None:
+            self._write()
+
     def remove_all(self) -> None:
         """Delete every recorded output (``--overwrite``: no coadd of an old run may stay
         looking like the new run's) and the log itself."""
@@ -142,6 +163,47 @@ class OutputLog:
                 (self.out_dir / name).unlink(missing_ok=True)
         self.path.unlink(missing_ok=True)
         self.records = {}
+
+
+@dataclass
+class InternalError:
+    """An exception nothing expected, raised while working on one frame: a bug in
+    daskstack (or a library), not a bad frame. Small and picklable: tasks return it."""
+
+    phase: str  # what was being done: "solving", "registering"
+    reason: str  # the manifest reason: begins with INTERNAL_ERROR
+    traceback: str  # the full traceback, for errors.log
+
+    @classmethod
+    def from_exception(cls, phase: str, err: BaseException) -> InternalError:
+        return cls(phase, f"{INTERNAL_ERROR} while {phase}: "
+                          f"{type(err).__name__}: {err} (a bug: see {ERRORS_FILE})",
+                   "".join(traceback.format_exception(err)))
+
+
+class ErrorLog:
+    """``OUT/errors.log``: one entry per frame that hit an internal error, with the full
+    traceback, rewritten atomically as entries come and recorded in outputs.ecsv.
+
+    One object per command: its first entry replaces the log of an earlier command
+    (`clear` removes that log at once, for a run, which tries every such frame again)."""
+
+    def __init__(self, outputs: OutputLog):
+        self.outputs = outputs
+        self.path = outputs.out_dir / ERRORS_FILE
+        self.entries: list[str] = []
+
+    def clear(self) -> None:
+        self.entries = []
+        self.outputs.discard(self.path)
+
+    def add(self, name: str, error: InternalError) -> None:
+        log.error("%s: %s", name, error.reason)
+        self.entries.append(f"=== {name}: {error.reason}\n{error.traceback.rstrip()}\n")
+        header = (f"daskstack: {len(self.entries)} frame(s) hit an internal error (a bug, "
+                  "not a bad frame); please report it with this file\n\n")
+        atomic_write_text(self.path, header + "\n".join(self.entries))
+        self.outputs.add(self.path)
 
 
 def read_outputs(out_dir) -> dict[str, tuple[str, int]]:
@@ -276,6 +338,7 @@ def check_disk_space(out_dir: Path, needed: int, when: str) -> None:
 
 def write_manifest(records: list[FrameRecord], path: Path) -> None:
     rows = [r.row() for r in records]
+    _report_internal_errors(rows, path)
     table = Table(rows=[[row[name] for name, _ in MANIFEST_COLUMNS] for row in rows],
                   names=[name for name, _ in MANIFEST_COLUMNS],
                   dtype=[kind for _, kind in MANIFEST_COLUMNS]) if rows else Table(
@@ -284,6 +347,16 @@ def write_manifest(records: list[FrameRecord], path: Path) -> None:
                               "status: ok | failed | pending; reason: why a frame failed"]
     with atomic_path(path) as tmp:
         table.write(tmp, format="ascii.ecsv")
+
+
+def _report_internal_errors(rows: list[dict], path: Path) -> None:
+    """Append each internal-error reason to ``$DASKSTACK_INTERNAL_ERRORS_FILE``, if set."""
+    target = os.environ.get(INTERNAL_ERRORS_ENV)
+    bugs = [row for row in rows if row["reason"].startswith(INTERNAL_ERROR)]
+    if target and bugs:
+        with open(target, "a") as handle:
+            for row in bugs:
+                handle.write(f"{path}: {row['name']}: {row['reason']}\n")
 
 
 def read_manifest(path: Path) -> Table | None:

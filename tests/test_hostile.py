@@ -464,20 +464,35 @@ def test_output_directory_not_writable(batch, tmp_path, monkeypatch):
         run(_one_good(batch), "cat.ecsv", tmp_path / "out")
 
 
-def test_output_directory_on_a_read_only_mount(batch):
-    """The same for real, where the machine has a read-only mount to try."""
+@pytest.fixture
+def read_only_mount(tmp_path):
+    """A read-only filesystem: as root (CI), a small tmpfs mounted read-only for the test;
+    otherwise one this machine has."""
+    import subprocess
+
+    target = tmp_path / "ro"
+    target.mkdir()
+    if os.geteuid() == 0 and subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(target)],
+            capture_output=True).returncode == 0:
+        yield target
+        subprocess.run(["umount", str(target)], check=True)
+        return
     for line in Path("/proc/mounts").read_text().splitlines():
         fields = line.split()
         if len(fields) > 3 and "ro" in fields[3].split(",") and Path(fields[1]).is_dir() \
-                and fields[1] not in ("/",):
-            target = Path(fields[1])
-            if os.access(target, os.W_OK) is False and os.geteuid() != 0:
-                continue
-            break
-    else:
-        pytest.skip("no read-only mount on this machine")
+                and fields[1] not in ("/",) and not os.access(fields[1], os.W_OK):
+            yield Path(fields[1])
+            return
+    pytest.skip("no read-only mount on this machine, and none can be made (not root)")
+
+
+def test_output_directory_on_a_read_only_mount(batch, read_only_mount):
+    """The same for real, on a read-only filesystem."""
     with pytest.raises(RunError, match="output directory is not writable|cannot create"):
-        run(_one_good(batch), "cat.ecsv", target)
+        run(_one_good(batch), "cat.ecsv", read_only_mount)
+    with pytest.raises(RunError, match="cannot create the output directory"):
+        run(_one_good(batch), "cat.ecsv", read_only_mount / "out")
 
 
 def test_not_enough_disk_space_is_reported_before_work(batch, dask_client, tmp_path,
