@@ -74,6 +74,7 @@ class SolveResult:
     rms_px: float = float("nan")
     sip_order: int = 0
     fwhm_px: float = float("nan")
+    elongation: float = float("nan")  # median major/minor axis ratio of the stars
     background: float = float("nan")
     noise: float = float("nan")
     pixel_scale_arcsec: float = float("nan")
@@ -431,7 +432,7 @@ def solve_frame(frame: Frame, catalog: Table, settings: Settings | None = None,
         # cheap: no detection; sky and noise for the scaling from a strided subsample
         if detections is not None:
             result.n_detections = len(detections)
-            result.fwhm_px = detections.fwhm
+            result.fwhm_px, result.elongation = detections.fwhm, detections.elongation
             result.background, result.noise = detections.background, detections.noise
         else:
             result.background, result.noise = sky_level(frame.data, frame.mask)
@@ -439,6 +440,7 @@ def solve_frame(frame: Frame, catalog: Table, settings: Settings | None = None,
     det = detections if detections is not None else detect_sources(frame, settings.detect)
     result.n_detections = len(det)
     result.fwhm_px, result.background, result.noise = det.fwhm, det.background, det.noise
+    result.elongation = det.elongation
     if len(det) == 0:
         return _fail(result, "no stars detected", t0)
     if len(det) < 3:
@@ -647,6 +649,7 @@ _QA_CARDS = (
     ("rms_px", "DSRMSPX", "[px] RMS of the fit residuals"),
     ("n_detections", "DSNDET", "stars detected"),
     ("fwhm_px", "DSFWHM", "[px] measured FWHM"),
+    ("elongation", "DSELONG", "median major/minor axis ratio of the stars"),
     ("pixel_scale_arcsec", "DSSCALE", "[arcsec/px] fitted pixel scale"),
     ("flux_ratio", "DSFLXRAT", "detected flux / 10**(-0.4 mag)"),
 )

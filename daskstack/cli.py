@@ -91,16 +91,44 @@ STAGE_OPTIONS = {
          help="Also try a mirrored sky (a flipped axis). [allowed]")),
         ("--sip-order", "solve.sip_order", dict(type=click.IntRange(0, 4),
          help="0 fits TAN only; 2-4 add SIP distortion of that order. [0]")),
-        ("--min-matches", "solve.min_matches", dict(type=int,
-         help="Fewer matched stars than this: the frame fails. [8]")),
-        ("--max-rms", "solve.max_rms_arcsec", dict(type=float,
-         help="A larger RMS residual (arcsec): the frame fails. [2.0]")),
         ("--threshold", "detect.threshold_sigma", dict(type=float,
          help="Detection threshold in units of the background noise. [5]")),
         ("--mag-limit", "catalog.mag_limit", dict(type=float,
          help="Faintest catalog stars used (service catalogs). [19]")),
         ("--catalog-cache", "catalog.cache_dir", dict(type=click.Path(file_okay=False),
          help="Directory caching catalog queries (default: OUT/catalog-cache).")),
+    ],
+    # the solver's own limits; in `run` and `combine` these options are quality cuts
+    # (group "select"): a frame is then excluded from the coadds, not failed
+    "solve-limits": [
+        ("--min-matches", "solve.min_matches", dict(type=int,
+         help="Fewer matched stars than this: the frame fails. [8]")),
+        ("--max-rms", "solve.max_rms_arcsec", dict(type=float,
+         help="A larger RMS residual (arcsec): the frame fails. [2.0]")),
+    ],
+    # combine-time: changing them combines the store again (no solving or registering,
+    # no --overwrite); excluded frames stay in the manifest with status 'excluded'
+    "select": [
+        ("--exclude", "select.exclude", dict(multiple=True, metavar="NAME",
+         help="Leave this frame (name or file name) out of the coadds; repeatable.")),
+        ("--exclude-file", "select.exclude_file", dict(
+         type=click.Path(exists=True, dir_okay=False),
+         help="Leave out the frames named in FILE (one a line, '#' comments), e.g. "
+              "OUT/report/suggested-exclude.txt.")),
+        ("--max-fwhm", "select.max_fwhm_px", dict(type=float,
+         help="Leave out frames whose FWHM (px) is larger.")),
+        ("--max-rms", "select.max_rms_arcsec", dict(type=float,
+         help="Leave out frames whose astrometric RMS (arcsec) is larger (the solver "
+              "itself fails frames above [solve] max_rms_arcsec, 2.0).")),
+        ("--min-matches", "select.min_matches", dict(type=int,
+         help="Leave out frames with fewer matched catalog stars (the solver itself "
+              "fails frames below [solve] min_matches, 8).")),
+        ("--max-sky", "select.max_sky", dict(type=float,
+         help="Leave out frames whose sky level (the manifest's background) is higher.")),
+        ("--min-zp", "select.min_zp", dict(type=float,
+         help="Leave out frames whose zero point is lower (frames without one stay).")),
+        ("--max-zp", "select.max_zp", dict(type=float,
+         help="Leave out frames whose zero point is higher (frames without one stay).")),
     ],
     "register": [
         ("--grid", "grid.method", dict(
@@ -204,7 +232,7 @@ def stage_options(*groups):
             overrides = {}
             for option, key, _ in options:
                 value = kwargs.pop(_param_name(option))
-                if value is not None:
+                if value is not None and value != ():  # () = a repeatable option not given
                     overrides[key] = value
             return func(*args, overrides=overrides, **kwargs)
 
@@ -317,7 +345,7 @@ def main():
 @click.option("--archive-url", default=None,
               help="LCO archive API base URL (default: $DASKSTACK_LCO_ARCHIVE_URL or the real "
                    "archive). The token comes from $LCO_ARCHIVE_TOKEN.")
-@stage_options("solve", "register", "combine", "run", "cluster")
+@stage_options("solve", "register", "combine", "select", "run", "cluster")
 @common_options
 def run(frames, catalog, out_dir, overwrite, report, lco_frames, lco_query, lco_limit,
         archive_url, config_file, verbose, quiet, overrides):
@@ -467,7 +495,7 @@ def demo(out_dir, n_frames, size, filters, seed, overwrite, report, config_file,
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Writes OUT/<frame>.wcs (FITS header with the fitted WCS) and "
                    "OUT/solve.ecsv.")
-@stage_options("solve", "cluster")
+@stage_options("solve", "solve-limits", "cluster")
 @common_options
 def solve(frames, catalog, out_dir, config_file, verbose, quiet, overrides):
     """Astrometry only: fit a WCS to each frame, in parallel.
@@ -529,10 +557,14 @@ def register(frames, out_dir, wcs_source, config_file, verbose, quiet, overrides
 @click.argument("store_path", type=click.Path(file_okay=False))
 @click.option("--out", "out_dir", type=click.Path(file_okay=False),
               help="Where coadd_<filter>.fits go (default: the store's directory).")
-@stage_options("combine", "cluster")
+@stage_options("combine", "select", "cluster")
 @common_options
 def combine(store_path, out_dir, config_file, verbose, quiet, overrides):
-    """Combine a registered store again (e.g. OUT/store.zarr), without reprojecting."""
+    """Combine a registered store again (e.g. OUT/store.zarr), without reprojecting.
+
+    Also how to leave frames out (--exclude, --exclude-file, quality cuts): in seconds,
+    nothing solved or registered again; the run's manifest marks them 'excluded'.
+    """
     from .pipeline import combine_store_path
 
     _setup_logging(verbose, quiet)

@@ -22,6 +22,7 @@ __all__ = [
     "DetectSettings",
     "GridSettings",
     "RegisterSettings",
+    "SelectSettings",
     "SettingsError",
     "Settings",
     "SolveSettings",
@@ -124,6 +125,22 @@ class CombineSettings:
 
 
 @dataclass
+class SelectSettings:
+    """Which registered frames go into the coadds: combine-time settings (changing them
+    combines the store again; nothing is solved or registered again). A cut whose QA
+    value a frame does not have (NaN: e.g. no zero point) leaves that frame in."""
+
+    exclude: tuple[str, ...] = ()  # frame names (or file names) left out
+    exclude_file: str = ""  # a file of frame names, one a line, '#' comments
+    max_fwhm_px: float = float("nan")  # NaN = no cut
+    max_rms_arcsec: float = float("nan")
+    min_matches: int = 0  # 0 = no cut
+    max_sky: float = float("nan")  # sky level (the manifest's background)
+    min_zp: float = float("nan")  # zero point, where frames have one
+    max_zp: float = float("nan")
+
+
+@dataclass
 class ClusterSettings:
     scheduler: str = ""  # "" = a LocalCluster; "tcp://host:port" = an existing scheduler
     n_workers: int = 0  # LocalCluster workers; 0 = one per core
@@ -166,6 +183,7 @@ class Settings:
     grid: GridSettings = field(default_factory=GridSettings)
     register: RegisterSettings = field(default_factory=RegisterSettings)
     combine: CombineSettings = field(default_factory=CombineSettings)
+    select: SelectSettings = field(default_factory=SelectSettings)
     cluster: ClusterSettings = field(default_factory=ClusterSettings)
 
     # -- building -------------------------------------------------------------------------
@@ -239,6 +257,7 @@ class Settings:
             ("detect", "edge_pixels"), ("catalog", "retries"), ("solve", "match_radius_arcsec"),
             ("grid", "pixel_scale_arcsec"),
             ("combine", "nlow"), ("combine", "nhigh"), ("cluster", "n_workers"),
+            ("select", "min_matches"),
             ("cluster", "minimum_jobs"),
         ]
         for section, name in nonnegative:
@@ -267,6 +286,11 @@ class Settings:
                 f"grid.method = {self.grid.method!r}: not 'reference', 'optimal' or an existing "
                 "FITS header/WCS file"
             )
+        for name in ("max_fwhm_px", "max_rms_arcsec"):
+            if getattr(self.select, name) <= 0:  # NaN (no cut) compares False
+                raise SettingsError(f"select.{name} must be > 0")
+        if self.select.min_zp > self.select.max_zp:
+            raise SettingsError("select.min_zp must be <= select.max_zp")
         if self.cluster.scheduler and self.cluster.jobqueue:
             raise SettingsError("cluster.scheduler and cluster.jobqueue exclude each other")
         _check_cluster(self.cluster)
@@ -336,6 +360,9 @@ def _coerce(name: str, value, default):
             return float(value)
         if isinstance(default, str):
             return str(value)
+        if isinstance(default, tuple):  # select.exclude: names
+            values = [value] if isinstance(value, str) else list(value)
+            return tuple(str(v) for v in values)
         if default is None and value is not None:  # grid.shape
             if value in ("", "none"):
                 return None

@@ -113,6 +113,17 @@ class Detections:
         return np.column_stack([np.asarray(self.table["x"], float),
                                 np.asarray(self.table["y"], float)])
 
+    @property
+    def elongation(self) -> float:
+        """Median major / minor axis ratio (second moments) of the selected stars: ~1.1
+        for round stars in noise, larger for a trailed frame (tracking, wind); NaN when
+        no star was selected."""
+        if not len(self.table):
+            return float("nan")
+        roundness = np.asarray(self.table["roundness"], float)
+        ratio = 1.0 / np.clip(1.0 - roundness[np.isfinite(roundness)], 1e-3, None)
+        return float(np.median(ratio)) if ratio.size else float("nan")
+
 
 def _empty_table() -> Table:
     return Table({name: np.zeros(0, dtype=np.int32 if name == "flags" else float)

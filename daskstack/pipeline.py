@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import shutil
 import time
 from collections.abc import Callable
@@ -33,7 +34,7 @@ from pathlib import Path
 import numpy as np
 from astropy.table import Table
 
-from . import catalogs, combine
+from . import catalogs, combine, qa
 from . import store as store_mod
 from .astrometry import SolveResult, solve_frame, write_wcs_file
 from .combine import COMBINE_METHODS, _combine_tile, _or_nan, _scales
@@ -45,6 +46,7 @@ from .grid import Grid, make_grid
 from .register import register_frame
 from .rundir import (
     ERRORS_FILE,
+    EXCLUDED,
     INTERNAL_ERROR,
     ErrorLog,
     FrameRecord,
@@ -58,6 +60,7 @@ from .rundir import (
     estimate_output_bytes,
     estimate_store_bytes,
     failure,
+    mark_excluded,
     read_manifest,
     restore,
     result_from_wcs_file,
@@ -515,6 +518,9 @@ def _frame_info(record: FrameRecord) -> dict:
         "date_obs": meta.date_obs, "mjd": meta.mjd, "gain": meta.gain,
         "rdnoise": meta.rdnoise, "background": _finite(res.background),
         "flux_ratio": _finite(res.flux_ratio), "fwhm_px": _finite(res.fwhm_px),
+        # QA the combine-time cuts (--max-rms, --min-matches ...) are judged on
+        "n_matches": int(res.n_matches), "rms_arcsec": _finite(res.rms_arcsec),
+        "elongation": _finite(res.elongation),
         "site": meta.site, "telescope": meta.telescope, "instrument": meta.instrument,
         "object": meta.object, "bunit": meta.bunit,
     }
@@ -533,26 +539,68 @@ def _finite(value):
     return float(value) if value is not None and np.isfinite(value) else None
 
 
+def _registered(stack) -> set[str]:
+    """Frames whose pixels are in the store (stores that predate the "registered" record
+    hold registered frames only)."""
+    if "registered" in stack.params:
+        return set(stack.params["registered"])
+    return {n for names in stack.filters.values() for n in names}
+
+
+def frame_selection(stack, settings: Settings) -> dict[str, str]:
+    """``{frame name: reason}``: the registered frames of ``stack`` that
+    ``settings.select`` leaves out of the coadds (names, ``--exclude-file``, quality cuts
+    on each frame's QA as recorded in the store)."""
+    select = settings.select
+    listed = {}
+    if select.exclude_file:
+        path = Path(select.exclude_file)
+        try:
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as err:
+            raise RunError(f"{path}: cannot read the --exclude-file ({err}); give a text "
+                           "file of frame names, one a line") from None
+        listed = {name: f"--exclude-file {path.name}" for name in qa.parse_name_list(text)}
+    registered = _registered(stack)
+    frames_qa = {name: info for name, info in stack.frames.items() if name in registered}
+    unknown = sorted({frame_name(n) for n in (*select.exclude, *listed)} - set(stack.frames))
+    if unknown:
+        log.warning("not frames of this run, nothing to exclude: %s", ", ".join(unknown))
+    if (math.isfinite(select.min_zp) or math.isfinite(select.max_zp)) and \
+            not qa.has_zero_points(frames_qa):
+        log.warning("no frame has a zero point: --min-zp/--max-zp exclude nothing")
+    excluded = qa.excluded_frames(frames_qa, select, listed)
+    for name, reason in excluded.items():
+        log.info("%s: %s", name, reason)
+    return excluded
+
+
 def combine_store(client, store_path: Path, out_dir: Path, settings: Settings,
-                  progress=_progress_none, output_log: OutputLog | None = None
-                  ) -> dict[str, Path]:
-    """Combine every filter of a store into ``coadd_<filter>.fits`` (no reprojection)."""
+                  progress=_progress_none, output_log: OutputLog | None = None,
+                  excluded: dict[str, str] | None = None) -> dict[str, Path]:
+    """Combine every filter of a store into ``coadd_<filter>.fits`` (no reprojection).
+
+    ``excluded``: ``{frame name: reason}`` of the frames left out (default: what
+    `frame_selection` says of ``settings.select``); they are listed in the headers."""
     import dask.array as da
 
     output_log = output_log or OutputLog(out_dir)
 
     _check_store_kept(store_path)
     stack = store_mod.open_store(store_path)
+    if excluded is None:
+        excluded = frame_selection(stack, settings)
     cs = settings.combine
     outputs = {}
-    # stores that predate the "registered" record hold registered frames only
-    registered = (set(stack.params["registered"]) if "registered" in stack.params
-                  else None)
+    registered = _registered(stack) - set(excluded)
     filters = list(stack.filters.items())
     progress("combine", 0, len(filters))
     for done, (filter_name, names) in enumerate(filters, 1):
-        keep = [i for i, n in enumerate(names) if registered is None or n in registered]
+        keep = [i for i, n in enumerate(names) if n in registered]
+        left_out = {n: excluded[n] for n in names if n in excluded}
         if not keep:
+            if left_out:
+                log.warning("%s: every frame is excluded; no coadd", filter_name)
             continue
         data_arr, foot_arr = stack.arrays(filter_name)
         block = _combine_tile(stack.tile, len(keep), stack.grid.shape, methods=cs.methods)
@@ -599,7 +647,7 @@ def combine_store(client, store_path: Path, out_dir: Path, settings: Settings,
         for (method, path), (image, weight) in zip(paths, targets, strict=True):
             header = coadd_header(stack, filter_name, [names[i] for i in keep], infos,
                                    dataclasses.replace(cs, method=method), scales,
-                                   weights_of.get(method))
+                                   weights_of.get(method), excluded=left_out)
             write_coadd_fits(path, header, image, weight)
             output_log.add(path)
         outputs[filter_name] = paths[0][1]
@@ -673,6 +721,10 @@ def run(inputs, catalog: str, out_dir, settings: Settings | None = None, *, clie
     inputs = dedupe(inputs)
     if not inputs:
         raise RunError("no input frames")
+    exclude_file = settings.select.exclude_file
+    if exclude_file and not Path(exclude_file).is_file():  # said now, not after registering
+        raise RunError(f"{exclude_file}: --exclude-file does not exist (a text file of "
+                       "frame names, one a line)")
     resumed = check_run_dir(out_dir, run_signature(inputs, catalog, settings), overwrite)
     if client is None:
         with open_client(settings.cluster, local_directory=str(out_dir / ".dask"),
@@ -748,9 +800,13 @@ def _run_stages(client, inputs, catalog, out_dir, settings, progress, resumed) -
     timings["register"] = time.perf_counter() - start
 
     start = time.perf_counter()
+    excluded = frame_selection(store_mod.open_store(store_path), settings)
+    for r in records:
+        if r.name in excluded and r.status == "ok":
+            r.status, r.reason = EXCLUDED, excluded[r.name]
     write_manifest(records, manifest)
     result.coadds = combine_store(client, store_path, out_dir, settings, progress,
-                                  output_log)
+                                  output_log, excluded=excluded)
     timings["combine"] = time.perf_counter() - start
     write_manifest(records, manifest)
     return result
@@ -834,7 +890,7 @@ def register_files(inputs, out_dir, settings: Settings | None = None, *,
             table = read_manifest(out_dir / qa_name)
             if table is not None:
                 qa_rows.update({row["name"]: dict(zip(table.colnames, row, strict=True))
-                                for row in table if row["status"] == "ok"})
+                                for row in table if row["status"] in ("ok", EXCLUDED)})
         for record in records:
             if record.meta is None:
                 continue
@@ -877,9 +933,14 @@ def combine_store_path(store_path, out_dir, settings: Settings | None = None, *,
     _check_store_kept(store_path)  # before a cluster is started for nothing
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    return _with_client(settings, out_dir, client, lambda c: combine_store(
-        c, Path(store_path).absolute(), out_dir, settings, progress or _progress_none),
+    store_path = Path(store_path).absolute()
+    excluded = frame_selection(store_mod.open_store(store_path), settings)
+    outputs = _with_client(settings, out_dir, client, lambda c: combine_store(
+        c, store_path, out_dir, settings, progress or _progress_none, excluded=excluded),
         progress)
+    # the run's manifest (beside the store) says which frames this combine left out
+    mark_excluded(store_path.parent / "manifest.ecsv", excluded)
+    return outputs
 
 
 # --------------------------------------------------------------------------------------

@@ -43,12 +43,14 @@ __all__ = [
     "InternalError",
     "OutputLog",
     "RunError",
+    "EXCLUDED",
     "check_run_dir",
     "dedupe",
     "dedupe_exposures",
     "estimate_output_bytes",
     "estimate_store_bytes",
     "failure",
+    "mark_excluded",
     "read_manifest",
     "restore",
     "result_from_wcs_file",
@@ -63,14 +65,19 @@ log = logging.getLogger(__name__)
 MANIFEST_COLUMNS = [
     ("file", str), ("name", str), ("filter", str), ("status", str), ("reason", str),
     ("n_detections", int), ("n_matches", int), ("rms_arcsec", float), ("rms_px", float),
-    ("fwhm_px", float), ("background", float), ("noise", float), ("flux_ratio", float),
-    ("pixel_scale_arcsec", float), ("exptime", float), ("date_obs", str), ("mjd", float),
+    ("fwhm_px", float), ("elongation", float), ("background", float), ("noise", float),
+    ("flux_ratio", float), ("pixel_scale_arcsec", float), ("exptime", float),
+    ("date_obs", str), ("mjd", float), ("telescope", str), ("instrument", str),
     ("registered", bool), ("t_solve", float), ("t_register", float), ("warnings", str),
 ]
 OUTPUTS_FILE = "outputs.ecsv"  # name, sha256, bytes of every .wcs and coadd written
 TEMPORARY = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp")  # names made by _io.atomic_path
 ERRORS_FILE = "errors.log"  # the traceback of every frame that hit an internal error
 INTERNAL_ERROR = "unexpected error"  # how the manifest reason of such a frame begins
+# status of a solved and registered frame left out of the coadds by a person's choice
+# (--exclude, a quality cut); its reason names the rule. Combine-time: it is still in
+# the store, and a later combine without that rule takes it back.
+EXCLUDED = "excluded"
 # When set, `write_manifest` appends every internal-error reason it writes to this file:
 # the test suite sets it to fail any test whose run hit a bug (also in subprocesses).
 INTERNAL_ERRORS_ENV = "DASKSTACK_INTERNAL_ERRORS_FILE"
@@ -98,9 +105,11 @@ class FrameRecord:
         row["exptime"] = meta.exptime if meta and meta.exptime is not None else np.nan
         row["date_obs"] = meta.date_obs or "" if meta else ""
         row["mjd"] = meta.mjd if meta and meta.mjd is not None else np.nan
+        row["telescope"] = meta.telescope if meta else ""
+        row["instrument"] = meta.instrument if meta else ""
         row["warnings"] = "; ".join(getattr(meta, "warnings", ()) or ()) if meta else ""
         for key in ("n_detections", "n_matches", "rms_arcsec", "rms_px", "fwhm_px",
-                    "background", "noise", "flux_ratio", "pixel_scale_arcsec"):
+                    "elongation", "background", "noise", "flux_ratio", "pixel_scale_arcsec"):
             value = getattr(res, key, None) if res is not None else None
             row[key] = value if value is not None else (0 if key.startswith("n_") else np.nan)
         row["t_solve"] = getattr(res, "elapsed", np.nan) if res is not None else np.nan
@@ -220,6 +229,9 @@ def run_signature(inputs, catalog, settings: Settings) -> dict:
     settings_dict.pop("cluster", None)  # where it runs does not change the result
     # nor whether the store is kept: the same run with it kept rebuilds a removed store
     settings_dict.get("register", {}).pop("keep_store", None)
+    # nor which frames are left out of the coadds: a combine-time choice, changed by
+    # combining the store again, never by solving or registering again
+    settings_dict.pop("select", None)
     return {"inputs": [str(Path(p).resolve()) for p in inputs], "catalog": str(catalog),
             "settings": settings_dict}
 
@@ -344,7 +356,8 @@ def write_manifest(records: list[FrameRecord], path: Path) -> None:
                   dtype=[kind for _, kind in MANIFEST_COLUMNS]) if rows else Table(
         names=[name for name, _ in MANIFEST_COLUMNS], dtype=[k for _, k in MANIFEST_COLUMNS])
     table.meta["comments"] = ["daskstack manifest: one row per input frame",
-                              "status: ok | failed | pending; reason: why a frame failed"]
+                              "status: ok | failed | excluded | pending; reason: why a frame failed or "
+                              "which rule excluded it"]
     with atomic_path(path) as tmp:
         table.write(tmp, format="ascii.ecsv")
 
@@ -459,8 +472,8 @@ def restore(records: list[FrameRecord], manifest: Path, outputs: OutputLog) -> N
     rows = {row["name"]: row for row in table}
     for record in records:
         row = rows.get(record.name)
-        if row is None or record.meta is None or row["status"] != "ok":
-            continue
+        if row is None or record.meta is None or row["status"] not in ("ok", EXCLUDED):
+            continue  # an excluded frame is solved and registered: taken back as ok
         wcs_path = out_dir / f"{record.name}.wcs"
         if not outputs.verified(wcs_path):
             continue  # written but not recorded (killed in between), or changed: solve again
@@ -472,6 +485,25 @@ def restore(records: list[FrameRecord], manifest: Path, outputs: OutputLog) -> N
         record.result, record.status = result, "ok"
         record.registered = bool(row["registered"])
         record.t_register = float(row["t_register"])
+
+
+def mark_excluded(manifest: Path, excluded: dict[str, str]) -> None:
+    """Rewrite the manifest's status of the usable frames (``ok`` or ``excluded``): those
+    in ``excluded`` (``{name: reason}``) become ``excluded`` with that reason, the others
+    ``ok`` again (a combine without the rule that left them out)."""
+    table = read_manifest(manifest)
+    if table is None:
+        return
+    status = [str(s) for s in table["status"]]
+    reasons = ["" if np.ma.is_masked(r) else str(r) for r in table["reason"]]
+    for i, name in enumerate(str(n) for n in table["name"]):
+        if status[i] in ("ok", EXCLUDED):
+            status[i] = EXCLUDED if name in excluded else "ok"
+            reasons[i] = excluded.get(name, "")
+    table["status"] = status
+    table["reason"] = reasons
+    with atomic_path(manifest) as tmp:
+        table.write(tmp, format="ascii.ecsv")
 
 
 def sha256(path) -> str:

@@ -617,6 +617,8 @@ def render_frame(
     bad_columns=0,
     hot_pixels=0,
     satellite_trail=False,
+    tracking_trail_px: float = 0.0,
+    tracking_angle_deg: float = 0.0,
     noise: bool = True,
     poisson_threshold: float = 30.0,
     trunc_sigma: float = 0.05,
@@ -634,6 +636,9 @@ def render_frame(
     values, flagged 1 in the BPM), an optional ``satellite_trail`` (True or a
     peak in electrons; not in the BPM); clipped at ``saturate`` ADU, and the
     clipped pixels flagged 2 in the BPM (as LCO's pipeline does).
+    ``tracking_trail_px``: the telescope drifted this far during the exposure (at
+    ``tracking_angle_deg`` from +x): every star is smeared along that line (a trailed
+    frame; its centroid is the middle of the trail).
 
     ``info``: ``x``, ``y``, ``flux`` (ADU), ``mag``, ``source_id``, ``index``
     (catalog row) of the rendered stars; ``saturated`` (per star: peak
@@ -675,7 +680,15 @@ def render_frame(
              & (y - radii < ny - 0.5))
     x, y, index, mag, flux_e, radii = (v[touch] for v in (x, y, index, mag, flux_e, radii))
     if len(x):
-        _add_stars(image, x, y, flux_e, fwhm_px, moffat_beta, radii)
+        # a trailed frame: the star's light spread over copies along the drift (spaced at
+        # most FWHM/3 apart, so the trail is smooth)
+        n_steps = 1 if tracking_trail_px <= 0 else int(
+            math.ceil(3.0 * tracking_trail_px / fwhm_px)) + 1
+        angle = math.radians(tracking_angle_deg)
+        for t in (np.linspace(-0.5, 0.5, n_steps) * tracking_trail_px if n_steps > 1
+                  else [0.0]):
+            _add_stars(image, x + t * math.cos(angle), y + t * math.sin(angle),
+                       flux_e / n_steps, fwhm_px, moffat_beta, radii)
     alpha = _moffat_alpha(fwhm_px, moffat_beta)
     peak_e = flux_e * (moffat_beta - 1.0) / (math.pi * alpha**2) + sky_e
 
@@ -975,6 +988,7 @@ def simulate_field(
     bad_columns=3,
     hot_pixels=20,
     satellite_trail_frame=None,
+    frame_overrides=None,
     fwhm_range=(2.5, 4.0),
     moffat_beta: float = 2.5,
     exptime=None,
@@ -1013,7 +1027,11 @@ def simulate_field(
     or a count per frame. ``bad_columns`` and ``hot_pixels`` (a count, or
     explicit lists as for `render_frame`) are the camera's: the same pixels in
     every frame, flagged in every BPM. ``satellite_trail_frame``: an index or indices of
-    frames that get a trail. ``executor``: anything with ``map`` (a
+    frames that get a trail. ``frame_overrides``: ``{frame index: {...}}`` to degrade
+    chosen frames: ``fwhm_px`` (bad seeing), ``transparency`` (clouds), ``sky_factor``
+    (a brighter sky, e.g. moonlight or clouds lit from below), ``tracking_trail_px`` and
+    ``tracking_angle_deg`` (a trailed frame), ``zeropoint``; the truth table records
+    what each frame got. ``executor``: anything with ``map`` (a
     concurrent.futures executor) to render frames in parallel.
     Deterministic for a given ``seed``.
     """
@@ -1069,12 +1087,22 @@ def simulate_field(
         zp = _per_filter(zeropoint, filt, ZEROPOINTS, DEFAULT_ZEROPOINT)
         fwhm = float(rng.uniform(*fwhm_range))
         transp = float(rng.uniform(*transparency_range))
+        degrade = dict((frame_overrides or {}).get(i, {}))
+        fwhm = float(degrade.pop("fwhm_px", fwhm))
+        transp = float(degrade.pop("transparency", transp))
+        zp = float(degrade.pop("zeropoint", zp))
+        sky_factor = float(degrade.pop("sky_factor", 1.0))
+        trail_px = float(degrade.pop("tracking_trail_px", 0.0))
+        trail_angle = float(degrade.pop("tracking_angle_deg", 30.0))
+        if degrade:
+            raise ValueError(f"frame_overrides[{i}]: unknown keys {sorted(degrade)}")
         if sky is None:
             sky_mag = SKY_MAG.get(filt, DEFAULT_SKY_MAG)
             sky_adu = (texp * 10.0 ** (-0.4 * (sky_mag - zp)) * pixscale**2
                        * float(rng.uniform(0.8, 1.3)) / gain)
         else:
             sky_adu = _per_filter(sky, filt, {}, 100.0) * float(rng.uniform(0.9, 1.1))
+        sky_adu *= sky_factor
         grad_angle = rng.uniform(0, 2 * math.pi)
         gradient = (sky_gradient * math.cos(grad_angle), sky_gradient * math.sin(grad_angle))
         dither = rng.uniform(-dither_arcsec, dither_arcsec, 2)
@@ -1120,7 +1148,8 @@ def simulate_field(
                            exptime=texp, zeropoint=zp, transparency=transp,
                            n_cosmic_rays=n_cr, bad_columns=detector_columns,
                            hot_pixels=detector_hot,
-                           satellite_trail=i in trail_frames),
+                           satellite_trail=i in trail_frames,
+                           tracking_trail_px=trail_px, tracking_angle_deg=trail_angle),
         })
         rows.append({
             "name": name, "filter": filt, "exptime": texp, "fwhm_px": fwhm,
@@ -1135,6 +1164,7 @@ def simulate_field(
             "rotation_deg": float(rotation_deg), "rotation_error_deg": rot_err,
             "scale_error": float(scale_error), "rotate_180": bool(rotate_180),
             "flip": bool(flip), "sip": sip_coeffs is not None,
+            "tracking_trail_px": trail_px,
         })
 
     mapper = executor.map if executor is not None else map

@@ -25,8 +25,8 @@ WCS_KEYS = ("CTYPE", "CRVAL", "CRPIX", "CD", "PC", "CDELT", "CUNIT", "LONPOLE", 
             "RADESYS", "EQUINOX", "WCSAXES")
 
 
-def coadd_header(stack, filter_name, names, infos, cs, scales, frame_weights=None,
-                 ) -> fits.Header:
+def coadd_header(stack, filter_name, names, infos, cs, scales, frame_weights=None, *,
+                 excluded: dict[str, str] | None = None) -> fits.Header:
     """The coadd header: grid WCS, NCOMBINE, summed EXPTIME, time span (DATE-OBS and
     MJD-OBS: start of the first exposure; DATE-END, MJD-END: end of the last), method, scaling,
     unit (BUNIT) and effective GAIN, the inputs' OBJECT/TELESCOP/INSTRUME, the catalog
@@ -34,6 +34,8 @@ def coadd_header(stack, filter_name, names, infos, cs, scales, frame_weights=Non
 
     ``infos`` are the store's frame records (`pipeline._frame_info`), ``scales`` the
     `combine.FrameScales` applied, ``frame_weights`` those of a weighted combine.
+    ``excluded``: ``{name: reason}`` of the registered frames of this filter left out
+    (NEXCL, EXCLnnn names, and each reason in HISTORY).
     """
     from . import __version__
 
@@ -84,6 +86,12 @@ def coadd_header(stack, filter_name, names, infos, cs, scales, frame_weights=Non
         header["REFFRAME"] = (stack.params["reference_frame"], "frame whose pixel grid this is")
     for i, name in enumerate(names, 1):
         header[f"IMCMB{i:03d}" if i < 1000 else "HISTORY"] = name
+    excluded = excluded or {}
+    header["NEXCL"] = (len(excluded), "registered frames excluded from this coadd")
+    for i, (name, reason) in enumerate(excluded.items(), 1):
+        if i < 1000:
+            header[f"EXCL{i:03d}"] = name
+        header["HISTORY"] = f"excluded {name}: {reason}"
     return header
 
 

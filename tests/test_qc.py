@@ -1,0 +1,151 @@
+"""Quality control (issue 21): excluding frames and quality cuts at combine time, outliers
+found per group of comparable frames, and the suggested exclusions the report writes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from astropy.io import fits
+from click.testing import CliRunner
+
+from daskstack import qa
+from daskstack.config import SelectSettings, Settings
+from daskstack.pipeline import combine_store_path, run
+from daskstack.rundir import read_manifest
+
+# frame index -> how it is degraded (simulate_field's frame_overrides), and the QA metric
+# (label in find_outliers' reasons) a person would blame
+DEGRADED = {
+    2: ({"fwhm_px": 7.0}, "FWHM"),  # bad seeing
+    5: ({"transparency": 0.3, "sky_factor": 3.0}, "flux ratio"),  # clouds
+    8: ({"tracking_trail_px": 10.0}, "elongation"),  # a trailed frame
+}
+
+
+@pytest.fixture(scope="module")
+def degraded_field(tmp_path_factory):
+    from daskstack.simulate import simulate_field
+
+    return simulate_field(tmp_path_factory.mktemp("qc-sim"), n_frames=10, shape=(512, 512),
+                          filters=("rp",), seed=5,
+                          frame_overrides={i: o for i, (o, _) in DEGRADED.items()})
+
+
+@pytest.fixture(scope="module")
+def degraded_run(degraded_field, dask_client, tmp_path_factory):
+    out = tmp_path_factory.mktemp("qc-run")
+    result = run([str(p) for p in degraded_field.frames], str(degraded_field.catalog), out,
+                 client=dask_client)
+    assert result.n_combined == 10
+    return out, result
+
+
+def _names(field) -> list[str]:
+    return [Path(p).name.removesuffix(".fits.fz") for p in field.frames]
+
+
+def _mtimes(run_dir: Path) -> dict[str, int]:
+    """Modification times of everything solving and registering writes: the .wcs files
+    and every chunk of the store (not its metadata, which a combine may update)."""
+    files = list(run_dir.glob("*.wcs")) + [
+        p for p in (run_dir / "store.zarr").rglob("*") if p.is_file() and "/c/" in str(p)
+        and "coadd" not in p.relative_to(run_dir).parts[1]]
+    assert files
+    return {str(p): p.stat().st_mtime_ns for p in files}
+
+
+def test_cuts_and_names_pure():
+    rows = {
+        "a": {"fwhm_px": 3.0, "rms_arcsec": 0.1, "n_matches": 40, "background": 100.0},
+        "b": {"fwhm_px": 6.5, "rms_arcsec": 0.1, "n_matches": 40, "background": 100.0},
+        "c": {"fwhm_px": 3.0, "rms_arcsec": 0.9, "n_matches": 9, "background": 900.0},
+        "d": {"fwhm_px": np.nan, "rms_arcsec": np.nan, "n_matches": 0, "background": 100.0},
+    }
+    select = SelectSettings(max_fwhm_px=5.0, min_matches=10, min_zp=20.0)
+    out = qa.excluded_frames(rows, select, {"a.fits.fz": "--exclude-file x.txt"})
+    assert out["a"] == "excluded by --exclude-file x.txt"
+    assert out["b"].startswith("excluded by --max-fwhm 5: fwhm_px 6.5")
+    assert out["c"].startswith("excluded by --min-matches 10")
+    # no FWHM, never matched (header WCS), no zero point: no cut applies
+    assert "d" not in out
+    assert not qa.has_zero_points(rows)
+    assert qa.excluded_frames(rows, SelectSettings()) == {}
+
+
+def test_exclude_file_format_round_trip():
+    text = qa.format_name_list({"x-e91": "FWHM 7 px", "y-e91": "sky high"}, "heading\nmore")
+    assert qa.parse_name_list(text) == ["x-e91", "y-e91"]
+    assert qa.parse_name_list("# only a comment\n\n  z-e91.fits.fz  # why\n") == ["z-e91"]
+
+
+def test_select_settings_checked():
+    from daskstack.config import SettingsError
+
+    with pytest.raises(SettingsError, match="select.max_fwhm_px"):
+        Settings.from_dict({"select": {"max_fwhm_px": -1}}).validate()
+    with pytest.raises(SettingsError, match="select.min_zp"):
+        Settings.from_dict({"select": {"min_zp": 25, "max_zp": 24}}).validate()
+    s = Settings.from_dict({"select": {"exclude": "one-e91"}}).validate()
+    assert s.select.exclude == ("one-e91",)
+
+
+def test_exclusion_recombines_without_solving_or_registering(degraded_field, degraded_run,
+                                                             dask_client):
+    out, _ = degraded_run
+    names = _names(degraded_field)
+    before = _mtimes(out)
+    settings = Settings()
+    settings.select.exclude = (names[1],)
+    settings.select.max_fwhm_px = 6.5
+    # the same run with combine-time settings changed: no --overwrite, a resume
+    result = run([str(p) for p in degraded_field.frames], str(degraded_field.catalog), out,
+                 settings, client=dask_client)
+    assert _mtimes(out) == before
+    table = read_manifest(out / "manifest.ecsv")
+    status = dict(zip(table["name"], table["status"], strict=True))
+    reason = dict(zip(table["name"], table["reason"], strict=True))
+    excluded = sorted(n for n, s in status.items() if s == "excluded")
+    fwhm = dict(zip(table["name"], table["fwhm_px"], strict=True))
+    expected = sorted({names[1]} | {n for n, f in fwhm.items() if f > 6.5})
+    assert excluded == expected and len(excluded) >= 2
+    assert reason[names[1]] == "excluded by --exclude"
+    assert all("--max-fwhm 6.5" in reason[n] for n in excluded if n != names[1])
+    header = fits.getheader(out / "coadd_rp.fits")
+    assert header["NCOMBINE"] == 10 - len(excluded)
+    assert header["NEXCL"] == len(excluded)
+    assert sorted(header[f"EXCL{i:03d}"] for i in range(1, len(excluded) + 1)) == excluded
+    imcmb = {header[k] for k in header if k.startswith("IMCMB")}
+    assert not imcmb & set(excluded)
+    assert result.exit_code == 0 and result.n_combined == 10 - len(excluded)
+
+    # the combine command takes every frame back when no rule leaves one out
+    runner = CliRunner()
+    res = runner.invoke(__import__("daskstack.cli", fromlist=["main"]).main, [
+        "combine", str(out / "store.zarr"), "--scheduler", dask_client.scheduler.address,
+        "-q"])
+    assert res.exit_code == 0, res.output
+    assert set(read_manifest(out / "manifest.ecsv")["status"]) == {"ok"}
+    assert fits.getheader(out / "coadd_rp.fits")["NCOMBINE"] == 10
+    assert _mtimes(out) == before
+
+
+def test_zero_point_cuts_say_none_exist(degraded_run, dask_client, caplog):
+    out, _ = degraded_run
+    settings = Settings()
+    settings.select.min_zp = 20.0
+    with caplog.at_level("WARNING"):
+        combine_store_path(out / "store.zarr", out, settings, client=dask_client)
+    assert "no frame has a zero point" in caplog.text
+    assert fits.getheader(out / "coadd_rp.fits")["NEXCL"] == 0
+
+
+def test_missing_exclude_file_is_refused_before_work(degraded_field, tmp_path):
+    from daskstack.errors import RunError
+
+    settings = Settings()
+    settings.select.exclude_file = str(tmp_path / "absent.txt")
+    with pytest.raises(RunError, match="absent.txt"):
+        run([str(p) for p in degraded_field.frames], str(degraded_field.catalog),
+            tmp_path / "out", settings)
