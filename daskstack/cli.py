@@ -582,19 +582,30 @@ def combine(store_path, out_dir, config_file, verbose, quiet, overrides):
 @main.command("report")
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--frames/--no-frames", "frames", default=True, show_default=True,
-              help="Draw each frame's pictures again (--no-frames: only the per-run pictures "
-                   "and the page; pictures made earlier stay linked).")
+              help="Draw the full-size pictures of failed and flagged frames again "
+                   "(--no-frames: only the thumbnails, the per-run pictures and the page; "
+                   "pictures made earlier stay linked).")
+@click.option("--frame", "pictures", multiple=True, metavar="NAME",
+              help="Also draw this frame's full-size pictures (sources and catalog before "
+                   "and after the fit, residuals); repeatable.")
+@click.option("--all-pictures", is_flag=True,
+              help="Draw every frame's full-size pictures (costs about as much as solving).")
 @click.option("--workers", type=click.IntRange(min=1),
               help="LocalCluster worker processes (default: one per core).")
 @click.option("--scheduler", help="Address of an existing Dask scheduler.")
 @click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
 @click.option("-q", "--quiet", is_flag=True, help="Only errors; no progress.")
-def report_command(run_dir, frames, workers, scheduler, verbose, quiet):
+def report_command(run_dir, frames, pictures, all_pictures, workers, scheduler, verbose,
+                   quiet):
     """Write RUN_DIR/report/index.html from the manifest, the .wcs files and the store.
 
-    Nothing of the pipeline is computed again: frames are read only to draw them
-    (with the sources detected again and matched through the solved WCS). The page is
-    static: open it from the file system, no server or network needed.
+    Nothing of the pipeline is computed again. The page is static (open it from the
+    file system, no server or network needed): every frame in a table that sorts and
+    filters, with a thumbnail; frames that stand out from their group (filter,
+    telescope, night) flagged with why, and listed in RUN_DIR/report/suggested-exclude.txt
+    for --exclude-file; full-size pictures of failed and flagged frames (--frame NAME
+    or --all-pictures for others: the frame is read, its sources detected again and
+    matched through the solved WCS).
     """
     from .cluster import ClusterError, open_client
     from .pipeline import RunError, make_report
@@ -613,11 +624,13 @@ def report_command(run_dir, frames, workers, scheduler, verbose, quiet):
     try:
         with open_client(settings.cluster, local_directory=str(run_path / ".dask"),
                          announce=progress.notice) as client:
-            path = make_report(client, run_path, settings, frames=frames, progress=progress)
+            path = make_report(client, run_path, settings, frames=frames, pictures=pictures,
+                               all_pictures=all_pictures, progress=progress)
     except (RunError, ClusterError) as err:
         _fail(str(err), code=EXIT_FAILED)
     if not quiet:
         click.echo(f"report: {path}")
+        click.echo(f"suggested exclusions: {path.parent / 'suggested-exclude.txt'}")
 
 
 @main.command("download")

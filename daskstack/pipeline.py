@@ -947,12 +947,18 @@ def combine_store_path(store_path, out_dir, settings: Settings | None = None, *,
 # The report: pictures as tasks, the page on the client (daskstack.report draws)
 # --------------------------------------------------------------------------------------
 def make_report(client, run_dir, settings: Settings | None = None, *, frames: bool = True,
+                pictures=(), all_pictures: bool = False,
                 progress: ProgressCallback | None = None) -> Path:
-    """Draw the pictures and write ``RUN_DIR/report/index.html``; nothing is recomputed.
+    """Write ``RUN_DIR/report/index.html`` and ``report/suggested-exclude.txt``; nothing
+    of the pipeline is recomputed.
 
     Reads the manifest, ``run.json``, the ``<name>.wcs`` files, the coadds and the store.
-    Each frame's pictures (``frames=True``; else pictures made earlier are linked) and
-    each per-run picture is one task that gets paths and the scattered field catalog.
+    Every frame gets a thumbnail (binned from its registered pixels in the store, or
+    from its file read once), made in tasks of a few frames each. Full-size pictures
+    (the frame read, its sources detected again and matched: about what solving it
+    costs) are drawn for failed and flagged frames (``frames=True``; else pictures
+    made earlier stay linked), for the frames named in ``pictures``, or for every
+    frame with ``all_pictures``. Each per-run picture is one task.
     """
     from . import report as report_mod
 
@@ -962,13 +968,27 @@ def make_report(client, run_dir, settings: Settings | None = None, *, frames: bo
     if table is None:
         raise RunError(f"{run_dir}: no readable manifest.ecsv (not a daskstack run)")
     settings = settings or report_mod.run_settings(run_dir)
+    names = [str(n) for n in table["name"]]
+    unknown = sorted({frame_name(n) for n in pictures} - set(names))
+    if unknown:
+        raise RunError(f"{run_dir}: not frames of this run: {', '.join(unknown)} (frame names "
+                       "as in manifest.ecsv)")
+    if all_pictures:
+        drawn = set(names)
+    else:
+        drawn = {frame_name(n) for n in pictures}
+        if frames:
+            drawn |= set(report_mod.frames_needing_pictures(
+                table, report_mod.find_outliers(table)))
     frames_dir = run_dir / report_mod.REPORT_DIR / report_mod.FRAMES_DIR
     futures = {kind: client.submit(report_mod.run_safely, func, *args, pure=False)
                for kind, func, args in report_mod.run_figure_jobs(run_dir,
                                                                   settings.grid.reference)}
-    if frames and len(table):
+    futures.update(_thumbnail_futures(client, run_dir, table))
+    todo = [str(f) for f, n in zip(table["file"], names, strict=True) if n in drawn]
+    if todo:
         frames_dir.mkdir(parents=True, exist_ok=True)
-        records = inspect_frames(client, [str(f) for f in table["file"]], progress)
+        records = inspect_frames(client, todo, progress)
         reasons = {str(row["name"]): (str(row["status"]), "" if np.ma.is_masked(row["reason"])
                                       else str(row["reason"])) for row in table}
         catalog_of = {}
@@ -990,7 +1010,7 @@ def make_report(client, run_dir, settings: Settings | None = None, *, frames: bo
             status, reason = reasons.get(r.name, (r.status, r.reason))
             if r.meta is None:
                 status, reason = "failed", r.reason or reason
-            solved = status == "ok" or reason.startswith(
+            solved = status in ("ok", EXCLUDED) or reason.startswith(
                 ("registration failed", f"{INTERNAL_ERROR} while registering"))
             wcs = run_dir / f"{r.name}.wcs"
             futures[f"frame:{r.name}"] = client.submit(
@@ -999,5 +1019,35 @@ def make_report(client, run_dir, settings: Settings | None = None, *, frames: bo
                 pure=False)
     results = {}
     _gather_as_completed(client, futures, "report", progress, results.__setitem__)
-    run_plots = {k: v for k, v in results.items() if not k.startswith("frame:")}
-    return report_mod.write_report(run_dir, run_plots)
+    run_plots = {k: v for k, v in results.items() if not k.startswith(("frame:", "thumbs:"))}
+    thumbnails = {}
+    for key, value in results.items():
+        if key.startswith("thumbs:"):
+            if isinstance(value, dict):
+                thumbnails.update(value)
+            else:  # the task itself was lost: no thumbnails for its frames, say why
+                log.warning("report: thumbnails of a batch failed: %s", value)
+    return report_mod.write_report(run_dir, run_plots, thumbnails=thumbnails)
+
+
+def _thumbnail_futures(client, run_dir: Path, table, batch: int = 16) -> dict:
+    """One task per ``batch`` frames: thumbnails from the store where the frame was
+    registered (and the store kept), else from the frame's file."""
+    from . import report as report_mod
+
+    store_path = run_dir / "store.zarr"
+    try:
+        stack = store_mod.open_store(store_path)
+    except store_mod.StoreError:
+        stack = None
+    in_store = {}
+    if stack is not None:
+        registered = _registered(stack)
+        in_store = {name: filter_name for filter_name, members in stack.filters.items()
+                    for name in members if name in registered}
+    items = [(str(name), in_store.get(str(name)), str(path))
+             for name, path in zip(table["name"], table["file"], strict=True)]
+    return {f"thumbs:{k}": client.submit(report_mod.thumbnails_task,
+                                         str(store_path) if stack is not None else None,
+                                         items[k:k + batch], pure=False)
+            for k in range(0, len(items), batch)}

@@ -18,12 +18,13 @@ manifest's columns; a value that is unknown is None or NaN), no I/O:
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 import numpy as np
 
 from .frames import frame_name
-from .stats import MAD_TO_SIGMA
+from .stats import mad_sigma
 
 __all__ = [
     "CUTS",
@@ -37,6 +38,8 @@ __all__ = [
     "frame_group",
     "group_statistics",
     "has_zero_points",
+    "metric_values",
+    "outlier_metrics",
     "parse_name_list",
 ]
 
@@ -179,8 +182,15 @@ def frame_group(row: dict) -> str:
     return f"{filt} / {camera or '?'} / {_night(row)}"
 
 
+# an LCO frame name: site telescope - instrument - DAY-OBS - frame number - e<level>
+_LCO_NAME = re.compile(r"-(\d{8})-\d{4}-e\d\d$")
+
+
 def _night(row: dict) -> str:
-    day_obs = row.get("day_obs")
+    day_obs = row.get("day_obs") or ""
+    if not day_obs:
+        match = _LCO_NAME.search(str(row.get("name") or ""))
+        day_obs = match.group(1) if match else ""
     if day_obs:
         return str(day_obs)
     mjd = _value(row, "mjd")
@@ -191,7 +201,7 @@ def _night(row: dict) -> str:
     return Time(mjd - 0.5, format="mjd").strftime("%Y%m%d")
 
 
-def _metric_values(rows: list[dict], metric: Metric) -> np.ndarray:
+def metric_values(rows: list[dict], metric: Metric) -> np.ndarray:
     values = []
     for row in rows:
         if metric.column == "transparency":  # photometric flux ratio per second
@@ -215,16 +225,43 @@ def group_statistics(qa: dict[str, dict], names: list[str] | None = None) -> dic
         rows = [qa[n] for n in members]
         stats = {}
         for metric in METRICS:
-            values = _metric_values(rows, metric)
+            values = metric_values(rows, metric)
             good = values[np.isfinite(values)]
             if len(good) < MIN_GROUP:
                 continue
             median = float(np.median(good))
-            spread = MAD_TO_SIGMA * float(np.median(np.abs(good - median)))
+            spread = mad_sigma(good, median)
             floor = metric.floor * abs(median) + (_ZP_FLOOR_MAG if metric.column == "zp"
                                                   else 0.0)
             stats[metric.column] = (median, max(spread, floor, 1e-12), len(good))
         out[group] = stats
+    return out
+
+
+def outlier_metrics(qa: dict[str, dict], names: list[str] | None = None,
+                    sigma: float = OUTLIER_SIGMA) -> dict[str, dict[str, str]]:
+    """``{frame name: {metric column: why}}`` for frames whose QA stands out in their
+    group: `find_outliers`, metric by metric."""
+    names = list(qa) if names is None else names
+    stats = group_statistics(qa, names)
+    out: dict[str, dict[str, str]] = {}
+    for name in names:
+        row = qa[name]
+        group = stats.get(frame_group(row), {})
+        for metric in METRICS:
+            if metric.column not in group:
+                continue
+            median, spread, _ = group[metric.column]
+            value = float(metric_values([row], metric)[0])
+            if not math.isfinite(value):
+                continue
+            z = (value - median) / spread
+            bad = {"high": z > sigma, "low": z < -sigma, "both": abs(z) > sigma}[metric.bad]
+            if bad:
+                unit = f" {metric.unit}" if metric.unit and metric.unit != "\"" else metric.unit
+                out.setdefault(name, {})[metric.column] = (
+                    f"{metric.label} {value:.3g}{unit} ({'high' if z > 0 else 'low'}: "
+                    f"group median {median:.3g}, {abs(z):.0f} sigma)")
     return out
 
 
@@ -238,24 +275,5 @@ def find_outliers(qa: dict[str, dict], names: list[str] | None = None,
     at a fraction of the median) from the median, on the bad side. ``names``: the frames
     to judge (default every frame of ``qa``; give the solved ones).
     """
-    names = list(qa) if names is None else names
-    stats = group_statistics(qa, names)
-    out: dict[str, list[str]] = {}
-    for name in names:
-        row = qa[name]
-        group = stats.get(frame_group(row), {})
-        for metric in METRICS:
-            if metric.column not in group:
-                continue
-            median, spread, _ = group[metric.column]
-            value = float(_metric_values([row], metric)[0])
-            if not math.isfinite(value):
-                continue
-            z = (value - median) / spread
-            bad = {"high": z > sigma, "low": z < -sigma, "both": abs(z) > sigma}[metric.bad]
-            if bad:
-                unit = f" {metric.unit}" if metric.unit and metric.unit != "\"" else metric.unit
-                out.setdefault(name, []).append(
-                    f"{metric.label} {value:.3g}{unit} ({'high' if z > 0 else 'low'}: "
-                    f"group median {median:.3g}, {abs(z):.0f} sigma)")
-    return out
+    return {name: list(why.values())
+            for name, why in outlier_metrics(qa, names, sigma).items()}

@@ -22,6 +22,7 @@ them as tasks.
 
 from __future__ import annotations
 
+import base64
 import datetime
 import html
 import json
@@ -36,10 +37,11 @@ import numpy as np
 from astropy.io import fits
 from astropy.table import Table
 
+from . import qa
 from ._io import atomic_path, atomic_write_text
 from .fields import separation_deg
 from .match import nn_match
-from .rundir import read_manifest
+from .rundir import EXCLUDED, read_manifest
 from .stats import clip_residuals
 
 __all__ = [
@@ -76,16 +78,9 @@ _WAVELENGTH = {
     "SII": 672, "i": 763, "ip": 763, "I": 806, "z": 905, "zs": 905, "Y": 1000,
 }
 
-# summary metrics: manifest column, label, which side is bad, relative floor of sigma
-_METRICS = (
-    ("rms_arcsec", "RMS residual (arcsec)", "high", 0.10),
-    ("n_matches", "matched stars", "low", 0.10),
-    ("fwhm_px", "FWHM (px)", "high", 0.05),
-    ("background", "background (e-/px)", "both", 0.10),
-    ("pixel_scale_arcsec", "pixel scale (arcsec/px)", "both", 0.001),
-    ("flux_ratio", "flux ratio (photometric scale)", "both", 0.05),
-)
-OUTLIER_SIGMA = 4.0
+OUTLIER_SIGMA = qa.OUTLIER_SIGMA
+THUMBNAIL = 96  # px: the longest side of a frame's thumbnail in the table
+SUGGESTED_EXCLUDE = "suggested-exclude.txt"  # flagged frames, as --exclude-file reads it
 
 
 # --------------------------------------------------------------------------------------
@@ -657,98 +652,176 @@ def _column(table: Table, name: str) -> np.ndarray:
     return values
 
 
-def find_outliers(table: Table, sigma: float = OUTLIER_SIGMA) -> dict[str, list[str]]:
-    """Solved frames whose QA stands out from the others of their filter:
-    ``{frame name: [reasons]}``.
-
-    Per filter and metric: farther than ``sigma`` robust standard deviations (1.4826 MAD,
-    floored at a fraction of the median so that a tight set of frames does not flag noise)
-    from the median, on the side that is bad (few matches, large RMS or FWHM, any side for
-    background, scale and flux ratio). Needs at least 4 solved frames of the filter.
-    """
-    out: dict[str, list[str]] = {}
-    if len(table) == 0:
-        return out
-    status = np.asarray(table["status"]).astype(str)
-    filters = np.asarray(table["filter"]).astype(str)
-    names = np.asarray(table["name"]).astype(str)
-    for filt in sorted(set(filters)):
-        rows = np.nonzero((filters == filt) & (status == "ok"))[0]
-        if len(rows) < 4:
-            continue
-        for column, label, side, floor in _METRICS:
-            values = _column(table, column)[rows]
-            good = np.isfinite(values)
-            if good.sum() < 4:
-                continue
-            med = float(np.median(values[good]))
-            spread = max(1.4826 * float(np.median(np.abs(values[good] - med))),
-                         floor * abs(med), 1e-12)
-            z = (values - med) / spread
-            bad = (z > sigma) if side == "high" else (z < -sigma) if side == "low" else (
-                np.abs(z) > sigma)
-            for i in np.nonzero(bad & good)[0]:
-                out.setdefault(names[rows[i]], []).append(
-                    f"{label.split(' (')[0]} {values[i]:.4g} (median {med:.4g})")
+def manifest_qa(table: Table) -> dict[str, dict]:
+    """The manifest as `daskstack.qa` records: ``{name: {column: value}}`` (masked
+    values as None)."""
+    columns = table.colnames
+    out = {}
+    for row in table:
+        values = {c: (None if np.ma.is_masked(row[c]) else row[c]) for c in columns}
+        values["name"] = str(row["name"])
+        out[values["name"]] = values
     return out
 
 
+def _usable(table: Table) -> list[str]:
+    """Frames with QA to compare: solved (``ok``) and those left out by a person
+    (``excluded``: solved too; their numbers still tell what the group looks like)."""
+    return [str(n) for n, s in zip(table["name"], table["status"], strict=True)
+            if _text(s) in ("ok", EXCLUDED)]
+
+
+def find_outliers(table: Table, sigma: float = OUTLIER_SIGMA) -> dict[str, list[str]]:
+    """Solved frames of the manifest ``table`` whose QA stands out in their group of
+    comparable frames (filter x telescope/instrument x night): ``{name: [why, ...]}``
+    (`daskstack.qa.find_outliers`)."""
+    if len(table) == 0:
+        return {}
+    return qa.find_outliers(manifest_qa(table), _usable(table), sigma)
+
+
 def summary_plots(table: Table, png, outliers: dict[str, list[str]] | None = None) -> dict:
-    """QA across frames against time (hours since the first exposure; frame index when
-    dates are missing): one panel per metric, colour per filter, outliers ringed red and
-    numbered as in the report's table, failed frames as red ticks on the time axis."""
+    """QA across frames, one panel per metric (`daskstack.qa.METRICS` that any frame
+    has): frames in time order along x, nights apart (a gap and a dotted line, so
+    hundreds of frames of a night do not clump into one column), each group's median
+    as a line over its frames with bands of 1 and `OUTLIER_SIGMA` robust sigmas (frames
+    beyond the outer band on the bad side are flagged), colour per filter, flagged
+    frames ringed red, failed frames as red ticks on the axis."""
     outliers = find_outliers(table) if outliers is None else outliers
     n = len(table)
+    rows = manifest_qa(table) if n else {}
+    names = list(rows)
     mjd = _column(table, "mjd")
-    use_time = n > 0 and np.isfinite(mjd).all()
-    x = (mjd - np.nanmin(mjd)) * 24.0 if use_time else np.arange(n, dtype=float)
-    xlabel = "hours since the first exposure" if use_time else "frame index (manifest order)"
-    status = np.asarray(table["status"]).astype(str) if n else np.array([], str)
-    filters = np.asarray(table["filter"]).astype(str) if n else np.array([], str)
-    names = np.asarray(table["name"]).astype(str) if n else np.array([], str)
-    ok = status == "ok"
-    failed = ~ok
-    fig = _figure(13, 10.5)
-    axes = fig.subplots(3, 2, sharex=True).ravel()
+    nights = [qa.frame_group(rows[nm]).rsplit(" / ", 1)[-1] for nm in names]
+    order = sorted(range(n), key=lambda i: (nights[i], mjd[i] if np.isfinite(mjd[i])
+                                            else np.inf, i))
+    x = np.empty(n)
+    position, night_starts = 0.0, []
+    for rank, i in enumerate(order):
+        if rank == 0 or nights[i] != nights[order[rank - 1]]:
+            position += 0 if rank == 0 else max(2.0, 0.03 * n)  # a gap between nights
+            night_starts.append((position, nights[i]))
+        x[i] = position
+        position += 1
+    status = np.array([_text(s) for s in table["status"]]) if n else np.array([], str)
+    usable = np.isin(status, ["ok", EXCLUDED])
+    filters = np.array([_text(f) for f in table["filter"]]) if n else np.array([], str)
+    groups = np.array([qa.frame_group(rows[nm]) for nm in names])
+    stats = qa.group_statistics(rows, [nm for nm, u in zip(names, usable, strict=True)
+                                       if u]) if n else {}
+    values_of = {m.column: qa.metric_values([rows[nm] for nm in names], m)
+                 for m in qa.METRICS}
+    metrics = [m for m in qa.METRICS if np.isfinite(values_of[m.column][usable]).any()] \
+        or list(qa.METRICS[:2])
+    ncols = 2
+    nrows = math.ceil(len(metrics) / ncols)
+    fig = _figure(13, 2.9 * nrows + 0.8)
+    axes = np.atleast_1d(fig.subplots(nrows, ncols, sharex=True)).ravel()
     palette = ["tab:blue", "tab:green", "tab:orange", "tab:purple", "tab:brown", "tab:olive",
                "tab:cyan", "tab:pink"]
     colours = {f: palette[i % len(palette)] for i, f in enumerate(sorted(set(filters),
                                                                          key=_wavelength))}
-    is_outlier = np.array([nm in outliers for nm in names], bool)
-    for ax, (column, label, _, _) in zip(axes, _METRICS, strict=True):
-        values = _column(table, column)
+    # each flagged frame ringed in the panels of the metrics it was flagged for
+    flagged_for = qa.outlier_metrics(rows, [nm for nm, u in zip(names, usable, strict=True)
+                                            if u]) if n else {}
+    flagged = np.array([nm in outliers for nm in names], bool)
+    for ax, metric in zip(axes, metrics, strict=False):
+        values = values_of[metric.column]
+        for group in sorted(set(groups[usable])):
+            sel = usable & (groups == group)
+            colour = colours[filters[sel][0]]
+            centre = stats.get(group, {}).get(metric.column)
+            if centre is not None:
+                median, spread, _ = centre
+                x0, x1 = x[sel].min() - 0.5, x[sel].max() + 0.5
+                ax.fill_between([x0, x1], median - OUTLIER_SIGMA * spread,
+                                median + OUTLIER_SIGMA * spread, color=colour, alpha=0.08, lw=0)
+                ax.fill_between([x0, x1], median - spread, median + spread, color=colour,
+                                alpha=0.2, lw=0)
+                ax.plot([x0, x1], [median, median], color=colour, lw=1.0)
         for filt, colour in colours.items():
-            sel = ok & (filters == filt)
-            if not sel.any():
-                continue
-            ax.plot(x[sel], values[sel], "o", ms=4, color=colour, label=filt, alpha=0.85)
-            finite = values[sel][np.isfinite(values[sel])]
-            if finite.size:
-                ax.axhline(np.median(finite), color=colour, lw=0.8, ls="--", alpha=0.7)
-        flagged = ok & is_outlier & np.isfinite(values)
-        if flagged.any():
-            ax.scatter(x[flagged], values[flagged], s=140, facecolors="none",
-                       edgecolors="red", linewidths=1.5, zorder=5, gid=f"outliers_{column}")
-            for i in np.nonzero(flagged)[0]:
-                ax.annotate(str(i), (x[i], values[i]), xytext=(5, 5),
-                            textcoords="offset points", color="red", fontsize=8)
+            sel = usable & (filters == filt) & np.isfinite(values)
+            if sel.any():
+                ax.plot(x[sel], values[sel], "o", ms=3 if n > 200 else 4, color=colour,
+                        label=filt, alpha=0.85)
+        ring = usable & np.isfinite(values) & np.array(
+            [metric.column in flagged_for.get(nm, {}) for nm in names], bool)
+        if ring.any():
+            ax.scatter(x[ring], values[ring], s=110, facecolors="none", edgecolors="red",
+                       linewidths=1.4, zorder=5, gid=f"outliers_{metric.column}")
+        failed = ~usable & (status != "")
         if failed.any():
-            ax.plot(x[failed], np.zeros(failed.sum()), "|", color="red", ms=14, mew=2,
+            ax.plot(x[failed], np.zeros(failed.sum()), "|", color="red", ms=12, mew=1.5,
                     transform=ax.get_xaxis_transform(), label="failed")
-        ax.set_ylabel(label, fontsize=9)
+        for start, night in night_starts[1:]:
+            ax.axvline(start - 0.5 * max(2.0, 0.03 * n), color="0.5", ls=":", lw=0.8)
+        unit = f" ({metric.unit})" if metric.unit else ""
+        ax.set_ylabel(metric.label + unit, fontsize=9)
         ax.ticklabel_format(axis="y", useOffset=False)
         ax.grid(alpha=0.3)
-    for ax in axes[-2:]:
-        ax.set_xlabel(xlabel)
+    for ax in axes[len(metrics):]:
+        ax.set_visible(False)
+    for ax in axes[:len(metrics)][-ncols:]:
+        ax.set_xlabel("frames in time order, night by night (dotted lines: a new night)")
+        if len(night_starts) <= 12:
+            for start, night in night_starts:
+                ax.annotate(night, (start, 0), xycoords=("data", "axes fraction"),
+                            xytext=(2, 2), textcoords="offset points", fontsize=7,
+                            color="0.3")
     handles, labels = axes[0].get_legend_handles_labels()
     if handles:
         fig.legend(handles, labels, loc="upper right", fontsize=9, ncols=len(labels))
-    fig.suptitle(f"{n} frames: {int(ok.sum())} solved, {int(failed.sum())} failed, "
-                 f"{int((ok & is_outlier).sum())} outliers (red rings, numbered as in the "
-                 "table)", fontsize=11, x=0.02, ha="left")
-    fig.tight_layout(rect=(0, 0, 1, 0.96))
+    fig.suptitle(f"{n} frames: {int(usable.sum())} solved, {int((~usable).sum())} failed, "
+                 f"{int((usable & flagged).sum())} flagged (red rings); bands: group median "
+                 f"+-1 and +-{OUTLIER_SIGMA:g} robust sigma", fontsize=10, x=0.02, ha="left")
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
     _save(fig, Path(png))
-    return {"image": Path(png).name, "outliers": sorted(outliers)}
+    return {"image": Path(png).name, "outliers": sorted(outliers),
+            "groups": sorted({str(g) for g in groups[usable]})}
+
+
+def thumbnail(image: np.ndarray, size: int = THUMBNAIL) -> bytes:
+    """A small JPEG (bytes) of an image: binned to at most ``size`` px a side, asinh
+    stretched; a few kB whatever the frame's size."""
+    from io import BytesIO
+
+    from PIL import Image
+
+    binned, _ = display_image(image, size)
+    pixels = (255 * scaled(binned, 1.0, 99.5)).astype(np.uint8)[::-1]  # north up, as drawn
+    buffer = BytesIO()
+    Image.fromarray(pixels, mode="L").save(buffer, format="JPEG", quality=70)
+    return buffer.getvalue()
+
+
+def thumbnails_task(store_path: str | None, items: list[tuple[str, str | None, str]],
+                    size: int = THUMBNAIL) -> dict[str, bytes | str]:
+    """Thumbnails of several frames (one Dask task): ``items`` are ``(name, store filter
+    or None, frame path)``; a frame in the store is binned from its registered pixels
+    (on the output grid), any other read once from its file. ``{name: JPEG bytes}``, or
+    ``{name: why}`` for a frame that cannot be read (never raises)."""
+    from . import store as store_mod
+    from .frames import FrameError, read_frame
+
+    stack = store_mod.open_store(store_path) if store_path else None
+    out: dict[str, bytes | str] = {}
+    for name, filter_name, path in items:
+        try:
+            if stack is not None and filter_name is not None:
+                _, index = stack.index_of(name)
+                data, _ = stack.arrays(filter_name)
+                image, _ = _binned_rows(lambda y0, y1, d=data, i=index: d[i, y0:y1],
+                                        data.shape[1:], size)
+            else:
+                frame = read_frame(path)
+                image, _ = display_image(np.where(frame.mask, np.nan, frame.data), size)
+            out[name] = thumbnail(image, size)
+        except FrameError as err:
+            out[name] = f"cannot read the frame: {err.reason}"
+        except Exception as err:  # noqa: BLE001 - a thumbnail must not stop the report
+            log.exception("%s: thumbnail failed", name)
+            out[name] = f"thumbnail failed: {type(err).__name__}: {err}"
+    return out
 
 
 def run_settings(run_dir):
@@ -808,20 +881,24 @@ def run_safely(func, *args):
 # --------------------------------------------------------------------------------------
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:1.5em;
-color:#222;background:#fff;max-width:1400px}
+color:#222;background:#fff;max-width:1500px}
 h1{font-size:1.6em;margin-bottom:.2em}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;
 margin-top:1.6em}
 .meta{color:#555}.summary span{display:inline-block;margin-right:1.2em;font-weight:600}
 .bad{color:#b22222}.warn{color:#b8860b}
 table{border-collapse:collapse;font-size:.9em}th,td{border:1px solid #ddd;padding:3px 7px;
 text-align:left;vertical-align:top}th{background:#f3f3f3;position:sticky;top:0}
+#frames th{cursor:pointer;user-select:none}#frames th[aria-sort=ascending]::after{content:" \\25B2"}
+#frames th[aria-sort=descending]::after{content:" \\25BC"}
 td.num{text-align:right;font-variant-numeric:tabular-nums}
-tr.failed td{background:#fdecea}tr.outlier td{background:#fff6e0}
+tr.failed td{background:#fdecea}tr.outlier td{background:#fff6e0}tr.excluded td{color:#777}
+img.thumb{display:block;max-width:96px;max-height:96px;border:0}
 .gallery{display:flex;flex-wrap:wrap;gap:12px}.gallery figure{margin:0;flex:0 1 560px}
 .frame figure,.gallery figure.wide{margin:0 0 .5em 0;flex:0 1 1040px;max-width:1040px}
 .gallery img,.frame img{max-width:100%;border:1px solid #ccc}
 figcaption{font-size:.85em;color:#444}
 .frame{margin-bottom:1.2em}.frame h3{margin:.3em 0;font-size:1.05em}
+.controls{margin:.5em 0}.controls input{width:22em}
 pre{background:#f7f7f7;padding:.6em;overflow-x:auto}
 """
 
@@ -835,6 +912,59 @@ window.addEventListener('load', function () {
   document.body.setAttribute('data-images', String(imgs.length));
   document.body.setAttribute('data-broken-images', String(broken));
 });
+"""
+
+# the frame table: click a heading to sort (the first click puts the worst frames first:
+# largest FWHM, fewest matches ...; again to reverse); filter by text and by status
+_TABLE_SCRIPT = """
+(function () {
+  var table = document.getElementById('frames');
+  if (!table) { return; }
+  var body = table.tBodies[0], heads = table.tHead.rows[0].cells, state = {col: -1, dir: 1};
+  function key(row, c, num) {
+    var cell = row.cells[c];
+    if (!num) { return cell.textContent.toLowerCase(); }
+    var v = cell.getAttribute('data-v');
+    return (v === null || v === '') ? NaN : parseFloat(v);
+  }
+  function sortBy(c) {
+    var th = heads[c], num = th.getAttribute('data-type') === 'num';
+    var first = th.getAttribute('data-bad') === 'high' ? -1 : 1;
+    var dir = state.col === c ? -state.dir : first;
+    state = {col: c, dir: dir};
+    var rows = Array.prototype.slice.call(body.rows);
+    rows.sort(function (a, b) {
+      var x = key(a, c, num), y = key(b, c, num);
+      if (num) {
+        if (isNaN(x) || isNaN(y)) { return isNaN(x) - isNaN(y); }
+        return dir * (x - y);
+      }
+      return dir * (x < y ? -1 : (x > y ? 1 : 0));
+    });
+    rows.forEach(function (r) { body.appendChild(r); });
+    for (var i = 0; i < heads.length; i++) { heads[i].removeAttribute('aria-sort'); }
+    th.setAttribute('aria-sort', dir > 0 ? 'ascending' : 'descending');
+  }
+  Array.prototype.forEach.call(heads, function (th, c) {
+    th.addEventListener('click', function () { sortBy(c); });
+  });
+  var text = document.getElementById('filter-text');
+  var show = document.getElementById('filter-status');
+  var count = document.getElementById('filter-count');
+  function apply() {
+    var q = text.value.toLowerCase(), s = show.value, n = 0;
+    Array.prototype.forEach.call(body.rows, function (r) {
+      var keep = (!q || r.textContent.toLowerCase().indexOf(q) >= 0) &&
+                 (s === 'all' || (' ' + r.getAttribute('data-show') + ' ').indexOf(' ' + s + ' ') >= 0);
+      r.style.display = keep ? '' : 'none';
+      if (keep) { n++; }
+    });
+    count.textContent = n + ' of ' + body.rows.length + ' frames shown';
+  }
+  text.addEventListener('input', apply);
+  show.addEventListener('change', apply);
+  apply();
+})();
 """
 
 
@@ -891,19 +1021,117 @@ def _settings_html(run_info: dict) -> str:
     return "\n".join(parts)
 
 
-def frame_order(table: Table) -> list[int]:
+def frame_order(table: Table, outliers: dict[str, list[str]] | None = None) -> list[int]:
     """Rows of the manifest as the report lists them: failed (and pending) frames first,
-    then solved frames; manifest order within each group."""
+    then flagged frames (``outliers``), then frames excluded on purpose, then the others;
+    manifest order within each."""
+    outliers = outliers or {}
     status = [_text(s) for s in table["status"]] if len(table) else []
-    return sorted(range(len(status)), key=lambda i: (status[i] == "ok", i))
+    names = [str(n) for n in table["name"]] if len(table) else []
+
+    def rank(i):
+        if status[i] not in ("ok", EXCLUDED):
+            return 0
+        if names[i] in outliers:
+            return 1
+        return 2 if status[i] == EXCLUDED else 3
+
+    return sorted(range(len(status)), key=lambda i: (rank(i), i))
+
+
+def frames_needing_pictures(table: Table, outliers: dict[str, list[str]]) -> list[str]:
+    """Frames whose full-size pictures the report draws by default: failed and flagged."""
+    return [str(table["name"][i]) for i in frame_order(table, outliers)
+            if _text(table["status"][i]) not in ("ok", EXCLUDED)
+            or str(table["name"][i]) in outliers]
+
+
+def write_suggested_exclude(run_dir, outliers: dict[str, list[str]]) -> Path:
+    """``RUN_DIR/report/suggested-exclude.txt``: the flagged frames, one a line with why
+    as a comment, in the format ``--exclude-file`` reads."""
+    run_dir = Path(run_dir)
+    path = run_dir / REPORT_DIR / SUGGESTED_EXCLUDE
+    heading = (f"daskstack report: {len(outliers)} frame(s) flagged as outliers of their "
+               "group (filter / telescope-instrument / night).\n"
+               "Edit as you like, then combine without them (nothing is registered again):\n"
+               f"  daskstack combine {run_dir / 'store.zarr'} --exclude-file {path}\n"
+               "(or the same 'daskstack run' command with --exclude-file)")
+    atomic_write_text(path, qa.format_name_list(
+        {name: "; ".join(why) for name, why in outliers.items()}, heading))
+    return path
+
+
+# (heading, manifest column or key, type, which side is bad)
+_TABLE_COLUMNS = (
+    ("#", "index", "num", ""), ("picture", "thumb", "", ""), ("frame", "name", "text", ""),
+    ("group", "group", "text", ""), ("status", "status", "text", ""),
+    ("why", "why", "text", ""), ("date", "date_obs", "text", ""),
+    ("FWHM (px)", "fwhm_px", "num", "high"), ("elongation", "elongation", "num", "high"),
+    ("sky", "background", "num", "high"), ("flux ratio /s", "transparency", "num", "low"),
+    ("RMS (\")", "rms_arcsec", "num", "high"), ("matches", "n_matches", "num", "low"),
+    ("zero point", "zp", "num", "high"), ("pictures", "links", "", ""),
+)
+
+
+_TRANSPARENCY = next(m for m in qa.METRICS if m.column == "transparency")
+
+
+def _frame_row(i: int, row: dict, cls: str, why: str, thumb, links: list[str],
+               picture: str | None, columns=_TABLE_COLUMNS) -> str:
+    """One row of the frame table; numeric cells carry their value in ``data-v`` (the
+    sort key); ``picture``: the href of the frame's full-size picture, if drawn."""
+    name = row["name"]
+    status = _text(row.get("status"))
+    cells = []
+    for _, key, kind, _ in columns:
+        if key == "index":
+            cells.append(f'<td class="num" data-v="{i}">{i}</td>')
+        elif key == "thumb":
+            if isinstance(thumb, bytes):
+                src = "data:image/jpeg;base64," + base64.b64encode(thumb).decode("ascii")
+                img = f'<img class="thumb" src="{src}" alt="{_e(name)}">'
+                if picture:
+                    img = f'<a href="{picture}">{img}</a>'
+                cells.append(f"<td>{img}</td>")
+            else:
+                cells.append(f'<td class="meta">{_e(thumb or "")}</td>')
+        elif key == "links":
+            cells.append(f"<td>{' '.join(links)}</td>")
+        elif key == "why":
+            cells.append(f"<td>{_e(why)}</td>")
+        elif key == "group":
+            cells.append(f"<td>{_e(qa.frame_group(row))}</td>")
+        elif kind == "num":
+            if key == "transparency":
+                value = qa.metric_values([row], _TRANSPARENCY)[0]
+                text = _fmt(value, 4)
+            else:
+                value = _finite_or_none(row.get(key))
+                if key == "n_matches" and _finite_or_none(row.get("rms_arcsec")) is None:
+                    value = None  # never matched to a catalog (header WCS)
+                text = "" if value is None else (str(int(value)) if key == "n_matches"
+                                                 else _fmt(value, 3))
+            value = _finite_or_none(value)
+            cells.append(f'<td class="num" data-v="{"" if value is None else repr(value)}">'
+                         f"{text}</td>")
+        else:
+            cells.append(f"<td>{_e(_text(row.get(key)))}</td>")
+    show = {"failed": "failed attention", "outlier": "flagged attention",
+            "excluded": "excluded", "ok": "ok"}[cls]
+    return (f'<tr id="{_e("frame-" + name)}" class="{cls}" data-name="{_e(name)}" '
+            f'data-status="{_e(status)}" data-show="{show}">' + "".join(cells) + "</tr>")
 
 
 def write_report(run_dir, run_plots: dict | None = None, *, title: str | None = None,
+                 thumbnails: dict[str, bytes | str] | None = None,
                  max_attention: int = 24) -> Path:
-    """Write ``RUN_DIR/report/index.html`` from the manifest, run.json and the pictures
-    already in ``RUN_DIR/report`` (per-frame pictures are linked where they exist).
+    """Write ``RUN_DIR/report/index.html`` (and ``suggested-exclude.txt``) from the
+    manifest, run.json and the pictures already in ``RUN_DIR/report`` (per-frame
+    pictures are linked where they exist).
 
-    ``run_plots`` is what `run_figures` returned (else pictures are found on disk).
+    ``run_plots`` is what `run_figures` returned (else pictures are found on disk);
+    ``thumbnails`` ``{name: JPEG bytes or why not}`` (`thumbnails_task`) are inlined
+    in the table, so the page stays one file however many frames it lists.
     Written atomically; every link is relative; no script, font or style is fetched.
     """
     run_dir = Path(run_dir)
@@ -919,22 +1147,28 @@ def write_report(run_dir, run_plots: dict | None = None, *, title: str | None = 
         run_info = {}
     plots = load_frame_plots(frames_dir)
     outliers = find_outliers(table)
+    write_suggested_exclude(run_dir, outliers)
     summary = run_safely(summary_plots, table, out / "summary.png", outliers)
     run_plots = run_plots or {}
+    thumbnails = thumbnails or {}
+    rows = manifest_qa(table)
 
     n = len(table)
     status = [_text(s) for s in table["status"]]
     n_ok = sum(s == "ok" for s in status)
-    n_failed = n - n_ok
+    n_excluded = sum(s == EXCLUDED for s in status)
+    n_failed = n - n_ok - n_excluded
+    groups = sorted({qa.frame_group(r) for r in rows.values()})
     title = title or f"daskstack report: {run_dir.resolve().name}"
     generated = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
     body = [f"<h1>{_e(title)}</h1>",
             f'<p class="meta">run directory <code>{_e(run_dir.resolve())}</code>; '
             f"generated {_e(generated)}</p>",
             '<p class="summary">'
-            f"<span>{n} frames</span><span>{n_ok} solved</span>"
+            f"<span>{n} frames</span><span>{n_ok} in the coadds</span>"
             f'<span class="{"bad" if n_failed else ""}">{n_failed} failed</span>'
-            f'<span class="{"warn" if outliers else ""}">{len(outliers)} outliers</span></p>']
+            f'<span class="{"warn" if outliers else ""}">{len(outliers)} flagged</span>'
+            f"<span>{n_excluded} excluded</span><span>{len(groups)} groups</span></p>"]
 
     # coadds
     coadds = sorted(run_dir.glob("coadd_*.fits"))
@@ -977,26 +1211,34 @@ def write_report(run_dir, run_plots: dict | None = None, *, title: str | None = 
 
     # across frames
     body.append("<h2>Across frames</h2>")
+    body.append(f'<p id="groups">groups of comparable frames (filter / telescope-instrument '
+                f"/ night): {_e('; '.join(groups))}</p>")
     if (out / "summary.png").exists() and "error" not in (summary or {}):
         body.append('<div class="gallery">' + _img(["summary.png"], "summary plots",
-                    "QA against time; outliers ringed red", wide=True) + "</div>")
+                    "QA of every frame, night by night, with each group's median and "
+                    "robust-sigma bands; flagged frames ringed red", wide=True) + "</div>")
+    body.append(f'<p>{len(outliers)} frame(s) flagged (more than {OUTLIER_SIGMA:g} robust '
+                f"sigmas from their group's median, on the bad side): listed in "
+                f'<a href="{_href(SUGGESTED_EXCLUDE)}">{SUGGESTED_EXCLUDE}</a>, which '
+                "<code>--exclude-file</code> reads as it is.</p>")
     if outliers:
-        body.append("<ul>" + "".join(
+        body.append('<ul id="flagged">' + "".join(
             f'<li><a href="#{_e("frame-" + name)}">{_e(name)}</a>: {_e("; ".join(why))}</li>'
             for name, why in outliers.items()) + "</ul>")
 
-    # frames that need a look: failed first, then outliers
-    order = frame_order(table)
-    attention = [i for i in order if status[i] != "ok"] + [
-        i for i in order if status[i] == "ok" and str(table["name"][i]) in outliers]
+    # frames that need a look: failed first, then flagged
+    order = frame_order(table, outliers)
+    attention = [i for i in order if status[i] not in ("ok", EXCLUDED)] + [
+        i for i in order if status[i] in ("ok", EXCLUDED) and str(table["name"][i]) in outliers]
     if attention:
         body.append("<h2>Frames to look at</h2>")
         for i in attention[:max_attention]:
             name = str(table["name"][i])
-            why = _text(table["reason"][i]) if status[i] != "ok" else "; ".join(outliers[name])
+            failed = status[i] not in ("ok", EXCLUDED)
+            why = _text(table["reason"][i]) if failed else "; ".join(outliers[name])
             body.append(f'<div class="frame"><h3>{_e(name)}: '
-                        f'<span class="{"bad" if status[i] != "ok" else "warn"}">'
-                        f"{_e(status[i])}</span> {_e(why)}</h3>")
+                        f'<span class="{"bad" if failed else "warn"}">'
+                        f"{_e(status[i] if failed else 'flagged')}</span> {_e(why)}</h3>")
             pics = plots.get(name)
             for kind in ("sources", "residuals"):
                 fname = pics.files.get(kind) if pics else None
@@ -1009,12 +1251,25 @@ def write_report(run_dir, run_plots: dict | None = None, *, title: str | None = 
 
     # every frame
     body.append("<h2>Frames</h2>")
-    head = ["#", "frame", "filter", "status", "reason", "date", "matches", "RMS (\")",
-            "FWHM (px)", "background", "scale (\"/px)", "header offset (\")", "pictures"]
-    rows = []
+    body.append('<p class="controls"><input id="filter-text" type="search" '
+                'placeholder="filter: any text of a row (name, group, why ...)"> '
+                '<select id="filter-status"><option value="all">all frames</option>'
+                '<option value="attention">failed and flagged</option>'
+                '<option value="failed">failed</option><option value="flagged">flagged'
+                '</option><option value="excluded">excluded</option>'
+                '<option value="ok">the others</option></select> '
+                '<span id="filter-count"></span></p>')
+    body.append(f'<p class="meta">Click a heading to sort (the worst frames first). '
+                "Full-size pictures are drawn for failed and flagged frames; for any other: "
+                f"<code>daskstack report {_e(run_dir)} --frame NAME</code> "
+                "(or <code>--all-pictures</code>).</p>")
+    # no zero point anywhere (daskstack measures none yet): no empty column
+    columns = [c for c in _TABLE_COLUMNS if c[1] != "zp" or qa.has_zero_points(rows)]
+    head = "".join(f'<th data-key="{key}" data-type="{kind}" data-bad="{bad}">{_e(label)}</th>'
+                   for label, key, kind, bad in columns)
+    table_rows = []
     for i in order:
-        row = table[i]
-        name = str(row["name"])
+        name = str(table["name"][i])
         pics = plots.get(name)
         links = []
         for kind in ("sources", "residuals"):
@@ -1025,27 +1280,19 @@ def write_report(run_dir, run_plots: dict | None = None, *, title: str | None = 
             links.append(f'<a href="{_href("..", name + ".wcs")}">wcs</a>')
         if pics and pics.error:
             links.append(f'<span class="bad">{_e(pics.error)}</span>')
-        cls = "failed" if status[i] != "ok" else ("outlier" if name in outliers else "ok")
-        reason = _text(row["reason"])
+        failed = status[i] not in ("ok", EXCLUDED)
+        cls = ("failed" if failed else "outlier" if name in outliers
+               else "excluded" if status[i] == EXCLUDED else "ok")
+        why = _text(table["reason"][i])
         if name in outliers:
-            reason = (reason + "; " if reason else "") + "outlier: " + "; ".join(outliers[name])
-        cells = [
-            f'<td class="num">{i}</td>', f"<td>{_e(name)}</td>",
-            f"<td>{_e(_text(row['filter']))}</td>",
-            f"<td>{_e(status[i])}</td>", f"<td>{_e(reason)}</td>",
-            f"<td>{_e(_text(row['date_obs']))}</td>",
-            f'<td class="num">{int(row["n_matches"])}</td>',
-            f'<td class="num">{_fmt(row["rms_arcsec"])}</td>',
-            f'<td class="num">{_fmt(row["fwhm_px"], 2)}</td>',
-            f'<td class="num">{_fmt(row["background"], 1)}</td>',
-            f'<td class="num">{_fmt(row["pixel_scale_arcsec"], 5)}</td>',
-            f'<td class="num">{_fmt(pics.offset_arcsec if pics else None, 1)}</td>',
-            f"<td>{' '.join(links)}</td>",
-        ]
-        rows.append(f'<tr id="{_e("frame-" + name)}" class="{cls}" data-name="{_e(name)}" '
-                    f'data-status="{_e(status[i])}">' + "".join(cells) + "</tr>")
-    body.append('<table id="frames"><thead><tr>' + "".join(f"<th>{_e(h)}</th>" for h in head)
-                + "</tr></thead><tbody>" + "\n".join(rows) + "</tbody></table>")
+            why = (why + "; " if why else "") + "flagged: " + "; ".join(outliers[name])
+        picture = (_href(FRAMES_DIR, pics.files["sources"]) if pics and "sources" in pics.files
+                   and (frames_dir / pics.files["sources"]).exists() else None)
+        table_rows.append(_frame_row(i, rows[name], cls, why, thumbnails.get(name), links,
+                                     picture, columns))
+    body.append(f'<table id="frames"><thead><tr>{head}</tr></thead><tbody>'
+                + "\n".join(table_rows) + "</tbody></table>")
+    body.append(f"<script>{_TABLE_SCRIPT}</script>")
 
     body.append("<h2>Parameters</h2>")
     body.append(_settings_html(run_info))

@@ -3,6 +3,7 @@ found per group of comparable frames, and the suggested exclusions the report wr
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -149,3 +150,107 @@ def test_missing_exclude_file_is_refused_before_work(degraded_field, tmp_path):
     with pytest.raises(RunError, match="absent.txt"):
         run([str(p) for p in degraded_field.frames], str(degraded_field.catalog),
             tmp_path / "out", settings)
+
+
+# --------------------------------------------------------------------------------------
+# Outliers, the way a person would find them; the report's suggested exclusions
+# --------------------------------------------------------------------------------------
+def _row(name, filt="rp", night="20230701", telescope="1m0-09", **qa_values):
+    values = {"fwhm_px": 3.0, "elongation": 1.1, "background": 150.0, "flux_ratio": 60.0,
+              "exptime": 60.0, "rms_arcsec": 0.1, "n_matches": 100}
+    values.update(qa_values)
+    return {"name": f"{telescope}-fa15-{night}-{name}-e91", "filter": filt,
+            "telescope": telescope, "instrument": "fa15", **values}
+
+
+def test_outliers_within_groups_of_comparable_frames():
+    rng = np.random.default_rng(2)
+    rows = {}
+    # night 1 has good seeing, night 2 poor seeing everywhere: each night judged alone
+    for night, fwhm in (("20230701", 3.0), ("20230702", 5.5)):
+        for i in range(8):
+            row = _row(f"{i:04d}", night=night, fwhm_px=rng.normal(fwhm, 0.1),
+                       background=rng.normal(150, 5))
+            rows[row["name"]] = row
+    bad = _row("0099", night="20230701", fwhm_px=6.0)
+    rows[bad["name"]] = bad
+    # a shallow band (another filter) has a brighter sky: not an outlier of the rp frames
+    for i in range(5):
+        row = _row(f"{i + 20:04d}", filt="zs", background=rng.normal(900, 20))
+        rows[row["name"]] = row
+    outliers = qa.find_outliers(rows)
+    assert set(outliers) == {bad["name"]}
+    assert outliers[bad["name"]][0].startswith("FWHM 6")
+    groups = qa.group_statistics(rows)
+    assert set(groups) == {"rp / 1m0-09-fa15 / 20230701", "rp / 1m0-09-fa15 / 20230702",
+                           "zs / 1m0-09-fa15 / 20230701"}
+    # a group too small for statistics flags nothing
+    assert qa.find_outliers({k: rows[k] for k in list(rows)[:3]}) == {}
+    # zero points, where frames have them, are judged on both sides
+    zp_rows = {k: dict(v, zp=23.5 + 0.01 * j) for j, (k, v) in enumerate(list(rows.items())[:8])}
+    wrong = next(iter(zp_rows))
+    zp_rows[wrong]["zp"] = 22.9
+    assert "zero point" in " ".join(qa.find_outliers(zp_rows)[wrong])
+
+
+@pytest.fixture(scope="module")
+def degraded_report(degraded_run, dask_client):
+    from daskstack.pipeline import make_report
+
+    out, _ = degraded_run
+    return out, make_report(dask_client, out)
+
+
+def test_degraded_frames_flagged_with_their_reason(degraded_field, degraded_report):
+    out, index = degraded_report
+    names = _names(degraded_field)
+    suggested = out / "report" / "suggested-exclude.txt"
+    listed = qa.parse_name_list(suggested.read_text())
+    assert sorted(listed) == sorted(names[i] for i in DEGRADED)  # no good frame flagged
+    lines = {line.split()[0]: line for line in suggested.read_text().splitlines()
+             if line and not line.startswith("#")}
+    for i, (_, label) in DEGRADED.items():
+        assert f"# {label} " in lines[names[i]] or f"; {label} " in lines[names[i]], \
+            lines[names[i]]
+    # the page lists the flagged frames first, each with why, and every frame once
+    text = index.read_text()
+    rows = re.findall(r'<tr id="frame-.*?</tr>', text)
+    assert len(rows) == 10
+    first = [r.split('data-name="')[1].split('"')[0] for r in rows[:3]]
+    assert sorted(first) == sorted(listed)
+    assert all('class="outlier"' in r and "flagged: " in r for r in rows[:3])
+    assert text.count('<img class="thumb"') == 10
+    # full-size pictures for the flagged frames only
+    drawn = {p.name.removesuffix("_sources.png")
+             for p in (out / "report" / "frames").glob("*_sources.png")}
+    assert drawn == set(listed)
+
+
+def test_suggested_exclusions_recombine_without_registering(degraded_field, degraded_report,
+                                                            dask_client):
+    out, _ = degraded_report
+    suggested = out / "report" / "suggested-exclude.txt"
+    flagged = sorted(qa.parse_name_list(suggested.read_text()))
+    before = _mtimes(out)
+    runner = CliRunner()
+    res = runner.invoke(__import__("daskstack.cli", fromlist=["main"]).main, [
+        "combine", str(out / "store.zarr"), "--exclude-file", str(suggested),
+        "--scheduler", dask_client.scheduler.address, "-q"])
+    assert res.exit_code == 0, res.output
+    assert _mtimes(out) == before  # nothing solved or registered again
+    table = read_manifest(out / "manifest.ecsv")
+    excluded = sorted(str(n) for n, s in zip(table["name"], table["status"], strict=True)
+                      if s == "excluded")
+    assert excluded == flagged
+    assert all(str(r) == "excluded by --exclude-file suggested-exclude.txt"
+               for r, s in zip(table["reason"], table["status"], strict=True)
+               if s == "excluded")
+    header = fits.getheader(out / "coadd_rp.fits")
+    assert header["NCOMBINE"] == 10 - len(flagged) and header["NEXCL"] == len(flagged)
+    # the same run command with that file: a resume, nothing recomputed, same exclusions
+    settings = Settings()
+    settings.select.exclude_file = str(suggested)
+    result = run([str(p) for p in degraded_field.frames], str(degraded_field.catalog), out,
+                 settings, client=dask_client)
+    assert _mtimes(out) == before
+    assert sorted(r.name for r in result.frames if r.status == "excluded") == flagged

@@ -53,9 +53,12 @@ def parse_page(path: Path) -> _Page:
 
 
 def local_targets(page: _Page, base: Path):
-    """(reference, file) of every relative link and image; '#anchors' skipped."""
+    """(reference, file) of every relative link and image; '#anchors' and inline
+    thumbnails (data: URIs, in the page itself) skipped."""
     for ref in page.images + page.links:
         parsed = urlparse(ref)
+        if parsed.scheme == "data" and ref.startswith("data:image/jpeg;base64,"):
+            continue
         assert parsed.scheme == "" and parsed.netloc == "", f"not a relative link: {ref}"
         if not parsed.path:
             continue
@@ -77,7 +80,7 @@ def manifest(run_dir: Path) -> Table:
 # --------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def sim_report(sim_run, dask_client):
-    path = make_report(dask_client, sim_run.out_dir, frames=True)
+    path = make_report(dask_client, sim_run.out_dir, all_pictures=True)
     return sim_run.out_dir, path
 
 
@@ -258,13 +261,24 @@ def test_report_regenerates_without_recomputing(failed_run, dask_client):
     before = {p: p.stat().st_mtime_ns for p in watched}
     index = run_dir / "report" / "index.html"
     index.unlink()
+    good = next(str(n) for n, s in zip(manifest(run_dir)["name"], manifest(run_dir)["status"],
+                                       strict=True) if s == "ok")
+    assert not (run_dir / "report" / "frames" / f"{good}_residuals.png").exists()
+    # --no-frames: the failed frame's pictures are not drawn again; --frame NAME draws a
+    # good frame's pictures on demand
     result = CliRunner().invoke(main, ["report", str(run_dir), "--no-frames", "-q",
+                                       "--frame", good,
                                        "--scheduler", dask_client.scheduler.address])
     assert result.exit_code == 0, result.output
     assert index.exists()
     assert {p: p.stat().st_mtime_ns for p in watched} == before
     page = parse_page(index)
-    assert any("_residuals.png" in unquote(src) for src in page.links)
+    links = [unquote(src) for src in page.links]
+    assert f"frames/{good}_residuals.png" in links
+    assert any(link.endswith(f"{BAD_NAME}_sources.png") for link in links)
+    unknown = CliRunner().invoke(main, ["report", str(run_dir), "--frame", "no-such-frame",
+                                        "--scheduler", dask_client.scheduler.address])
+    assert unknown.exit_code != 0 and "no-such-frame" in unknown.output
     assert CliRunner().invoke(main, ["report", str(run_dir.parent)]).exit_code == 2
 
 
