@@ -1,5 +1,7 @@
-"""Entry point: ``python -m benchmarks run --suite quick|standard|full`` and
-``python -m benchmarks report RESULTS.json`` (run from the repository root)."""
+"""Entry point: ``python -m benchmarks run --suite quick|standard|full``,
+``python -m benchmarks report RESULTS.json`` and ``python -m benchmarks report-scale``
+(the run report's time and size against the number of frames; `report_scale`), run
+from the repository root."""
 
 from __future__ import annotations
 
@@ -14,6 +16,11 @@ DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["report-scale"]:
+        from .report_scale import main as report_scale
+
+        return report_scale(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m benchmarks",
                                      description="daskstack benchmarks against the tutorial's "
                                                  "method, SWarp and reproject_and_coadd")
@@ -48,7 +55,8 @@ def main(argv=None) -> int:
                           "with this one: the before/after of a change, as per-round ratios")
     rep = sub.add_parser("report", help="rewrite the markdown table and plot from a JSON file")
     rep.add_argument("results", type=Path)
-    argv = sys.argv[1:] if argv is None else list(argv)
+    sub.add_parser("report-scale", help="the run report's time and size for 100 and 500 "
+                   "frames (python -m benchmarks report-scale --help)")
     args = parser.parse_args(argv)
 
     if args.command == "report":

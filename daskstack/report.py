@@ -753,7 +753,7 @@ def summary_plots(table: Table, png, outliers: dict[str, list[str]] | None = Non
         if failed.any():
             ax.plot(x[failed], np.zeros(failed.sum()), "|", color="red", ms=12, mew=1.5,
                     transform=ax.get_xaxis_transform(), label="failed")
-        for start, night in night_starts[1:]:
+        for start, _ in night_starts[1:]:
             ax.axvline(start - 0.5 * max(2.0, 0.03 * n), color="0.5", ls=":", lw=0.8)
         unit = f" ({metric.unit})" if metric.unit else ""
         ax.set_ylabel(metric.label + unit, fontsize=9)

@@ -254,3 +254,26 @@ def test_suggested_exclusions_recombine_without_registering(degraded_field, degr
                  settings, client=dask_client)
     assert _mtimes(out) == before
     assert sorted(r.name for r in result.frames if r.status == "excluded") == flagged
+
+
+def test_real_frames_groups_follow_filter_and_night(lco_frames, dask_client, tmp_path):
+    """The twelve PDS 110 frames (one night, one telescope, four filters; the u' headers
+    say their WCS failed): every frame in the table, one group per filter of that night."""
+    from daskstack.pipeline import make_report
+
+    out = tmp_path / "pds110"
+    result = run([str(p) for p in lco_frames], "", out, client=dask_client)
+    assert result.n_combined == 9 and result.n_failed == 3  # u': WCSERR = 4
+    index = make_report(dask_client, out)
+    text = index.read_text()
+    rows = re.findall(r'<tr id="frame-[^"]*"[^>]*data-name="([^"]+)"', text)
+    assert sorted(rows) == sorted(Path(p).name.removesuffix(".fits.fz") for p in lco_frames)
+    groups = re.search(r'<p id="groups">[^:]*: ([^<]*)</p>', text).group(1).split("; ")
+    table = read_manifest(out / "manifest.ecsv")
+    telescope = f"{table['telescope'][0]}-{table['instrument'][0]}"
+    assert groups == [f"{f} / {telescope} / 20170815" for f in ("gp", "rp", "up", "zs")]
+    # each row names its frame's group, and the failed u' frames come first
+    assert all(f"<td>up / {telescope} / 20170815</td>" in row
+               for row in re.findall(r'<tr id="frame-[^>]*data-status="failed".*?</tr>', text))
+    assert rows[:3] == [n for n, s in zip(table["name"], table["status"], strict=True)
+                        if s == "failed"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 import json
+import re
 import shutil
 import subprocess
 from html.parser import HTMLParser
@@ -315,3 +316,69 @@ def test_report_in_headless_chromium(failed_run, tmp_path):
     assert n_images >= 5
     assert f'data-images="{n_images}"' in dom, proc.stderr[-2000:]
     assert 'data-broken-images="0"' in dom
+
+
+# --------------------------------------------------------------------------------------
+# A large run's page (issue 21): every frame in one table that sorts, with thumbnails
+# --------------------------------------------------------------------------------------
+def large_run_dir(base: Path, n: int = 500) -> tuple[Path, str]:
+    """A run directory holding only a manifest of ``n`` solved frames over three nights
+    and two filters (QA drawn at random, one frame with far worse seeing), and the
+    thumbnails of ``n`` random images: what the page gets for a run of ``n`` frames.
+    Returns the directory and the name of the frame with the largest FWHM."""
+    from daskstack.rundir import MANIFEST_COLUMNS
+
+    rng = np.random.default_rng(21)
+    names = [f"lsc1m009-fa15-2023070{1 + i * 3 // n}-{i:04d}-e91" for i in range(n)]
+    columns = {name: np.zeros(n, kind) if kind is not str else np.array([""] * n, "U64")
+               for name, kind in MANIFEST_COLUMNS}
+    table = Table(columns)
+    table["name"] = names
+    table["file"] = [f"/data/{name}.fits.fz" for name in names]
+    table["filter"] = ["rp" if i % 2 else "gp" for i in range(n)]
+    table["status"] = "ok"
+    table["fwhm_px"] = rng.normal(3.5, 0.2, n)
+    worst = int(rng.integers(n))
+    table["fwhm_px"][worst] = 9.0
+    table["elongation"] = rng.normal(1.1, 0.02, n)
+    table["background"] = rng.normal(150, 5, n)
+    table["rms_arcsec"] = rng.normal(0.1, 0.01, n)
+    table["n_matches"] = rng.integers(80, 120, n)
+    table["flux_ratio"] = rng.normal(100, 2, n)
+    table["exptime"] = 60.0
+    table["mjd"] = 60126.0 + np.arange(n) * 3.0 / n
+    table.write(base / "manifest.ecsv", format="ascii.ecsv")
+    thumbs = {name: report.thumbnail(rng.normal(0, 1, (256, 256))) for name in names}
+    report.write_report(base, thumbnails=thumbs)
+    return base, names[worst]
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (Debian package "
+                    "'chromium'; .ci/run installs it)")
+def test_large_report_sorts_in_headless_chromium(tmp_path):
+    run_dir, worst = large_run_dir(tmp_path)
+    index = run_dir / "report" / "index.html"
+    page = parse_page(index)
+    assert len(page.rows) == 500 and len(page.images) >= 501  # thumbnails + summary
+    assert page.rows[0]["data-name"] == worst  # flagged: first
+    # a test copy of the page: first sort by frame number (the worst frame goes down
+    # among the others), then the scripted click on the FWHM heading a person would make
+    text = index.read_text()
+    click = ("<script>var th = function (k) { return document.querySelector("
+             "'#frames th[data-key=\"' + k + '\"]'); };"
+             "th('index').click(); th('fwhm_px').click();</script>")
+    copy = index.with_name("sorted.html")
+    copy.write_text(text.replace("</body>", click + "</body>"))
+    proc = subprocess.run([CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'c'}",
+                           "--dump-dom", copy.as_uri()], capture_output=True, text=True,
+                          timeout=180)
+    dom = proc.stdout
+    assert 'data-broken-images="0"' in dom, proc.stderr[-2000:]
+    assert f'data-images="{len(page.images)}"' in dom
+    rows = [m.group(1) for m in re.finditer(r'<tr id="frame-[^"]*"[^>]*data-name="([^"]+)"',
+                                             dom)]
+    assert len(rows) == 500
+    assert rows[0] == worst
+    fwhm = dict(zip(manifest(run_dir)["name"], manifest(run_dir)["fwhm_px"], strict=True))
+    assert [fwhm[n] for n in rows] == sorted(fwhm.values(), reverse=True)
+    assert 'aria-sort="descending"' in dom

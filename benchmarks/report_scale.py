@@ -1,0 +1,187 @@
+"""``python -m benchmarks report-scale``: how the report scales with the number of frames.
+
+For each frame count N: N small synthetic frames (one field, two filters, a cadence that
+spans two nights, a few frames degraded), ``daskstack run --wcs header`` on them (the
+header WCS is exact in these frames: the run is registration and combination only,
+short), then ``daskstack report`` on the run directory, both as measured processes (wall
+time, peak memory of the process tree; each starts its own LocalCluster). Recorded per N:
+run and report time and their ratio, the report's size and file count, and, where
+Chromium is installed, the time ``chromium --headless --dump-dom`` takes to load the page
+from the file system (browser start included) and how many of its images did not decode.
+
+Writes ``benchmarks/results/report-scale-<date>.json`` and ``.md`` (machine, versions,
+commit, raw numbers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+from . import measure
+from .runner import _machine, _provenance
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu",
+                  "--disable-background-networking", "--disable-component-update",
+                  "--disable-sync", "--no-first-run"]
+
+
+def simulate(directory: Path, n_frames: int, size: int, seed: int = 21) -> list[Path]:
+    """N frames with exact header WCSs (WCSERR = 0), two filters, 1% of them degraded."""
+    from daskstack.simulate import simulate_field
+
+    step = max(1, n_frames // 100)
+    degraded = {i: ({"fwhm_px": 7.0}, {"transparency": 0.3, "sky_factor": 3.0},
+                    {"tracking_trail_px": 10.0})[(i // step) % 3]
+                for i in range(step // 2 + 3, n_frames, max(step * 33, 7))}
+    with ProcessPoolExecutor(2) as pool:
+        field = simulate_field(directory, n_frames=n_frames, shape=(size, size),
+                               filters=("rp", "gp"), seed=seed, pointing_error_arcmin=0.0,
+                               rotation_error_deg=0.0, cosmic_rays=False, hot_pixels=0,
+                               bad_columns=0, exptime=30.0,
+                               cadence_s=2 * 86400.0 / max(n_frames, 1),  # two nights
+                               frame_overrides=degraded, executor=pool)
+    return [Path(p) for p in field.frames]
+
+
+def _dir_size(path: Path) -> tuple[int, int]:
+    files = [p for p in path.rglob("*") if p.is_file()]
+    return sum(p.stat().st_size for p in files), len(files)
+
+
+def _chromium_load(index: Path, scratch: Path) -> dict | None:
+    if CHROMIUM is None:
+        return None
+    start = time.perf_counter()
+    proc = subprocess.run([CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={scratch}",
+                           "--dump-dom", index.resolve().as_uri()],
+                          capture_output=True, text=True, timeout=300)
+    seconds = time.perf_counter() - start
+    images = re.search(r'data-images="(\d+)"', proc.stdout)
+    broken = re.search(r'data-broken-images="(\d+)"', proc.stdout)
+    return {"seconds": seconds, "images": int(images.group(1)) if images else None,
+            "broken_images": int(broken.group(1)) if broken else None,
+            "chromium": subprocess.run([CHROMIUM, "--version"], capture_output=True,
+                                       text=True).stdout.strip()}
+
+
+def measure_one(n_frames: int, size: int, workdir: Path, workers: int) -> dict:
+    inputs = workdir / f"inputs-{n_frames}"
+    out = workdir / f"run-{n_frames}"
+    start = time.perf_counter()
+    frames = simulate(inputs, n_frames, size)
+    simulate_s = time.perf_counter() - start
+    cli = [sys.executable, "-m", "daskstack.cli"]
+    run = dataclasses.asdict(measure.run_measured(
+        [*cli, "run", *map(str, frames), "--wcs", "header", "--out", str(out), "--overwrite",
+         "--workers", str(workers), "-q"], log_path=workdir / f"run-{n_frames}.log"))
+    report = dataclasses.asdict(measure.run_measured(
+        [*cli, "report", str(out), "--workers", str(workers), "-q"],
+        log_path=workdir / f"report-{n_frames}.log"))
+    for what, m in (("run", run), ("report", report)):
+        if m["status"] != "ok":
+            raise RuntimeError(f"{what} of {n_frames} frames: {m['status']} (exit "
+                               f"{m['returncode']}): {Path(m['log']).read_text()[-2000:]}")
+    size_bytes, n_files = _dir_size(out / "report")
+    manifest = (out / "manifest.ecsv").read_text().splitlines()
+    flagged = [line.split()[0] for line in
+               (out / "report" / "suggested-exclude.txt").read_text().splitlines()
+               if line and not line.startswith("#")]
+    record = {
+        "n_frames": n_frames, "frame_shape": [size, size], "workers": workers,
+        "simulate_s": simulate_s, "run": run, "report": report,
+        "report_over_run": report["wall_s"] / run["wall_s"] if run.get("wall_s") else None,
+        "report_bytes": size_bytes, "report_files": n_files,
+        "report_bytes_per_frame": size_bytes / n_frames,
+        "manifest_rows": sum(1 for line in manifest if line and not line.startswith("#")) - 1,
+        "flagged": len(flagged),
+        "chromium": _chromium_load(out / "report" / "index.html", workdir / f"chr-{n_frames}"),
+    }
+    return record
+
+
+def _markdown(result: dict) -> str:
+    lines = [f"# Report scale ({result['date']})", "",
+             f"Command: `{result['provenance']['command']}`; commit "
+             f"`{result['provenance']['commit']}` (branch {result['provenance']['branch']}"
+             + (f", modified: {', '.join(result['provenance']['modified_files'])}"
+                if result["provenance"]["modified_files"] else "") + ").",
+             f"Machine: {result['machine']['cpus']} CPUs ({result['machine']['affinity']} "
+             f"usable), {result['machine']['memory_gib']:.1f} GiB, load average "
+             f"{', '.join(f'{v:.1f}' for v in result['machine']['load_avg'])} at the start; "
+             f"Python {result['machine']['python']}, dask "
+             f"{result['machine']['versions'].get('dask')}, daskstack "
+             f"{result['machine']['versions'].get('daskstack')}.", "",
+             "Each run: `daskstack run FRAMES --wcs header --workers W` then "
+             "`daskstack report OUT --workers W`, each a process of its own with its own "
+             "LocalCluster (started in the time measured). Chromium: `chromium --headless "
+             "--dump-dom` of the page from the file system, browser start included.", "",
+             "| frames | size | run (s) | report (s) | report / run | report size | files | "
+             "bytes / frame | flagged | rows | Chromium load (s) | images | broken |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in result["results"]:
+        chrome = r.get("chromium") or {}
+        lines.append(
+            f"| {r['n_frames']} | {r['frame_shape'][0]} px | {r['run']['wall_s']:.1f} | "
+            f"{r['report']['wall_s']:.1f} | {r['report_over_run']:.2f} | "
+            f"{r['report_bytes'] / 2**20:.2f} MiB | {r['report_files']} | "
+            f"{r['report_bytes_per_frame'] / 1024:.1f} KiB | {r['flagged']} | "
+            f"{r['manifest_rows']} | "
+            f"{chrome.get('seconds', float('nan')):.2f} | {chrome.get('images')} | "
+            f"{chrome.get('broken_images')} |")
+    if len(result["results"]) >= 2:
+        a, b = result["results"][0], result["results"][-1]
+        slope = (b["report_bytes"] - a["report_bytes"]) / (b["n_frames"] - a["n_frames"])
+        lines += ["", f"Size growth between {a['n_frames']} and {b['n_frames']} frames: "
+                  f"{slope / 1024:.1f} KiB per added frame (x{b['n_frames'] / a['n_frames']:.1f} "
+                  f"frames: x{b['report_bytes'] / a['report_bytes']:.2f} bytes, "
+                  f"x{b['report_files'] / a['report_files']:.2f} files)."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks report-scale")
+    parser.add_argument("--n", type=int, nargs="+", default=[100, 500],
+                        help="frame counts (default: 100 500)")
+    parser.add_argument("--size", type=int, default=256, help="frame size in pixels")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--out", type=Path,
+                        default=Path(__file__).resolve().parent / "results")
+    parser.add_argument("--keep", type=Path, default=None,
+                        help="keep the frames and runs in this directory")
+    args = parser.parse_args(argv)
+    command = "python -m benchmarks report-scale " + " ".join(argv or sys.argv[2:])
+    machine = _machine()
+    workdir = args.keep or Path(tempfile.mkdtemp(prefix="report-scale-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        results = []
+        for n in args.n:
+            print(f"report-scale: {n} frames ...", flush=True)
+            results.append(measure_one(n, args.size, workdir, args.workers))
+            print(json.dumps({k: v for k, v in results[-1].items()
+                              if k not in ("run", "report")}, default=str), flush=True)
+    finally:
+        if args.keep is None:
+            shutil.rmtree(workdir, ignore_errors=True)
+    date = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d")
+    result = {"benchmark": "report-scale", "date": date, "machine": machine,
+              "provenance": _provenance(command), "results": results}
+    args.out.mkdir(parents=True, exist_ok=True)
+    json_path = args.out / f"report-scale-{date}.json"
+    json_path.write_text(json.dumps(result, indent=1, default=str))
+    md_path = json_path.with_suffix(".md")
+    md_path.write_text(_markdown(result))
+    print(md_path.read_text())
+    return 0
