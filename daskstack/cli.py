@@ -275,8 +275,10 @@ def _summary(result, quiet: bool) -> None:
         _internal_errors_notice(result.n_errors, result.errors_log)
         return
     echo = functools.partial(click.echo, err=False)
+    n_excluded = sum(r.status == "excluded" for r in result.frames)
     echo(f"frames: {len(result.frames)}  solved: {result.n_solved}  "
-         f"in the coadd: {result.n_combined}  failed: {result.n_failed}")
+         f"in the coadd: {result.n_combined}  failed: {result.n_failed}"
+         + (f"  excluded: {n_excluded} (see the manifest)" if n_excluded else ""))
     for record in sorted(result.frames, key=lambda r: r.status != "failed"):
         if record.status == "failed":
             echo(f"  FAILED {Path(record.file).name}: {record.reason}")

@@ -34,6 +34,7 @@ __all__ = [
     "Metric",
     "excluded_frames",
     "find_outliers",
+    "finite_or_none",
     "format_name_list",
     "frame_group",
     "group_statistics",
@@ -41,6 +42,7 @@ __all__ = [
     "metric_values",
     "outlier_metrics",
     "parse_name_list",
+    "qa_value",
 ]
 
 
@@ -64,25 +66,29 @@ CUTS = (
 )
 
 
-def _value(qa: dict, column: str) -> float | None:
-    """A QA value as a float, None when unknown (missing, masked, NaN; no matches counted
-    on a frame that was never matched to a catalog)."""
-    value = qa.get(column)
+def finite_or_none(value) -> float | None:
+    """``value`` as a float; None when it is missing, masked (ECSV), not a number or not
+    finite."""
     if value is None or np.ma.is_masked(value):
         return None
     try:
         value = float(value)
     except (TypeError, ValueError):
         return None
-    if not math.isfinite(value):
+    return value if math.isfinite(value) else None
+
+
+def qa_value(qa: dict, column: str) -> float | None:
+    """A frame's QA value (`finite_or_none`); the matched stars of a frame never matched
+    to a catalog (no RMS: its header WCS was used) are unknown, not 0."""
+    value = finite_or_none(qa.get(column))
+    if column == "n_matches" and finite_or_none(qa.get("rms_arcsec")) is None:
         return None
-    if column == "n_matches" and _value(qa, "rms_arcsec") is None:
-        return None  # a header-WCS frame: 0 matches means "not matched", not "none found"
     return value
 
 
 def has_zero_points(qa: dict[str, dict]) -> bool:
-    return any(_value(row, "zp") is not None for row in qa.values())
+    return any(qa_value(row, "zp") is not None for row in qa.values())
 
 
 def _active_cuts(select) -> list[tuple[Cut, float]]:
@@ -114,7 +120,7 @@ def excluded_frames(qa: dict[str, dict], select, listed: dict[str, str] | None =
             out[name] = f"excluded by {wanted[name]}"
             continue
         for cut, limit in cuts:
-            value = _value(row, cut.column)
+            value = qa_value(row, cut.column)
             if value is None:
                 continue
             if (value > limit) if cut.bound == "max" else (value < limit):
@@ -193,7 +199,7 @@ def _night(row: dict) -> str:
         day_obs = match.group(1) if match else ""
     if day_obs:
         return str(day_obs)
-    mjd = _value(row, "mjd")
+    mjd = qa_value(row, "mjd")
     if mjd is None:
         return "?"
     from astropy.time import Time
@@ -205,10 +211,10 @@ def metric_values(rows: list[dict], metric: Metric) -> np.ndarray:
     values = []
     for row in rows:
         if metric.column == "transparency":  # photometric flux ratio per second
-            ratio, exptime = _value(row, "flux_ratio"), _value(row, "exptime")
+            ratio, exptime = qa_value(row, "flux_ratio"), qa_value(row, "exptime")
             value = ratio / exptime if ratio is not None and exptime else None
         else:
-            value = _value(row, metric.column)
+            value = qa_value(row, metric.column)
         values.append(np.nan if value is None else value)
     return np.asarray(values, float)
 

@@ -1,18 +1,24 @@
 """Pictures and a static HTML report of a run: look at hundreds of frames where it matters.
 
-What the learn.astropy tutorial checks by eye for two frames, drawn for every frame:
+What the learn.astropy tutorial checks by eye for two frames, drawn where it is needed:
 
-* per frame (``report/frames/``): the image (asinh stretch between robust percentiles)
-  with the detected sources and the catalog stars placed by the header (start) WCS and
-  by the solved WCS (``<name>_sources.png``); the astrometric residuals of the matched
-  stars as vectors across the frame and as a histogram with the RMS
-  (``<name>_residuals.png``); the numbers drawn (``<name>.json``);
+* per frame, for failed and flagged frames (others on demand) (``report/frames/``): the
+  image (asinh stretch between robust percentiles) with the detected sources and the
+  catalog stars placed by the header (start) WCS and by the solved WCS
+  (``<name>_sources.png``); the astrometric residuals of the matched stars as vectors
+  across the frame and as a histogram with the RMS (``<name>_residuals.png``); the
+  numbers drawn (``<name>.json``);
+* per frame, every frame: a thumbnail (a small JPEG, binned from the store or from the
+  frame read once), inlined in the page;
 * per run (``report/``): each coadd and its weight map, a two-colour overlay of the
   reference frame and an aligned frame from the store, the colour composite when three
-  filters are present, and summary plots across frames with outliers marked;
-* ``report/index.html``: one static page (inline CSS, relative links only, no network)
-  with the run's parameters, the coadd previews and a table of every frame, failed
-  frames first.
+  filters are present, and the QA of every frame night by night with each group's
+  median and MAD bands (``summary.png``); ``suggested-exclude.txt``, the frames flagged
+  by `daskstack.qa` in the format ``--exclude-file`` reads;
+* ``report/index.html``: one static page (inline CSS and a small inline script, relative
+  links only, no network) with the run's parameters, the coadd previews, the flagged
+  frames with why, and a table of every frame that sorts and filters, failed and flagged
+  frames first. Its size grows by a thumbnail and a table row per frame.
 
 Everything here is a plain function of paths and small records. Figures are made with
 explicit ``Figure`` + ``FigureCanvasAgg`` objects, never pyplot's global state, so they
@@ -184,14 +190,7 @@ def count_markers(fig) -> dict[str, int]:
     return counts
 
 
-def _finite_or_none(value):
-    if value is None or np.ma.is_masked(value):
-        return None
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        return None
-    return value if math.isfinite(value) else None
+_finite_or_none = qa.finite_or_none
 
 
 # --------------------------------------------------------------------------------------
@@ -1106,9 +1105,7 @@ def _frame_row(i: int, row: dict, cls: str, why: str, thumb, links: list[str],
                 value = qa.metric_values([row], _TRANSPARENCY)[0]
                 text = _fmt(value, 4)
             else:
-                value = _finite_or_none(row.get(key))
-                if key == "n_matches" and _finite_or_none(row.get("rms_arcsec")) is None:
-                    value = None  # never matched to a catalog (header WCS)
+                value = qa.qa_value(row, key)
                 text = "" if value is None else (str(int(value)) if key == "n_matches"
                                                  else _fmt(value, 3))
             value = _finite_or_none(value)
