@@ -38,13 +38,15 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu",
 
 
 def simulate(directory: Path, n_frames: int, size: int, seed: int = 21) -> list[Path]:
-    """N frames with exact header WCSs (WCSERR = 0), two filters, 1% of them degraded."""
+    """N frames with exact header WCSs (WCSERR = 0), two filters, about 12 of them
+    degraded (seeing, clouds, trailing in turn; with --wcs header only the sky level is
+    measured, so only the clouds' bright sky can be flagged)."""
     from daskstack.simulate import simulate_field
 
-    step = max(1, n_frames // 100)
-    degraded = {i: ({"fwhm_px": 7.0}, {"transparency": 0.3, "sky_factor": 3.0},
-                    {"tracking_trail_px": 10.0})[(i // step) % 3]
-                for i in range(step // 2 + 3, n_frames, max(step * 33, 7))}
+    kinds = ({"fwhm_px": 7.0}, {"transparency": 0.3, "sky_factor": 3.0},
+             {"tracking_trail_px": 10.0})
+    degraded = {i: kinds[k % len(kinds)]
+                for k, i in enumerate(range(3, n_frames, max(7, n_frames // 12)))}
     with ProcessPoolExecutor(2) as pool:
         field = simulate_field(directory, n_frames=n_frames, shape=(size, size),
                                filters=("rp", "gp"), seed=seed, pointing_error_arcmin=0.0,
