@@ -981,42 +981,32 @@ def make_report(client, run_dir, settings: Settings | None = None, *, frames: bo
             drawn |= set(report_mod.frames_needing_pictures(
                 table, report_mod.find_outliers(table)))
     frames_dir = run_dir / report_mod.REPORT_DIR / report_mod.FRAMES_DIR
-    futures = {kind: client.submit(report_mod.run_safely, func, *args, pure=False)
-               for kind, func, args in report_mod.run_figure_jobs(run_dir,
-                                                                  settings.grid.reference)}
-    futures.update(_thumbnail_futures(client, run_dir, table))
-    todo = [str(f) for f, n in zip(table["file"], names, strict=True) if n in drawn]
-    if todo:
+    # submitted in the order they should run: the few full-size pictures (the longest
+    # tasks) first, then the per-run pictures, then the thumbnails
+    futures = {}
+    rows = [row for row in table if str(row["name"]) in drawn]
+    if rows:
         frames_dir.mkdir(parents=True, exist_ok=True)
-        records = inspect_frames(client, todo, progress)
-        reasons = {str(row["name"]): (str(row["status"]), "" if np.ma.is_masked(row["reason"])
-                                      else str(row["reason"])) for row in table}
-        catalog_of = {}
-        source = settings.catalog.source
-        if settings.solve.wcs != "header" and source:
-            quick = dataclasses.replace(settings, catalog=dataclasses.replace(
-                settings.catalog, retries=0, timeout=min(settings.catalog.timeout, 20.0)))
-            cache_dir = settings.catalog.cache_dir or str(run_dir / "catalog-cache")
-            radius = _field_radius_deg(settings)
-            metas = [r.meta for r in records if r.meta is not None]
-            for members in _fields(metas, radius):
-                try:
-                    catalog = client.scatter(_field_catalog(members, source, quick, cache_dir))
-                except catalogs.CatalogError as err:
-                    log.warning("report: no catalog for %s...: %s", members[0].name, err)
-                    catalog = None
-                catalog_of.update({m.name: catalog for m in members})
-        for r in records:
-            status, reason = reasons.get(r.name, (r.status, r.reason))
-            if r.meta is None:
-                status, reason = "failed", r.reason or reason
+        catalog_of = _report_catalogs(client, run_dir, settings,
+                                      [str(row["file"]) for row in rows], progress)
+        for row in rows:
+            name, status = str(row["name"]), str(row["status"])
+            reason = "" if np.ma.is_masked(row["reason"]) else str(row["reason"])
             solved = status in ("ok", EXCLUDED) or reason.startswith(
                 ("registration failed", f"{INTERNAL_ERROR} while registering"))
-            wcs = run_dir / f"{r.name}.wcs"
-            futures[f"frame:{r.name}"] = client.submit(
-                report_mod.frame_task, r.file, str(wcs) if solved else None,
-                catalog_of.get(r.name), settings, str(frames_dir), status, reason, r.name,
+            wcs = run_dir / f"{name}.wcs"
+            futures[f"frame:{name}"] = client.submit(
+                report_mod.frame_task, str(row["file"]), str(wcs) if solved else None,
+                catalog_of.get(name), settings, str(frames_dir), status, reason, name,
                 pure=False)
+    futures.update({kind: client.submit(report_mod.run_safely, func, *args, pure=False)
+                    for kind, func, args in report_mod.run_figure_jobs(
+                        run_dir, settings.grid.reference)})
+    futures.update(_thumbnail_futures(client, run_dir, table))
+    # drawn here while the workers draw theirs
+    (run_dir / report_mod.REPORT_DIR).mkdir(parents=True, exist_ok=True)
+    summary = report_mod.run_safely(report_mod.summary_plots, table, run_dir /
+                                    report_mod.REPORT_DIR / "summary.png")
     results = {}
     _gather_as_completed(client, futures, "report", progress, results.__setitem__)
     run_plots = {k: v for k, v in results.items() if not k.startswith(("frame:", "thumbs:"))}
@@ -1027,10 +1017,33 @@ def make_report(client, run_dir, settings: Settings | None = None, *, frames: bo
                 thumbnails.update(value)
             else:  # the task itself was lost: no thumbnails for its frames, say why
                 log.warning("report: thumbnails of a batch failed: %s", value)
-    return report_mod.write_report(run_dir, run_plots, thumbnails=thumbnails)
+    return report_mod.write_report(run_dir, run_plots, thumbnails=thumbnails,
+                                   summary=summary)
 
 
-def _thumbnail_futures(client, run_dir: Path, table, batch: int = 16) -> dict:
+def _report_catalogs(client, run_dir: Path, settings: Settings, files: list[str],
+                     progress) -> dict:
+    """``{frame name: scattered catalog}`` of the frames to draw, one per field, when
+    the run solved against a catalog (the frames' headers are read for their fields)."""
+    source = settings.catalog.source
+    if settings.solve.wcs == "header" or not source:
+        return {}
+    quick = dataclasses.replace(settings, catalog=dataclasses.replace(
+        settings.catalog, retries=0, timeout=min(settings.catalog.timeout, 20.0)))
+    cache_dir = settings.catalog.cache_dir or str(run_dir / "catalog-cache")
+    metas = [r.meta for r in inspect_frames(client, files, progress) if r.meta is not None]
+    catalog_of = {}
+    for members in _fields(metas, _field_radius_deg(settings)):
+        try:
+            catalog = client.scatter(_field_catalog(members, source, quick, cache_dir))
+        except catalogs.CatalogError as err:
+            log.warning("report: no catalog for %s...: %s", members[0].name, err)
+            catalog = None
+        catalog_of.update({m.name: catalog for m in members})
+    return catalog_of
+
+
+def _thumbnail_futures(client, run_dir: Path, table, batch: int = 32) -> dict:
     """One task per ``batch`` frames: thumbnails from the store where the frame was
     registered (and the store kept), else from the frame's file."""
     from . import report as report_mod

@@ -803,12 +803,15 @@ def thumbnails_task(store_path: str | None, items: list[tuple[str, str | None, s
     from .frames import FrameError, read_frame
 
     stack = store_mod.open_store(store_path) if store_path else None
+    arrays = {}  # opened once per filter: opening a zarr array reads its metadata files
     out: dict[str, bytes | str] = {}
     for name, filter_name, path in items:
         try:
             if stack is not None and filter_name is not None:
                 _, index = stack.index_of(name)
-                data, _ = stack.arrays(filter_name)
+                if filter_name not in arrays:
+                    arrays[filter_name] = stack.arrays(filter_name)[0]
+                data = arrays[filter_name]
                 image, _ = _binned_rows(lambda y0, y1, d=data, i=index: d[i, y0:y1],
                                         data.shape[1:], size)
             else:
@@ -1121,14 +1124,15 @@ def _frame_row(i: int, row: dict, cls: str, why: str, thumb, links: list[str],
 
 def write_report(run_dir, run_plots: dict | None = None, *, title: str | None = None,
                  thumbnails: dict[str, bytes | str] | None = None,
-                 max_attention: int = 24) -> Path:
+                 summary: dict | None = None, max_attention: int = 24) -> Path:
     """Write ``RUN_DIR/report/index.html`` (and ``suggested-exclude.txt``) from the
     manifest, run.json and the pictures already in ``RUN_DIR/report`` (per-frame
     pictures are linked where they exist).
 
     ``run_plots`` is what `run_figures` returned (else pictures are found on disk);
     ``thumbnails`` ``{name: JPEG bytes or why not}`` (`thumbnails_task`) are inlined
-    in the table, so the page stays one file however many frames it lists.
+    in the table, so the page stays one file however many frames it lists;
+    ``summary``: what `summary_plots` returned for this manifest (else drawn here).
     Written atomically; every link is relative; no script, font or style is fetched.
     """
     run_dir = Path(run_dir)
@@ -1145,7 +1149,8 @@ def write_report(run_dir, run_plots: dict | None = None, *, title: str | None = 
     plots = load_frame_plots(frames_dir)
     outliers = find_outliers(table)
     write_suggested_exclude(run_dir, outliers)
-    summary = run_safely(summary_plots, table, out / "summary.png", outliers)
+    if summary is None:
+        summary = run_safely(summary_plots, table, out / "summary.png", outliers)
     run_plots = run_plots or {}
     thumbnails = thumbnails or {}
     rows = manifest_qa(table)
