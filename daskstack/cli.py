@@ -1,8 +1,9 @@
 """The ``daskstack`` command: thin; it parses options, builds Settings and calls the API.
 
 Exit codes: 0 every frame made it into the coadd; 3 coadds were written but some
-frames failed (see manifest.ecsv); 4 nothing usable was produced; 2 bad usage or
-options (nothing was started); 1 an unexpected error.
+frames failed (see manifest.ecsv); 4 nothing usable was produced; 2 bad usage,
+options or inputs, or no batch job could start (nothing was computed); 130 interrupted
+(Ctrl-C; the same command resumes); 1 an unexpected error.
 """
 
 from __future__ import annotations
@@ -541,8 +542,9 @@ def register(frames, out_dir, wcs_source, config_file, verbose, quiet, overrides
     settings = _settings(config_file, overrides)
     frames = _check_inputs(frames)
     try:
-        store = register_files(frames, out_dir, settings, wcs_source=wcs_source,
-                               progress=ProgressBar(not quiet))
+        with _interruptible():
+            store = register_files(frames, out_dir, settings, wcs_source=wcs_source,
+                                   progress=ProgressBar(not quiet))
     except (ValueError, RuntimeError) as err:
         _fail(str(err), code=4)
     if not quiet:
@@ -630,8 +632,9 @@ def report_command(run_dir, frames, workers, scheduler, verbose, quiet):
         settings.cluster.scheduler = scheduler
     progress = ProgressBar(not quiet)
     try:
-        with open_client(settings.cluster, local_directory=str(run_path / ".dask"),
-                         announce=progress.notice) as client:
+        with _interruptible(), open_client(settings.cluster,
+                                           local_directory=str(run_path / ".dask"),
+                                           announce=progress.notice) as client:
             path = make_report(client, run_path, settings, frames=frames, progress=progress)
     except (RunError, ClusterError) as err:
         _fail(str(err), code=4)
