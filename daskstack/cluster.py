@@ -74,7 +74,15 @@ def _submit_message(err: Exception) -> str:
     return text.strip()
 
 
-def _reporting_job_class(base, failures: list):
+class _SubmitFailures(list):
+    """Refused submissions. Until the first worker joined, `open_client` stops the run
+    with the first; afterwards (``running``) each new message is logged once as a
+    warning, while the workers already there go on."""
+
+    running = False
+
+
+def _reporting_job_class(base, failures: _SubmitFailures):
     """``base`` (a dask-jobqueue Job class) whose failed submissions are recorded in
     ``failures`` as `JobSubmitError`, for `open_client` to stop the run with."""
 
@@ -88,6 +96,8 @@ def _reporting_job_class(base, failures: list):
                 # failed, not 'created': closing the cluster asserts no job is left half-made
                 self.status = Status.failed
                 failure = JobSubmitError(_submit_message(err))
+                if failures.running and str(failure) not in map(str, failures):
+                    log.warning("a further worker job was refused: %s", failure)
                 failures.append(failure)
                 raise failure from None
 
@@ -175,7 +185,8 @@ def jobqueue_kwargs(settings, local_directory=None) -> dict:
     return kwargs
 
 
-def jobqueue_cluster(settings, local_directory=None, failures: list | None = None):
+def jobqueue_cluster(settings, local_directory=None,
+                     failures: _SubmitFailures | None = None):
     """A dask-jobqueue cluster (SLURM, PBS, ...) scaled adaptively between min and max jobs.
 
     Refused submissions are appended to ``failures`` (a list) as `JobSubmitError`."""
@@ -243,7 +254,7 @@ def open_client(settings, *, local_directory=None, announce=None):
                                    f"{err}") from None
         else:
             if settings.jobqueue:
-                failures = []
+                failures = _SubmitFailures()
                 for name in _LOGGERS_OF_CALLBACK_ERRORS:
                     logging.getLogger(name).addFilter(_DROP_REPORTED)
                 filtered = True
@@ -290,7 +301,7 @@ def _forward_worker_logs(client) -> None:
     client.forward_logging(package, level=logging.getLogger(package).getEffectiveLevel())
 
 
-def _wait_for_first_worker(client, cluster, settings, failures: list, notice,
+def _wait_for_first_worker(client, cluster, settings, failures: _SubmitFailures, notice,
                            log_directory) -> None:
     """Submit one job now and wait until its worker joins: raise `JobSubmitError` (the
     batch system's message) as soon as a submission is refused, `ClusterError` when no
@@ -311,6 +322,7 @@ def _wait_for_first_worker(client, cluster, settings, failures: list, notice,
                 f"e.g. squeue, and the job logs in {log_directory}); "
                 "--worker-timeout sets how long to wait")
         time.sleep(0.5)
+    failures.running = True
     cluster.adapt(minimum_jobs=settings.minimum_jobs, maximum_jobs=settings.maximum_jobs)
 
 
