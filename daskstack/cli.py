@@ -300,6 +300,12 @@ def _summary(result, quiet: bool) -> None:
         echo("time: " + "  ".join(f"{k} {v:.1f}s" for k, v in result.timings.items()))
     for filter_name, path in result.coadds.items():
         echo(f"coadd [{filter_name}]: {path}")
+    differences = [p for p in result.written if p.parent.name == "difference"]
+    for path in result.written:  # further methods' coadds, the colour picture
+        if path not in result.coadds.values() and path not in differences:
+            echo(f"wrote {path}")
+    if differences:
+        echo(f"wrote {len(differences)} difference images in {differences[0].parent}")
     echo(f"manifest: {result.manifest}")
     if "report" in result.timings and (result.out_dir / "report" / "index.html").exists():
         echo(f"report: {result.out_dir / 'report' / 'index.html'}")
@@ -474,8 +480,10 @@ def demo(out_dir, n_frames, size, filters, seed, overwrite, report, config_file,
     field = simulate_field(out / "inputs", n_frames=n_frames, shape=(size, size),
                            filters=tuple(f.strip() for f in filters.split(",") if f.strip()),
                            seed=seed)
-    result = run_pipeline([str(p) for p in field.frames], str(field.catalog), out, settings,
-                          overwrite=overwrite, progress=ProgressBar(not quiet), report=report)
+    with _interruptible():
+        result = run_pipeline([str(p) for p in field.frames], str(field.catalog), out,
+                              settings, overwrite=overwrite, progress=ProgressBar(not quiet),
+                              report=report)
     if not quiet:
         click.echo("per-frame WCS error against the truth (RMS over the frame):")
         for record in result.frames:

@@ -90,6 +90,7 @@ class RunResult:
     store: Path | None = None
     grid: Grid | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    written: list[Path] = field(default_factory=list)  # every coadd/picture combine wrote
 
     @property
     def n_ok(self) -> int:
@@ -821,7 +822,7 @@ def _run_stages(client, inputs, catalog, out_dir, settings, progress, resumed) -
     start = time.perf_counter()
     write_manifest(records, manifest)
     result.coadds = combine_store(client, store_path, out_dir, settings, progress,
-                                  output_log)
+                                  output_log, written=result.written)
     timings["combine"] = time.perf_counter() - start
     write_manifest(records, manifest)
     return result

@@ -307,3 +307,16 @@ def test_false_alarm_probability_reads_as_one():
     assert "10^" not in " ".join(reasons)
     assert format_probability(math.log10(0.13)) == "0.13"
     assert format_probability(-5.0) == "1e-5"
+
+
+def test_run_summary_names_every_file_combine_wrote(tmp_path, capsys):
+    from daskstack.pipeline import RunResult
+
+    main, median = tmp_path / "coadd_rp.fits", tmp_path / "coadd_rp_median.fits"
+    differences = [tmp_path / "difference" / f"f{i}.fits" for i in range(3)]
+    result = RunResult(out_dir=tmp_path, frames=[], coadds={"rp": main},
+                       written=[main, median, *differences])
+    cli._summary(result, quiet=False)
+    out = capsys.readouterr().out
+    assert f"coadd [rp]: {main}" in out and f"wrote {median}" in out
+    assert f"wrote 3 difference images in {tmp_path / 'difference'}" in out
