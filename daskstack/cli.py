@@ -544,6 +544,7 @@ def solve(frames, catalog, out_dir, config_file, verbose, quiet, overrides):
 @common_options
 def register(frames, out_dir, wcs_source, config_file, verbose, quiet, overrides):
     """Reproject FRAMES onto one grid, tile by tile, into OUT/store.zarr."""
+    from .cluster import ClusterError
     from .pipeline import register_files
 
     _setup_logging(verbose, quiet)
@@ -553,6 +554,8 @@ def register(frames, out_dir, wcs_source, config_file, verbose, quiet, overrides
         with _interruptible():
             store = register_files(frames, out_dir, settings, wcs_source=wcs_source,
                                    progress=ProgressBar(not quiet))
+    except ClusterError as err:  # nothing was computed: batch jobs that cannot start
+        _fail(str(err))
     except (ValueError, RuntimeError) as err:
         _fail(str(err), code=4)
     if not quiet:
@@ -598,9 +601,9 @@ def combine(store_path, out_dir, overwrite, config_file, verbose, quiet, overrid
         with _interruptible():
             combine_store_path(store, out, settings, progress=ProgressBar(not quiet),
                                overwrite=overwrite, written=written)
-    except RunError as err:
+    except (RunError, ClusterError) as err:
         _fail(str(err))
-    except (ValueError, ClusterError) as err:
+    except ValueError as err:
         _fail(str(err), code=4)
     if not quiet:
         for path in written:

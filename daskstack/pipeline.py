@@ -735,6 +735,12 @@ def run(inputs, catalog: str, out_dir, settings: Settings | None = None, *, clie
     report : bool
         Also draw every frame's pictures and write ``out_dir/report/index.html``
         (`make_report`).
+
+    Raises
+    ------
+    RunError
+        Before any cluster starts or file is written (`check_before_work`, then the run
+        directory: a `DifferentRunError` says what differs), or when the run cannot go on.
     """
     from .cluster import open_client
 
