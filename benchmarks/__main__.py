@@ -1,5 +1,5 @@
-"""Entry point: ``python -m benchmarks run --suite quick|full`` and ``python -m benchmarks
-report RESULTS.json`` (run from the repository root)."""
+"""Entry point: ``python -m benchmarks run --suite quick|standard|full`` and
+``python -m benchmarks report RESULTS.json`` (run from the repository root)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from .contenders import ALL_CONTENDERS
+from .suites import SUITES
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 
@@ -18,9 +19,10 @@ def main(argv=None) -> int:
                                                  "method, SWarp and reproject_and_coadd")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run a suite; writes JSON, a markdown table and a plot")
-    run.add_argument("--suite", choices=("quick", "full"), default="quick")
+    run.add_argument("--suite", choices=tuple(SUITES), default="quick")
     run.add_argument("--out", type=Path, default=DEFAULT_OUT,
-                     help="results directory (default: benchmarks/results, git-ignored)")
+                     help="results directory (default: benchmarks/results, whose JSON and "
+                          "markdown are committed; its data/ and runs/ are not)")
     run.add_argument("--real-dir", type=Path, default=None,
                      help="the PDS 110 frames (default: ../shared/data/lco-pds110)")
     run.add_argument("--only", nargs="+", choices=ALL_CONTENDERS, default=None,
@@ -29,7 +31,8 @@ def main(argv=None) -> int:
                      help="synthetic frame counts instead of the suite's")
     run.add_argument("--size", type=int, nargs="+", default=None,
                      help="synthetic frame sizes instead of 4096 (e.g. 512 to try it out)")
-    run.add_argument("--repeats", type=int, default=None, help="repeats of every run")
+    run.add_argument("--repeats", type=int, default=None,
+                     help="interleaved repeats of every run (default: the suite's, 3)")
     run.add_argument("--mem-limit-gib", type=float, default=None,
                      help="stop a run whose process tree exceeds this (default: 90%% of the "
                           "memory available at the start)")
@@ -40,8 +43,12 @@ def main(argv=None) -> int:
                      help="wrap daskstack steps in py-spy (pip install py-spy)")
     run.add_argument("--keep", action="store_true",
                      help="keep the intermediates (store.zarr, SWarp's resampled frames)")
+    run.add_argument("--baseline", metavar="REV", default=None,
+                     help="also run daskstack at git revision REV (2 workers), interleaved "
+                          "with this one: the before/after of a change, as per-round ratios")
     rep = sub.add_parser("report", help="rewrite the markdown table and plot from a JSON file")
     rep.add_argument("results", type=Path)
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
 
     if args.command == "report":
@@ -55,7 +62,8 @@ def main(argv=None) -> int:
     run_suite(args.suite, args.out, real_dir=args.real_dir, only=args.only, sizes=args.size,
               repeats=args.repeats, mem_limit_gib=args.mem_limit_gib, timeout=args.timeout,
               skip_astrometry=args.skip_astrometry, skip_real=args.skip_real,
-              profile=args.profile, keep=args.keep, ns=args.n)
+              profile=args.profile, keep=args.keep, ns=args.n, command=argv,
+              baseline=args.baseline)
     return 0
 
 

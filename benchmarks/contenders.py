@@ -64,17 +64,27 @@ SWARP_CONFIG = {
 }
 
 
-def daskstack_steps(frames, grid_head, run_dir: Path, workers: int, filter_name: str):
+def baseline_contender(source: Path, workers: int = 2) -> str:
+    """The name of daskstack at another revision, unpacked in ``source`` (see
+    `runner.unpack_revision`): ``daskstack-2w@<source directory name>``."""
+    return f"daskstack-{workers}w@{Path(source).name}"
+
+
+def daskstack_steps(frames, grid_head, run_dir: Path, workers: int, filter_name: str,
+                    source: Path | None = None):
     """One `daskstack run` makes the mean and the median coadds from one read of the store
     (as SWarp and the tutorial make both); the sigma-clipped coadd is an extra step that
-    re-combines the store without reprojecting."""
+    re-combines the store without reprojecting. ``source``: run the daskstack found there
+    (another revision, for a before/after comparison) instead of the installed one."""
     common = ["--scale", "none", "--keep-background", "--workers", str(workers),
               "--threads", "1", "-q"]
-    run = [PY, "-m", "daskstack.cli", "run", *map(str, frames), "--wcs", "header",
+    # `env PYTHONPATH=...` puts the other revision's package first, in the workers too
+    python = [PY] if source is None else ["env", f"PYTHONPATH={source}", PY]
+    run = [*python, "-m", "daskstack.cli", "run", *map(str, frames), "--wcs", "header",
            "--grid", str(grid_head), "--combine", "mean,median", "--out", str(run_dir),
            "--overwrite", *common]
     store = run_dir / "store.zarr"
-    sigclip = [PY, "-m", "daskstack.cli", "combine", str(store), "--out",
+    sigclip = [*python, "-m", "daskstack.cli", "combine", str(store), "--out",
                str(run_dir / "sigclip"), "--combine", "sigclip", *common]
     steps = [Step("register+mean+median", run), Step("sigclip", sigclip, core=False)]
     outputs = {"mean": run_dir / f"coadd_{filter_name}.fits",
@@ -121,9 +131,10 @@ def _stem(path) -> str:
     return name
 
 
-def plan(contender: str, dataset, run_dir: Path) -> Plan | None:
+def plan(contender: str, dataset, run_dir: Path, baselines: Path | None = None) -> Plan | None:
     """The steps of ``contender`` on ``dataset`` (a Dataset subset), or None when it
-    cannot run here (SWarp not installed)."""
+    cannot run here (SWarp not installed). ``daskstack-<W>w@<rev>`` runs the revision
+    unpacked under ``baselines``/<rev>."""
     frames, grid = dataset.frames, dataset.grid_head
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -145,7 +156,15 @@ def plan(contender: str, dataset, run_dir: Path) -> Plan | None:
         steps, outputs, heavy = swarp_setup(frames, grid, run_dir)
         return Plan(contender, run_dir, steps, outputs, heavy)
     if contender.startswith("daskstack-"):
-        workers = int(contender.split("-")[1].rstrip("w"))
-        steps, outputs, heavy = daskstack_steps(frames, grid, run_dir, workers, dataset.filter)
+        name, _, revision = contender.partition("@")
+        workers = int(name.split("-")[1].rstrip("w"))
+        source = None
+        if revision:
+            if baselines is None or not (Path(baselines) / revision).is_dir():
+                raise ValueError(f"{contender}: no unpacked revision {revision} under "
+                                 f"{baselines}")
+            source = Path(baselines) / revision
+        steps, outputs, heavy = daskstack_steps(frames, grid, run_dir, workers, dataset.filter,
+                                                source)
         return Plan(contender, run_dir, steps, outputs, heavy)
     raise ValueError(f"unknown contender {contender!r}")

@@ -3,7 +3,8 @@
 Wall time, CPU time (user + system of the process and every descendant it reaped,
 from ``getrusage(RUSAGE_CHILDREN)``) and the peak resident memory of the process
 *tree* (the process and all its children, e.g. the worker processes of a Dask
-``LocalCluster``), sampled with psutil every ``interval`` seconds.
+``LocalCluster``), sampled with psutil every ``interval`` seconds, and the peak of the
+largest single process of that tree.
 
 A memory cap turns "the machine ran out of memory" into a recorded result: when the
 tree's RSS exceeds ``mem_limit_bytes`` the whole tree is killed (by pid, SIGKILL) and
@@ -36,6 +37,7 @@ class Measurement:
     cpu_user_s: float
     cpu_sys_s: float
     peak_rss_bytes: int
+    peak_process_rss_bytes: int = 0  # the largest single process of the tree, at any sample
     stopped_at_rss_bytes: int | None = None
     n_samples: int = 0
     max_processes: int = 0
@@ -60,16 +62,19 @@ def _tree(proc: psutil.Process) -> list[psutil.Process]:
         return [proc]
 
 
-def tree_rss(proc: psutil.Process) -> tuple[int, int]:
-    """(sum of RSS over the process and its descendants, number of processes)."""
-    total, count = 0, 0
+def tree_rss(proc: psutil.Process) -> tuple[int, int, int]:
+    """(sum of RSS over the process and its descendants, number of processes, RSS of the
+    largest one)."""
+    total, count, largest = 0, 0, 0
     for p in _tree(proc):
         try:
-            total += p.memory_info().rss
-            count += 1
+            rss = p.memory_info().rss
         except psutil.Error:
-            pass
-    return total, count
+            continue
+        total += rss
+        count += 1
+        largest = max(largest, rss)
+    return total, count, largest
 
 
 def kill_tree(proc: psutil.Process) -> None:
@@ -98,16 +103,17 @@ def run_measured(cmd, *, cwd=None, log_path=None, env=None, mem_limit_bytes: int
         if log_path:
             log.close()
     proc = psutil.Process(popen.pid)
-    peak, n_samples, max_procs = 0, 0, 0
+    peak, peak_process, n_samples, max_procs = 0, 0, 0, 0
     status, stopped_at = "ok", None
     timeline: list[tuple[float, int]] = []
     next_mark = 0.0
     done = threading.Event()
 
     while popen.poll() is None:
-        rss, count = tree_rss(proc)
+        rss, count, largest = tree_rss(proc)
         n_samples += 1
         peak = max(peak, rss)
+        peak_process = max(peak_process, largest)
         max_procs = max(max_procs, count)
         elapsed = time.perf_counter() - start
         if elapsed >= next_mark:
@@ -130,7 +136,7 @@ def run_measured(cmd, *, cwd=None, log_path=None, env=None, mem_limit_bytes: int
     return Measurement(
         cmd=cmd, status=status, returncode=popen.returncode, wall_s=wall,
         cpu_user_s=after.ru_utime - before.ru_utime, cpu_sys_s=after.ru_stime - before.ru_stime,
-        peak_rss_bytes=int(peak), stopped_at_rss_bytes=stopped_at, n_samples=n_samples,
+        peak_rss_bytes=int(peak), peak_process_rss_bytes=int(peak_process), stopped_at_rss_bytes=stopped_at, n_samples=n_samples,
         max_processes=max_procs, log=str(log_path or ""), timeline=timeline)
 
 

@@ -3,23 +3,21 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
+
+from . import stats
 
 GiB = 2**30
 ORDER = ["floor", "tutorial", "swarp", "reproject_and_coadd", "daskstack-1w", "daskstack-2w"]
 
 
-def _f(x, fmt="{:.1f}"):
-    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else fmt.format(x)
-
-
 def _spread(s, key, fmt="{:.1f}", scale=1.0):
+    """'median [min-max]' of a summary's measure (the median alone for one repeat)."""
     if key not in s:
         return "-"
     v, lo, hi = s[key] / scale, s[key + "_min"] / scale, s[key + "_max"] / scale
     if s.get("n_ok", 1) > 1:
-        return f"{fmt.format(v)} ({fmt.format(lo)}-{fmt.format(hi)})"
+        return f"{fmt.format(v)} [{fmt.format(lo)}-{fmt.format(hi)}]"
     return fmt.format(v)
 
 
@@ -30,35 +28,69 @@ def _groups(results):
     return groups
 
 
+def _order(contender):
+    return ORDER.index(contender) if contender in ORDER else 99
+
+
 def performance_table(results) -> str:
-    lines = ["| data | N | contender | wall s, mean+median | x floor | vs daskstack-2w | "
-             "CPU s | peak RSS GiB | wall s, all steps | status |",
+    """Wall time, CPU time and peak memory of every contender at every N: median [min-max]
+    over the repeats that finished."""
+    lines = ["| data | N | contender | repeats ok | wall s, mean+median | CPU s, mean+median | "
+             "peak RSS GiB, mean+median (process tree) | largest process GiB | "
+             "wall s, all steps | status |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for (ds, n), recs in _groups(results).items():
-        by = {r["contender"]: r for r in recs}
-        floor = by.get("floor", {}).get("summary", {}).get("wall_core_s")
-        ref = by.get("daskstack-2w", {}).get("summary", {}).get("wall_core_s")
         shape = recs[0]["frame_shape"]
-        for c in sorted(by, key=lambda c: ORDER.index(c) if c in ORDER else 99):
-            s = by[c].get("summary", {})
-            status = s.get("status", by[c].get("skipped", "?"))
-            if by[c].get("skipped"):
-                status = "skipped: " + by[c]["skipped"]
+        for rec in sorted(recs, key=lambda r: _order(r["contender"])):
+            c, s = rec["contender"], rec.get("summary", {})
+            status = s.get("status", "?")
+            if rec.get("skipped"):
+                status = "skipped: " + rec["skipped"]
+            head = f"| {ds} {shape[1]}x{shape[0]} | {n} | {c}"
             if status != "ok":
                 stop = s.get("stopped_at_rss_bytes")
                 if stop:
-                    status += f" (stopped at {stop / GiB:.1f} GiB after {s.get('wall_s_at_stop', 0):.0f} s)"
-                lines.append(f"| {ds} {shape[1]}x{shape[0]} | {n} | {c} | - | - | - | - | - | - | "
+                    status += (f" (stopped at {stop / GiB:.1f} GiB after "
+                               f"{s.get('wall_s_at_stop') or 0:.0f} s)")
+                lines.append(f"{head} | {s.get('n_ok', 0)}/{s.get('n', 0)} | - | - | - | - | - | "
                              f"{status} |")
                 continue
-            wall = s["wall_core_s"]
-            note = by[c].get("note") or ""
+            failed = [r["status"] for r in rec["repeats"] if r["status"] != "ok"]
+            note = rec.get("note") or ""
             lines.append(
-                f"| {ds} {shape[1]}x{shape[0]} | {n} | {c}{' (' + note + ')' if note else ''} | "
-                f"{_spread(s, 'wall_core_s')} | {_f(wall / floor if floor else None, '{:.1f}')} | "
-                f"{_f(wall / ref if ref else None, '{:.2f}x')} | {_spread(s, 'cpu_core_s')} | "
-                f"{_spread(s, 'peak_rss_bytes', '{:.2f}', GiB)} | {_spread(s, 'wall_s')} | ok |")
+                f"{head}{' (' + note + ')' if note else ''} | {s['n_ok']}/{s['n']} | "
+                f"{_spread(s, 'wall_core_s')} | {_spread(s, 'cpu_core_s')} | "
+                f"{_spread(s, 'peak_core_rss_bytes', '{:.2f}', GiB)} | "
+                f"{_spread(s, 'peak_process_rss_bytes', '{:.2f}', GiB)} | "
+                f"{_spread(s, 'wall_s')} | "
+                f"{'ok' if not failed else 'ok, then ' + ', '.join(failed)} |")
     return "\n".join(lines)
+
+
+def ratios_table(results) -> str:
+    """Each ratio taken between the two contenders' runs of the same interleaved round,
+    then median [min-max] over the rounds (the per-round values listed)."""
+    rows = stats.paired_ratios(results["runs"])
+    if not rows:
+        return "_no pair of contenders finished in the same round_"
+    lines = ["| data | N | ratio | median [min-max] | rounds | per round |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        spread = (f"{r['median']:.2f} [{r['min']:.2f}-{r['max']:.2f}]" if r["n"] > 1
+                  else f"{r['median']:.2f}")
+        per = ", ".join(f"{p['value']:.2f}" for p in r["per_repeat"])
+        lines.append(f"| {r['dataset']} | {r['n_frames']} | {r['ratio']} | {spread} | "
+                     f"{r['n']} | {per} |")
+    return "\n".join(lines)
+
+
+def schedule_section(results) -> str:
+    """The order the runs were made in, round by round, at every data size."""
+    lines = []
+    for g in results.get("schedule", []):
+        rounds = "; ".join(f"{i + 1}: {', '.join(order)}" for i, order in enumerate(g["order"]))
+        lines.append(f"- {g['dataset']} N={g['n_frames']}: {rounds}")
+    return "\n".join(lines) or "_no schedule recorded_"
 
 
 def steps_table(results) -> str:
@@ -66,7 +98,9 @@ def steps_table(results) -> str:
     for (ds, n), recs in _groups(results).items():
         for r in recs:
             for name, st in r.get("summary", {}).get("steps", {}).items():
-                lines.append(f"| {ds} | {n} | {r['contender']} | {name} | {st['wall_s']:.1f} | "
+                wall = (f"{st['wall_s']:.1f} [{st['wall_s_min']:.1f}-{st['wall_s_max']:.1f}]"
+                        if "wall_s_min" in st else f"{st['wall_s']:.1f}")
+                lines.append(f"| {ds} | {n} | {r['contender']} | {name} | {wall} | "
                              f"{st['peak_rss_bytes'] / GiB:.2f} |")
     return "\n".join(lines)
 
@@ -164,23 +198,30 @@ def targets(results) -> str:
                       c), {})
         return s.get(key) if s.get("status") == "ok" else None
 
+    ratios = {(r["n_frames"], r["numerator"], r["denominator"], r["measure"]): r
+              for r in stats.paired_ratios(results["runs"]) if r["dataset"].startswith("synth")}
     n20 = 20 if 20 in synth else (max(synth) if synth else None)
     if n20 is not None:
         tag = "" if n20 == 20 else f" (N=20 not in this suite: shown at N={n20})"
         for c in ("daskstack-2w", "daskstack-1w"):
-            d, t, sw = get(n20, c), get(n20, "tutorial"), get(n20, "swarp")
-            if d is None:
+            if get(n20, c) is None:
                 continue
             ts = runs.get((next((d for (d, m, _) in runs if d.startswith("synth") and m == n20),
                                  ""), n20, "tutorial"), {}).get("status")
-            if not t and ts and ts != "ok":
+            speedup = ratios.get((n20, "tutorial", c, "wall_core_s"))
+            vs_swarp = ratios.get((n20, c, "swarp", "wall_core_s"))
+            if not speedup and ts and ts != "ok":
                 lines.append(f"- tutorial at N={n20}: {ts} (no time to compare {c} with)")
-            if t:
-                lines.append(f"- {c} mean+median vs tutorial at N={n20}{tag}: {t / d:.2f}x faster "
-                             f"(target >= 3x: {'met' if t / d >= 3 else 'MISSED'})")
-            if sw:
-                lines.append(f"- {c} vs SWarp at N={n20}: {d / sw:.2f}x SWarp's wall time "
-                             f"(target <= 1.5x: {'met' if d / sw <= 1.5 else 'MISSED'})")
+            if speedup:
+                x = speedup["median"]
+                lines.append(f"- {c} mean+median vs tutorial at N={n20}{tag}: {x:.2f}x faster "
+                             f"(median of {speedup['n']} rounds, {speedup['min']:.2f}-"
+                             f"{speedup['max']:.2f}; target >= 3x: {'met' if x >= 3 else 'MISSED'})")
+            if vs_swarp:
+                x = vs_swarp["median"]
+                lines.append(f"- {c} vs SWarp at N={n20}: {x:.2f}x SWarp's wall time (median of "
+                             f"{vs_swarp['n']} rounds, {vs_swarp['min']:.2f}-{vs_swarp['max']:.2f};"
+                             f" target <= 1.5x: {'met' if x <= 1.5 else 'MISSED'})")
     for c in ("daskstack-2w", "daskstack-1w"):
         p10, p40 = get(10, c, "peak_rss_bytes"), get(40, c, "peak_rss_bytes")
         if p10 and p40:
@@ -243,8 +284,12 @@ def plot(results, path: Path) -> Path | None:
             if any(s.get("n_ok", 1) > 1 for _, s in ok):
                 ax1.vlines([n for n, _ in ok], [s["wall_core_s_min"] for _, s in ok],
                            [s["wall_core_s_max"] for _, s in ok], color=line.get_color())
-            ax2.plot([n for n, _ in ok], [s["peak_rss_bytes"] / GiB for _, s in ok], "o-",
+            ax2.plot([n for n, _ in ok], [s["peak_core_rss_bytes"] / GiB for _, s in ok], "o-",
                      color=line.get_color(), label=c)
+            if any(s.get("n_ok", 1) > 1 for _, s in ok):
+                ax2.vlines([n for n, _ in ok], [s["peak_core_rss_bytes_min"] / GiB for _, s in ok],
+                           [s["peak_core_rss_bytes_max"] / GiB for _, s in ok],
+                           color=line.get_color())
         oom = [(n, s) for n, s in pts if s.get("status") == "out-of-memory"]
         if oom:
             color = line.get_color() if line else "k"
@@ -252,7 +297,8 @@ def plot(results, path: Path) -> Path | None:
                      ms=10, mew=2, color=color, label=f"{c}: stopped (memory)")
     ax1.set(xlabel="frames (4096x4096)", ylabel="wall time, mean + median (s)",
             xscale="log", yscale="log", title="time")
-    ax2.set(xlabel="frames (4096x4096)", ylabel="peak RSS of the process tree (GiB)",
+    ax2.set(xlabel="frames (4096x4096)",
+            ylabel="peak RSS of the process tree, mean + median (GiB)",
             xscale="log", title="memory")
     for ax in (ax1, ax2):
         ax.grid(True, which="both", alpha=0.3)
@@ -270,25 +316,38 @@ def write_report(json_path) -> tuple[Path, Path | None]:
     results = json.loads(json_path.read_text())
     png = plot(results, json_path.with_suffix(".png"))
     m = results["machine"]
+    overrides = results.get("overrides") or {}
+    title = f"# daskstack benchmarks: {results['suite']} suite ({results['started']})"
+    if overrides:
+        title += " - CUSTOM RUN, not the suite as defined"
     parts = [
-        f"# daskstack benchmarks: {results['suite']} suite ({results['started']})",
+        title,
+        f"\nMade by `{results.get('command', '?')}` at commit `{results.get('commit', '?')}`"
+        + (f" with uncommitted changes to {', '.join(results['modified_files'])}"
+           if results.get("modified_files") else "")
+        + (f"; overrides of the suite: {json.dumps(overrides)}" if overrides else "") + ".",
         f"\nMachine: {m['affinity']} cores, {m['memory_gib']:.1f} GiB "
         f"(load average at start {', '.join(f'{x:.1f}' for x in m['load_avg'])}); "
-        f"{m.get('swarp') or 'SWarp not installed'}; "
+        f"{m.get('swarp') or 'SWarp not installed'}; Python {m.get('python')}, "
         + ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v)
         + f". Suite wall time {results.get('elapsed_s', 0) / 60:.1f} min. Memory cap for a run: "
         f"{results['mem_limit_bytes'] / GiB:.1f} GiB.",
-        "\nTimes are of whole processes (median of the repeats, range in parentheses when "
-        "repeated); 'mean+median' is what each contender needs to produce both coadds "
-        "(SWarp: decompression + resample/average + median of the resampled frames; "
-        "daskstack: one `run --combine mean,median`); 'all steps' adds "
-        "daskstack's sigma-clipped combine. Ratios are within this run.",
+        "\nTimes are of whole processes: median [min-max] over the repeats, which ran "
+        "interleaved (round r of every contender before round r+1 of any, the order rotated "
+        "each round; see 'Order of the runs'). 'mean+median' is what each contender needs to "
+        "produce both coadds (SWarp: decompression + resample/average + median of the "
+        "resampled frames; daskstack: one `run --combine mean,median`); 'all steps' adds "
+        "daskstack's sigma-clipped combine. Peak RSS is of the whole process tree (all "
+        "workers); 'largest process' is the largest single process in it. Every raw "
+        "per-repeat figure is in the JSON file of the same name.",
         "\n## Time and memory\n", performance_table(results),
+        "\n## Ratios within each round\n", ratios_table(results),
         "\n## Targets\n", targets(results),
         "\n## Agreement on the same grid (pixels all cover)\n", agreement_table(results),
         "\n## Stars in the coadds against the truth (synthetic)\n", stars_table(results),
         "\n## Astrometry (one core)\n", astrometry_section(results),
-        "\n## Steps\n", steps_table(results),
+        "\n## Steps (median [min-max])\n", steps_table(results),
+        "\n## Order of the runs\n", schedule_section(results),
     ]
     if results.get("generation_s"):
         parts.append("\nInput generation (not timed as a contender): " + ", ".join(

@@ -6,15 +6,16 @@ import json
 import os
 import platform
 import shutil
-import statistics
+import subprocess
 import sys
 import time
+from importlib import metadata
 from pathlib import Path
 
 import psutil
 
 from . import contenders as C
-from . import datasets, measure, suites
+from . import datasets, measure, stats, suites
 
 GiB = 2**30
 
@@ -27,15 +28,16 @@ def _machine() -> dict:
     vm = psutil.virtual_memory()
     versions = {}
     for mod in ("numpy", "astropy", "reproject", "ccdproc", "dask", "distributed", "zarr",
-                "daskstack", "scipy"):
-        try:
-            versions[mod] = __import__(mod).__version__
-        except Exception:  # noqa: BLE001
-            versions[mod] = None
+                "daskstack", "scipy", "psutil"):
+        try:  # the installed distribution's version, without importing it
+            versions[mod] = metadata.version(mod)
+        except metadata.PackageNotFoundError:
+            try:
+                versions[mod] = __import__(mod).__version__
+            except Exception:  # noqa: BLE001
+                versions[mod] = None
     swarp = None
     if C.SWARP:
-        import subprocess
-
         swarp = subprocess.run([C.SWARP, "-v"], capture_output=True, text=True).stdout.strip()
     return {"python": sys.version.split()[0], "platform": platform.platform(),
             "cpus": os.cpu_count(), "affinity": len(os.sched_getaffinity(0)),
@@ -43,86 +45,100 @@ def _machine() -> dict:
             "load_avg": os.getloadavg(), "versions": versions, "swarp": swarp}
 
 
-def _summary(repeats: list[dict]) -> dict:
-    ok = [r for r in repeats if r["status"] == "ok"]
-    out = {"n_ok": len(ok), "n": len(repeats)}
-    if not ok:
-        bad = repeats[-1] if repeats else {}
-        out["status"] = bad.get("status", "not run")
-        out["stopped_at_rss_bytes"] = bad.get("stopped_at_rss_bytes")
-        out["wall_s_at_stop"] = bad.get("wall_s")
-        return out
-    out["status"] = "ok"
-    for key in ("wall_s", "wall_core_s", "cpu_s", "cpu_core_s", "peak_rss_bytes",
-                "peak_core_rss_bytes"):
-        values = [r[key] for r in ok]
-        out[key] = statistics.median(values)
-        out[key + "_min"], out[key + "_max"] = min(values), max(values)
-    out["steps"] = {}
-    for i, step in enumerate(ok[0]["steps"]):
-        walls = [r["steps"][i]["wall_s"] for r in ok]
-        peaks = [r["steps"][i]["peak_rss_bytes"] for r in ok]
-        out["steps"][step["name"]] = {"wall_s": statistics.median(walls),
-                                      "peak_rss_bytes": statistics.median(peaks)}
-    return out
+def _provenance(command: str) -> dict:
+    """The command that made the file and the commit it ran (with any uncommitted change
+    to tracked files listed: a result from a modified tree says so)."""
+
+    def git(*args):
+        try:
+            return subprocess.run(["git", *args], cwd=datasets.REPO, capture_output=True,
+                                  text=True, timeout=30).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return None
+
+    modified = git("diff", "--name-only", "HEAD")
+    return {"command": command,
+            "commit": git("rev-parse", "HEAD"),
+            "modified_files": modified.splitlines() if modified else [],
+            "branch": git("rev-parse", "--abbrev-ref", "HEAD")}
 
 
-def run_contender(contender, dataset, run_dir: Path, repeats: int, mem_limit: int,
-                  timeout: float, profile: bool = False) -> dict:
-    record = {"contender": contender, "dataset": dataset.name, "n_frames": len(dataset.frames),
-              "frame_shape": list(dataset.frame_shape), "repeats": []}
-    for _r in range(repeats):
-        shutil.rmtree(run_dir, ignore_errors=True)
-        plan = C.plan(contender, dataset, run_dir)
-        if plan is None:
-            record["skipped"] = "SWarp is not installed (Debian package 'swarp')"
-            return record
-        record["note"] = plan.note
-        rep = {"steps": [], "status": "ok"}
-        for k, step in enumerate(plan.steps):
-            cmd = step.cmd
-            if profile and contender.startswith("daskstack") and shutil.which("py-spy"):
-                cmd = ["py-spy", "record", "--subprocesses", "--rate", "50", "--format",
-                       "speedscope", "-o", str(run_dir / f"profile-{k}.json"), "--", *cmd]
-            m = measure.run_measured(cmd, cwd=run_dir, log_path=run_dir / f"step{k}.log",
-                                     mem_limit_bytes=mem_limit, timeout_s=timeout)
-            d = m.to_dict()
-            d.update({"name": step.name, "core": step.core})
-            rep["steps"].append(d)
-            log(f"    {contender:<20} {step.name:<32} {m.status:<13} {m.wall_s:7.1f} s  "
-                f"cpu {m.cpu_s:7.1f} s  peak {m.peak_rss_bytes / GiB:5.2f} GiB")
-            if m.status != "ok":
-                rep["status"] = m.status
-                rep["stopped_at_rss_bytes"] = m.stopped_at_rss_bytes
-                try:
-                    rep["log_tail"] = Path(m.log).read_text(errors="replace")[-3000:]
-                except OSError:
-                    pass
-                break
-        steps = rep["steps"]
-        core = [s for s in steps if s["core"]]
-        rep["wall_s"] = sum(s["wall_s"] for s in steps)
-        rep["cpu_s"] = sum(s["cpu_s"] for s in steps)
-        rep["peak_rss_bytes"] = max(s["peak_rss_bytes"] for s in steps)
-        rep["wall_core_s"] = sum(s["wall_s"] for s in core)
-        rep["cpu_core_s"] = sum(s["cpu_s"] for s in core)
-        rep["peak_core_rss_bytes"] = max((s["peak_rss_bytes"] for s in core), default=0)
-        rep["stopped_at_rss_bytes"] = rep.get("stopped_at_rss_bytes")
-        record["repeats"].append(rep)
-        record["outputs"] = {k: str(v) for k, v in plan.outputs.items()}
-        record["heavy"] = [str(p) for p in plan.heavy]
-        if rep["status"] != "ok":
+def new_record(contender, dataset) -> dict:
+    return {"contender": contender, "dataset": dataset.name, "n_frames": len(dataset.frames),
+            "frame_shape": list(dataset.frame_shape), "repeats": []}
+
+
+def unpack_revision(revision: str, directory: Path) -> Path:
+    """The package ``daskstack/`` of git ``revision`` unpacked (``git archive``) under
+    ``directory``/<short hash>, to run beside the working tree (``--baseline``)."""
+    sha = subprocess.run(["git", "rev-parse", "--short=10", f"{revision}^{{commit}}"],
+                         cwd=datasets.REPO, capture_output=True, text=True, check=True
+                         ).stdout.strip()
+    target = Path(directory) / sha
+    if not (target / "daskstack" / "__init__.py").exists():
+        target.mkdir(parents=True, exist_ok=True)
+        archive = subprocess.run(["git", "archive", "--format=tar", sha, "daskstack"],
+                                 cwd=datasets.REPO, capture_output=True, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(target)], input=archive, check=True)
+    return target
+
+
+def run_repeat(record: dict, dataset, run_dir: Path, mem_limit: int, timeout: float,
+               profile: bool = False, baselines: Path | None = None) -> dict | None:
+    """One repeat of ``record``'s contender on ``dataset``, appended to the record (with
+    the record's outputs: those of its latest repeat); None when it cannot run here."""
+    contender = record["contender"]
+    shutil.rmtree(run_dir, ignore_errors=True)
+    plan = C.plan(contender, dataset, run_dir, baselines)
+    if plan is None:
+        record["skipped"] = "SWarp is not installed (Debian package 'swarp')"
+        return None
+    record["note"] = plan.note
+    rep = {"steps": [], "status": "ok", "load_avg": os.getloadavg()}
+    for k, step in enumerate(plan.steps):
+        cmd = step.cmd
+        if profile and contender.startswith("daskstack") and shutil.which("py-spy"):
+            cmd = ["py-spy", "record", "--subprocesses", "--rate", "50", "--format",
+                   "speedscope", "-o", str(run_dir / f"profile-{k}.json"), "--", *cmd]
+        m = measure.run_measured(cmd, cwd=run_dir, log_path=run_dir / f"step{k}.log",
+                                 mem_limit_bytes=mem_limit, timeout_s=timeout)
+        d = m.to_dict()
+        d.update({"name": step.name, "core": step.core})
+        rep["steps"].append(d)
+        log(f"    {contender:<20} {step.name:<32} {m.status:<13} {m.wall_s:7.1f} s  "
+            f"cpu {m.cpu_s:7.1f} s  peak {m.peak_rss_bytes / GiB:5.2f} GiB")
+        if m.status != "ok":
+            rep["status"] = m.status
+            rep["stopped_at_rss_bytes"] = m.stopped_at_rss_bytes
+            try:
+                rep["log_tail"] = Path(m.log).read_text(errors="replace")[-3000:]
+            except OSError:
+                pass
             break
-    record["summary"] = _summary(record["repeats"])
-    return record
+    steps = rep["steps"]
+    core = [s for s in steps if s["core"]]
+    rep["wall_s"] = sum(s["wall_s"] for s in steps)
+    rep["cpu_s"] = sum(s["cpu_s"] for s in steps)
+    rep["peak_rss_bytes"] = max(s["peak_rss_bytes"] for s in steps)
+    rep["peak_process_rss_bytes"] = max(s["peak_process_rss_bytes"] for s in steps)
+    rep["wall_core_s"] = sum(s["wall_s"] for s in core)
+    rep["cpu_core_s"] = sum(s["cpu_s"] for s in core)
+    rep["peak_core_rss_bytes"] = max((s["peak_rss_bytes"] for s in core), default=0)
+    rep["stopped_at_rss_bytes"] = rep.get("stopped_at_rss_bytes")
+    record["repeats"].append(rep)
+    record["outputs"] = {k: str(v) for k, v in plan.outputs.items()}
+    record["heavy"] = [str(p) for p in plan.heavy]
+    record["summary"] = stats.summarise(record["repeats"])
+    return rep
 
 
 def _agreement(dataset, records, n) -> tuple[list, list]:
     from . import compare
 
+    # the outputs on disk are those of each contender's last try: compare only finished ones
     outputs = {r["contender"]: {k: Path(v) for k, v in r.get("outputs", {}).items()
                                 if Path(v).exists()}
-               for r in records if r.get("summary", {}).get("status") == "ok"}
+               for r in records if r["repeats"] and r["repeats"][-1]["status"] == "ok"}
     reference = next((c for c in ("daskstack-2w", "daskstack-1w") if c in outputs), None)
     if reference is None:
         return [], []
@@ -142,49 +158,85 @@ def _agreement(dataset, records, n) -> tuple[list, list]:
 
 def run_suite(suite_name: str, out: Path, *, real_dir=None, only=None, sizes=None,
               repeats=None, mem_limit_gib=None, timeout=None, skip_astrometry=False,
-              skip_real=False, profile=False, keep=False, ns=None) -> Path:
+              skip_real=False, profile=False, keep=False, ns=None,
+              command=None, baseline=None) -> Path:
+    """Run ``suite_name`` and write ``<suite>-<UTC time>.json`` (+ .md, .png) into ``out``;
+    ``command`` is the argument list of ``python -m benchmarks`` that asked for it."""
     suite = suites.SUITES[suite_name]
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     data_root = out / "data"
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    result_path = out / f"{suite_name}-{stamp}.json"
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    overrides = {k: v for k, v in {"only": only, "n": ns, "size": sizes, "repeats": repeats,
+                                   "skip_real": skip_real, "skip_astrometry": skip_astrometry,
+                                   "profile": profile,
+                                   "real_dir": str(real_dir) if real_dir else None}.items() if v}
+    # A run that is not the suite as defined says so in its name (and its report).
+    kind = "custom-" if overrides else ""
+    result_path = out / f"{suite_name}-{kind}{stamp}.json"
     mem_limit = int(mem_limit_gib * GiB) if mem_limit_gib else measure.default_mem_limit()
     contenders_all = [c for c in C.ALL_CONTENDERS if not only or c in only]
-    results = {"suite": suite_name, "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+    baselines = data_root / "baselines"
+    if baseline:  # another revision beside this one, interleaved: a change's before/after
+        source = unpack_revision(baseline, baselines)
+        contenders_all.insert(contenders_all.index("daskstack-2w") + 1
+                              if "daskstack-2w" in contenders_all else len(contenders_all),
+                              C.baseline_contender(source))
+    results = {"suite": suite_name,
+               "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+               "overrides": overrides,
+               **_provenance("python -m benchmarks " + " ".join(map(str, command))
+                             if command is not None
+                             else f"benchmarks.runner.run_suite({suite_name!r}) from Python"),
                "machine": _machine(), "mem_limit_bytes": mem_limit,
-               "swarp_config": C.SWARP_CONFIG, "runs": [], "agreement": [], "stars": [],
-               "astrometry": None, "notes": []}
+               "baseline": baseline,  # the suite as defined, plus this revision beside it
+               "swarp_config": C.SWARP_CONFIG, "schedule": [], "runs": [], "ratios": [],
+               "agreement": [], "stars": [], "astrometry": None, "notes": []}
     if not C.SWARP:
         results["notes"].append("SWarp not installed: its rows are skipped")
     t_start = time.perf_counter()
 
     def save():
         results["elapsed_s"] = time.perf_counter() - t_start
+        results["ratios"] = stats.paired_ratios(results["runs"])
         result_path.write_text(json.dumps(results, indent=1, default=str))
 
     def bench(dataset, n, contenders, n_repeats):
+        """Every contender at one data size, the repeats interleaved (stats.interleaved_order):
+        round r of every contender runs before round r+1 of any."""
         sub = dataset.subset(n)
         log(f"== {dataset.name} N={n} ({sub.frame_shape[1]}x{sub.frame_shape[0]}), "
-            f"{n_repeats} repeat(s)")
-        records = []
+            f"{n_repeats} interleaved repeat(s)")
         oom_before = {r["contender"] for r in results["runs"]
                       if r["dataset"] == dataset.name
-                      and r.get("summary", {}).get("status") == "out-of-memory"}
+                      and any(rep["status"] == "out-of-memory" for rep in r["repeats"])}
+        records = {}
         for contender in contenders:
-            run_dir = out / "runs" / f"{dataset.name}-N{n}" / contender
+            records[contender] = new_record(contender, sub)
             if contender in oom_before:
-                rec = {"contender": contender, "dataset": dataset.name, "n_frames": n,
-                       "frame_shape": list(sub.frame_shape), "repeats": [],
-                       "summary": {"status": "skipped (out of memory at a smaller N)"}}
-            else:
-                rec = run_contender(contender, sub, run_dir, n_repeats, mem_limit, timeout,
-                                    profile)
-            records.append(rec)
-            results["runs"].append(rec)
-            save()
+                records[contender]["summary"] = {
+                    "status": "skipped (out of memory at a smaller N)"}
+            results["runs"].append(records[contender])
+        order = stats.interleaved_order([c for c in contenders if c not in oom_before],
+                                        n_repeats)
+        results["schedule"].append({"dataset": dataset.name, "n_frames": n, "order": order})
+        stopped = set()  # not tried again once skipped, failed or stopped for memory/time
+        for r, round_order in enumerate(order):
+            log(f"  round {r + 1}/{len(order)}: {', '.join(round_order)}")
+            for position, contender in enumerate(round_order):
+                if contender in stopped:
+                    continue
+                run_dir = out / "runs" / f"{dataset.name}-N{n}" / contender
+                started = time.perf_counter() - t_start
+                rep = run_repeat(records[contender], sub, run_dir, mem_limit, timeout, profile,
+                                 baselines)
+                if rep is None or rep["status"] != "ok":
+                    stopped.add(contender)
+                if rep is not None:
+                    rep.update({"repeat": r, "position": position, "started_s": started})
+                save()
         t0 = time.perf_counter()
-        pairs, stars = _agreement(sub, records, n)
+        pairs, stars = _agreement(sub, list(records.values()), n)
         for p in pairs:
             p.update({"dataset": dataset.name, "n_frames": n})
         for s in stars:
@@ -193,7 +245,7 @@ def run_suite(suite_name: str, out: Path, *, real_dir=None, only=None, sizes=Non
         results["stars"] += stars
         log(f"    agreement computed in {time.perf_counter() - t0:.0f} s")
         if not keep:
-            for rec in records:
+            for rec in records.values():
                 for p in rec.get("heavy", []):
                     shutil.rmtree(p, ignore_errors=True) if Path(p).is_dir() else \
                         Path(p).unlink(missing_ok=True)
@@ -209,14 +261,17 @@ def run_suite(suite_name: str, out: Path, *, real_dir=None, only=None, sizes=Non
             log(f"real frames skipped: {err}")
     # astrometry (before the synthetic sizes, so that a run stopped for time during the
     # largest N still has it)
-    if not skip_astrometry:
+    if not skip_astrometry and suite["astrometry"]:
         a = suite["astrometry"]
-        astro_json = out / f"astrometry-{suite_name}-{stamp}.json"
+        # raw rows, merged into the results file (kept out of the committed top level)
+        astro_json = out / "runs" / f"astrometry-{suite_name}-{stamp}.json"
+        astro_json.parent.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "-m", "benchmarks.astrometry_bench", str(astro_json),
                str(data_root), str(real_dir or datasets.DEFAULT_REAL_DIR), a["real_frames"],
                a["big_frames"], a["big_size"], a["sweep_size"], a["sweep_frames"]]
         log("== astrometry (one core)")
-        m = measure.run_measured(cmd, cwd=datasets.REPO, log_path=out / "astrometry.log",
+        m = measure.run_measured(cmd, cwd=datasets.REPO,
+                                 log_path=out / "runs" / "astrometry.log",
                                  env=measure.single_core_env(), timeout_s=timeout)
         results["astrometry_process"] = m.to_dict()
         if astro_json.exists():
@@ -230,9 +285,9 @@ def run_suite(suite_name: str, out: Path, *, real_dir=None, only=None, sizes=Non
         ds = datasets.synthetic(data_root, max(ns), size=size, log=log)
         results.setdefault("generation_s", {})[f"synth{size}"] = time.perf_counter() - t0
         for n in ns:
-            cont = [c for c in suites.contenders_for(suite, n, C.ALL_CONTENDERS)
-                    if c in contenders_all] or contenders_all
-            bench(ds, n, cont, repeats or spec["repeats"].get(n, 1))
+            cont = [c for c in suites.contenders_for(suite, n, contenders_all)] \
+                or contenders_all
+            bench(ds, n, cont, repeats or spec["repeats"])
     save()
     from . import report
 

@@ -13,8 +13,11 @@ The archive (https://archive-api.lco.global) is a REST API:
 `ArchiveClient` queries it, then downloads with bounded concurrency, retries
 with exponential backoff, checks every response against the documented shape,
 verifies each file against the archive's md5 and the expected size, writes it
-atomically, and skips files already present and verified. `download_frames` is
-the one-call entry point used by ``daskstack download`` and ``daskstack run``.
+atomically, and skips files already present and verified. Each record is judged
+alone: one the archive got wrong (unsafe file name, no url, 404, wrong md5, truncated
+body) fails that frame with its reason, the others download, and nothing is written
+outside the output directory. `download_frames` is the one-call entry point used by
+``daskstack download`` and ``daskstack run``.
 
 Settings, most specific first:
 
@@ -53,6 +56,7 @@ __all__ = [
     "ARCHIVE_URL_ENV",
     "DEFAULT_ARCHIVE_URL",
     "INDEX_NAME",
+    "OUTCOMES_NAME",
     "TOKEN_ENV",
     "ArchiveClient",
     "ArchiveError",
@@ -63,6 +67,7 @@ __all__ = [
     "read_index",
     "redact_url",
     "resolve_archive_url",
+    "resolve_records",
     "safe_filename",
 ]
 
@@ -72,6 +77,7 @@ DEFAULT_ARCHIVE_URL = "https://archive-api.lco.global"
 ARCHIVE_URL_ENV = "DASKSTACK_LCO_ARCHIVE_URL"
 TOKEN_ENV = "LCO_ARCHIVE_TOKEN"
 INDEX_NAME = "lco-index.ecsv"
+OUTCOMES_NAME = "lco-download.ecsv"  # what became of each record of the last download
 
 #: File name endings accepted from the archive (images daskstack can read).
 ALLOWED_SUFFIXES = (".fits.fz", ".fits.gz", ".fits", ".fit", ".fts", ".fz")
@@ -79,6 +85,8 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,254}$")
 _MD5_RE = re.compile(r"^[0-9a-fA-F]{32}$")
 _CHUNK = 1 << 20
 _MAX_BACKOFF = 60.0
+# What to do about a record the archive itself got wrong (nothing to retry on our side).
+_REPORT_RECORD = "this frame is skipped; report the record to the archive's maintainers"
 _INDEX_COLUMNS = (
     "frame_id", "file", "filter", "date_obs", "site", "telescope", "instrument", "object",
     "proposal", "obstype", "rlevel", "exptime", "md5", "size",
@@ -148,17 +156,18 @@ def safe_filename(name, frame_id=None) -> str:
     ):
         raise ArchiveError(
             f"{where}: refused unsafe file name {shown!r} from the archive "
-            "(directory parts, '..' and absolute paths are not allowed)", frame_id
+            f"(directory parts, '..' and absolute paths are not allowed); {_REPORT_RECORD}",
+            frame_id,
         )
     if not _NAME_RE.match(name):
         raise ArchiveError(
             f"{where}: refused file name {shown!r} from the archive (only letters, digits "
-            "and '._+-' are allowed, not starting with a dot)", frame_id
+            f"and '._+-' are allowed, not starting with a dot); {_REPORT_RECORD}", frame_id
         )
     if not name.lower().endswith(ALLOWED_SUFFIXES):
         raise ArchiveError(
             f"{where}: refused file name {shown!r} from the archive: not a FITS file "
-            f"({', '.join(ALLOWED_SUFFIXES)})", frame_id
+            f"({', '.join(ALLOWED_SUFFIXES)}); {_REPORT_RECORD}", frame_id
         )
     return name
 
@@ -268,24 +277,30 @@ class FrameRecord:
         url = data.get("url")
         if url is None and versions:
             url = versions[0].get("url")
-        if not isinstance(url, str) or not url:
-            raise ArchiveError(f"{where}: the archive's record has no download 'url'", frame_id)
-        if urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).netloc:
-            raise ArchiveError(
-                f"{where}: the download URL {redact_url(url)!r} is not an http(s) URL", frame_id
-            )
         # The version the url belongs to: the one with the same url, else the newest (first).
         newest = versions[0] if versions else {}
-        version = next((v for v in versions if v.get("url") == url), newest)
+        version = next((v for v in versions if url and v.get("url") == url), newest)
         basename = _text(data, "basename")
         filename = data.get("filename")
         if filename is None and basename and version.get("extension"):
             filename = f"{basename}{version['extension']}"
         filename = safe_filename(filename, frame_id)
+        where = f"frame {frame_id} ({filename})"  # checked: safe to show
+        if not isinstance(url, str) or not url:
+            raise ArchiveError(
+                f"{where}: the archive's record has no download 'url' (the file cannot be "
+                "fetched from it now); try again later, or leave this frame out", frame_id
+            )
+        if urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).netloc:
+            raise ArchiveError(
+                f"{where}: the download URL {redact_url(url)!r} is not an http(s) URL; "
+                f"{_REPORT_RECORD}", frame_id
+            )
         md5 = version.get("md5") or ""
         if md5 and (not isinstance(md5, str) or not _MD5_RE.match(md5)):
             raise ArchiveError(
-                f"{where}: the archive's md5 {md5!r} is not an md5 checksum", frame_id
+                f"{where}: the archive's md5 {md5!r} is not an md5 checksum; {_REPORT_RECORD}",
+                frame_id,
             )
         size = _number(version, "size", kind=int)
         return cls(
@@ -310,15 +325,20 @@ class FrameRecord:
 
 @dataclass(frozen=True)
 class DownloadResult:
-    """What happened to one frame: ``status`` is "downloaded", "present" or "failed"."""
+    """What happened to one frame: ``status`` is "downloaded", "present" or "failed".
 
-    frame_id: int
+    A failed one carries its reason in ``error`` (naming the frame and its file, and what to
+    do); ``frame_id`` is None only for a query result whose id was unreadable.
+    """
+
+    frame_id: int | None
     path: Path | None
     status: str
     record: FrameRecord | None = None
     md5: str = ""
     size: int | None = None
     error: str = ""
+    http_status: int | None = None  # of the failed request, if an HTTP error failed it
 
     @property
     def ok(self) -> bool:
@@ -526,7 +546,10 @@ class ArchiveClient:
                     self.retries, delay)
         time.sleep(delay)
 
-    def _check_status(self, response: requests.Response, what: str, frame_id=None) -> None:
+    def _check_status(self, response: requests.Response, what: str, frame_id=None,
+                      file: bool = False) -> None:
+        """Raise for anything but 200 (`_Transient` if worth retrying); ``file``: the
+        response is a frame's download link, not an archive record."""
         status = response.status_code
         if status == 200:
             return
@@ -546,7 +569,10 @@ class ArchiveClient:
             raise self._error(f"{what}: HTTP 403 Forbidden ({hint})", frame_id, status)
         if status == 404:
             hint = "no such frame" if frame_id is not None else "no such address"
-            if frame_id is not None and not self._token:
+            if file:
+                hint = ("the download link is gone or expired: run again for a fresh link; "
+                        "if it persists, the archive has lost the file")
+            elif frame_id is not None and not self._token:
                 hint += f", or it is proprietary and needs an API token ({TOKEN_ENV})"
             raise self._error(
                 f"{what}: HTTP 404 Not Found at {redact_url(response.url)} ({hint})",
@@ -617,6 +643,7 @@ class ArchiveClient:
         basename: str | None = None,
         params: Mapping | None = None,
         limit: int | None = None,
+        errors: list | None = None,
     ) -> list[FrameRecord]:
         """Frames matching the filters, following the archive's pages (``next``) to the end.
 
@@ -626,6 +653,10 @@ class ArchiveClient:
         and ``end`` bound DATE-OBS (a date-only ``end`` includes that whole day);
         ``rlevel`` 91 = processed by BANZAI, 0 = raw. ``params`` adds raw archive
         filters. At most ``limit`` records are returned (all if None).
+
+        A record that is not a usable frame record (an unsafe file name, no download url
+        ...) raises `ArchiveError`; if ``errors`` is a list, it is appended there instead
+        (counted in ``limit``), so that one bad record does not lose the others.
         """
         query = build_query(
             target=target, ra=ra, dec=dec, radius=radius, start=start, end=end, filter=filter,
@@ -638,6 +669,7 @@ class ArchiveClient:
         query.setdefault("include_related_frames", "false")
         url = f"{self.base_url}/frames/"
         records: list[FrameRecord] = []
+        n_bad = 0  # records refused (into ``errors``)
         seen_pages: set[str] = set()
         params_now: dict | None = query
         page = 0
@@ -654,13 +686,20 @@ class ArchiveClient:
                     "frames ({count, next, previous, results})"
                 )
             for item in data["results"]:
-                records.append(FrameRecord.from_json(item))
-                if limit and len(records) >= limit:
+                try:
+                    records.append(FrameRecord.from_json(item))
+                except ArchiveError as err:
+                    if errors is None:
+                        raise
+                    errors.append(err)
+                    n_bad += 1
+                if limit and len(records) + n_bad >= limit:
                     break
             count = data.get("count")
             log.info("%s: %d frames so far%s", what, len(records),
                      f" of {count}" if isinstance(count, int) else "")
-            if (limit and len(records) >= limit) or not data["results"] or not data.get("next"):
+            enough = limit and len(records) + n_bad >= limit
+            if enough or not data["results"] or not data.get("next"):
                 break
             url = self._same_origin(data["next"])
             params_now = None  # the next link carries the query
@@ -703,7 +742,8 @@ class ArchiveClient:
                 return present
             log.info("%s: the file present does not verify; downloading again", what)
         if not record.url:
-            raise self._error(f"{what}: no download URL known", record.id)
+            raise self._error(f"{what}: no download URL known; ask the archive for the frame "
+                              "again (by its id)", record.id)
         last = ""
         for attempt in range(self.retries + 1):
             try:
@@ -719,8 +759,10 @@ class ArchiveClient:
                                   record.id) from None
             if attempt < self.retries:
                 self._sleep(attempt, what, last)
-        raise self._error(f"{what}: download failed after {self.retries + 1} attempts ({last})",
-                          record.id)
+        raise self._error(
+            f"{what}: download failed after {self.retries + 1} attempts ({last}); nothing "
+            "written; run again later to retry", record.id,
+        )
 
     def _verify_present(self, record, dest: Path, known) -> DownloadResult | None:
         """A "present" result if ``dest`` verifies, else None (then it is downloaded again)."""
@@ -742,7 +784,7 @@ class ArchiveClient:
         log.debug("GET %s", redact_url(record.url))
         response = self.session.get(record.url, headers=headers, stream=True, timeout=self.timeout)
         with response:
-            self._check_status(response, what, record.id)
+            self._check_status(response, what, record.id, file=True)
             ctype = response.headers.get("Content-Type", "").split(";")[0].strip().lower()
             if ctype in ("text/html", "application/json", "application/xml", "text/xml"):
                 raise self._error(
@@ -777,7 +819,8 @@ class ArchiveClient:
                 if record.md5 and md5 != record.md5:
                     raise self._error(
                         f"{what}: checksum mismatch: md5 {md5} of the {nbytes} bytes received, "
-                        f"the archive says {record.md5}; nothing written", record.id,
+                        f"the archive says {record.md5}; nothing written; run again to retry "
+                        "(if it persists, the archive's copy is damaged)", record.id,
                     )
         log.info("%s: downloaded %d bytes", what, nbytes)
         return DownloadResult(record.id, dest, "downloaded", record, md5, nbytes)
@@ -812,25 +855,28 @@ class ArchiveClient:
         out_dir.mkdir(parents=True, exist_ok=True)
         names: dict[str, int] = {}
         unique: list[FrameRecord] = []
+        clashes: dict[int, str] = {}  # frame id -> why it is not fetched
         ids: set[int] = set()
         for record in records:
             if record.id in ids:
                 continue
             ids.add(record.id)
             other = names.setdefault(record.filename, record.id)
-            if other != record.id:
-                raise self._error(
-                    f"frames {other} and {record.id} have the same file name {record.filename!r}"
+            if other != record.id:  # the first keeps the name; this one would overwrite it
+                clashes[record.id] = (
+                    f"frame {record.id} ({record.filename}): frame {other} has the same file "
+                    f"name; {_REPORT_RECORD}"
                 )
             unique.append(record)
         known = read_index(out_dir)
 
         def one(record):
             try:
+                if record.id in clashes:
+                    raise self._error(clashes[record.id], record.id)
                 return self.fetch(record, out_dir, known.get(record.id))
             except ArchiveError as err:
-                log.error("%s", err)
-                return DownloadResult(record.id, None, "failed", record, error=str(err))
+                return _failed(err, record)
 
         if len(unique) <= 1 or self.max_workers == 1:
             results = [one(r) for r in unique]
@@ -839,11 +885,27 @@ class ArchiveClient:
                 results = list(pool.map(one, unique))
         if index and any(r.ok for r in results):
             _write_index(out_dir, results, self.base_url)
-        failed = [r for r in results if not r.ok]
-        if failed and raise_errors:
-            more = f" (and {len(failed) - 1} more failed)" if len(failed) > 1 else ""
-            raise ArchiveError(f"{failed[0].error}{more}", failed[0].frame_id)
+        if raise_errors:
+            _raise_failures(results)
         return results
+
+
+def _failed(err: ArchiveError, record: FrameRecord | None = None,
+            frame_id: int | None = None) -> DownloadResult:
+    """The result of a frame that failed with ``err`` (logged: the batch goes on)."""
+    log.error("%s", err)
+    if record is not None:
+        frame_id = record.id
+    return DownloadResult(frame_id or err.frame_id, None, "failed", record, error=str(err),
+                          http_status=err.status)
+
+
+def _raise_failures(results: Iterable[DownloadResult]) -> None:
+    """`ArchiveError` naming the first failed frame and how many more failed, if any did."""
+    failed = [r for r in results if not r.ok]
+    if failed:
+        more = f" (and {len(failed) - 1} more failed)" if len(failed) > 1 else ""
+        raise ArchiveError(f"{failed[0].error}{more}", failed[0].frame_id, failed[0].http_status)
 
 
 # -- queries ---------------------------------------------------------------------------------
@@ -975,6 +1037,7 @@ def download_frames(
     backoff: float = 1.0,
     index: bool = True,
     results: list | None = None,
+    raise_errors: bool = True,
 ) -> list[Path]:
     """Download frames by id and/or by query into ``out_dir``; the local paths, in order.
 
@@ -983,9 +1046,16 @@ def download_frames(
     keywords (``target``, ``ra``, ``dec``, ``radius``, ``start``, ``end``, ``filter``,
     ``site``, ``telescope``, ``instrument``, ``rlevel``, ``proposal``, ``obstype`` ...).
     A frame id already in the index whose file still verifies against the recorded
-    md5 costs no request at all. Raises `ArchiveError` if any frame fails (after the
-    others are downloaded and indexed). If ``results`` is a list, the
-    `DownloadResult` of every frame is appended to it.
+    md5 costs no request at all.
+
+    Each record is judged alone: a bad one (unsafe file name, no url, 404, wrong md5,
+    truncated body ...) fails that frame only, and the others are downloaded and
+    indexed. With ``index``, the outcome of every frame (downloaded, present, failed and
+    why) is written to ``<out_dir>/lco-download.ecsv``. Then, with ``raise_errors``, an
+    `ArchiveError` names the failed frames; without it the paths of the frames that
+    made it are returned. If ``results`` is a list, the `DownloadResult` of every frame
+    (failed ones too) is appended to it. A failure of the whole request (the archive
+    unreachable, a query page it cannot answer) raises `ArchiveError` either way.
     """
     ids = [_frame_id(i) for i in (ids or [])]
     if not ids and not query:
@@ -1015,25 +1085,93 @@ def download_frames(
                 log.info("frame %d (%s): already present and verified", frame_id, path.name)
                 continue
             to_get.append(frame_id)
-        records = _get_records(client, to_get)
-        if query:
-            records.extend(client.query_frames(**dict(query), limit=limit))
-        seen = set(present)
-        wanted = []
-        for record in records:
-            if record.id not in seen:
-                seen.add(record.id)
-                wanted.append(record)
-        fetched = {r.frame_id: r for r in client.download(wanted, out_dir, index=index)}
-        given = set(ids)
-        order = [*dict.fromkeys(ids), *(r.id for r in wanted if r.id not in given)]
-        final = [present.get(i) or fetched[i] for i in order]
+        records, refused = resolve_records(client, to_get, query, limit)
+        wanted = [r for r in records if r.id not in present]
+        fetched = client.download(wanted, out_dir, index=index, raise_errors=False)
+        by_id = {r.frame_id: r for r in [*refused, *fetched] if r.frame_id is not None}
+        by_id.update(present)
+        order = dict.fromkeys([*ids, *(r.id for r in wanted)])
+        final = [by_id[i] for i in order if i in by_id]
+        final += [r for r in refused if r.frame_id is None or r.frame_id not in order]
+        if index:
+            _write_outcomes(out_dir, final)
         if results is not None:
             results.extend(final)
-        return [r.path for r in final]
+        if raise_errors:
+            _raise_failures(final)
+        return [r.path for r in final if r.ok]
     finally:
         if own:
             client.close()
+
+
+def resolve_records(
+    client: ArchiveClient, ids: Iterable = (), query: Mapping | None = None,
+    limit: int | None = None,
+) -> tuple[list[FrameRecord], list[DownloadResult]]:
+    """The archive's records for ``ids`` (fetched concurrently), then the ``query``'s matches.
+
+    Judged one by one: a frame whose record cannot be had or used (404, an unsafe file
+    name, no url ...) becomes a "failed" `DownloadResult` with its reason, and the others
+    are returned as records, ids first, without duplicates. A failure of the query
+    itself (a page the archive cannot give) raises `ArchiveError`.
+    """
+    ids = list(dict.fromkeys(_frame_id(i) for i in ids))
+    refused: list[DownloadResult] = []
+    records: list[FrameRecord] = []
+
+    def get(frame_id):
+        try:
+            return client.get_frame(frame_id)
+        except ArchiveError as err:
+            return err
+
+    if len(ids) <= 1 or client.max_workers == 1:
+        answers = [get(i) for i in ids]
+    else:
+        with ThreadPoolExecutor(client.max_workers, thread_name_prefix="lco-record") as pool:
+            answers = list(pool.map(get, ids))
+    for frame_id, answer in zip(ids, answers, strict=True):
+        if isinstance(answer, ArchiveError):
+            refused.append(_failed(answer, frame_id=frame_id))
+        else:
+            records.append(answer)
+    if query:
+        errors: list[ArchiveError] = []
+        records.extend(client.query_frames(**dict(query), limit=limit, errors=errors))
+        refused.extend(_failed(err) for err in errors)
+    unique: dict[int, FrameRecord] = {}
+    for record in records:
+        unique.setdefault(record.id, record)
+    return list(unique.values()), refused
+
+
+def _write_outcomes(out_dir, results: Iterable[DownloadResult]) -> Path:
+    """``<out_dir>/lco-download.ecsv``: frame, file, status and reason of each frame of the
+    last download (replaced each time; the index keeps what is on disk)."""
+    from astropy.table import Table
+
+    results = list(results)
+    table = Table(
+        [
+            [r.frame_id if r.frame_id is not None else -1 for r in results],
+            [r.path.name if r.path else (r.record.filename if r.record else "")
+             for r in results],
+            [r.status for r in results],
+            [r.error for r in results],
+        ],
+        names=("frame_id", "file", "status", "reason"),
+        dtype=(int, str, str, str),
+    )
+    table.meta["comments"] = [
+        "What became of each frame of the last daskstack download: downloaded, present "
+        "(already there and verified) or failed (reason: what went wrong and what to do). "
+        "frame_id -1: the archive's record had no readable id.",
+    ]
+    path = Path(out_dir) / OUTCOMES_NAME
+    with atomic_path(path) as tmp:
+        table.write(tmp, format="ascii.ecsv")
+    return path
 
 
 def _safe_name(name) -> bool:
@@ -1064,24 +1202,3 @@ def _record_from_row(row: Mapping) -> FrameRecord:
         md5=str(row.get("md5") or ""),
         size=int(size) if size is not None and int(size) > 0 else None,
     )
-
-
-def _get_records(client: ArchiveClient, ids: list[int]) -> list[FrameRecord]:
-    """Frame records for ``ids`` (fetched concurrently); `ArchiveError` naming the first failure."""
-    if not ids:
-        return []
-    if len(ids) == 1 or client.max_workers == 1:
-        return [client.get_frame(i) for i in ids]
-    with ThreadPoolExecutor(client.max_workers, thread_name_prefix="lco-record") as pool:
-        futures = [pool.submit(client.get_frame, i) for i in ids]
-        records, errors = [], []
-        for future in futures:
-            try:
-                records.append(future.result())
-            except ArchiveError as err:
-                errors.append(err)
-    if errors:
-        more = f" (and {len(errors) - 1} more failed)" if len(errors) > 1 else ""
-        raise ArchiveError(f"{errors[0]}{more}", errors[0].frame_id, errors[0].status)
-    return records
-

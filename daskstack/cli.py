@@ -1,9 +1,10 @@
 """The ``daskstack`` command: thin; it parses options, builds Settings and calls the API.
 
-Exit codes: 0 every frame made it into the coadd; 3 coadds were written but some
-frames failed (see manifest.ecsv); 4 nothing usable was produced; 2 bad usage,
+Exit codes, the same for every command (`daskstack.exitcodes`): 0 all done (every frame
+or archive record made it); 3 partial (something usable was written, some frames or
+records failed, each reported with its reason); 4 nothing usable was produced; 2 bad usage,
 options or inputs, or no batch job could start (nothing was computed); 130 interrupted
-(Ctrl-C; the same command resumes); 1 an unexpected error.
+(Ctrl-C; the same command resumes). 1 is an unexpected error (a traceback): a bug.
 """
 
 from __future__ import annotations
@@ -20,9 +21,14 @@ from pathlib import Path
 import click
 
 from .config import Settings, SettingsError
-
-EXIT_USAGE = 2
-EXIT_ERROR = 1
+from .exitcodes import (
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_PARTIAL,
+    EXIT_USAGE,
+    outcome,
+)
 
 
 # --------------------------------------------------------------------------------------
@@ -366,6 +372,7 @@ def run(frames, catalog, out_dir, overwrite, report, lco_frames, lco_query, lco_
     the same command resumes: frames already solved or registered are not computed
     again. One coadd per filter.
     """
+    from .archive import OUTCOMES_NAME
     from .cluster import ClusterError
     from .pipeline import RunError
     from .pipeline import run as run_pipeline
@@ -373,12 +380,17 @@ def run(frames, catalog, out_dir, overwrite, report, lco_frames, lco_query, lco_
 
     _setup_logging(verbose, quiet)
     settings = _settings(config_file, overrides)
-    if lco_frames or lco_query:
-        frames = tuple(frames) + tuple(_lco_download(lco_frames, lco_query, lco_limit,
-                                                     archive_url, Path(out_dir) / "frames"))
-    frames = _check_inputs(frames)
     if not catalog and settings.solve.wcs == "solve":
         _fail("--catalog is required to solve the frames' WCS (or use --wcs header)")
+    not_downloaded = []
+    if lco_frames or lco_query:
+        downloaded, not_downloaded = _lco_download(lco_frames, lco_query, lco_limit,
+                                                   archive_url, Path(out_dir) / "frames")
+        if not frames and not downloaded:
+            _fail(f"no frame could be downloaded ({len(not_downloaded)} failed, see "
+                  f"{Path(out_dir) / 'frames' / OUTCOMES_NAME})", code=EXIT_FAILED)
+        frames = tuple(frames) + tuple(downloaded)
+    frames = _check_inputs(frames)
     try:
         with _interruptible():
             result = run_pipeline(frames, catalog, out_dir, settings, overwrite=overwrite,
@@ -390,10 +402,12 @@ def run(frames, catalog, out_dir, overwrite, report, lco_frames, lco_query, lco_
     except (RunError, ClusterError) as err:
         _fail(str(err), code=EXIT_USAGE)
     _summary(result, quiet)
-    sys.exit(result.exit_code)
-
-
-EXIT_INTERRUPTED = 130  # as a shell reports a command ended by Ctrl-C (128 + SIGINT)
+    if not_downloaded and not quiet:
+        click.echo(f"archive: {len(not_downloaded)} frames not downloaded (not in the run; see "
+                   f"{Path(out_dir) / 'frames' / OUTCOMES_NAME})")
+    # Frames that never arrived are failed frames too: the run is at best partial.
+    code = result.exit_code
+    sys.exit(EXIT_PARTIAL if code == EXIT_OK and not_downloaded else code)
 
 
 @contextlib.contextmanager
@@ -425,8 +439,39 @@ def _combine_command(out_dir, differences) -> str:
     return " ".join(words)
 
 
-def _lco_download(ids, query_items, limit, archive_url, out_dir) -> list[str]:
-    """Fetch frames from the LCO archive for `run` (verified, skipped when present)."""
+def _checked_query(query: dict, option: str) -> dict:
+    """The archive query keywords, checked before any request (bad ones: exit 2)."""
+    from . import archive
+
+    try:
+        archive.build_query(**query)
+    except (TypeError, archive.ArchiveError) as err:
+        _fail(f"{option}: {err}")
+    return query
+
+
+def _archive_client(archive_url, **kwargs):
+    """An `ArchiveClient`; bad settings (URL, token file) are bad usage: exit 2."""
+    from . import archive
+
+    try:
+        return archive.ArchiveClient(archive_url, **kwargs)
+    except archive.ArchiveError as err:
+        _fail(str(err))
+
+
+def _archive_failures(results) -> list:
+    """The failed ones of ``results`` (archive `DownloadResult`), each echoed on stderr
+    (errors: shown even with --quiet)."""
+    failed = [r for r in results if not r.ok]
+    for result in failed:
+        click.echo(f"  FAILED {result.error}", err=True)
+    return failed
+
+
+def _lco_download(ids, query_items, limit, archive_url, out_dir) -> tuple[list[str], list]:
+    """Fetch frames from the LCO archive for `run` (verified, skipped when present): the
+    paths that arrived, and the failed `DownloadResult`s (each also on stderr)."""
     from . import archive
 
     query = {}
@@ -435,14 +480,16 @@ def _lco_download(ids, query_items, limit, archive_url, out_dir) -> list[str]:
         if not sep or not key.strip():
             _fail(f"--lco-query {item!r}: expected KEY=VALUE")
         query[key.strip()] = value.strip()
-    try:
-        paths = archive.download_frames(list(ids) or None, query or None, out_dir, limit=limit,
-                                        base_url=archive_url)
-    except TypeError as err:
-        _fail(f"--lco-query: {err}")
-    except archive.ArchiveError as err:
-        _fail(str(err), code=EXIT_ERROR)
-    return [str(p) for p in paths]
+    query = _checked_query(query, "--lco-query")
+    results = []
+    with _archive_client(archive_url) as client:
+        try:
+            paths = archive.download_frames(list(ids) or None, query or None, out_dir,
+                                            limit=limit, client=client, results=results,
+                                            raise_errors=False)
+        except archive.ArchiveError as err:  # the archive as a whole: unreachable, ...
+            _fail(str(err), code=EXIT_FAILED)
+    return [str(p) for p in paths], _archive_failures(results)
 
 
 @main.command()
@@ -530,7 +577,7 @@ def solve(frames, catalog, out_dir, config_file, verbose, quiet, overrides):
         for line in _failure_lines(failed):
             click.echo(line)
         click.echo(f"QA: {Path(out_dir) / 'solve.ecsv'}")
-    sys.exit(0 if not failed else (4 if len(failed) == len(records) else 3))
+    sys.exit(outcome(len(records) - len(failed), len(failed)))
 
 
 @main.command()
@@ -546,6 +593,7 @@ def register(frames, out_dir, wcs_source, config_file, verbose, quiet, overrides
     """Reproject FRAMES onto one grid, tile by tile, into OUT/store.zarr."""
     from .cluster import ClusterError
     from .pipeline import register_files
+    from .rundir import dedupe
 
     _setup_logging(verbose, quiet)
     settings = _settings(config_file, overrides)
@@ -557,10 +605,14 @@ def register(frames, out_dir, wcs_source, config_file, verbose, quiet, overrides
     except ClusterError as err:  # nothing was computed: batch jobs that cannot start
         _fail(str(err))
     except (ValueError, RuntimeError) as err:
-        _fail(str(err), code=4)
+        _fail(str(err), code=EXIT_FAILED)
+    n_frames = len(dedupe(frames))
+    n_registered = len(store.params.get("registered", []))
     if not quiet:
         click.echo(f"store: {store.path}  grid {store.grid.shape[1]}x{store.grid.shape[0]}  "
-                   f"filters: {', '.join(store.filters)}")
+                   f"filters: {', '.join(store.filters)}  registered: {n_registered} of "
+                   f"{n_frames} frames")
+    sys.exit(outcome(n_registered, n_frames - n_registered))
 
 
 def _store_and_run_dir(path) -> tuple[Path, Path]:
@@ -604,7 +656,7 @@ def combine(store_path, out_dir, overwrite, config_file, verbose, quiet, overrid
     except (RunError, ClusterError) as err:
         _fail(str(err))
     except ValueError as err:
-        _fail(str(err), code=4)
+        _fail(str(err), code=EXIT_FAILED)
     if not quiet:
         for path in written:
             click.echo(f"wrote {path}")
@@ -648,7 +700,7 @@ def report_command(run_dir, frames, workers, scheduler, verbose, quiet):
                                            announce=progress.notice) as client:
             path = make_report(client, run_path, settings, frames=frames, progress=progress)
     except (RunError, ClusterError) as err:
-        _fail(str(err), code=4)
+        _fail(str(err), code=EXIT_FAILED)
     if not quiet:
         click.echo(f"report: {path}")
 
@@ -695,8 +747,12 @@ def download(ids, out_dir, target, ra, dec, radius, start, end, filter_, site, t
 
     Each file is checked against the archive's md5 and written atomically; frames
     already present and verified are not fetched again, so a re-run costs nothing.
-    The downloaded paths are printed, one per line. For proprietary data put your
-    archive API token in $LCO_ARCHIVE_TOKEN (never on the command line).
+    Each record is judged alone: one the archive got wrong (unsafe file name, no
+    url, 404, wrong md5, truncated) fails with its reason and the others download.
+    The paths are printed, one per line; the failures and a summary go to stderr,
+    every frame's outcome to OUT/lco-download.ecsv. Exit 0 all downloaded or
+    present, 3 some failed, 4 none arrived, 2 bad options. For proprietary data put
+    your archive API token in $LCO_ARCHIVE_TOKEN (never on the command line).
 
     \b
     Examples:
@@ -717,31 +773,34 @@ def download(ids, out_dir, target, ra, dec, radius, start, end, filter_, site, t
     }
     if not ids and not query:
         _fail("give frame ids or at least one query option (--target, --ra/--dec, ...)")
-    try:
-        with archive.ArchiveClient(archive_url, token_file=token_file, token_env=token_env,
-                                   timeout=timeout, retries=retries,
-                                   max_workers=workers) as client:
+    query = _checked_query(query, "query options")
+    results = []
+    with _archive_client(archive_url, token_file=token_file, token_env=token_env,
+                         timeout=timeout, retries=retries, max_workers=workers) as client:
+        try:
             if dry_run:
-                records = [client.get_frame(i) for i in ids]
-                if query:
-                    records += client.query_frames(**query, limit=limit)
+                records, results = archive.resolve_records(client, ids, query or None, limit)
                 for rec in records:
                     click.echo(f"{rec.id}\t{rec.filename}\t{rec.filter}\t{rec.date_obs}\t"
                                f"{rec.site}")
+                failed = _archive_failures(results)
                 if not quiet:
-                    click.echo(f"{len(records)} frames", err=True)
-                return
-            results = []
+                    click.echo(f"{len(records)} frames, {len(failed)} refused", err=True)
+                sys.exit(outcome(len(records), len(failed)))
             paths = archive.download_frames(ids, query or None, out_dir, limit=limit,
-                                            client=client, results=results)
-    except archive.ArchiveError as err:
-        _fail(str(err), code=EXIT_ERROR)
+                                            client=client, results=results,
+                                            raise_errors=False)
+        except archive.ArchiveError as err:  # the archive as a whole: unreachable, ...
+            _fail(str(err), code=EXIT_FAILED)
     for path in paths:
         click.echo(str(path))
+    failed = _archive_failures(results)
     if not quiet:
         n_new = sum(r.status == "downloaded" for r in results)
-        click.echo(f"{n_new} downloaded, {len(results) - n_new} already present -> {out_dir}",
-                   err=True)
+        n_present = sum(r.status == "present" for r in results)
+        click.echo(f"{n_new} downloaded, {n_present} already present, {len(failed)} failed "
+                   f"-> {out_dir}" + (" (no frame matched)" if not results else ""), err=True)
+    sys.exit(outcome(len(paths), len(failed)))
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ from . import catalogs, combine
 from . import store as store_mod
 from .astrometry import SolveResult, solve_frame, write_wcs_file
 from .config import Settings
+from .exitcodes import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL
 from .frames import FrameError, FrameMeta, frame_name, read_frame, read_meta, unusable_reason
 from .grid import Grid, make_grid
 from .register import register_frame, sky_level
@@ -71,10 +72,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-EXIT_OK = 0  # every frame made it into a coadd
-EXIT_PARTIAL = 3  # coadds were written, some frames failed
-EXIT_FAILED = 4  # nothing usable came out
 
 
 ProgressCallback = Callable[[str, int, int], None]
@@ -939,10 +936,7 @@ def combine_store_path(store_path, out_dir, settings: Settings | None = None, *,
     appended to ``written``."""
     settings = (settings or Settings()).validate()
     out_dir = Path(out_dir)
-    try:
-        stack = store_mod.open_store(store_path)
-    except store_mod.StoreError as err:
-        raise RunError(str(err)) from None
+    stack = store_mod.open_store(store_path)  # StoreError: not a daskstack store
     if not overwrite:
         check_coadds_replaceable(stack, out_dir, settings)
     out_dir.mkdir(parents=True, exist_ok=True)

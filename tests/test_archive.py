@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
@@ -108,9 +109,9 @@ def client(httpserver, monkeypatch):
 
 
 def no_partial_files(directory: Path) -> bool:
-    """Nothing but the index (no data files, no temporaries) in ``directory``."""
+    """Nothing but the index and the outcomes record (no data files, no temporaries)."""
     return not directory.exists() or all(
-        p.name == archive.INDEX_NAME for p in directory.iterdir()
+        p.name in (archive.INDEX_NAME, archive.OUTCOMES_NAME) for p in directory.iterdir()
     )
 
 
@@ -317,7 +318,8 @@ def test_download_by_ids_writes_verified_files_and_index(httpserver, client, tmp
     text = (out / archive.INDEX_NAME).read_text()
     assert "X-Amz-Signature" not in text and "/files/" not in text
     assert sorted(p.name for p in out.iterdir()) == sorted([*(p.name for p in paths),
-                                                            archive.INDEX_NAME])
+                                                            archive.INDEX_NAME,
+                                                            archive.OUTCOMES_NAME])
 
     # A later download merges into the index.
     serve_frame(httpserver, 5, fits_body(5))
@@ -602,7 +604,7 @@ def test_cli_download(httpserver, tmp_path, monkeypatch):
     assert result.exit_code != 0 and "frame ids or at least one query option" in result.output
     httpserver.expect_request("/frames/999/").respond_with_data("", status=404)
     result = runner.invoke(main, ["download", "999", "--out", str(out)])
-    assert result.exit_code == 1 and "frame 999: HTTP 404" in result.output
+    assert result.exit_code == 4 and "frame 999: HTTP 404" in result.output  # nothing usable
     result = runner.invoke(main, ["download", "--help"])
     assert result.exit_code == 0
     for option in ("--target", "--ra", "--dec", "--radius", "--start", "--end", "--filter",
@@ -629,3 +631,250 @@ def test_real_archive_frame_915222(tmp_path, monkeypatch):
     again: list = []
     download_frames([915222], out_dir=tmp_path, results=again)
     assert again[0].status == "present"
+
+
+# -- each record judged alone -------------------------------------------------------------
+
+
+def all_files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file())
+
+
+def outcomes(out: Path) -> dict[int, tuple[str, str]]:
+    """``{frame_id: (status, reason)}`` from ``<out>/lco-download.ecsv``."""
+    from astropy.table import Table
+
+    table = Table.read(out / archive.OUTCOMES_NAME, format="ascii.ecsv")
+    return {int(row["frame_id"]): (str(row["status"]), str(row["reason"])) for row in table}
+
+
+def test_standin_archive_with_an_evil_name_downloads_the_good_frames(httpserver, tmp_path,
+                                                                      monkeypatch):
+    """The issue's case: one record named ``../../evil.fits.fz`` among good ones."""
+    from click.testing import CliRunner
+
+    from daskstack.cli import main
+
+    monkeypatch.delenv("LCO_ARCHIVE_TOKEN", raising=False)
+    bodies = {201: fits_body(21), 202: fits_body(22), 203: fits_body(23)}
+    serve_frame(httpserver, 201, bodies[201])
+    serve_frame(httpserver, 202, bodies[202], filename="../../evil.fits.fz")
+    serve_frame(httpserver, 203, bodies[203])
+    out = tmp_path / "a" / "b" / "out"
+    result = CliRunner().invoke(main, ["download", "201", "202", "203", "--out", str(out),
+                                       "--archive-url", url_for(httpserver, "/"),
+                                       "--retries", "0"])
+    assert result.exit_code == 3, result.output  # partial
+    assert ("FAILED frame 202: refused unsafe file name '../../evil.fits.fz'"
+            in result.output)
+    assert "report the record to the archive's maintainers" in result.output  # what to do
+    assert "2 downloaded, 0 already present, 1 failed" in result.output
+    good = {201: out / "ogg2m001-ep02-20210506-0201-e91.fits.fz",
+            203: out / "ogg2m001-ep02-20210506-0203-e91.fits.fz"}
+    for frame_id, path in good.items():
+        assert path.read_bytes() == bodies[frame_id]
+        assert str(path) in result.output
+    assert sorted(file_requests(httpserver)) == ["/files/201.fits.fz", "/files/203.fits.fz"]
+    # Nothing outside the output directory, nothing but the frames and the records inside.
+    assert all_files(tmp_path) == sorted([*good.values(), out / archive.INDEX_NAME,
+                                          out / archive.OUTCOMES_NAME])
+    assert set(read_index(out)) == {201, 203}
+    record = outcomes(out)
+    assert {k: v[0] for k, v in record.items()} == {201: "downloaded", 202: "failed",
+                                                    203: "downloaded"}
+    assert "../../evil.fits.fz" in record[202][1]
+
+
+def _unsafe_name(server, frame_id, body):
+    serve_frame(server, frame_id, body, filename="../../evil.fits.fz")
+
+
+def _missing_url(server, frame_id, body):
+    record = frame_json(server, frame_id, body)
+    record["url"] = None
+    record["version_set"][0]["url"] = None
+    server.expect_request(f"/frames/{frame_id}/").respond_with_json(record)
+
+
+def _file_404(server, frame_id, body):
+    record = frame_json(server, frame_id, body)
+    server.expect_request(f"/frames/{frame_id}/").respond_with_json(record)
+    server.expect_request(f"/files/{frame_id}.fits.fz").respond_with_data("gone", status=404)
+
+
+def _wrong_md5(server, frame_id, body):
+    serve_frame(server, frame_id, body, md5sum=md5(b"another file"))
+
+
+def _truncated(server, frame_id, body):
+    record = frame_json(server, frame_id, body)
+    server.expect_request(f"/frames/{frame_id}/").respond_with_json(record)
+
+    def handler(request: Request) -> Response:
+        response = Response(body[: len(body) // 2], content_type="application/octet-stream")
+        response.headers["Content-Length"] = str(len(body))  # promises more than it sends
+        return response
+
+    server.expect_request(f"/files/{frame_id}.fits.fz").respond_with_handler(handler)
+
+
+NAME = r"ogg2m001-ep02-20210506-0302-e91\.fits\.fz"
+
+
+@pytest.mark.parametrize("serve_bad, reason", [
+    (_unsafe_name, r"^frame 302: refused unsafe file name '\.\./\.\./evil\.fits\.fz'.*"
+                   r"report the record to the archive's maintainers"),
+    (_missing_url, rf"^frame 302 \({NAME}\): the archive's record has no download 'url'.*"
+                   r"try again later, or leave this frame out"),
+    (_file_404, rf"^frame 302 \({NAME}\): HTTP 404 Not Found .*download link is gone or "
+                r"expired: run again for a fresh link"),
+    (_wrong_md5, rf"^frame 302 \({NAME}\): checksum mismatch.*nothing written; run again"),
+    (_truncated, rf"^frame 302 \({NAME}\): download failed after 3 attempts \(truncated "
+                 r"download: .*\); nothing written; run again later"),
+], ids=["unsafe-name", "missing-url", "404", "wrong-md5", "truncated"])
+def test_one_bad_record_fails_only_its_frame(httpserver, client, tmp_path, serve_bad, reason):
+    bodies = {301: fits_body(31, 5760), 302: fits_body(32, 5760), 303: fits_body(33, 5760)}
+    serve_frame(httpserver, 301, bodies[301])
+    serve_bad(httpserver, 302, bodies[302])
+    serve_frame(httpserver, 303, bodies[303])
+    out = tmp_path / "x" / "out"
+    results: list = []
+    paths = download_frames([301, 302, 303], out_dir=out, client=client, results=results,
+                            raise_errors=False)
+    assert [r.status for r in results] == ["downloaded", "failed", "downloaded"]
+    assert [p.read_bytes() for p in paths] == [bodies[301], bodies[303]]
+    failed = results[1]
+    assert failed.frame_id == 302 and failed.path is None
+    assert re.search(reason, failed.error), failed.error
+    # Only the good frames and the two records, in the output directory, nothing else.
+    assert all_files(tmp_path) == sorted([*paths, out / archive.INDEX_NAME,
+                                          out / archive.OUTCOMES_NAME])
+    assert set(read_index(out)) == {301, 303}
+    assert outcomes(out)[302] == ("failed", failed.error)
+    # By default (the library call) the failure is raised, after the others are in.
+    with pytest.raises(ArchiveError, match=reason) as err:
+        download_frames([301, 302, 303], out_dir=out, client=client)
+    assert err.value.frame_id == 302
+    assert all_files(tmp_path) == sorted([*paths, out / archive.INDEX_NAME,
+                                          out / archive.OUTCOMES_NAME])
+
+
+def test_a_bad_record_in_a_query_page_fails_only_its_frame(httpserver, client, tmp_path):
+    bodies = [fits_body(40 + i) for i in range(4)]
+    records = [frame_json(httpserver, 4100 + i, b) for i, b in enumerate(bodies)]
+    records[1]["filename"] = "/etc/evil.fits"
+    records[2]["url"] = records[2]["version_set"][0]["url"] = None
+    for i, body in enumerate(bodies):
+        httpserver.expect_request(f"/files/{4100 + i}.fits.fz").respond_with_data(body)
+    httpserver.expect_request("/frames/").respond_with_handler(paginated_handler(records, []))
+    client.page_size = 2
+    results: list = []
+    paths = download_frames(query={"target": "M 66"}, out_dir=tmp_path, client=client,
+                            results=results, raise_errors=False)
+    assert [p.read_bytes() for p in paths] == [bodies[0], bodies[3]]
+    assert [(r.frame_id, r.status) for r in results] == [
+        (4100, "downloaded"), (4103, "downloaded"), (4101, "failed"), (4102, "failed")]
+    assert "refused unsafe file name '/etc/evil.fits'" in results[2].error
+    assert "no download 'url'" in results[3].error
+    assert sorted(file_requests(httpserver)) == ["/files/4100.fits.fz", "/files/4103.fits.fz"]
+    assert not list(tmp_path.rglob("*evil*"))
+    # Without a list for them, a bad record in a query fails the query (the old contract).
+    with pytest.raises(ArchiveError, match="frame 4101: refused"):
+        client.query_frames(target="M 66")
+
+
+def test_two_records_with_one_file_name(httpserver, client, tmp_path):
+    """The second record that would overwrite the first one's file fails alone."""
+    serve_frame(httpserver, 501, fits_body(51), filename="same-e91.fits.fz")
+    serve_frame(httpserver, 502, fits_body(52), filename="same-e91.fits.fz")
+    serve_frame(httpserver, 503, fits_body(53))
+    results: list = []
+    download_frames([501, 502, 503], out_dir=tmp_path, client=client, results=results,
+                    raise_errors=False)
+    assert [r.status for r in results] == ["downloaded", "failed", "downloaded"]
+    assert "frame 502 (same-e91.fits.fz): frame 501 has the same file name" in results[1].error
+    assert (tmp_path / "same-e91.fits.fz").read_bytes() == fits_body(51)
+
+
+def test_download_exit_codes(httpserver, tmp_path, monkeypatch):
+    """0 all done, 3 partial, 4 nothing usable, 2 bad usage; as every other command."""
+    from click.testing import CliRunner
+
+    from daskstack.cli import main
+    from daskstack.exitcodes import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL, EXIT_USAGE
+
+    monkeypatch.delenv("LCO_ARCHIVE_TOKEN", raising=False)
+    monkeypatch.setenv("DASKSTACK_LCO_ARCHIVE_URL", url_for(httpserver, "/"))
+    serve_frame(httpserver, 601, fits_body(61))
+    serve_frame(httpserver, 602, fits_body(62), md5sum=md5(b"other"))
+    httpserver.expect_request("/frames/603/").respond_with_data("", status=404)
+    httpserver.expect_request("/frames/").respond_with_handler(paginated_handler([], []))
+    runner = CliRunner()
+
+    def code(*args, out="out"):
+        result = runner.invoke(main, ["download", *args, "--out", str(tmp_path / out),
+                                      "--retries", "0"])
+        return result.exit_code, result.output
+
+    assert code("601")[0] == EXIT_OK
+    assert code("601")[0] == EXIT_OK  # already present: still all done
+    partial, output = code("601", "602", "603")
+    assert partial == EXIT_PARTIAL
+    assert "FAILED frame 602 (" in output and "checksum mismatch" in output
+    assert "FAILED frame 603: HTTP 404" in output
+    assert "0 downloaded, 1 already present, 2 failed" in output
+    assert code("602", "603", out="none")[0] == EXIT_FAILED
+    assert not list((tmp_path / "none").glob("*.fz"))
+    nothing, output = code("--target", "nothing here", out="none")
+    assert nothing == EXIT_FAILED and "no frame matched" in output
+    assert code("--dry-run", "601", "603")[0] == EXIT_PARTIAL
+    assert code("--dry-run", "601")[0] == EXIT_OK
+    for usage in (["--start", "yesterday"], ["601", "--archive-url", "ftp://x"], [],
+                  ["0"], ["601", "--token-file", str(tmp_path / "no-such-file")]):
+        assert code(*usage, out="usage")[0] == EXIT_USAGE, usage
+    assert not (tmp_path / "usage").exists()  # bad usage: nothing was started
+
+
+def test_run_with_some_bad_records_runs_the_good_frames(sim_field, dask_client, httpserver,
+                                                         tmp_path, monkeypatch):
+    """`run --lco-frames` with two bad records: the good frames are downloaded and run,
+    the bad ones reported with their reason, exit 3; all bad: exit 4."""
+    from astropy.table import Table
+    from click.testing import CliRunner
+
+    from daskstack.cli import main
+    from daskstack.exitcodes import EXIT_FAILED, EXIT_PARTIAL
+
+    monkeypatch.delenv("LCO_ARCHIVE_TOKEN", raising=False)
+    good = sim_field.frames[:2]
+    for frame_id, path in zip((701, 702), good, strict=True):
+        serve_frame(httpserver, frame_id, path.read_bytes(), filename=path.name,
+                    file_path=f"/files/{path.name}")
+    serve_frame(httpserver, 703, fits_body(73), filename="../../evil.fits.fz")
+    serve_frame(httpserver, 704, fits_body(74), md5sum=md5(b"other"))
+    out = tmp_path / "run"
+    common = ["--catalog", str(sim_field.catalog), "--archive-url", url_for(httpserver, "/"),
+              "--scheduler", dask_client.scheduler.address]
+    args = ["run", "--out", str(out), *common]
+    for frame_id in (701, 702, 703, 704):
+        args += ["--lco-frames", str(frame_id)]
+    result = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert result.exit_code == EXIT_PARTIAL, result.output[-3000:]
+    assert "FAILED frame 703: refused unsafe file name '../../evil.fits.fz'" in result.output
+    assert "FAILED frame 704 (" in result.output and "checksum mismatch" in result.output
+    assert "archive: 2 frames not downloaded" in result.output
+    manifest = Table.read(out / "manifest.ecsv")
+    assert sorted(manifest["name"]) == sorted(p.name.replace(".fits.fz", "") for p in good)
+    assert set(manifest["status"]) == {"ok"}
+    assert {k: v[0] for k, v in outcomes(out / "frames").items()} == {
+        701: "downloaded", 702: "downloaded", 703: "failed", 704: "failed"}
+    assert not list(tmp_path.rglob("*evil*"))
+    assert sorted(p.name for p in (out / "frames").glob("*.fits.fz")) == sorted(
+        p.name for p in good)
+
+    none = tmp_path / "none"
+    result = CliRunner().invoke(main, ["run", "--out", str(none), *common, "--lco-frames",
+                                       "703", "--lco-frames", "704"], catch_exceptions=False)
+    assert result.exit_code == EXIT_FAILED, result.output[-3000:]
+    assert "no frame could be downloaded (2 failed" in result.output
+    assert not (none / "manifest.ecsv").exists()

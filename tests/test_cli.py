@@ -145,3 +145,40 @@ def test_three_filters_give_a_colour_composite(tmp_path):
 
     rgb = matplotlib.image.imread(out / "colour.png")
     assert rgb.shape[2] >= 3 and rgb[..., :3].std() > 0.05
+
+
+def test_exit_codes_of_every_command(sim_field, dask_client, tmp_path):
+    """0 all done, 3 partial, 4 nothing usable, 2 bad usage: the same for every command
+    (run's 0/3/4 are checked in test_hostile and test_archive, download's in test_archive)."""
+    from daskstack.exitcodes import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL, EXIT_USAGE
+
+    good = str(sim_field.frames[0])
+    bad = tmp_path / "notfits.fits"
+    bad.write_text("not a FITS file")
+    scheduler = ["--scheduler", dask_client.scheduler.address]
+    catalog = ["--catalog", sim_field.catalog]
+
+    def code(*args):
+        return invoke(*args).exit_code
+
+    assert code("solve", good, *catalog, "--out", tmp_path / "s0", *scheduler) == EXIT_OK
+    assert code("solve", good, bad, *catalog, "--out", tmp_path / "s3", *scheduler) == \
+        EXIT_PARTIAL
+    assert code("solve", bad, *catalog, "--out", tmp_path / "s4", *scheduler) == EXIT_FAILED
+    assert code("solve", *catalog, "--out", tmp_path / "s2") == EXIT_USAGE
+
+    header = ["--wcs", "header", "--tile", "256", *scheduler]
+    assert code("register", good, "--out", tmp_path / "r0", *header) == EXIT_OK
+    assert code("register", good, bad, "--out", tmp_path / "r3", *header) == EXIT_PARTIAL
+    assert code("register", bad, "--out", tmp_path / "r4", *header) == EXIT_FAILED
+    assert code("register", "--out", tmp_path / "r2") == EXIT_USAGE
+
+    assert code("combine", tmp_path / "r0" / "store.zarr", *scheduler) == EXIT_OK
+    not_a_store = tmp_path / "empty.zarr"
+    not_a_store.mkdir()
+    assert code("combine", not_a_store, *scheduler) == EXIT_FAILED
+    assert code("combine", tmp_path / "missing.zarr") == EXIT_USAGE
+
+    assert code("report", tmp_path / "r0") == EXIT_USAGE  # no manifest: not a run directory
+    assert code("demo", "--n-frames", "0", "--out", tmp_path / "d") == EXIT_USAGE
+    assert not (tmp_path / "d").exists()
