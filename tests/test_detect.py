@@ -9,7 +9,6 @@ from photutils.centroids import centroid_2dg, centroid_sources
 from scipy.spatial import cKDTree
 
 from daskstack import simulate
-
 from daskstack.config import DetectSettings
 from daskstack.detect import detect_sources
 from daskstack.frames import Frame, read_frame
