@@ -360,9 +360,9 @@ def false_alarms(real_dir, out_dir, trials_per_kind: int = 72, seed: int = 2026)
     # the whole search area: half the frame diagonal + the search radius
     radius = 0.5 * math.hypot(1523, 1020) * 1.14 / 3600 + settings.solve.search_radius_arcmin / 60
     trials = []
-    for kind in FALSE_ALARM_KINDS:
+    for i, kind in enumerate(FALSE_ALARM_KINDS):
         for k in range(trials_per_kind):
-            name = names[k % len(names)]
+            name = names[(k + 5 * i) % len(names)]  # every kind on every frame, in turn
             cat = false_alarm_catalog(kind, catalog, centre, radius, rng)
             t0 = time.perf_counter()
             res = solve_frame(frames[name], cat, settings, detections=dets[name])
