@@ -39,7 +39,7 @@ UBAND = [f"ogg0m404-kb82-20170815-{n}-e91" for n in (1153, 1154, 1155)]
 
 # -- common ---------------------------------------------------------------------------------
 def provenance(command: str) -> dict:
-    """Machine, versions, commit and the command of a result."""
+    """Machine, versions, commit and the command of a result (taken when it starts)."""
     versions = {}
     for mod in ("numpy", "scipy", "astropy", "photutils", "reproject", "daskstack"):
         try:
@@ -151,6 +151,7 @@ def detect_sweep(real_dir, out_dir, thresholds=SWEEP_THRESHOLDS, radii=SWEEP_RAD
     from daskstack.detect import detect_sources
 
     _quiet()
+    prov = provenance("python -m benchmarks detect-sweep")
     frames, catalog = _real_frames(real_dir)
     base = Settings()
     sweep = []
@@ -199,7 +200,7 @@ def detect_sweep(real_dir, out_dir, thresholds=SWEEP_THRESHOLDS, radii=SWEEP_RAD
             "noise_daskstack": det.noise, "noise_photutils": float(bkg.background_rms_median),
             "daskstack": ours, "photutils": theirs,
         })
-    result = {"provenance": provenance("python -m benchmarks detect-sweep"),
+    result = {"provenance": prov,
               "truth": "LCO's solved header WCS of the 9 frames with WCSERR=0 (good to "
                        "~0.1-0.4\"); error = RMS separation over a 16x16 pixel grid",
               "catalog": "refcat-pds110.ecsv", "defaults": vars(base.detect),
@@ -255,6 +256,7 @@ def astrometry_real(real_dir, out_dir, tmp_dir) -> Path:
     from tests.test_solve_real import moved_start, nominal_start, solve_all, truth_wcs
 
     _quiet()
+    prov = provenance("python -m benchmarks astrometry-real")
     real_dir = Path(real_dir)
     starts = {
         "from_nominal": lambda name: nominal_start,
@@ -280,7 +282,7 @@ def astrometry_real(real_dir, out_dir, tmp_dir) -> Path:
         errors = [r["error_arcsec"] for r in rows if "error_arcsec" in r]
         runs[label] = {"rows": rows, "elapsed_s": elapsed, "summary": _stats(errors),
                        "n_solved": sum(r["status"] == "ok" for r in rows)}
-    result = {"provenance": provenance("python -m benchmarks astrometry-real"),
+    result = {"provenance": prov,
               "truth": "LCO's solved header WCS (9 frames with WCSERR=0); error = RMS "
                        "separation over a 16x16 pixel grid (daskstack.validate)",
               "runs": runs}
@@ -347,6 +349,7 @@ def false_alarms(real_dir, out_dir, trials_per_kind: int = 72, seed: int = 2026)
     from daskstack.frames import read_frame
 
     _quiet()
+    prov = provenance(f"python -m benchmarks false-alarms --trials {trials_per_kind}")
     real_dir = Path(real_dir)
     from daskstack.catalogs import load_catalog
 
@@ -372,8 +375,7 @@ def false_alarms(real_dir, out_dir, trials_per_kind: int = 72, seed: int = 2026)
                            "log10_false_alarm": res.match_false_alarm_log10,
                            "seconds": time.perf_counter() - t0})
     accepted = [t for t in trials if t["status"] == "ok"]
-    result = {"provenance": provenance(f"python -m benchmarks false-alarms --trials "
-                                       f"{trials_per_kind}"),
+    result = {"provenance": prov,
               "settings": {"max_false_alarm": settings.solve.max_false_alarm,
                            "search_radius_arcmin": settings.solve.search_radius_arcmin,
                            "searches_per_frame": "4 depths x 3 radii = 12 (x2 with "
@@ -402,6 +404,7 @@ def fast_path(out_dir, size: int = 4096, seed: int = 5) -> Path:
     from daskstack.register import exact_mapping, frame_tiles, mesh_mapping, register_frame
 
     _quiet()
+    prov = provenance("python -m benchmarks fast-path")
     shape = (size, size)
     centre = (150.1, 2.2)
     sip = simulate.random_sip(shape, 3.0, rng=np.random.default_rng(seed))
@@ -438,7 +441,7 @@ def fast_path(out_dir, size: int = 4096, seed: int = 5) -> Path:
     map_err = np.concatenate(map_err)
     map_err = map_err[np.isfinite(map_err)]
     result = {
-        "provenance": provenance("python -m benchmarks fast-path"),
+        "provenance": prov,
         "case": {"shape": shape, "sip_amplitude_px": 3.0, "sip_order": 3, "order": "bilinear",
                  "tile": settings.tile, "sky": 100.0, "frame_rotation_deg": 0.7,
                  "grid_rotation_deg": -0.3},
