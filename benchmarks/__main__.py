@@ -70,7 +70,8 @@ def main(argv=None) -> int:
 
         real_dir = args.real_dir or ev.DEFAULT_REAL_DIR
         if args.command == "detect-sweep":
-            ev.detect_sweep(real_dir, args.out)
+            with tempfile.TemporaryDirectory() as tmp:
+                ev.detect_sweep(real_dir, args.out, tmp)
         elif args.command == "astrometry-real":
             with tempfile.TemporaryDirectory() as tmp:
                 ev.astrometry_real(real_dir, args.out, tmp)
