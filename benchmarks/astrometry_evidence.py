@@ -49,8 +49,9 @@ def provenance(command: str) -> dict:
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
                                 text=True, check=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                                    cwd=ROOT, capture_output=True, text=True).stdout.strip())
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=ROOT, capture_output=True, text=True).stdout.split("\n")
+        dirty = [line[3:] for line in dirty if line.strip()]  # files changed since the commit
     except (OSError, subprocess.CalledProcessError):
         commit, dirty = None, None
     return {"command": command, "date_utc": datetime.now(UTC).isoformat(),
@@ -66,7 +67,8 @@ def write_result(out_dir: Path, name: str, result: dict, markdown: str) -> Path:
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1, default=_plain) + "\n")
     prov = result["provenance"]
     head = (f"# {name}\n\n`{prov['command']}` at commit {prov['commit']}"
-            f"{' (uncommitted changes)' if prov['dirty'] else ''}, {prov['date_utc']}; "
+            f"{' (changed since: ' + ', '.join(prov['dirty']) + ')' if prov['dirty'] else ''}, "
+            f"{prov['date_utc']}; "
             f"{prov['platform']}, {prov['cpus']} cpus, load {prov['load_avg'][0]:.1f}; "
             + ", ".join(f"{k} {v}" for k, v in prov["versions"].items()) + "\n\n")
     stem.with_suffix(".md").write_text(head + markdown)
