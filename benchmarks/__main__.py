@@ -60,7 +60,8 @@ def main(argv=None) -> int:
         cmd.add_argument("--real-dir", type=Path, default=None,
                          help="the PDS 110 frames (default: ../shared/data/lco-pds110)")
         if name == "false-alarms":
-            cmd.add_argument("--trials", type=int, default=72, help="trials per catalog kind")
+            cmd.add_argument("--trials", type=int, default=68, help="trials per catalog kind")
+            cmd.add_argument("--workers", type=int, default=1, help="processes for the trials")
     args = parser.parse_args(argv)
 
     if args.command in evidence:
@@ -76,7 +77,8 @@ def main(argv=None) -> int:
             with tempfile.TemporaryDirectory() as tmp:
                 ev.astrometry_real(real_dir, args.out, tmp)
         elif args.command == "false-alarms":
-            ev.false_alarms(real_dir, args.out, trials_per_kind=args.trials)
+            ev.false_alarms(real_dir, args.out, trials_per_kind=args.trials,
+                            workers=args.workers)
         else:
             ev.fast_path(args.out)
         return 0
