@@ -1,7 +1,8 @@
-"""Entry point: ``python -m benchmarks run --suite quick|standard|full``,
-``python -m benchmarks report RESULTS.json`` and ``python -m benchmarks report-scale``
-(the run report's time and size against the number of frames; `report_scale`), run
-from the repository root."""
+"""Entry point: ``python -m benchmarks run --suite quick|standard|full``, ``python -m
+benchmarks report RESULTS.json``, the astrometry evidence (``detect-sweep``,
+``astrometry-real``, ``false-alarms``, ``fast-path``; see `benchmarks.astrometry_evidence`)
+and ``python -m benchmarks report-scale`` (the run report's time and size against the
+number of frames; `benchmarks.report_scale`), run from the repository root."""
 
 from __future__ import annotations
 
@@ -57,7 +58,44 @@ def main(argv=None) -> int:
     rep.add_argument("results", type=Path)
     sub.add_parser("report-scale", help="the run report's time and size for 100 and 500 "
                    "frames (python -m benchmarks report-scale --help)")
+    # the astrometry evidence (benchmarks/astrometry_evidence.py): one result file each
+    evidence = {
+        "detect-sweep": "isophote threshold x radius on the real frames; photutils' "
+                        "detection against daskstack's",
+        "astrometry-real": "solve the 12 real frames from wrong start WCSs; error against "
+                           "LCO's solution",
+        "false-alarms": "solve the real frames against scrambled, random and other-field "
+                        "catalogs",
+        "fast-path": "registration fast path against reproject_interp, 4096x4096 with SIP",
+    }
+    for name, text in evidence.items():
+        cmd = sub.add_parser(name, help=text)
+        cmd.add_argument("--out", type=Path, default=DEFAULT_OUT)
+        cmd.add_argument("--real-dir", type=Path, default=None,
+                         help="the PDS 110 frames (default: ../shared/data/lco-pds110)")
+        if name == "false-alarms":
+            cmd.add_argument("--trials", type=int, default=68, help="trials per catalog kind")
+            cmd.add_argument("--workers", type=int, default=1, help="processes for the trials")
     args = parser.parse_args(argv)
+
+    if args.command in evidence:
+        import tempfile
+
+        from . import astrometry_evidence as ev
+
+        real_dir = args.real_dir or ev.DEFAULT_REAL_DIR
+        if args.command == "detect-sweep":
+            with tempfile.TemporaryDirectory() as tmp:
+                ev.detect_sweep(real_dir, args.out, tmp)
+        elif args.command == "astrometry-real":
+            with tempfile.TemporaryDirectory() as tmp:
+                ev.astrometry_real(real_dir, args.out, tmp)
+        elif args.command == "false-alarms":
+            ev.false_alarms(real_dir, args.out, trials_per_kind=args.trials,
+                            workers=args.workers)
+        else:
+            ev.fast_path(args.out)
+        return 0
 
     if args.command == "report":
         from .report import write_report

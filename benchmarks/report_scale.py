@@ -44,7 +44,7 @@ def simulate(directory: Path, n_frames: int, size: int, seed: int = 21) -> list[
     from daskstack.simulate import simulate_field
 
     kinds = ({"fwhm_px": 7.0}, {"transparency": 0.3, "sky_factor": 3.0},
-             {"tracking_trail_px": 10.0})
+             {"psf": "trailed"})
     degraded = {i: kinds[k % len(kinds)]
                 for k, i in enumerate(range(3, n_frames, max(7, n_frames // 12)))}
     with ProcessPoolExecutor(2) as pool:

@@ -33,6 +33,10 @@ class SettingsError(DaskstackError, ValueError):
     """An option with a value that cannot work; the message names the option."""
 
 
+# the columns every reference catalog is normalised to (daskstack.catalogs)
+CATALOG_COLUMNS = ("ra", "dec", "mag", "pmra", "pmdec", "ref_epoch")
+
+
 @dataclass
 class DetectSettings:
     threshold_sigma: float = 5.0  # detection threshold above the local background noise
@@ -40,6 +44,28 @@ class DetectSettings:
     min_separation_fwhm: float = 2.5  # isolation: no brighter neighbour within this many FWHM
     edge_pixels: int = 8  # stars this close to the frame edge are dropped
     background_box: int = 128  # box size of the 2-D background mesh (pixels)
+    # The photocentres for astrometry (daskstack.detect.isophotal_centroids): isophotal
+    # barycentres above iso_threshold_sigma x sky RMS (image filtered with SExtractor's
+    # 3 x 3 kernel), within iso_radius_fwhm x FWHM of the star. From the sweep in
+    # benchmarks/results/detect-sweep-20261130.md (python -m benchmarks detect-sweep): on the
+    # 9 real frames 3.5 sigma gives the smallest error against LCO's solution (median
+    # 0.167", worst 0.362"; 2 sigma: 0.183"/0.472", 6 sigma: 0.216"/0.463"), and any radius
+    # of 2-4 FWHM the same within 0.01". On simulated asymmetric / comatic / trailed PSFs
+    # with exact photocentre truth a lower isophote is better (2 sigma: 0.07"/0.22"/0.03"
+    # against 0.12"/0.30"/0.09" at 3.5 sigma): LCO's solution shares the isophotal positions
+    # of SExtractor-like software; against Gaia on comatic optics try 2.
+    iso_threshold_sigma: float = 3.5
+    iso_radius_fwhm: float = 3.0
+    # Sharp objects (cosmic rays, hot pixels) are flagged: second-moment FWHM below
+    # sharp_fwhm_ratio x the frame FWHM, or a peak pixel holding more than
+    # sharp_peak_fraction of the aperture flux.
+    sharp_fwhm_ratio: float = 0.55
+    sharp_peak_fraction: float = 0.9
+    # Crowding: a neighbour within min_separation_fwhm x FWHM with more than
+    # crowd_flux_ratio of the brighter one's flux flags both; within the measuring
+    # aperture (1.4 x FWHM), a neighbour above crowd_aperture_flux_ratio flags the brighter.
+    crowd_flux_ratio: float = 0.1
+    crowd_aperture_flux_ratio: float = 0.02
 
 
 @dataclass
@@ -51,6 +77,24 @@ class CatalogSettings:
     propagate_pm: bool = True  # move stars from the catalog epoch to each frame's DATE-OBS
     timeout: float = 60.0  # seconds per service request
     retries: int = 4
+    # a catalog file's unusual column names: "ra=RA_DEG,dec=DEC_DEG,mag=Gmag" ("" = the
+    # usual names, found by alias)
+    columns: str = ""
+
+    @property
+    def column_map(self) -> dict[str, str]:
+        """``columns`` as ``{normalised name: the file's column}``; `SettingsError` if bad."""
+        mapping = {}
+        for item in (i.strip() for i in self.columns.split(",")):
+            if not item:
+                continue
+            key, sep, column = (part.strip() for part in item.partition("="))
+            if not sep or not column or key.lower() not in CATALOG_COLUMNS:
+                raise SettingsError(
+                    f"catalog.columns: {item!r} is not NAME=COLUMN with NAME one of "
+                    f"{', '.join(CATALOG_COLUMNS)} (e.g. ra=RA_DEG,dec=DEC_DEG,mag=Gmag)")
+            mapping[key.lower()] = column
+        return mapping
 
 
 @dataclass
@@ -159,6 +203,8 @@ class ClusterSettings:
     worker_directory: str = ""  # jobqueue: workers' scratch on the node; "" = <out>/.dask
     job_prologue: str = ""  # jobqueue: shell lines run before each worker (module load ...)
     job_directives: str = ""  # jobqueue: extra scheduler directives, one per line
+    # jobqueue: seconds to wait for the first worker to join; then the run stops
+    worker_timeout: float = 300.0
 
 
 _CHOICES = {
@@ -249,6 +295,7 @@ class Settings:
             ("solve", "max_rms_arcsec"), ("solve", "clip_sigma"),
             ("register", "tile"), ("register", "mapping_tolerance_px"),
             ("combine", "sigma"), ("combine", "iters"), ("cluster", "cores"),
+            ("cluster", "worker_timeout"),
         ]
         for section, name in positive:
             if not getattr(getattr(self, section), name) > 0:
@@ -263,6 +310,7 @@ class Settings:
         for section, name in nonnegative:
             if getattr(getattr(self, section), name) < 0:
                 raise SettingsError(f"{section}.{name} must be >= 0")
+        _check_detect(self.detect)
         if not 0 <= self.solve.scale_tolerance < 0.5:
             raise SettingsError("solve.scale_tolerance must be in [0, 0.5)")
         if not 0 < self.solve.max_false_alarm < 1:
@@ -294,12 +342,31 @@ class Settings:
         if self.cluster.scheduler and self.cluster.jobqueue:
             raise SettingsError("cluster.scheduler and cluster.jobqueue exclude each other")
         _check_cluster(self.cluster)
+        self.catalog.column_map  # noqa: B018  (raises SettingsError when unreadable)
         if self.cluster.scheduler and "://" not in self.cluster.scheduler:
             raise SettingsError(
                 f"cluster.scheduler = {self.cluster.scheduler!r}: expected an address like "
                 "tcp://host:8786"
             )
         return self
+
+
+def _check_detect(ds: DetectSettings) -> None:
+    """The isophote, sharpness and crowding settings: ranges in which they mean something."""
+    if not ds.iso_threshold_sigma > 0:
+        raise SettingsError("detect.iso_threshold_sigma must be > 0")
+    if not ds.iso_radius_fwhm >= 1:
+        raise SettingsError("detect.iso_radius_fwhm must be >= 1 (the isophote of a star "
+                            "reaches at least its FWHM)")
+    if not 0 < ds.sharp_fwhm_ratio < 1:
+        raise SettingsError("detect.sharp_fwhm_ratio must be in (0, 1)")
+    if not 0 < ds.sharp_peak_fraction <= 1:
+        raise SettingsError("detect.sharp_peak_fraction must be in (0, 1]")
+    for name in ("crowd_flux_ratio", "crowd_aperture_flux_ratio"):
+        if not 0 <= getattr(ds, name) <= 1:
+            raise SettingsError(f"detect.{name} must be in [0, 1]")
+    if not ds.min_separation_fwhm > 0:
+        raise SettingsError("detect.min_separation_fwhm must be > 0")
 
 
 def _check_cluster(cs: ClusterSettings) -> None:

@@ -100,6 +100,7 @@ class RunResult:
     store: Path | None = None
     grid: Grid | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    written: list[Path] = field(default_factory=list)  # every coadd/picture combine wrote
 
     @property
     def n_ok(self) -> int:
@@ -306,8 +307,13 @@ def solve_frames(client, records: list[FrameRecord], catalog_source: str, out_di
         try:
             catalog = _field_catalog(members, catalog_source, settings, cache_dir)
         except catalogs.CatalogError as err:
+            # one cause for the whole field: said once, not once per frame
+            names = [m.name for m in members]
+            log.warning("%d frame(s) not solved (%s%s): %s", len(names), ", ".join(names[:3]),
+                        ", ..." if len(names) > 3 else "", err)
             for meta in members:
-                _accept_solution(todo_by_name[meta.name], failure(meta, str(err)), output_log)
+                _accept_solution(todo_by_name[meta.name], failure(meta, str(err)), output_log,
+                                 announce=False)
             continue
         # a task holding the (small) table, not scatter: the scheduler can recompute
         # it if every worker holding it is lost (scattered data would be gone)
@@ -356,7 +362,8 @@ def solve_frames(client, records: list[FrameRecord], catalog_source: str, out_di
         write_manifest(records, manifest)
 
 
-def _accept_solution(record: FrameRecord, result: SolveResult, output_log: OutputLog) -> None:
+def _accept_solution(record: FrameRecord, result: SolveResult, output_log: OutputLog,
+                     announce: bool = True) -> None:
     record.result = result
     if result.status == "ok":
         record.status, record.reason = "ok", ""
@@ -365,7 +372,8 @@ def _accept_solution(record: FrameRecord, result: SolveResult, output_log: Outpu
         output_log.add(path)
     else:
         record.status, record.reason = "failed", result.reason
-        log.warning("%s: %s", Path(record.file).name, result.reason)
+        if announce:
+            log.warning("%s: %s", Path(record.file).name, result.reason)
 
 
 def reference_frame(records: list[FrameRecord], settings: Settings) -> str:
@@ -575,16 +583,68 @@ def frame_selection(stack, settings: Settings) -> dict[str, str]:
     return excluded
 
 
+COADD_SETTINGS = "coadds"  # store params: {coadd path: the combine settings it was made with}
+
+
+def coadd_paths(stack, out_dir: Path, settings: Settings) -> dict[Path, dict]:
+    """Every coadd `combine_store` will write for ``settings``, with the combine settings
+    each is made with: ``coadd_<filter>.fits`` for the first method, then
+    ``coadd_<filter>_<method>.fits``."""
+    registered = set(stack.params.get("registered", [])) or None
+    planned = {}
+    for filter_name, names in stack.filters.items():
+        if not any(registered is None or n in registered for n in names):
+            continue
+        key = store_mod.filter_key(filter_name)
+        for n_method, method in enumerate(settings.combine.methods):
+            suffix = "" if n_method == 0 else f"_{method}"
+            planned[out_dir / f"coadd_{key}{suffix}.fits"] = _made_with(settings.combine,
+                                                                        method)
+    return planned
+
+
+def _made_with(cs, method: str) -> dict:
+    """The combine settings a coadd of ``method`` depends on (difference images aside)."""
+    values = dataclasses.asdict(dataclasses.replace(cs, method=method))
+    values.pop("difference")
+    return values
+
+
+def check_coadds_replaceable(stack, out_dir: Path, settings: Settings) -> None:
+    """Raise `RunError` when a coadd `combine_store` would write exists and was made with
+    other combine settings (or settings not recorded): never replaced silently."""
+    made_with = stack.params.get(COADD_SETTINGS, {})
+    for path, wanted in coadd_paths(stack, out_dir, settings).items():
+        if not path.exists():
+            continue
+        before = made_with.get(str(path.resolve()))
+        if before == wanted:
+            continue
+        what = ("settings not recorded" if before is None else ", ".join(
+            f"{name}: {before.get(name)!r} -> {value!r}" for name, value in wanted.items()
+            if before.get(name) != value))
+        raise RunError(f"{path} exists, made with other combine settings ({what}); "
+                       "use --overwrite to replace it, or --out to write elsewhere")
+
+
 def combine_store(client, store_path: Path, out_dir: Path, settings: Settings,
                   progress=_progress_none, output_log: OutputLog | None = None,
+                  written: list | None = None,
                   excluded: dict[str, str] | None = None) -> dict[str, Path]:
     """Combine every filter of a store into ``coadd_<filter>.fits`` (no reprojection).
 
+    Every file written (coadds, differences, colour picture) is appended to ``written``
+    when a list is given; the combine settings of each coadd are kept in the store.
     ``excluded``: ``{frame name: reason}`` of the frames left out (default: what
     `frame_selection` says of ``settings.select``); they are listed in the headers."""
     import dask.array as da
 
     output_log = output_log or OutputLog(out_dir)
+    written = [] if written is None else written
+
+    def wrote(path):
+        output_log.add(path)
+        written.append(Path(path))
 
     _check_store_kept(store_path)
     stack = store_mod.open_store(store_path)
@@ -649,11 +709,14 @@ def combine_store(client, store_path: Path, out_dir: Path, settings: Settings,
                                    dataclasses.replace(cs, method=method), scales,
                                    weights_of.get(method), excluded=left_out)
             write_coadd_fits(path, header, image, weight)
-            output_log.add(path)
+            wrote(path)
+            stack.params.setdefault(COADD_SETTINGS, {})[str(Path(path).resolve())] = (
+                _made_with(cs, method))
+        store_mod.update_frames(stack, {})  # records the settings of the coadds
         outputs[filter_name] = paths[0][1]
         if cs.difference:
             _write_differences(client, stack, filter_name, [names[i] for i in keep], keep,
-                               scales, key, out_dir, output_log)
+                               scales, key, out_dir, wrote)
         progress("combine", done, len(filters))
     if len(outputs) >= 3:  # colourise, as the tutorial does with its bands
         from .report import colour_composite
@@ -661,12 +724,12 @@ def combine_store(client, store_path: Path, out_dir: Path, settings: Settings,
         colour = colour_composite({f: str(p) for f, p in outputs.items()},
                                   out_dir / "colour.png")
         if colour is not None:
-            output_log.add(out_dir / "colour.png")
+            wrote(out_dir / "colour.png")
     return outputs
 
 
 def _write_differences(client, stack, filter_name, names, indices, scales, coadd_key,
-                       out_dir, output_log) -> None:
+                       out_dir, wrote) -> None:
     """``OUT/difference/<frame>.fits`` for every combined frame: one task each."""
     directory = out_dir / "difference"
     directory.mkdir(exist_ok=True)
@@ -681,7 +744,7 @@ def _write_differences(client, stack, filter_name, names, indices, scales, coadd
             _difference_task, stack.path, filter_name, index, float(scale), float(offset),
             coadd_key, str(directory / f"{name}.fits"), frame_header.tostring(), pure=False)
     _gather_as_completed(client, futures, "difference", _progress_none,
-                         lambda name, path: output_log.add(Path(path))
+                         lambda name, path: wrote(Path(path))
                          if isinstance(path, str) else log.warning(
                              "%s: no difference image (%s)", name, path))
 
@@ -708,6 +771,12 @@ def run(inputs, catalog: str, out_dir, settings: Settings | None = None, *, clie
     report : bool
         Also draw every frame's pictures and write ``out_dir/report/index.html``
         (`make_report`).
+
+    Raises
+    ------
+    RunError
+        Before any cluster starts or file is written (`check_before_work`, then the run
+        directory: a `DifferentRunError` says what differs), or when the run cannot go on.
     """
     from .cluster import open_client
 
@@ -721,16 +790,39 @@ def run(inputs, catalog: str, out_dir, settings: Settings | None = None, *, clie
     inputs = dedupe(inputs)
     if not inputs:
         raise RunError("no input frames")
-    exclude_file = settings.select.exclude_file
-    if exclude_file and not Path(exclude_file).is_file():  # said now, not after registering
-        raise RunError(f"{exclude_file}: --exclude-file does not exist (a text file of "
-                       "frame names, one a line)")
+    check_before_work(inputs, catalog, settings)
     resumed = check_run_dir(out_dir, run_signature(inputs, catalog, settings), overwrite)
     if client is None:
         with open_client(settings.cluster, local_directory=str(out_dir / ".dask"),
                          announce=getattr(progress, "notice", None)) as own:
             return _run(own, inputs, catalog, out_dir, settings, progress, resumed, report)
     return _run(client, inputs, catalog, out_dir, settings, progress, resumed, report)
+
+
+def check_before_work(inputs, catalog: str, settings: Settings) -> None:
+    """What can be known wrong before any cluster starts or file is written: a catalog
+    file that cannot be read or whose columns do not resolve, a ``grid.reference`` that
+    names no input, an ``--exclude-file`` that does not exist. Raises `RunError` saying
+    what to change."""
+    exclude_file = settings.select.exclude_file
+    if exclude_file and not Path(exclude_file).is_file():
+        raise RunError(f"{exclude_file}: --exclude-file does not exist (a text file of "
+                       "frame names, one a line)")
+    # a file names itself by a suffix or a directory; service names ('gaia') have none
+    if catalog and (Path(catalog).suffix or Path(catalog).exists() or "/" in str(catalog)):
+        try:
+            catalogs.load_catalog(catalog, settings.catalog.column_map)
+        except catalogs.CatalogError as err:
+            raise RunError(f"catalog: {err}") from None
+    reference = settings.grid.reference
+    if settings.grid.method == "reference" and reference:
+        names = [frame_name(p) for p in inputs]
+        if reference not in names:
+            hint = (f"; give the frame name {frame_name(reference)!r}"
+                    if frame_name(reference) in names else "")
+            shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+            raise RunError(f"--reference {reference!r} is not among the inputs ({shown})"
+                           + hint)
 
 
 def _run(client, inputs, catalog, out_dir, settings, progress, resumed,
@@ -806,7 +898,7 @@ def _run_stages(client, inputs, catalog, out_dir, settings, progress, resumed) -
             r.status, r.reason = EXCLUDED, excluded[r.name]
     write_manifest(records, manifest)
     result.coadds = combine_store(client, store_path, out_dir, settings, progress,
-                                  output_log, excluded=excluded)
+                                  output_log, written=result.written, excluded=excluded)
     timings["combine"] = time.perf_counter() - start
     write_manifest(records, manifest)
     return result
@@ -857,9 +949,10 @@ def solve_files(inputs, catalog: str, out_dir, settings: Settings | None = None,
     settings = (settings or Settings()).validate()
     settings.catalog.source = catalog
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     progress = progress or _progress_none
     inputs = dedupe(inputs)
+    check_before_work(inputs, catalog, settings)
+    out_dir.mkdir(parents=True, exist_ok=True)
 
     def work(client):
         records = inspect_frames(client, inputs, progress)
@@ -927,17 +1020,25 @@ def register_files(inputs, out_dir, settings: Settings | None = None, *,
 
 
 def combine_store_path(store_path, out_dir, settings: Settings | None = None, *, client=None,
-                       progress: ProgressCallback | None = None) -> dict[str, Path]:
-    """Combine an existing store again (other method or scaling) without reprojecting."""
+                       progress: ProgressCallback | None = None, overwrite: bool = False,
+                       written: list | None = None) -> dict[str, Path]:
+    """Combine an existing store again (other method or scaling) without reprojecting.
+
+    A coadd already in ``out_dir`` made with other combine settings is replaced only
+    with ``overwrite`` (else `RunError`, before any work); every file written is
+    appended to ``written``."""
     settings = (settings or Settings()).validate()
     _check_store_kept(store_path)  # before a cluster is started for nothing
     out_dir = Path(out_dir)
+    stack = store_mod.open_store(store_path)  # StoreError: not a daskstack store
+    if not overwrite:
+        check_coadds_replaceable(stack, out_dir, settings)
     out_dir.mkdir(parents=True, exist_ok=True)
     store_path = Path(store_path).absolute()
-    excluded = frame_selection(store_mod.open_store(store_path), settings)
+    excluded = frame_selection(stack, settings)
     outputs = _with_client(settings, out_dir, client, lambda c: combine_store(
-        c, store_path, out_dir, settings, progress or _progress_none, excluded=excluded),
-        progress)
+        c, store_path, out_dir, settings, progress or _progress_none, written=written,
+        excluded=excluded), progress)
     # the run's manifest (beside the store) says which frames this combine left out
     mark_excluded(store_path.parent / "manifest.ecsv", excluded)
     return outputs

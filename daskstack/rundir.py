@@ -38,6 +38,7 @@ __all__ = [
     "INTERNAL_ERROR",
     "MANIFEST_COLUMNS",
     "OUTPUTS_FILE",
+    "DifferentRunError",
     "ErrorLog",
     "FrameRecord",
     "InternalError",
@@ -45,6 +46,9 @@ __all__ = [
     "RunError",
     "EXCLUDED",
     "check_run_dir",
+    "describe_differences",
+    "only_combine_differs",
+    "run_differences",
     "dedupe",
     "dedupe_exposures",
     "estimate_output_bytes",
@@ -81,6 +85,19 @@ EXCLUDED = "excluded"
 # When set, `write_manifest` appends every internal-error reason it writes to this file:
 # the test suite sets it to fail any test whose run hit a bug (also in subprocesses).
 INTERNAL_ERRORS_ENV = "DASKSTACK_INTERNAL_ERRORS_FILE"
+
+
+class DifferentRunError(RunError):
+    """The run directory holds a run of other inputs or settings.
+
+    ``differences`` lists ``(what, before, now)``; ``combine_only`` is True when only
+    combine-time settings (``combine.*``) differ, which ``daskstack combine`` redoes
+    from the store without solving or registering again."""
+
+    def __init__(self, message: str, differences: list[tuple[str, object, object]]):
+        super().__init__(message)
+        self.differences = differences
+        self.combine_only = only_combine_differs(differences)
 
 
 @dataclass
@@ -257,10 +274,15 @@ def check_run_dir(out_dir: Path, signature: dict, overwrite: bool) -> bool:
         if same and not overwrite:
             return True
         if not overwrite:
-            raise RunError(
-                f"{out_dir} holds a different run (other inputs or options); "
-                "use --overwrite to replace it or choose another --out"
-            )
+            differences = run_differences(previous or {}, signature)
+            message = (f"{out_dir} holds a different run: "
+                       f"{describe_differences(differences) or 'unreadable run.json'}. ")
+            if only_combine_differs(differences):
+                message += ("Only combine settings differ: combine the store again with "
+                            f"'daskstack combine {out_dir}' and the new combine options "
+                            "(no solving or registering again); or ")
+            message += "use --overwrite to replace it, or choose another --out"
+            raise DifferentRunError(message, differences)
         for child in ("store.zarr",):
             shutil.rmtree(out_dir / child, ignore_errors=True)
         (out_dir / "manifest.ecsv").unlink(missing_ok=True)
@@ -269,6 +291,50 @@ def check_run_dir(out_dir: Path, signature: dict, overwrite: bool) -> bool:
         raise RunError(f"{out_dir} holds a run without run.json; use --overwrite")
     atomic_write_text(run_file, json.dumps(signature, indent=1, default=str))
     return False
+
+
+def run_differences(previous: dict, signature: dict) -> list[tuple[str, object, object]]:
+    """What differs between two run signatures: ``(what, before, now)``; ``what`` is
+    ``inputs`` (before: frames dropped, now: frames added), ``catalog`` or a setting
+    ``section.name``."""
+    out = []
+    before, now = previous.get("inputs", []), signature.get("inputs", [])
+    if before != now:
+        out.append(("inputs", sorted(set(before) - set(now)), sorted(set(now) - set(before))))
+    if str(previous.get("catalog")) != str(signature.get("catalog")):
+        out.append(("catalog", previous.get("catalog"), signature.get("catalog")))
+    old_settings, new_settings = previous.get("settings", {}), signature.get("settings", {})
+    for section in sorted(set(old_settings) | set(new_settings)):
+        old, new = old_settings.get(section, {}) or {}, new_settings.get(section, {}) or {}
+        for name in sorted(set(old) | set(new)):
+            a, b = old.get(name), new.get(name)
+            if _comparable({"v": a}) != _comparable({"v": b}):
+                out.append((f"{section}.{name}", a, b))
+    return out
+
+
+def only_combine_differs(differences) -> bool:
+    """True when every difference is a combine-time setting (``combine.*``)."""
+    return bool(differences) and all(what.startswith("combine.") for what, _, _ in differences)
+
+
+def describe_differences(differences, limit: int = 6) -> str:
+    """``inputs: 2 frames added (a.fits, b.fits); combine.method: 'sigclip' -> 'mean'``."""
+    parts = []
+    for what, before, now in differences[:limit]:
+        if what == "inputs":
+            words = []
+            for count, verb in ((now, "added"), (before, "dropped")):
+                if count:
+                    names = ", ".join(Path(p).name for p in count[:3])
+                    more = ", ..." if len(count) > 3 else ""
+                    words.append(f"{len(count)} frame(s) {verb} ({names}{more})")
+            parts.append("inputs: " + ("; ".join(words) or "other order"))
+        else:
+            parts.append(f"{what}: {before!r} -> {now!r}")
+    if len(differences) > limit:
+        parts.append(f"{len(differences) - limit} more")
+    return "; ".join(parts)
 
 
 def _comparable(signature: dict) -> str:

@@ -21,7 +21,7 @@ from daskstack.rundir import read_manifest
 DEGRADED = {
     2: ({"fwhm_px": 7.0}, "FWHM"),  # bad seeing
     5: ({"transparency": 0.3, "sky_factor": 3.0}, "flux ratio"),  # clouds
-    8: ({"tracking_trail_px": 10.0}, "elongation"),  # a trailed frame
+    8: ({"psf": "trailed"}, "elongation"),  # a trailed frame (a tracking jump)
 }
 
 
