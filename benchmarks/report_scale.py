@@ -78,7 +78,9 @@ def _chromium_load(index: Path, scratch: Path) -> dict | None:
     seconds = time.perf_counter() - start
     images = re.search(r'data-images="(\d+)"', proc.stdout)
     broken = re.search(r'data-broken-images="(\d+)"', proc.stdout)
+    load_ms = re.search(r'data-load-ms="(\d+)"', proc.stdout)
     return {"seconds": seconds, "images": int(images.group(1)) if images else None,
+            "page_load_ms": int(load_ms.group(1)) if load_ms else None,
             "broken_images": int(broken.group(1)) if broken else None,
             "chromium": subprocess.run([CHROMIUM, "--version"], capture_output=True,
                                        text=True).stdout.strip()}
@@ -144,12 +146,13 @@ def _markdown(result: dict) -> str:
              "as the run timed them (`time:` line); then `daskstack report OUT --workers W` "
              "alone, a process with its own LocalCluster (start and stop included), beside "
              "the run's whole process (its report included). Chromium: `chromium "
-             "--headless --dump-dom` of the page from the file system, browser start "
-             "included.", "",
+             "--headless --dump-dom` of the page from the file system: the whole command "
+             "(browser start included), and the page's own load time (navigation start "
+             "to its load event, `performance.now()`).", "",
              "| frames | size | pipeline (s) | report in the run (s) | report / pipeline | "
              "run process (s) | report process (s) | report size | files | bytes / frame | "
-             "flagged | rows | Chromium load (s) | images | broken |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "flagged | rows | Chromium command (s) | page load (ms) | images | broken |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["results"]:
         chrome = r.get("chromium") or {}
         lines.append(
@@ -159,7 +162,8 @@ def _markdown(result: dict) -> str:
             f"{r['report_bytes'] / 2**20:.2f} MiB | {r['report_files']} | "
             f"{r['report_bytes_per_frame'] / 1024:.1f} KiB | {r['flagged']} | "
             f"{r['manifest_rows']} | "
-            f"{chrome.get('seconds', float('nan')):.2f} | {chrome.get('images')} | "
+            f"{chrome.get('seconds', float('nan')):.2f} | {chrome.get('page_load_ms')} | "
+            f"{chrome.get('images')} | "
             f"{chrome.get('broken_images')} |")
     if len(result["results"]) >= 2:
         a, b = result["results"][0], result["results"][-1]

@@ -905,6 +905,7 @@ pre{background:#f7f7f7;padding:.6em;overflow-x:auto}
 """
 
 # after load: how many <img> did not decode (checked by the tests in headless Chromium)
+# and how long the page took to load
 _SCRIPT = """
 window.addEventListener('load', function () {
   var imgs = document.images, broken = 0;
@@ -913,6 +914,8 @@ window.addEventListener('load', function () {
   }
   document.body.setAttribute('data-images', String(imgs.length));
   document.body.setAttribute('data-broken-images', String(broken));
+  // milliseconds from the start of navigation to this load event (page, images, scripts)
+  document.body.setAttribute('data-load-ms', String(Math.round(performance.now())));
 });
 """
 
