@@ -235,3 +235,14 @@ def _fake_repeat(wall: float, rss: int = GiB) -> dict:
 def _fake_record(contender: str, repeats: list[dict], n: int = 5) -> dict:
     return {"contender": contender, "dataset": "synth4096", "n_frames": n,
             "frame_shape": [4096, 4096], "repeats": repeats}
+
+
+def test_report_scale_reads_the_run_timings():
+    """report-scale takes the report's time from the run's own `time:` line."""
+    from benchmarks.report_scale import _run_timings
+
+    log = ("store: ~12 MiB for 500 frames\nframes: 500  solved: 500  in the coadd: 500  "
+           "failed: 0\ntime: inspect 3.8s  solve 2.4s  register 10.1s  combine 2.9s  "
+           "report 10.4s\ncoadd [rp]: /x/coadd_rp.fits\n")
+    assert _run_timings(log) == {"inspect": 3.8, "solve": 2.4, "register": 10.1,
+                                 "combine": 2.9, "report": 10.4}
