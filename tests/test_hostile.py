@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from astropy.coordinates import SkyCoord
 from astropy.io import fits
 from astropy.table import Table, vstack
 
@@ -425,7 +426,11 @@ def test_catalog_service_unreachable_with_cached_field(batch, dask_client, tmp_p
     settings.catalog.retries = 0
     settings.catalog.cache_dir = str(cache)
     gaia_like = Table.read(cat, format="ascii.ecsv")
-    monkeypatch.setitem(catalogs_mod._SERVICES, "mast", lambda *a, **k: gaia_like)
+    def cone(center, radius_deg, *args, **kwargs):  # as the service answers: the cone only
+        stars = SkyCoord(gaia_like["ra"], gaia_like["dec"], unit="deg")
+        return gaia_like[stars.separation(center).deg <= radius_deg]
+
+    monkeypatch.setitem(catalogs_mod._SERVICES, "mast", cone)
     pipeline._field_catalog([read_meta(frames[0])], "gaia", settings, cache)  # the earlier query
     assert len(list(cache.glob("gaia-mast_*.ecsv"))) == 1
     monkeypatch.setitem(catalogs_mod._SERVICES, "mast", _unreachable)
