@@ -230,8 +230,7 @@ def _settings(config_file, overrides) -> Settings:
     """Settings from file + options, validated before any work starts."""
     try:
         settings = Settings.from_toml(config_file) if config_file else Settings()
-        settings.update(overrides)
-        return settings.validate()
+        return settings.update(overrides).validate()
     except SettingsError as err:
         _fail(str(err))
 
@@ -549,9 +548,9 @@ def report_command(run_dir, frames, workers, scheduler, verbose, quiet):
     (with the sources detected again and matched through the solved WCS). The page is
     static: open it from the file system, no server or network needed.
     """
-    from .cluster import ClusterError, open_client
+    from .cluster import ClusterError
     from .pipeline import RunError, make_report
-    from .report import run_settings
+    from .rundir import run_settings
 
     _setup_logging(verbose, quiet)
     run_path = Path(run_dir)
@@ -559,14 +558,12 @@ def report_command(run_dir, frames, workers, scheduler, verbose, quiet):
         _fail(f"{run_dir}: no manifest.ecsv (not a daskstack run directory)")
     settings = run_settings(run_path)
     if workers:
-        settings.cluster.n_workers = workers
+        settings = settings.replace("cluster", n_workers=workers)
     if scheduler:
-        settings.cluster.scheduler = scheduler
+        settings = settings.replace("cluster", scheduler=scheduler)
     progress = ProgressBar(not quiet)
     try:
-        with open_client(settings.cluster, local_directory=str(run_path / ".dask"),
-                         announce=progress.notice) as client:
-            path = make_report(client, run_path, settings, frames=frames, progress=progress)
+        path = make_report(run_path, settings, frames=frames, progress=progress)
     except (RunError, ClusterError) as err:
         _fail(str(err), code=EXIT_FAILED)
     if not quiet:
