@@ -19,6 +19,8 @@ import click
 from .config import Settings, SettingsError, option_choices, option_default
 from .exitcodes import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, outcome
 
+__all__ = ["STAGE_OPTIONS", "SettingsOption", "main", "stage_options"]
+
 
 # --------------------------------------------------------------------------------------
 # Output helpers
@@ -205,7 +207,7 @@ class SettingsOption(click.Option):
         self.settings_key = settings_key
 
 
-def show_default(value, option: str = "") -> str:
+def _show_default(value, option: str = "") -> str:
     """How a help text shows a setting's default: ``[value]``; a flag shows the name
     chosen by default (``[fast-mapping]``); nothing for an empty default."""
     if isinstance(value, bool):
@@ -229,7 +231,7 @@ def _settings_option(option: str, key: str, kwargs: dict) -> dict:
             kw["help"] = help_text.format(choices=", ".join(choices))
         else:
             kw.setdefault("type", _choice(*choices))
-    shown = show_default(option_default(section, name), option)
+    shown = _show_default(option_default(section, name), option)
     if shown:
         kw["help"] = f"{kw.get('help', '')} {shown}".strip()
     kw.setdefault("default", None)
