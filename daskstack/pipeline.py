@@ -13,6 +13,13 @@ Phases, each a fan-out of small tasks over a `distributed.Client`::
               (+ per frame: frame minus coadd, on request)
     report    per frame and per run: pictures, then one HTML page (on request)
 
+The public functions take inputs and `Settings` (never changed: a run derives its own)
+and an optional ``client`` (without one, a cluster is started from ``settings.cluster``):
+`run` (every phase), `solve_files`, `register_files`, `combine_store_path` (one stage at
+a time) and `make_report`. Each phase is a private helper on a client and the frames'
+`FrameRecord` list; the stages' computation lives in their modules, the tasks here only
+wrap it.
+
 Tasks carry paths and small records, never pixel arrays: workers open the files
 themselves, so the graph grows with the number of frames, not with their size.
 Results come back as they complete and are recorded in the run directory
