@@ -476,7 +476,8 @@ def solve_frame(frame: Frame, catalog: Table, settings: Settings | None = None,
         radius_px = max(1.5 * fwhm, 2.0 / scale)
 
     match, last_err = _pattern_match(xy[use] - np.array(crpix0), stars.ref, ss, (ny, nx),
-                                     scale, half_diag_deg, search_deg, radius_px, result.name)
+                                     scale, half_diag_deg, search_deg, radius_px, result.name,
+                                     second_attempt=bool(companions))
     if match is None:
         return _fail(result, _no_match_reason(last_err, ss), t0)
     result.match_false_alarm_log10 = match.log10_false_alarm
@@ -530,10 +531,12 @@ def _field_stars(catalog, meta, settings, centre, scale, reach_deg) -> _FieldSta
     return _FieldStars(int(region.sum()), ra[ridx], dec[ridx], mag[ridx], ref)
 
 
-def _pattern_match(src, ref, ss, shape, scale, half_diag_deg, search_deg, radius_px, name):
+def _pattern_match(src, ref, ss, shape, scale, half_diag_deg, search_deg, radius_px, name,
+                   second_attempt=False):
     """Triangle-pattern match of detections ``src`` (pixels about the frame centre) to
     catalog points ``ref``: (the match, with ``ref_idx`` into ``ref``, or None; the most
-    informative `MatchError` met)."""
+    informative `MatchError` met). ``second_attempt``: the frame failed on its own and is
+    tried again with its companions' help (its searches count twice)."""
     ny, nx = shape
     tol = ss.scale_tolerance
     scale_range = (1.0 / (1.0 + tol), 1.0 + tol)
@@ -564,6 +567,11 @@ def _pattern_match(src, ref, ss, shape, scale, half_diag_deg, search_deg, radius
     # catalog triangles are built once (per depth) and reused by every step
     # (a few bright stars at every radius before more stars anywhere: cheapest first)
     radii = [r for r in (3.0 / 60, 8.0 / 60) if r < search_deg] + [search_deg]
+    # every (level, radius) is a search of its own: their number enters the false-alarm
+    # probability of the match (Bonferroni), so that max_false_alarm holds per frame
+    n_searches = len(levels) * len(radii)
+    if second_attempt:  # a second attempt at a frame that failed on its own: count both
+        n_searches *= 2
     t_match = time.perf_counter()
     r_used = np.hypot(ref_used[:, 0], ref_used[:, 1])
     for level in levels:
@@ -579,6 +587,7 @@ def _pattern_match(src, ref, ss, shape, scale, half_diag_deg, search_deg, radius
                     max_false_alarm=ss.max_false_alarm, clip_sigma=ss.clip_sigma,
                     levels=(level,), max_triangle_side=0.6 * max(nx, ny),
                     ref_index=tri_index, ref_radius=ref_radius, cache=cache,
+                    n_searches=n_searches,
                 )
                 match.ref_idx = keep_ref[match.ref_idx]
                 break

@@ -697,6 +697,8 @@ def _store_and_run_dir(path) -> tuple[Path, Path]:
             return path / "store.zarr", path  # combine says how to get it back
         _fail(f"{path}: a run directory without store.zarr (nothing was registered)")
     if not path.exists():
+        if (path.parent / "run.json").exists():  # a run's store, dropped: combine says why
+            return path, path.parent
         _fail(f"{path}: no such run directory or store")
     return path, path.resolve().parent
 
