@@ -47,7 +47,7 @@ from . import qa
 from ._io import atomic_path, atomic_write_text
 from .fields import separation_deg
 from .match import nn_match
-from .rundir import EXCLUDED, read_manifest
+from .rundir import EXCLUDED, read_manifest, run_settings
 from .stats import clip_residuals
 
 __all__ = [
@@ -824,21 +824,6 @@ def thumbnails_task(store_path: str | None, items: list[tuple[str, str | None, s
             log.exception("%s: thumbnail failed", name)
             out[name] = f"thumbnail failed: {type(err).__name__}: {err}"
     return out
-
-
-def run_settings(run_dir):
-    """The Settings a run was made with (from ``run.json``); defaults if absent."""
-    from .config import Settings
-
-    run_file = Path(run_dir) / "run.json"
-    try:
-        values = json.loads(run_file.read_text())
-    except (OSError, ValueError):
-        return Settings()
-    settings = Settings.from_dict(values.get("settings", {}))
-    if values.get("catalog"):
-        settings.catalog.source = str(values["catalog"])
-    return settings
 
 
 def run_figure_jobs(run_dir, reference: str = "") -> list[tuple]:

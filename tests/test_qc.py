@@ -97,9 +97,7 @@ def test_exclusion_recombines_without_solving_or_registering(degraded_field, deg
     out, _ = degraded_run
     names = _names(degraded_field)
     before = _mtimes(out)
-    settings = Settings()
-    settings.select.exclude = (names[1],)
-    settings.select.max_fwhm_px = 6.5
+    settings = Settings().replace("select", exclude=(names[1],), max_fwhm_px=6.5)
     # the same run with combine-time settings changed: no --overwrite, a resume
     result = run([str(p) for p in degraded_field.frames], str(degraded_field.catalog), out,
                  settings, client=dask_client)
@@ -134,8 +132,7 @@ def test_exclusion_recombines_without_solving_or_registering(degraded_field, deg
 
 def test_zero_point_cuts_say_none_exist(degraded_run, dask_client, caplog):
     out, _ = degraded_run
-    settings = Settings()
-    settings.select.min_zp = 20.0
+    settings = Settings().replace("select", min_zp=20.0)
     with caplog.at_level("WARNING"):
         combine_store_path(out / "store.zarr", out, settings, client=dask_client)
     assert "no frame has a zero point" in caplog.text
@@ -145,8 +142,7 @@ def test_zero_point_cuts_say_none_exist(degraded_run, dask_client, caplog):
 def test_missing_exclude_file_is_refused_before_work(degraded_field, tmp_path):
     from daskstack.errors import RunError
 
-    settings = Settings()
-    settings.select.exclude_file = str(tmp_path / "absent.txt")
+    settings = Settings().replace("select", exclude_file=str(tmp_path / "absent.txt"))
     with pytest.raises(RunError, match="absent.txt"):
         run([str(p) for p in degraded_field.frames], str(degraded_field.catalog),
             tmp_path / "out", settings)
@@ -198,7 +194,7 @@ def degraded_report(degraded_run, dask_client):
     from daskstack.pipeline import make_report
 
     out, _ = degraded_run
-    return out, make_report(dask_client, out)
+    return out, make_report(out, client=dask_client)
 
 
 def test_degraded_frames_flagged_with_their_reason(degraded_field, degraded_report):
@@ -248,8 +244,7 @@ def test_suggested_exclusions_recombine_without_registering(degraded_field, degr
     header = fits.getheader(out / "coadd_rp.fits")
     assert header["NCOMBINE"] == 10 - len(flagged) and header["NEXCL"] == len(flagged)
     # the same run command with that file: a resume, nothing recomputed, same exclusions
-    settings = Settings()
-    settings.select.exclude_file = str(suggested)
+    settings = Settings().replace("select", exclude_file=str(suggested))
     result = run([str(p) for p in degraded_field.frames], str(degraded_field.catalog), out,
                  settings, client=dask_client)
     assert _mtimes(out) == before
@@ -264,7 +259,7 @@ def test_real_frames_groups_follow_filter_and_night(lco_frames, dask_client, tmp
     out = tmp_path / "pds110"
     result = run([str(p) for p in lco_frames], "", out, client=dask_client)
     assert result.n_combined == 9 and result.n_failed == 3  # u': WCSERR = 4
-    index = make_report(dask_client, out)
+    index = make_report(out, client=dask_client)
     text = index.read_text()
     rows = re.findall(r'<tr id="frame-[^"]*"[^>]*data-name="([^"]+)"', text)
     assert sorted(rows) == sorted(Path(p).name.removesuffix(".fits.fz") for p in lco_frames)

@@ -81,7 +81,7 @@ def manifest(run_dir: Path) -> Table:
 # --------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def sim_report(sim_run, dask_client):
-    path = make_report(dask_client, sim_run.out_dir, all_pictures=True)
+    path = make_report(sim_run.out_dir, client=dask_client, all_pictures=True)
     return sim_run.out_dir, path
 
 
