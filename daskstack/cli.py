@@ -137,10 +137,10 @@ STAGE_OPTIONS = {
          help="Leave out frames whose FWHM (px) is larger.")),
         ("--max-rms", "select.max_rms_arcsec", dict(type=float,
          help="Leave out frames whose astrometric RMS (arcsec) is larger (the solver "
-              "itself fails frames above [solve] max_rms_arcsec, 2.0).")),
+              "itself fails frames above solve.max_rms_arcsec, 2.0).")),
         ("--min-matches", "select.min_matches", dict(type=int,
          help="Leave out frames with fewer matched catalog stars (the solver itself "
-              "fails frames below [solve] min_matches, 8); 0: no cut.")),
+              "fails frames below solve.min_matches, 8); 0: no cut.")),
         ("--max-sky", "select.max_sky", dict(type=float,
          help="Leave out frames whose sky level (the manifest's background) is higher.")),
         ("--min-zp", "select.min_zp", dict(type=float,
@@ -446,8 +446,9 @@ def main():
 @click.option("--overwrite", is_flag=True,
               help="Replace a run directory that holds a different run.")
 @click.option("--report/--no-report", "report", default=False, show_default=True,
-              help="Also draw every frame's pictures and write OUT/report/index.html "
-                   "(costs about as much as solving; 'daskstack report OUT' does it later).")
+              help="Also write OUT/report/index.html: every frame with a thumbnail, failed "
+                   "and flagged frames first with their pictures, and "
+                   "OUT/report/suggested-exclude.txt ('daskstack report OUT' does it later).")
 @click.option("--lco-frames", "lco_frames", multiple=True, type=int, metavar="ID",
               help="LCO archive frame id to download (into OUT/frames/) and process; "
                    "repeatable.")

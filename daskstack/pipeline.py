@@ -748,8 +748,8 @@ def run(inputs, catalog: str, out_dir, settings: Settings | None = None, *, clie
     client : distributed.Client, optional
         Where to run; default: a cluster from ``settings.cluster`` (a LocalCluster).
     report : bool
-        Also draw every frame's pictures and write ``out_dir/report/index.html``
-        (`make_report`).
+        Also write ``out_dir/report/index.html`` and ``suggested-exclude.txt``
+        (`make_report`: thumbnails of every frame, pictures of failed and flagged ones).
 
     Raises
     ------
