@@ -23,8 +23,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ._stats import mad_sigma
 from .frames import frame_name
-from .stats import mad_sigma
 
 __all__ = [
     "CUTS",

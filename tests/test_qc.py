@@ -12,9 +12,9 @@ from astropy.io import fits
 from click.testing import CliRunner
 
 from daskstack import qa
+from daskstack._pipeline import combine_store_path, run
+from daskstack._rundir import read_manifest
 from daskstack.config import SelectSettings, Settings
-from daskstack.pipeline import combine_store_path, run
-from daskstack.rundir import read_manifest
 
 # frame index -> how it is degraded (simulate_field's frame_overrides), and the QA metric
 # (label in find_outliers' reasons) a person would blame
@@ -191,7 +191,7 @@ def test_outliers_within_groups_of_comparable_frames():
 
 @pytest.fixture(scope="module")
 def degraded_report(degraded_run, dask_client):
-    from daskstack.pipeline import make_report
+    from daskstack._pipeline import make_report
 
     out, _ = degraded_run
     return out, make_report(out, client=dask_client)
@@ -254,7 +254,7 @@ def test_suggested_exclusions_recombine_without_registering(degraded_field, degr
 def test_real_frames_groups_follow_filter_and_night(lco_frames, dask_client, tmp_path):
     """The twelve PDS 110 frames (one night, one telescope, four filters; the u' headers
     say their WCS failed): every frame in the table, one group per filter of that night."""
-    from daskstack.pipeline import make_report
+    from daskstack._pipeline import make_report
 
     out = tmp_path / "pds110"
     result = run([str(p) for p in lco_frames], "", out, client=dask_client)

@@ -16,8 +16,8 @@ import pytest
 from astropy.io import fits
 from astropy.table import Table
 
-from daskstack import report
-from daskstack.pipeline import make_report, run
+from daskstack import _report as report
+from daskstack._pipeline import make_report, run
 
 
 # --------------------------------------------------------------------------------------
@@ -326,7 +326,7 @@ def large_run_dir(base: Path, n: int = 500) -> tuple[Path, str]:
     and two filters (QA drawn at random, one frame with far worse seeing), and the
     thumbnails of ``n`` random images: what the page gets for a run of ``n`` frames.
     Returns the directory and the name of the frame with the largest FWHM."""
-    from daskstack.rundir import MANIFEST_COLUMNS
+    from daskstack._rundir import MANIFEST_COLUMNS
 
     rng = np.random.default_rng(21)
     names = [f"lsc1m009-fa15-2023070{1 + i * 3 // n}-{i:04d}-e91" for i in range(n)]

@@ -22,7 +22,7 @@ What the learn.astropy tutorial checks by eye for two frames, drawn where it is 
 
 Everything here is a plain function of paths and small records. Figures are made with
 explicit ``Figure`` + ``FigureCanvasAgg`` objects, never pyplot's global state, so they
-are safe on Dask workers (threads or processes); `daskstack.pipeline.make_report` runs
+are safe on Dask workers (threads or processes); `daskstack._pipeline.make_report` runs
 them as tasks.
 """
 
@@ -44,11 +44,11 @@ from astropy.io import fits
 from astropy.table import Table
 
 from . import qa
+from ._fields import separation_deg
 from ._io import atomic_path, atomic_write_text
-from .fields import separation_deg
+from ._rundir import EXCLUDED, read_manifest, run_settings
+from ._stats import clip_residuals
 from .match import nn_match
-from .rundir import EXCLUDED, read_manifest, run_settings
-from .stats import clip_residuals
 
 __all__ = [
     "FRAMES_DIR",
