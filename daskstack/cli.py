@@ -117,8 +117,16 @@ STAGE_OPTIONS = {
          help="Reprojection: interpolation, adaptive (anti-aliased) or exact "
               "(flux-conserving spherical polygons). [interp]")),
         ("--order", "register.order", dict(
-         type=_choice("nearest-neighbor", "bilinear", "biquadratic", "bicubic"),
-         help="Interpolation order for --reproject interp. [bilinear]")),
+         type=_choice("nearest-neighbor", "bilinear", "biquadratic", "bicubic", "lanczos2",
+                      "lanczos3"),
+         help="Interpolation kernel for --reproject interp; lanczos3 is SWarp's default. "
+              "[bilinear]")),
+        ("--gain", "register.gain", dict(type=float,
+         help="Gain in e-/ADU for the noise model, overriding the header (GAIN, EGAIN ...). "
+              "[header]")),
+        ("--rdnoise", "register.rdnoise", dict(type=float,
+         help="Read noise in e- for the noise model, overriding the header (RDNOISE, "
+              "READNOIS, RON ...; without any: from the sky scatter). [header]")),
         ("--tile", "register.tile", dict(type=int,
          help="Output tile size in pixels (zarr chunk). [1024]")),
         ("--fast-mapping/--exact-mapping", "register.fast_mapping", dict(default=None,

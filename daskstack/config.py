@@ -97,6 +97,10 @@ class RegisterSettings:
     fast_mapping: bool = True  # evaluate the pixel mapping on a coarse mesh (checked)
     mapping_tolerance_px: float = 0.01  # max mesh-interpolation error before the exact path
     conserve_flux: bool = True  # scale by output/input pixel area: e- per output pixel
+    # noise model (daskstack.noise): override the header's gain (e-/ADU; 0 = the header's
+    # GAIN or an alternative keyword) and read noise (e-; < 0 = the header's RDNOISE ...)
+    gain: float = 0.0
+    rdnoise: float = -1.0
     # False: remove store.zarr once the coadds are written (it is ~ the inputs' size
     # uncompressed; `daskstack combine` needs it, the same run with it kept rebuilds it)
     keep_store: bool = True
@@ -147,7 +151,8 @@ class ClusterSettings:
 _CHOICES = {
     ("solve", "wcs"): ("auto", "solve", "header"),
     ("register", "method"): ("interp", "adaptive", "exact"),
-    ("register", "order"): ("nearest-neighbor", "bilinear", "biquadratic", "bicubic"),
+    ("register", "order"): ("nearest-neighbor", "bilinear", "biquadratic", "bicubic",
+                            "lanczos2", "lanczos3"),
     ("combine", "method"): COMBINE_METHODS,  # its names: a new method is one row there
     ("combine", "scale"): ("none", "exptime", "background", "photometric"),
     ("combine", "cenfunc"): ("median", "mean"),
@@ -236,6 +241,7 @@ class Settings:
             if not getattr(getattr(self, section), name) > 0:
                 raise SettingsError(f"{section}.{name} must be > 0")
         nonnegative = [
+            ("register", "gain"),
             ("detect", "edge_pixels"), ("catalog", "retries"), ("solve", "match_radius_arcsec"),
             ("grid", "pixel_scale_arcsec"),
             ("combine", "nlow"), ("combine", "nhigh"), ("cluster", "n_workers"),

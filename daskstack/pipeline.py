@@ -42,6 +42,7 @@ from .exitcodes import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL, outcome
 from .fields import _companion_groups, _field_catalog, _field_radius_deg, _fields
 from .frames import FrameError, FrameMeta, frame_name, read_frame, read_meta, unusable_reason
 from .grid import Grid, make_grid
+from .noise import frame_noise_model
 from .register import register_frame
 from .rundir import (
     FrameRecord,
@@ -62,7 +63,7 @@ from .rundir import (
     write_manifest,
 )
 from .stats import sky_level
-from .write import coadd_header, write_coadd_fits, write_image_fits
+from .write import coadd_header, coadd_planes, write_coadd_fits, write_image_fits
 
 __all__ = [
     "EXIT_FAILED",
@@ -178,10 +179,12 @@ def _register_task(meta: FrameMeta, wcs_header: str, grid: Grid, store_path: str
     start = time.perf_counter()
     frame = read_frame(meta.path)
     wcs = wcs_from_text(wcs_header, frame.data.shape)
-    tiles = ((t.y0, t.x0, t.data, t.footprint)
+    variance, _ = frame_noise_model(frame, gain=settings.register.gain,
+                                    rdnoise=settings.register.rdnoise)
+    tiles = ((t.y0, t.x0, t.data, t.footprint, t.variance)
              for t in register_frame(frame.data, frame.mask, wcs, grid, settings.register,
                                      conserve_flux=settings.register.conserve_flux,
-                                     seed=index))
+                                     seed=index, variance=variance))
     count = store_mod.write_tiles(store_path, filter_name, index, tiles)
     # a frame taken with its header WCS was never detected on (``measure_sky``): measure
     # its sky here, from the pixels already in memory, rather than read it a second time
@@ -520,14 +523,20 @@ def combine_store(client, store_path: Path, out_dir: Path, settings: Settings,
         if not keep:
             continue
         data_arr, foot_arr = stack.arrays(filter_name)
+        var_arr = stack.variance(filter_name)
+        if var_arr is None:
+            raise store_mod.StoreError(
+                f"{store_path}: written before daskstack stored variances; register the "
+                "frames again (daskstack register, or run) to get ERR and WEIGHT maps")
         block = _combine_tile(stack.tile, len(keep), stack.grid.shape, methods=cs.methods)
         # each task reads its whole (frames, block, block) slab straight from the store:
         # no rechunking, nothing moves between workers
-        data = da.from_zarr(data_arr, chunks=(data_arr.shape[0], block, block))
+        data, variance = (da.from_zarr(a, chunks=(a.shape[0], block, block))
+                          for a in (data_arr, var_arr))
         foot = (None if foot_arr is None else
                 da.from_zarr(foot_arr, chunks=(foot_arr.shape[0], block, block)))
         if len(keep) < data_arr.shape[0]:
-            data = data[keep]
+            data, variance = data[keep], variance[keep]
             foot = None if foot is None else foot[keep]
         infos = [stack.frames[names[i]] for i in keep]
         scales = _scales(cs, infos)
@@ -539,33 +548,34 @@ def combine_store(client, store_path: Path, out_dir: Path, settings: Settings,
         weights_of = {}
         for n_method, method in enumerate(cs.methods):
             spec = COMBINE_METHODS[method]
-            frame_weights = None
             if spec.estimator == "weighted":
-                frame_weights = combine.inverse_variance_weights(
+                # per pixel, the weights are the inverse variances; these per-frame sky
+                # weights only give the header's effective GAIN
+                weights_of[method] = combine.inverse_variance_weights(
                     gain=[f["gain"] for f in infos], rdnoise=[f["rdnoise"] for f in infos],
                     sky=[_or_nan(f["background"]) for f in infos], scale=scales.scales)
-                weights_of[method] = frame_weights
             result = combine.combine_stack(
                 data, foot, method=method, sigma=cs.sigma, iters=cs.iters,
                 cenfunc=cs.cenfunc, nlow=cs.nlow, nhigh=cs.nhigh, scales=scales.scales,
-                offsets=scales.offsets, frame_weights=frame_weights,
+                offsets=scales.offsets, variance=variance,
+                exptime=[_or_nan(f.get("exptime")) for f in infos],
                 reject=cs.weighted_reject if spec.rejection is None else "none")
             suffix = "" if n_method == 0 else f"_{method}"
-            pair = []
-            for name in ("image", "weight"):
-                pair.append(group.create_array(
-                    f"coadd/{key}{suffix}/{name}", shape=(ny, nx), chunks=(block, block),
-                    dtype="float32", fill_value=np.nan if name == "image" else 0.0,
-                    overwrite=True))
-            sources += [result.image.astype("float32"), result.weight.astype("float32")]
-            targets.append(pair)
+            planes = coadd_planes(result)
+            arrays = {name: group.create_array(
+                f"coadd/{key}{suffix}/{name}", shape=(ny, nx), chunks=(block, block),
+                dtype="float32", fill_value=np.nan if name in ("image", "ERR") else 0.0,
+                overwrite=True) for name in planes}
+            sources += list(planes.values())
+            targets.append(arrays)
             paths.append((method, out_dir / f"coadd_{key}{suffix}.fits"))
-        da.store(sources, [t for pair in targets for t in pair], lock=False, compute=True)
-        for (method, path), (image, weight) in zip(paths, targets, strict=True):
+        da.store(sources, [a for arrays in targets for a in arrays.values()], lock=False,
+                 compute=True)
+        for (method, path), arrays in zip(paths, targets, strict=True):
             header = coadd_header(stack, filter_name, [names[i] for i in keep], infos,
                                    dataclasses.replace(cs, method=method), scales,
                                    weights_of.get(method))
-            write_coadd_fits(path, header, image, weight)
+            write_coadd_fits(path, header, arrays)
             output_log.add(path)
         outputs[filter_name] = paths[0][1]
         if cs.difference:

@@ -6,6 +6,8 @@ Layout (``OUT/store.zarr``)::
                                grid fingerprint, per-filter frame lists, per-frame
                                records (exptime, sky, flux ratio ...), register options
     <filter>/data              (n_frames, ny, nx) float32, NaN where the frame gives nothing
+    <filter>/variance          (n_frames, ny, nx) float32, each frame's variance resampled
+                               with its data (`daskstack.register`), NaN where data is NaN
     <filter>/footprint         (n_frames, ny, nx) float32, 0..1 coverage of each frame; only
                                for flux-conserving reprojection (adaptive/exact), where
                                coverage is fractional: for interpolation it is exactly
@@ -34,7 +36,7 @@ from .grid import Grid
 __all__ = ["StackStore", "StoreError", "clear_frame", "create_store", "filter_key",
            "open_store", "write_tiles"]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: a variance beside the data
 # noisy float32 hardly compresses: a fast codec (lz4 + bit shuffle) still saves ~25%
 COMPRESSOR = BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle")
 
@@ -71,6 +73,10 @@ class StackStore:
         footprint = group.get(f"{key}/footprint")
         return group[f"{key}/data"], footprint
 
+    def variance(self, filter_name: str):
+        """The variance zarr array of one filter (None in a store written before it)."""
+        return self.group().get(f"{filter_key(filter_name)}/variance")
+
     def index_of(self, name: str) -> tuple[str, int]:
         for filter_name, names in self.filters.items():
             if name in names:
@@ -92,7 +98,8 @@ def create_store(path, grid: Grid, frames: dict[str, dict], filters: dict[str, l
         existing = None
     if (existing is not None and existing.grid.fingerprint == grid.fingerprint
             and existing.tile == tile and existing.filters == filters
-            and all((existing.arrays(f)[1] is not None) == footprint for f in filters)):
+            and all((existing.arrays(f)[1] is not None) == footprint
+                    and existing.variance(f) is not None for f in filters)):
         existing.frames.update(frames)
         existing.params = params or {}
         _write_attrs(existing)
@@ -103,9 +110,10 @@ def create_store(path, grid: Grid, frames: dict[str, dict], filters: dict[str, l
         key = filter_key(filter_name)
         shape = (len(names), ny, nx)
         chunks = (1, min(tile, ny), min(tile, nx))
-        group.create_array(f"{key}/data", shape=shape, chunks=chunks, dtype="float32",
-                           fill_value=np.nan, dimension_names=("frame", "y", "x"),
-                           compressors=COMPRESSOR)
+        for name in ("data", "variance"):
+            group.create_array(f"{key}/{name}", shape=shape, chunks=chunks, dtype="float32",
+                               fill_value=np.nan, dimension_names=("frame", "y", "x"),
+                               compressors=COMPRESSOR)
         if footprint:
             group.create_array(f"{key}/footprint", shape=shape, chunks=chunks,
                                dtype="float32", fill_value=0.0,
@@ -154,16 +162,18 @@ def open_store(path) -> StackStore:
 def write_tiles(store_path: str, filter_name: str, index: int, tiles) -> int:
     """Write one frame's registered tiles into its slice of the stack; returns tiles written.
 
-    ``tiles`` yields ``(y0, x0, data, footprint)``. Runs on a worker: it opens the
-    store by path, so only the path travels through the graph.
+    ``tiles`` yields ``(y0, x0, data, footprint, variance)``. Runs on a worker: it opens
+    the store by path, so only the path travels through the graph.
     """
     group = zarr.open_group(store_path, mode="r+")
     key = filter_key(filter_name)
     data_array, foot_array = group[f"{key}/data"], group.get(f"{key}/footprint")
+    var_array = group[f"{key}/variance"]
     count = 0
-    for y0, x0, data, footprint in tiles:
+    for y0, x0, data, footprint, variance in tiles:
         ny, nx = data.shape
         data_array[index, y0:y0 + ny, x0:x0 + nx] = data
+        var_array[index, y0:y0 + ny, x0:x0 + nx] = variance
         if foot_array is not None:
             foot_array[index, y0:y0 + ny, x0:x0 + nx] = footprint
         count += 1
@@ -176,7 +186,8 @@ def clear_frame(store_path: str, filter_name: str, index: int, tiles) -> None:
     only the fill value are deleted, not written, so this costs no space."""
     group = zarr.open_group(store_path, mode="r+")
     key = filter_key(filter_name)
-    arrays = [(group[f"{key}/data"], np.nan), (group.get(f"{key}/footprint"), 0.0)]
+    arrays = [(group[f"{key}/data"], np.nan), (group.get(f"{key}/variance"), np.nan),
+              (group.get(f"{key}/footprint"), 0.0)]
     for array, empty in arrays:
         if array is None:
             continue

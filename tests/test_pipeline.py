@@ -62,7 +62,7 @@ def test_run_layout_and_manifest(sim_run, sim_field):
         header = hdul[0].header
         assert header["NCOMBINE"] == 3
         assert header["FILTER"] == "rp"
-        assert "WEIGHT" in hdul and hdul["WEIGHT"].data.max() == 3
+        assert "WEIGHT" in hdul and hdul["NFRAMES"].data.max() == 3
 
 
 def test_per_frame_wcs_matches_truth(sim_run, sim_field):

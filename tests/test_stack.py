@@ -82,7 +82,7 @@ def combined(stack_store, dask_client, method, scale="none", subtract=False, **e
     out = stack_store / f"combine-{method}-{scale}-{subtract}"
     paths = combine_store_path(stack_store / "store.zarr", out, settings, client=dask_client)
     with fits.open(paths["rp"]) as hdul:
-        return hdul[0].data.astype(np.float64), hdul[0].header, hdul["WEIGHT"].data
+        return hdul[0].data.astype(np.float64), hdul[0].header, hdul["NFRAMES"].data
 
 
 @pytest.fixture(scope="module")
