@@ -67,9 +67,18 @@ tests); a new rejection or estimator one function in its table.
 ``weighted``
     weighted mean ``sum(w v) / sum(w)`` with ``w = frame_weights[i] * footprint``,
     optionally after the rejection ``reject`` ('sigclip' or 'minmax', decided on the
-    unweighted values exactly as above). With inverse-variance frame weights
-    (`inverse_variance_weights`) this is the minimum-variance combination and the
-    returned ``weight`` map is the inverse variance of the coadd (sky-limited).
+    unweighted values exactly as above). Given the stack's ``variance``, ``w`` is per
+    pixel the inverse variance of each frame's input pixels (``kernel_power /
+    variance``), the minimum-variance combination for photometry; given per-frame
+    inverse-variance weights (`inverse_variance_weights`) instead, one number a frame.
+
+Noise
+-----
+Given the stack's ``variance``, each method also returns the variance of its result
+by its estimator's rule, from the values it kept: ``sum(w**2 v) / sum(w)**2`` for
+the (weighted) mean (exact; for 'sigclip' and 'minmax' over the surviving values),
+and for the median ``F(n) n / (sum 1/sqrt(v))**2`` with ``F`` the median's
+efficiency factor for n Gaussian values (`median_variance_factor`; pi/2 for large n).
 
 Pixels where no value is used are NaN in ``image`` and 0 in ``weight`` and ``nused``.
 """
@@ -307,7 +316,7 @@ def _range_mean_std(values, inside, count, need_std=True):
 
 
 def _combine_block(
-    data, weights=None, variance=None, *, rejection, estimator, sigma, iters, cenfunc, nlow,
+    data, weights=None, variance=None, kernel_power=None, *, rejection, estimator, sigma, iters, cenfunc, nlow,
     nhigh, scales, offsets, frame_weights, exptime,
 ):
     """Combine one chunk ``(n_frames, ty, tx)`` -> ``(5, ty, tx)`` float32: image, weight,
@@ -341,9 +350,14 @@ def _combine_block(
         per_value_w = np.broadcast_to(fw[:, None, None], values.shape)
         if weights is not None:
             per_value_w = np.where(valid, weights.astype(np.float32) * per_value_w, 0)
-        if variance is not None:  # per-pixel inverse variance
+        if variance is not None:
+            # per-pixel inverse variance of the input pixels (not of the resampled ones,
+            # which a kernel smoothed by kernel_power: see daskstack.register)
+            noise = variance
+            if kernel_power is not None:
+                noise = variance / np.asarray(kernel_power, dtype=np.float32)
             with np.errstate(invalid="ignore", divide="ignore"):
-                per_value_w = np.where(valid, per_value_w / variance, 0).astype(np.float32)
+                per_value_w = np.where(valid, per_value_w / noise, 0).astype(np.float32)
 
     if rejection == "none" and estimator != "median":  # plain (weighted) mean: no sort
         count = valid.sum(axis=0)
@@ -367,14 +381,15 @@ def _combine_block(
     lo = np.zeros(nvalid.shape, np.intp)
     hi = nvalid.astype(np.intp)
     lo, hi = REJECTIONS[rejection](sorted_, lo, hi, sigma=sigma, iters=iters,
-                                   cenfunc=cenfunc, nlow=nlow, nhigh=nhigh)
+                                   cenfunc=cenfunc, nlow=nlow, nhigh=nhigh,
+                                   sorted_v=sorted_v)
     count = hi - lo
     image, weight, var = ESTIMATORS[estimator](sorted_, sorted_w, sorted_v, lo, hi)
     return _pack(image, weight, var, count, exposure)
 
 
 # Rejections: (sorted values, lo, hi, **options) -> the range [lo, hi) of each pixel's
-# sorted valid values that is kept.
+# sorted valid values that is kept. ``sorted_v``: the values' variances, or None.
 def _reject_none(sorted_, lo, hi, **_):
     return lo, hi
 
@@ -385,7 +400,11 @@ def _reject_minmax(sorted_, lo, hi, *, nlow, nhigh, **_):
     return lo, hi
 
 
-def _reject_sigclip(sorted_, lo, hi, *, sigma, iters, cenfunc, **_):
+def _reject_sigclip(sorted_, lo, hi, *, sigma, iters, cenfunc, sorted_v=None, **_):
+    # with variances, each value is judged by its own noise (the noise model), not by
+    # the stack's spread: frames of unequal depth keep their good values, and a lone
+    # outlier is rejected in a stack of any size
+    own_sigma = None if sorted_v is None else np.sqrt(sorted_v)
     k = np.arange(sorted_.shape[0]).reshape(-1, 1, 1)
     for _ in range(iters):
         count = hi - lo
@@ -396,13 +415,17 @@ def _reject_sigclip(sorted_, lo, hi, *, sigma, iters, cenfunc, **_):
             _, std = _range_mean_std(sorted_, inside, count)
         else:
             cen, std = _range_mean_std(sorted_, inside, count)
-        std = std.astype(np.float32)
+        std = std.astype(np.float32) if own_sigma is None else own_sigma
         cen = np.asarray(cen).astype(np.float32)
         with np.errstate(invalid="ignore"):
             low = sorted_ < (cen - std * np.float32(sigma))
             high = sorted_ > (cen + std * np.float32(sigma))
-        new_lo = lo + np.sum(inside & low, axis=0)
-        new_hi = hi - np.sum(inside & high, axis=0)
+        # kept values stay a contiguous range: all up to the highest low outlier go, all
+        # from the lowest high outlier on (with one spread for all, exactly those flagged;
+        # with each value's own noise, also a rare lower value within its own bounds)
+        new_lo = np.maximum(lo, np.max(np.where(inside & low, k, -1), axis=0) + 1)
+        new_hi = np.minimum(hi, np.min(np.where(inside & high, k, sorted_.shape[0]), axis=0))
+        new_hi = np.maximum(new_hi, new_lo)
         changed = np.any(new_lo != lo) or np.any(new_hi != hi)
         lo, hi = new_lo, new_hi
         if not changed:
@@ -427,20 +450,25 @@ def _estimate_median(sorted_, sorted_w, sorted_v, lo, hi):
     med[count == 0] = np.nan
     variance = np.full(med.shape, np.nan)
     if sorted_v is not None:
-        # The median of n values of sigma_i: for large n its variance is
-        # 1 / (4 n f(m)**2) with f the mean of the values' densities at the median,
-        # (pi/2) n / (sum 1/sigma_i)**2 for Gaussians (pi/2: the median's efficiency
-        # relative to the mean; sigma_i**2 / n for equal sigma); for small n the exact
-        # Gaussian factor of `median_variance_factor` replaces pi/2.
         k = np.arange(sorted_.shape[0]).reshape(-1, 1, 1)
-        inside = (k >= lo) & (k < hi)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            inv_sigma = np.sum(np.where(inside, 1.0 / np.sqrt(sorted_v), 0.0), axis=0,
-                               dtype=np.float64)
-            factor = median_variance_table(sorted_.shape[0])[count]
-            variance = factor * count / inv_sigma**2
-        variance[count == 0] = np.nan
+        variance = _median_variance(sorted_v, (k >= lo) & (k < hi), count)
     return med, count.astype(np.float64), variance
+
+
+def _median_variance(sorted_v, inside, count):
+    """Variance of the median of the values flagged ``inside`` (variances ``sorted_v``).
+
+    For large n it is 1 / (4 n f(m)**2) with f the mean of the values' densities at the
+    median: (pi/2) n / (sum 1/sigma_i)**2 for Gaussians (pi/2: the median's efficiency
+    relative to the mean; sigma**2 / n for equal sigma); for small n the exact Gaussian
+    factor of `median_variance_factor` replaces pi/2."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        inv_sigma = np.sum(np.where(inside, 1.0 / np.sqrt(sorted_v), 0.0), axis=0,
+                           dtype=np.float64)
+        factor = median_variance_table(sorted_v.shape[0])[count]
+        variance = factor * count / inv_sigma**2
+    variance[count == 0] = np.nan
+    return variance
 
 
 REJECTIONS = {"none": _reject_none, "sigclip": _reject_sigclip, "minmax": _reject_minmax}
@@ -480,11 +508,6 @@ def median_variance_factor(n: int) -> float:
 def median_variance_table(n_max: int) -> np.ndarray:
     """`median_variance_factor` for 0..n_max values (0 for none), as an array to index."""
     return np.array([0.0] + [median_variance_factor(n) for n in range(1, n_max + 1)])
-
-
-REJECTIONS = {"none": _reject_none, "sigclip": _reject_sigclip, "minmax": _reject_minmax}
-ESTIMATORS = {"mean": _estimate_mean, "median": _estimate_median, "weighted": _estimate_mean}
-REJECTS = tuple(REJECTIONS)
 
 
 # -- the methods: the user's vocabulary, as rejection x estimator ---------------------------
@@ -662,6 +685,7 @@ def combine_stack(
     frame_weights=None,
     reject: str = "none",
     variance=None,
+    kernel_power=None,
     exptime=None,
 ) -> CombineResult:
     """Combine a registered stack ``(n_frames, ny, nx)`` into one image, lazily.
@@ -684,6 +708,9 @@ def combine_stack(
     variance : each value's variance, same shape as ``data`` (the store's ``variance``),
         or None; NaN or <= 0 leaves the value out. It gives the coadd's ``variance``
         and makes 'weighted' an inverse-variance weighting per pixel.
+    kernel_power : the resampling's ``sum of squared weights`` per value (the store's
+        ``kernel_power``), or None (= 1): 'weighted' weights by ``kernel_power /
+        variance``, the inverse variance of the input pixels.
     exptime : per-frame exposure times (s) for the ``exposure`` map, or None.
 
     Returns a `CombineResult` of dask arrays; nothing is computed. Chunks along the
@@ -718,7 +745,8 @@ def combine_stack(
             raise ValueError("frame_weights must be >= 0")
 
     args = [data]
-    for name, extra in (("weights", weights), ("variance", variance)):
+    for name, extra in (("weights", weights), ("variance", variance),
+                        ("kernel_power", kernel_power)):
         if extra is None:
             args.append(None)
             continue

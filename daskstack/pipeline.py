@@ -181,7 +181,7 @@ def _register_task(meta: FrameMeta, wcs_header: str, grid: Grid, store_path: str
     wcs = wcs_from_text(wcs_header, frame.data.shape)
     variance, _ = frame_noise_model(frame, gain=settings.register.gain,
                                     rdnoise=settings.register.rdnoise)
-    tiles = ((t.y0, t.x0, t.data, t.footprint, t.variance)
+    tiles = ((t.y0, t.x0, t.data, t.footprint, t.variance, t.kernel_power)
              for t in register_frame(frame.data, frame.mask, wcs, grid, settings.register,
                                      conserve_flux=settings.register.conserve_flux,
                                      seed=index, variance=variance))
@@ -523,20 +523,20 @@ def combine_store(client, store_path: Path, out_dir: Path, settings: Settings,
         if not keep:
             continue
         data_arr, foot_arr = stack.arrays(filter_name)
-        var_arr = stack.variance(filter_name)
-        if var_arr is None:
+        var_arr, power_arr = stack.variance(filter_name)
+        if power_arr is None:
             raise store_mod.StoreError(
                 f"{store_path}: written before daskstack stored variances; register the "
                 "frames again (daskstack register, or run) to get ERR and WEIGHT maps")
         block = _combine_tile(stack.tile, len(keep), stack.grid.shape, methods=cs.methods)
         # each task reads its whole (frames, block, block) slab straight from the store:
         # no rechunking, nothing moves between workers
-        data, variance = (da.from_zarr(a, chunks=(a.shape[0], block, block))
-                          for a in (data_arr, var_arr))
+        data, variance, power = (da.from_zarr(a, chunks=(a.shape[0], block, block))
+                                 for a in (data_arr, var_arr, power_arr))
         foot = (None if foot_arr is None else
                 da.from_zarr(foot_arr, chunks=(foot_arr.shape[0], block, block)))
         if len(keep) < data_arr.shape[0]:
-            data, variance = data[keep], variance[keep]
+            data, variance, power = data[keep], variance[keep], power[keep]
             foot = None if foot is None else foot[keep]
         infos = [stack.frames[names[i]] for i in keep]
         scales = _scales(cs, infos)
@@ -557,7 +557,7 @@ def combine_store(client, store_path: Path, out_dir: Path, settings: Settings,
             result = combine.combine_stack(
                 data, foot, method=method, sigma=cs.sigma, iters=cs.iters,
                 cenfunc=cs.cenfunc, nlow=cs.nlow, nhigh=cs.nhigh, scales=scales.scales,
-                offsets=scales.offsets, variance=variance,
+                offsets=scales.offsets, variance=variance, kernel_power=power,
                 exptime=[_or_nan(f.get("exptime")) for f in infos],
                 reject=cs.weighted_reject if spec.rejection is None else "none")
             suffix = "" if n_method == 0 else f"_{method}"

@@ -19,11 +19,14 @@ bilinear, biquadratic, bicubic: the data go through ``map_coordinates`` exactly 
 reproject has none), all with reproject's edge and NaN conventions (`_interpolate`).
 A frame's variance (`daskstack.noise`) is resampled with the *squared* weights of the
 kernel that resampled its data: an output pixel ``sum_k w_k I_k`` has variance
-``sum_k w_k**2 V_k`` (`_resample_variance`; for the spline orders ``w`` is the spline's
+``sum_k w_k**2 V_k`` (`_resample`; for the spline orders ``w`` is the spline's
 cardinal kernel, prefilter included). That is the scatter of single output pixels;
 neighbours now share input pixels, so the variance of a sum over an aperture is
 ``noise_correlation(kernel)`` times the sum of the pixel variances (recorded as
-``NOISECOR`` in the coadd header). ``reproject_interp`` cannot return the weights, so
+``NOISECOR`` in the coadd header). ``sum_k w_k**2`` itself (the kernel power, 1/4 to 1
+for bilinear as the sub-pixel offset varies) is kept too: the variance divided by it is
+the input noise, which is what inverse-variance weights of a coadd must use (weights
+from the smoothed variance would favour the frames that happen to be smoothed most). ``reproject_interp`` cannot return the weights, so
 with a variance the exact path evaluates the exact mapping at every output pixel and
 feeds it to the same sampler as the fast path. For the flux-conserving methods
 (adaptive, exact) the variance is reprojected as the data are: the input noise per
@@ -129,20 +132,24 @@ def _taps(kernel: Kernel, position: np.ndarray, size: int):
 
 @cache
 def noise_correlation(order: str) -> float:
-    """Variance of a sum over a large aperture / the sum of its pixel variances, for an
-    image resampled with the kernel ``order`` at a random sub-pixel offset: the mean over
-    offsets of ``1 / sum_k w_k**2``, squared for the two axes (1 for nearest; bilinear
-    (pi/2)**2 = 2.47). Multiply an aperture's summed ``ERR**2`` by it."""
+    """Variance of a sum over a large aperture / the sum of its pixel variances, for images
+    resampled with the kernel ``order`` at random sub-pixel offsets and combined:
+    ``1 / mean(sum_k w_k**2)`` over offsets, the two axes multiplied (1 for nearest,
+    bilinear (3/2)**2 = 2.25). One frame at offset f has ``1 / sum_k w_k(f)**2``; in a
+    coadd each frame enters the summed ``ERR**2`` with its ``sum_k w_k**2``, so the
+    mean of those, not of their inverses, is what the coadd's factor is. Multiply an
+    aperture's summed ``ERR**2`` by it."""
     kernel = KERNELS[order]
     offsets = (np.arange(4096) + 0.5) / 4096
     _, weights = _taps(kernel, offsets, 10**6)
-    return float(np.mean(1.0 / np.sum(np.square(weights), axis=0)) ** 2)
+    return float(1.0 / np.mean(np.sum(np.square(weights), axis=0)) ** 2)
 
 
 @dataclass
 class RegisteredTile:
     """One output tile of one frame: data (float32, NaN = no data), footprint (0..1) and,
-    when a variance was given, the variance (float32, NaN where data is NaN)."""
+    when a variance was given, the variance (float32, NaN where data is NaN) and the
+    kernel power ``sum_k w_k**2`` (float32; 1 for flux-conserving reprojection)."""
 
     y0: int
     x0: int
@@ -151,6 +158,7 @@ class RegisteredTile:
     mapping: str  # "mesh", "exact" or the reproject function used
     mapping_error_px: float  # measured max error of the mesh mapping (0 for exact)
     variance: np.ndarray | None = None
+    kernel_power: np.ndarray | None = None
 
 
 def exact_mapping(grid_wcs: WCS, frame_wcs: WCS, x, y):
@@ -222,7 +230,8 @@ def _border_convention(coords: np.ndarray, shape) -> np.ndarray:
 def _interpolate(image: np.ndarray, x_in: np.ndarray, y_in: np.ndarray, order: str,
                  variance: np.ndarray | None = None):
     """Sample ``image`` (and its ``variance``) at (x_in, y_in) with reproject's
-    conventions; returns ``(data, variance or None)``.
+    conventions; returns ``(data, variance, kernel power)``, the last two None without
+    ``variance``.
 
     Pixel values live at pixel centres; points in the outer half of a border pixel
     take the border value; points outside the image are NaN; NaN pixels spread to
@@ -234,26 +243,28 @@ def _interpolate(image: np.ndarray, x_in: np.ndarray, y_in: np.ndarray, order: s
     if kernel.spline_order is not None:
         out = map_coordinates(image, coords, order=kernel.spline_order, cval=np.nan,
                               mode="constant", prefilter=kernel.spline_order > 1)
-        out_var = None if variance is None else _resample(variance, coords, kernel, True)
     else:
-        out = _resample(image, coords, kernel, False)
-        out_var = None if variance is None else _resample(variance, coords, kernel, True)
+        out, _ = _resample(image, coords, kernel, False)
     out[outside] = np.nan
-    if out_var is not None:
-        out_var[outside | ~np.isfinite(out)] = np.nan
-        out_var = out_var.reshape(x_in.shape).astype(np.float32)
-    return out.reshape(x_in.shape), out_var
+    if variance is None:
+        return out.reshape(x_in.shape), None, None
+    out_var, power = _resample(variance, coords, kernel, True)
+    out_var[outside | ~np.isfinite(out)] = np.nan
+    return (out.reshape(x_in.shape), out_var.reshape(x_in.shape),
+            power.reshape(x_in.shape))
 
 
 def _resample(image: np.ndarray, coords: np.ndarray, kernel: Kernel, squared: bool):
     """``sum_k w_k image_k`` (or with ``squared``, ``sum_k w_k**2 image_k``: a variance)
-    over the kernel's taps around each point of ``coords`` (2, n); a NaN pixel with a
+    over the kernel's taps around each point of ``coords`` (2, n), and the sum of the
+    weights used (``sum_k w_k**2`` with ``squared``), both float32. A NaN pixel with a
     nonzero weight makes the point NaN. Taps beyond the edge repeat the border pixel."""
     ny, nx = image.shape
     rows, wy = _taps(kernel, coords[0], ny)
     cols, wx = _taps(kernel, coords[1], nx)
     flat = image.ravel()
     out = np.zeros(coords.shape[1], np.float64)
+    total = np.zeros(coords.shape[1], np.float64)
     for row, w_row in zip(rows, wy, strict=True):
         for col, w_col in zip(cols, wx, strict=True):
             w = w_row * w_col
@@ -261,7 +272,8 @@ def _resample(image: np.ndarray, coords: np.ndarray, kernel: Kernel, squared: bo
                 w = w * w
             value = flat[row * nx + col]
             out += np.where(w != 0, w * value, 0.0)
-    return out.astype(np.float32)
+            total += w
+    return out.astype(np.float32), total.astype(np.float32)
 
 
 def frame_tiles(frame_wcs: WCS, frame_shape, grid: Grid, tile: int) -> list[tuple[int, int]]:
@@ -352,7 +364,7 @@ def register_frame(
                                 settings, rng)
         if result is None:
             continue
-        out, out_var, footprint, how, error = result
+        out, out_var, power, footprint, how, error = result
         if not np.any(footprint > 0):
             continue
         if area_ratio != 1.0:
@@ -361,8 +373,7 @@ def register_frame(
                 out_var *= np.float32(area_ratio**2)
         yield RegisteredTile(y0, x0, out.astype(np.float32, copy=False),
                              footprint.astype(np.float32, copy=False), how, error,
-                             None if out_var is None else out_var.astype(np.float32,
-                                                                         copy=False))
+                             out_var, power)
 
 
 def _register_tile(image, variance, frame_wcs, grid_wcs, y0, x0, shape, settings, rng):
@@ -388,8 +399,8 @@ def _register_tile(image, variance, frame_wcs, grid_wcs, y0, x0, shape, settings
 
 
 def _sampled_tile(image, variance, x_in, y_in, order, how, error):
-    out, out_var = _interpolate(image, x_in, y_in, order, variance)
-    return out, out_var, np.isfinite(out).astype(np.float32), how, error
+    out, out_var, power = _interpolate(image, x_in, y_in, order, variance)
+    return out, out_var, power, np.isfinite(out).astype(np.float32), how, error
 
 
 def _mesh_tile(image, variance, frame_wcs, grid_wcs, y0, x0, shape, settings, rng):
@@ -445,9 +456,10 @@ def _reproject_tile(image, variance, frame_wcs, grid_wcs, y0, x0, shape, setting
     out = np.asarray(out, dtype=np.float32)
     footprint = np.asarray(footprint, dtype=np.float32)
     footprint[~np.isfinite(out)] = 0
-    out_var = None
+    out_var = power = None
     if variance is not None:
         (out_var, _), _ = project(variance)
         out_var = np.asarray(out_var, dtype=np.float32)
         out_var[~np.isfinite(out)] = np.nan
-    return out, out_var, footprint, name, 0.0
+        power = np.ones_like(out_var)
+    return out, out_var, power, footprint, name, 0.0

@@ -8,6 +8,9 @@ Layout (``OUT/store.zarr``)::
     <filter>/data              (n_frames, ny, nx) float32, NaN where the frame gives nothing
     <filter>/variance          (n_frames, ny, nx) float32, each frame's variance resampled
                                with its data (`daskstack.register`), NaN where data is NaN
+    <filter>/kernel_power      (n_frames, ny, nx) float16, sum of the squared resampling
+                               weights (variance / kernel_power = the input noise: the
+                               inverse-variance weights of a coadd)
     <filter>/footprint         (n_frames, ny, nx) float32, 0..1 coverage of each frame; only
                                for flux-conserving reprojection (adaptive/exact), where
                                coverage is fractional: for interpolation it is exactly
@@ -74,8 +77,11 @@ class StackStore:
         return group[f"{key}/data"], footprint
 
     def variance(self, filter_name: str):
-        """The variance zarr array of one filter (None in a store written before it)."""
-        return self.group().get(f"{filter_key(filter_name)}/variance")
+        """(variance, kernel_power) zarr arrays of one filter (None, None in a store
+        written before them)."""
+        group = self.group()
+        key = filter_key(filter_name)
+        return group.get(f"{key}/variance"), group.get(f"{key}/kernel_power")
 
     def index_of(self, name: str) -> tuple[str, int]:
         for filter_name, names in self.filters.items():
@@ -99,7 +105,7 @@ def create_store(path, grid: Grid, frames: dict[str, dict], filters: dict[str, l
     if (existing is not None and existing.grid.fingerprint == grid.fingerprint
             and existing.tile == tile and existing.filters == filters
             and all((existing.arrays(f)[1] is not None) == footprint
-                    and existing.variance(f) is not None for f in filters)):
+                    and existing.variance(f)[1] is not None for f in filters)):
         existing.frames.update(frames)
         existing.params = params or {}
         _write_attrs(existing)
@@ -110,8 +116,9 @@ def create_store(path, grid: Grid, frames: dict[str, dict], filters: dict[str, l
         key = filter_key(filter_name)
         shape = (len(names), ny, nx)
         chunks = (1, min(tile, ny), min(tile, nx))
-        for name in ("data", "variance"):
-            group.create_array(f"{key}/{name}", shape=shape, chunks=chunks, dtype="float32",
+        for name, dtype in (("data", "float32"), ("variance", "float32"),
+                            ("kernel_power", "float16")):
+            group.create_array(f"{key}/{name}", shape=shape, chunks=chunks, dtype=dtype,
                                fill_value=np.nan, dimension_names=("frame", "y", "x"),
                                compressors=COMPRESSOR)
         if footprint:
@@ -162,18 +169,19 @@ def open_store(path) -> StackStore:
 def write_tiles(store_path: str, filter_name: str, index: int, tiles) -> int:
     """Write one frame's registered tiles into its slice of the stack; returns tiles written.
 
-    ``tiles`` yields ``(y0, x0, data, footprint, variance)``. Runs on a worker: it opens
+    ``tiles`` yields ``(y0, x0, data, footprint, variance, kernel_power)``. Runs on a worker: it opens
     the store by path, so only the path travels through the graph.
     """
     group = zarr.open_group(store_path, mode="r+")
     key = filter_key(filter_name)
     data_array, foot_array = group[f"{key}/data"], group.get(f"{key}/footprint")
-    var_array = group[f"{key}/variance"]
+    var_array, power_array = group[f"{key}/variance"], group[f"{key}/kernel_power"]
     count = 0
-    for y0, x0, data, footprint, variance in tiles:
+    for y0, x0, data, footprint, variance, power in tiles:
         ny, nx = data.shape
         data_array[index, y0:y0 + ny, x0:x0 + nx] = data
         var_array[index, y0:y0 + ny, x0:x0 + nx] = variance
+        power_array[index, y0:y0 + ny, x0:x0 + nx] = power
         if foot_array is not None:
             foot_array[index, y0:y0 + ny, x0:x0 + nx] = footprint
         count += 1
@@ -187,7 +195,7 @@ def clear_frame(store_path: str, filter_name: str, index: int, tiles) -> None:
     group = zarr.open_group(store_path, mode="r+")
     key = filter_key(filter_name)
     arrays = [(group[f"{key}/data"], np.nan), (group.get(f"{key}/variance"), np.nan),
-              (group.get(f"{key}/footprint"), 0.0)]
+              (group.get(f"{key}/kernel_power"), np.nan), (group.get(f"{key}/footprint"), 0.0)]
     for array, empty in arrays:
         if array is None:
             continue
