@@ -336,3 +336,15 @@ def test_real_frame_err_matches_its_sky_scatter(number):
     predicted = float(np.sqrt(np.median(out_var[sky])))
     assert predicted == pytest.approx(scatter, rel=0.10), f"{number}: ERR {predicted:.2f} " \
         f"vs scatter {scatter:.2f}"
+
+
+def test_report_noise_check_compares_measured_and_predicted():
+    from daskstack.report import noise_check
+
+    rng = np.random.default_rng(8)
+    image = rng.normal(0.0, 2.0, (300, 300))
+    image[100:110, 100:110] += 500.0  # a star: not sky
+    err = np.full(image.shape, 2.0)
+    measured, predicted = noise_check(image, err)
+    assert measured == pytest.approx(2.0, rel=0.03) and predicted == 2.0
+    assert noise_check(np.full((10, 10), np.nan), err[:10, :10]) is None
