@@ -136,8 +136,13 @@ def normalize_catalog(table: Table, name: str = "<table>", default_epoch: float 
     return out
 
 
-def load_catalog(path) -> Table:
-    """Read an ECSV / FITS / CSV (or other astropy-readable) catalog and normalise it."""
+def load_catalog(path, columns: dict[str, str] | None = None) -> Table:
+    """Read an ECSV / FITS / CSV (or other astropy-readable) catalog and normalise it.
+
+    ``columns`` maps normalised names to the file's own column names where the usual
+    aliases do not find them, e.g. ``{"ra": "RA_DEG", "dec": "DEC_DEG", "mag": "Gmag"}``
+    (any case); a mapped column the file lacks is an error naming the columns it has.
+    """
     path = Path(path)
     if not path.exists():
         raise CatalogError(f"{path}: catalog file does not exist")
@@ -155,9 +160,27 @@ def load_catalog(path) -> Table:
             table = Table.read(path, format=fmt) if fmt else Table.read(path)
     except Exception as err:  # astropy raises many types for unreadable tables
         raise CatalogError(f"{path}: cannot read catalog ({type(err).__name__}: {err})") from None
+    if columns:
+        table = _rename_columns(table, columns, path)
     table = normalize_catalog(table, name=str(path))
     if len(table) == 0:
         raise CatalogError(f"{path}: catalog holds no stars (no row with finite ra/dec)")
+    return table
+
+
+def _rename_columns(table: Table, columns: dict[str, str], path) -> Table:
+    """The file's columns named in ``columns`` under their normalised names (which the
+    aliases find first); other columns of those names are dropped."""
+    lower = {c.lower(): c for c in table.colnames}
+    missing = [f"{key}={name}" for key, name in columns.items() if name.lower() not in lower]
+    if missing:
+        raise CatalogError(f"{path}: no column {', '.join(missing)} (--catalog-columns); "
+                           f"found: {', '.join(table.colnames[:20])}")
+    picked = {key: table[lower[name.lower()]] for key, name in columns.items()}
+    table = table.copy(copy_data=False)
+    table.remove_columns([c for c in table.colnames if c.lower() in picked])
+    for key, column in picked.items():
+        table[key] = column
     return table
 
 
@@ -259,7 +282,7 @@ def _fetch_service(source, spec, center, radius_deg, settings) -> Table:
 
 
 def _fetch_file(source, spec, center, radius_deg, settings) -> Table:
-    table = load_catalog(spec)
+    table = load_catalog(spec, settings.column_map)
     if center is not None and radius_deg is not None and len(table):
         sep = SkyCoord(table["ra"], table["dec"], unit="deg").separation(center).deg
         table = table[sep <= radius_deg]

@@ -2,14 +2,18 @@
 
 Exit codes, the same for every command (`daskstack.exitcodes`): 0 all done (every frame
 or archive record made it); 3 partial (something usable was written, some frames or
-records failed, each reported with its reason); 4 nothing usable was produced; 2 bad usage
-or options (nothing was started). 1 is an unexpected error (a traceback): a bug.
+records failed, each reported with its reason); 4 nothing usable was produced; 2 bad usage,
+options or inputs, or no batch job could start (nothing was computed); 130 interrupted
+(Ctrl-C; the same command resumes). 1 is an unexpected error (a traceback): a bug.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
+import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -17,7 +21,14 @@ from pathlib import Path
 import click
 
 from .config import Settings, SettingsError
-from .exitcodes import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, outcome
+from .exitcodes import (
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_PARTIAL,
+    EXIT_USAGE,
+    outcome,
+)
 
 
 # --------------------------------------------------------------------------------------
@@ -101,6 +112,10 @@ STAGE_OPTIONS = {
          help="Faintest catalog stars used (service catalogs). [19]")),
         ("--catalog-cache", "catalog.cache_dir", dict(type=click.Path(file_okay=False),
          help="Directory caching catalog queries (default: OUT/catalog-cache).")),
+        ("--catalog-columns", "catalog.columns", dict(metavar="ra=COL,dec=COL,mag=COL",
+         help="A catalog file's column names where the usual ones (ra, RAJ2000, "
+              "phot_g_mean_mag ...) are not found, e.g. ra=RA_DEG,dec=DEC_DEG,mag=Gmag "
+              "(also pmra, pmdec, ref_epoch).")),
     ],
     "register": [
         ("--grid", "grid.method", dict(
@@ -194,6 +209,9 @@ STAGE_OPTIONS = {
          help="Adaptive scaling: most batch jobs. [4]")),
         ("--interface", "cluster.interface", dict(
          help="Batch jobs: network interface the scheduler and workers use (e.g. ib0).")),
+        ("--worker-timeout", "cluster.worker_timeout", dict(type=float, metavar="SECONDS",
+         help="Batch jobs: stop when no worker has joined after this long (queued jobs "
+              "that never start). [300]")),
     ],
 }
 
@@ -244,28 +262,89 @@ def _settings(config_file, overrides) -> Settings:
         _fail(str(err))
 
 
+# what a directory argument is expanded to
+DIRECTORY_SUFFIXES = (".fits", ".fits.fz", ".fit", ".fts", ".fits.gz", ".fit.gz", ".fts.gz")
+
+
 def _check_inputs(frames) -> list[str]:
+    """The frames named: a directory gives its FITS files; a pattern the shell left
+    as it was (it matched nothing there) is expanded here, and one matching nothing
+    is an error, never a file name."""
+    import glob
+
     if not frames:
         _fail("no input frames given")
-    return [str(f) for f in frames]
+    out = []
+    for item in map(str, frames):
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(str(p) for p in path.iterdir() if p.is_file()
+                           and p.name.lower().endswith(DIRECTORY_SUFFIXES))
+            if not found:
+                _fail(f"{item}: directory holds no FITS files "
+                      f"({', '.join('*' + s for s in DIRECTORY_SUFFIXES)})")
+            out += found
+        elif not path.exists() and glob.has_magic(item):
+            found = sorted(glob.glob(item))
+            if not found:
+                _fail(f"{item}: no file matches this pattern")
+            out += found
+        else:
+            out.append(item)
+    return out
+
+
+def _failure_lines(records, shown: int = 3) -> list[str]:
+    """``FAILED name: reason`` per failed frame; a reason shared by several frames (a
+    catalog that cannot be reached) once, with the count and the first few names."""
+    by_reason: dict[str, list[str]] = {}
+    for record in records:
+        if record.status == "failed":
+            by_reason.setdefault(record.reason, []).append(Path(record.file).name)
+    lines = []
+    for reason, names in by_reason.items():
+        if len(names) == 1:
+            lines.append(f"  FAILED {names[0]}: {reason}")
+        else:
+            more = ", ..." if len(names) > shown else ""
+            lines.append(f"  FAILED {len(names)} frames ({', '.join(names[:shown])}{more}): "
+                         f"{reason}")
+    return lines
 
 
 def _summary(result, quiet: bool) -> None:
     if quiet:
+        _internal_errors_notice(result.n_errors, result.errors_log)
         return
     echo = functools.partial(click.echo, err=False)
     echo(f"frames: {len(result.frames)}  solved: {result.n_solved}  "
          f"in the coadd: {result.n_combined}  failed: {result.n_failed}")
-    for record in sorted(result.frames, key=lambda r: r.status != "failed"):
-        if record.status == "failed":
-            echo(f"  FAILED {Path(record.file).name}: {record.reason}")
+    for line in _failure_lines(result.frames):
+        echo(line)
     if result.timings:
         echo("time: " + "  ".join(f"{k} {v:.1f}s" for k, v in result.timings.items()))
     for filter_name, path in result.coadds.items():
         echo(f"coadd [{filter_name}]: {path}")
+    differences = [p for p in result.written if p.parent.name == "difference"]
+    for path in result.written:  # further methods' coadds, the colour picture
+        if path not in result.coadds.values() and path not in differences:
+            echo(f"wrote {path}")
+    if differences:
+        echo(f"wrote {len(differences)} difference images in {differences[0].parent}")
     echo(f"manifest: {result.manifest}")
+    _internal_errors_notice(result.n_errors, result.errors_log)
     if "report" in result.timings and (result.out_dir / "report" / "index.html").exists():
         echo(f"report: {result.out_dir / 'report' / 'index.html'}")
+
+
+def _internal_errors_notice(n_errors: int, errors_log: Path) -> None:
+    """On stderr, even with -q: a bug must not pass for a bad frame. Such frames count
+    as failed frames for the exit code (3 when coadds were written, else 4): the coadds
+    are as usable as a partial run's; this line and errors.log tell the bug apart."""
+    if n_errors:
+        frames = "frame" if n_errors == 1 else "frames"
+        click.echo(f"daskstack: {n_errors} {frames} hit an internal error (a bug): see "
+                   f"{errors_log}, please report it", err=True)
 
 
 # --------------------------------------------------------------------------------------
@@ -289,7 +368,7 @@ def main():
 
 
 @main.command()
-@click.argument("frames", nargs=-1, type=click.Path(dir_okay=False))
+@click.argument("frames", nargs=-1, type=click.Path())
 @click.option("--catalog", default="",
               help="Reference catalog: 'gaia' (Gaia DR3 via MAST), 'gaia-tap' (ESA TAP) or a "
                    "file (ECSV/FITS/CSV with ra, dec, a magnitude; pmra/pmdec/ref_epoch "
@@ -324,8 +403,10 @@ def run(frames, catalog, out_dir, overwrite, report, lco_frames, lco_query, lco_
     again. One coadd per filter.
     """
     from .archive import OUTCOMES_NAME
+    from .cluster import ClusterError
     from .pipeline import RunError
     from .pipeline import run as run_pipeline
+    from .rundir import DifferentRunError
 
     _setup_logging(verbose, quiet)
     settings = _settings(config_file, overrides)
@@ -341,9 +422,14 @@ def run(frames, catalog, out_dir, overwrite, report, lco_frames, lco_query, lco_
         frames = tuple(frames) + tuple(downloaded)
     frames = _check_inputs(frames)
     try:
-        result = run_pipeline(frames, catalog, out_dir, settings, overwrite=overwrite,
-                              progress=ProgressBar(not quiet), report=report)
-    except RunError as err:
+        with _interruptible():
+            result = run_pipeline(frames, catalog, out_dir, settings, overwrite=overwrite,
+                                  progress=ProgressBar(not quiet), report=report)
+    except DifferentRunError as err:
+        if err.combine_only:
+            _fail(f"{err}\n  {_combine_command(out_dir, err.differences)}")
+        _fail(str(err))
+    except (RunError, ClusterError) as err:
         _fail(str(err), code=EXIT_USAGE)
     _summary(result, quiet)
     if not_downloaded and not quiet:
@@ -352,6 +438,35 @@ def run(frames, catalog, out_dir, overwrite, report, lco_frames, lco_query, lco_
     # Frames that never arrived are failed frames too: the run is at best partial.
     code = result.exit_code
     sys.exit(EXIT_PARTIAL if code == EXIT_OK and not_downloaded else code)
+
+
+@contextlib.contextmanager
+def _interruptible():
+    """Ctrl-C ends the command with one line, not the tracebacks of every thread and
+    worker process that the interrupt reaches while the cluster shuts down."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        logging.disable(logging.CRITICAL)  # the cluster's shutdown noise, from here on
+        sys.stderr.flush()
+        click.echo("\ninterrupted: run the same command again to resume", err=True)
+        os._exit(EXIT_INTERRUPTED)  # no interpreter teardown: it would wait on workers
+
+
+def _combine_command(out_dir, differences) -> str:
+    """``daskstack combine OUT --combine median ...``: the options of the combine settings
+    that differ, as they are written on the command line."""
+    option_of = {key: option for option, key, _ in STAGE_OPTIONS["combine"]}
+    words = ["daskstack", "combine", shlex.quote(str(out_dir))]
+    for what, _, value in differences:
+        option = option_of.get(what)
+        if option is None:
+            continue
+        if "/" in option:  # a --flag/--no-flag pair
+            words.append(option.split("/")[0 if value else 1])
+        else:
+            words += [option, shlex.quote(str(value))]
+    return " ".join(words)
 
 
 def _checked_query(query: dict, option: str) -> dict:
@@ -442,8 +557,10 @@ def demo(out_dir, n_frames, size, filters, seed, overwrite, report, config_file,
     field = simulate_field(out / "inputs", n_frames=n_frames, shape=(size, size),
                            filters=tuple(f.strip() for f in filters.split(",") if f.strip()),
                            seed=seed)
-    result = run_pipeline([str(p) for p in field.frames], str(field.catalog), out, settings,
-                          overwrite=overwrite, progress=ProgressBar(not quiet), report=report)
+    with _interruptible():
+        result = run_pipeline([str(p) for p in field.frames], str(field.catalog), out,
+                              settings, overwrite=overwrite, progress=ProgressBar(not quiet),
+                              report=report)
     if not quiet:
         click.echo("per-frame WCS error against the truth (RMS over the frame):")
         for record in result.frames:
@@ -458,7 +575,7 @@ def demo(out_dir, n_frames, size, filters, seed, overwrite, report, config_file,
 
 
 @main.command()
-@click.argument("frames", nargs=-1, type=click.Path(dir_okay=False))
+@click.argument("frames", nargs=-1, type=click.Path())
 @click.option("--catalog", required=True, help="'gaia', 'gaia-tap' or a catalog file.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Writes OUT/<frame>.wcs (FITS header with the fitted WCS) and "
@@ -471,24 +588,33 @@ def solve(frames, catalog, out_dir, config_file, verbose, quiet, overrides):
     Writes OUT/<name>.wcs for every solved frame (as astrometry.net's solve-field)
     and OUT/solve.ecsv with one row of QA per frame; failed frames carry a reason.
     """
-    from .pipeline import solve_files
+    from .cluster import ClusterError
+    from .pipeline import RunError, solve_files
+    from .rundir import ERRORS_FILE, INTERNAL_ERROR
 
     _setup_logging(verbose, quiet)
     settings = _settings(config_file, overrides)
     frames = _check_inputs(frames)
-    records = solve_files(frames, catalog, out_dir, settings, progress=ProgressBar(not quiet))
+    try:
+        with _interruptible():
+            records = solve_files(frames, catalog, out_dir, settings,
+                                  progress=ProgressBar(not quiet))
+    except (RunError, ClusterError) as err:
+        _fail(str(err))
     failed = [r for r in records if r.status != "ok"]
     if not quiet:
         click.echo(f"frames: {len(records)}  solved: {len(records) - len(failed)}  "
                    f"failed: {len(failed)}")
-        for record in failed:
-            click.echo(f"  FAILED {Path(record.file).name}: {record.reason}")
+        for line in _failure_lines(failed):
+            click.echo(line)
         click.echo(f"QA: {Path(out_dir) / 'solve.ecsv'}")
+    _internal_errors_notice(sum(r.reason.startswith(INTERNAL_ERROR) for r in failed),
+                            Path(out_dir) / ERRORS_FILE)
     sys.exit(outcome(len(records) - len(failed), len(failed)))
 
 
 @main.command()
-@click.argument("frames", nargs=-1, type=click.Path(dir_okay=False))
+@click.argument("frames", nargs=-1, type=click.Path())
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Run directory; frames' WCS from OUT/<name>.wcs (daskstack solve) or "
                    "from their headers with --wcs header.")
@@ -498,6 +624,7 @@ def solve(frames, catalog, out_dir, config_file, verbose, quiet, overrides):
 @common_options
 def register(frames, out_dir, wcs_source, config_file, verbose, quiet, overrides):
     """Reproject FRAMES onto one grid, tile by tile, into OUT/store.zarr."""
+    from .cluster import ClusterError
     from .pipeline import register_files
     from .rundir import dedupe
 
@@ -505,8 +632,11 @@ def register(frames, out_dir, wcs_source, config_file, verbose, quiet, overrides
     settings = _settings(config_file, overrides)
     frames = _check_inputs(frames)
     try:
-        store = register_files(frames, out_dir, settings, wcs_source=wcs_source,
-                               progress=ProgressBar(not quiet))
+        with _interruptible():
+            store = register_files(frames, out_dir, settings, wcs_source=wcs_source,
+                                   progress=ProgressBar(not quiet))
+    except ClusterError as err:  # nothing was computed: batch jobs that cannot start
+        _fail(str(err))
     except (ValueError, RuntimeError) as err:
         _fail(str(err), code=EXIT_FAILED)
     n_frames = len(dedupe(frames))
@@ -518,30 +648,61 @@ def register(frames, out_dir, wcs_source, config_file, verbose, quiet, overrides
     sys.exit(outcome(n_registered, n_frames - n_registered))
 
 
+def _store_and_run_dir(path) -> tuple[Path, Path]:
+    """``(store, run directory)`` from either a run directory (holding store.zarr) or
+    the store itself (its directory is then the run directory)."""
+    path = Path(path)
+    if (path / "store.zarr").is_dir():
+        return path / "store.zarr", path
+    if (path / "manifest.ecsv").exists() or (path / "run.json").exists():
+        if any(path.glob("coadd_*.fits")):  # the store was dropped (--no-keep-store)
+            return path / "store.zarr", path  # combine says how to get it back
+        _fail(f"{path}: a run directory without store.zarr (nothing was registered)")
+    if not path.exists():
+        if (path.parent / "run.json").exists():  # a run's store, dropped: combine says why
+            return path, path.parent
+        _fail(f"{path}: no such run directory or store")
+    return path, path.resolve().parent
+
+
 @main.command()
-@click.argument("store_path", type=click.Path(file_okay=False))
+@click.argument("store_path", metavar="RUN_DIR_OR_STORE", type=click.Path(file_okay=False))
 @click.option("--out", "out_dir", type=click.Path(file_okay=False),
-              help="Where coadd_<filter>.fits go (default: the store's directory).")
+              help="Where coadd_<filter>.fits go (default: the run directory).")
+@click.option("--overwrite", is_flag=True,
+              help="Replace coadds made with other combine settings (else refused).")
 @stage_options("combine", "cluster")
 @common_options
-def combine(store_path, out_dir, config_file, verbose, quiet, overrides):
-    """Combine a registered store again (e.g. OUT/store.zarr), without reprojecting."""
-    from .pipeline import combine_store_path
+def combine(store_path, out_dir, overwrite, config_file, verbose, quiet, overrides):
+    """Combine a registered store again (OUT or OUT/store.zarr), without reprojecting.
+
+    A coadd made with other combine settings is never replaced without --overwrite;
+    every file written is printed.
+    """
+    from .cluster import ClusterError
+    from .pipeline import RunError, combine_store_path
 
     _setup_logging(verbose, quiet)
     settings = _settings(config_file, overrides)
-    out = Path(out_dir) if out_dir else Path(store_path).resolve().parent
+    store, run_dir = _store_and_run_dir(store_path)
+    out = Path(out_dir) if out_dir else run_dir
+    written = []
     try:
-        coadds = combine_store_path(store_path, out, settings, progress=ProgressBar(not quiet))
-    except (ValueError, RuntimeError) as err:
+        with _interruptible():
+            combine_store_path(store, out, settings, progress=ProgressBar(not quiet),
+                               overwrite=overwrite, written=written)
+    except (RunError, ClusterError) as err:
+        _fail(str(err))
+    except ValueError as err:
         _fail(str(err), code=EXIT_FAILED)
     if not quiet:
-        for filter_name, path in coadds.items():
-            click.echo(f"coadd [{filter_name}]: {path}")
+        for path in written:
+            click.echo(f"wrote {path}")
 
 
 @main.command("report")
-@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("run_dir", metavar="RUN_DIR_OR_STORE",
+                type=click.Path(exists=True, file_okay=False))
 @click.option("--frames/--no-frames", "frames", default=True, show_default=True,
               help="Draw each frame's pictures again (--no-frames: only the per-run pictures "
                    "and the page; pictures made earlier stay linked).")
@@ -562,7 +723,7 @@ def report_command(run_dir, frames, workers, scheduler, verbose, quiet):
     from .report import run_settings
 
     _setup_logging(verbose, quiet)
-    run_path = Path(run_dir)
+    run_path = _store_and_run_dir(run_dir)[1]
     if not (run_path / "manifest.ecsv").exists():
         _fail(f"{run_dir}: no manifest.ecsv (not a daskstack run directory)")
     settings = run_settings(run_path)
@@ -572,8 +733,9 @@ def report_command(run_dir, frames, workers, scheduler, verbose, quiet):
         settings.cluster.scheduler = scheduler
     progress = ProgressBar(not quiet)
     try:
-        with open_client(settings.cluster, local_directory=str(run_path / ".dask"),
-                         announce=progress.notice) as client:
+        with _interruptible(), open_client(settings.cluster,
+                                           local_directory=str(run_path / ".dask"),
+                                           announce=progress.notice) as client:
             path = make_report(client, run_path, settings, frames=frames, progress=progress)
     except (RunError, ClusterError) as err:
         _fail(str(err), code=EXIT_FAILED)

@@ -11,6 +11,9 @@ what it started (and only that) on exit:
 * ``jobqueue = "slurm"`` (``pbs``, ``sge``, ``lsf`` ...): workers are batch jobs
   submitted by dask-jobqueue, ``cores``/``memory``/``walltime``/``queue``/``account``
   each, scaled adaptively between ``minimum_jobs`` and ``maximum_jobs`` as tasks wait.
+  The first job is submitted at once and waited for: a submission the batch system
+  refuses stops the run with its own message (`JobSubmitError`), and no worker within
+  ``worker_timeout`` seconds stops it too, instead of waiting for ever.
 """
 
 from __future__ import annotations
@@ -18,12 +21,16 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import sys
+import threading
+import time
 
 from .errors import DaskstackError
 
 __all__ = [
     "ClusterError",
+    "JobSubmitError",
     "describe",
     "jobqueue_cluster",
     "jobqueue_kwargs",
@@ -52,6 +59,69 @@ _NO_ACCOUNT = ("htcondor",)
 
 class ClusterError(DaskstackError, RuntimeError):
     """The requested Dask cluster cannot be started or reached."""
+
+
+class JobSubmitError(ClusterError):
+    """The batch system refused a worker job; the message is the submit command's own."""
+
+
+def _submit_message(err: Exception) -> str:
+    """What the batch system said: dask-jobqueue's error holds the command's exit code,
+    stdout and stderr; stderr (else stdout) is the scheduler's own message."""
+    text = str(err)
+    for marker in ("stderr:\n", "stdout:\n"):
+        said = text.partition(marker)[2].partition("\nstderr:")[0].strip()
+        if said:
+            return said
+    return text.strip()
+
+
+class _SubmitFailures(list):
+    """Refused submissions. Until the first worker joined, `open_client` stops the run
+    with the first; afterwards (``running``) each new message is logged once as a
+    warning, while the workers already there go on."""
+
+    running = False
+
+
+def _reporting_job_class(base, failures: _SubmitFailures):
+    """``base`` (a dask-jobqueue Job class) whose failed submissions are recorded in
+    ``failures`` as `JobSubmitError`, for `open_client` to stop the run with."""
+
+    class ReportingJob(base):
+        async def start(self):
+            try:
+                await super().start()
+            except (RuntimeError, ValueError) as err:  # non-zero exit; no job id printed
+                from distributed.core import Status
+
+                # failed, not 'created': closing the cluster asserts no job is left half-made
+                self.status = Status.failed
+                failure = JobSubmitError(_submit_message(err))
+                if failures.running and str(failure) not in map(str, failures):
+                    log.warning("a further worker job was refused: %s", failure)
+                failures.append(failure)
+                raise failure from None
+
+    ReportingJob.__name__ = ReportingJob.__qualname__ = base.__name__
+    return ReportingJob
+
+
+class _DropReported(logging.Filter):
+    """Drop the tracebacks distributed and asyncio log for a refused job: `open_client`
+    reports it once, in the batch system's words."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, JobSubmitError):
+            return False
+        return "JobSubmitError" not in record.getMessage()
+
+
+_DROP_REPORTED = _DropReported()
+_LOGGERS_OF_CALLBACK_ERRORS = ("asyncio", "tornado.application", "distributed",
+                               "distributed.deploy.spec", "distributed.deploy.adaptive",
+                               "distributed.deploy.adaptive_core", "distributed.utils")
 
 
 def _memory_limit(value: str):
@@ -117,8 +187,11 @@ def jobqueue_kwargs(settings, local_directory=None) -> dict:
     return kwargs
 
 
-def jobqueue_cluster(settings, local_directory=None):
-    """A dask-jobqueue cluster (SLURM, PBS, ...) scaled adaptively between min and max jobs."""
+def jobqueue_cluster(settings, local_directory=None,
+                     failures: _SubmitFailures | None = None):
+    """A dask-jobqueue cluster (SLURM, PBS, ...) scaled adaptively between min and max jobs.
+
+    Refused submissions are appended to ``failures`` (a list) as `JobSubmitError`."""
     try:
         import dask_jobqueue
     except ImportError:
@@ -131,8 +204,11 @@ def jobqueue_cluster(settings, local_directory=None):
         raise ClusterError(f"unknown cluster.jobqueue {settings.jobqueue!r} "
                            f"(one of {', '.join(JOBQUEUE_CLASSES)})")
     cls = getattr(dask_jobqueue, name)
+    kwargs = jobqueue_kwargs(settings, local_directory)
+    if failures is not None:
+        kwargs["job_cls"] = _reporting_job_class(cls.job_cls, failures)
     try:
-        cluster = cls(**jobqueue_kwargs(settings, local_directory))
+        cluster = cls(**kwargs)
     except Exception as err:  # jobqueue raises plain Exceptions for bad configs
         raise ClusterError(f"cannot start a {settings.jobqueue} cluster: {err}") from None
     try:
@@ -170,6 +246,7 @@ def open_client(settings, *, local_directory=None, announce=None):
             announce(text)
 
     cluster = None
+    filtered = False
     try:
         if settings.scheduler:
             try:
@@ -179,15 +256,21 @@ def open_client(settings, *, local_directory=None, announce=None):
                                    f"{err}") from None
         else:
             if settings.jobqueue:
-                cluster = jobqueue_cluster(settings, local_directory)
+                failures = _SubmitFailures()
+                for name in _LOGGERS_OF_CALLBACK_ERRORS:
+                    logging.getLogger(name).addFilter(_DROP_REPORTED)
+                filtered = True
+                cluster = jobqueue_cluster(settings, local_directory, failures)
             else:
                 try:
-                    cluster = LocalCluster(local_directory=local_directory,
-                                           **local_cluster_kwargs(settings))
+                    with _sigint_ignored_by_children():
+                        cluster = LocalCluster(local_directory=local_directory,
+                                               **local_cluster_kwargs(settings))
                 except (OSError, ValueError) as err:
                     raise ClusterError(f"cannot start a local Dask cluster: {err}") from None
             client = Client(cluster)
         try:
+            _forward_worker_logs(client)
             dashboard = getattr(client, "dashboard_link", None)
             if dashboard:
                 notice(f"Dask dashboard: {dashboard}")
@@ -195,6 +278,8 @@ def open_client(settings, *, local_directory=None, announce=None):
                 notice(f"Dask scheduler {client.scheduler.address}: {settings.jobqueue} jobs "
                        f"of {settings.cores} cores / {settings.memory}, adaptive "
                        f"{settings.minimum_jobs}..{settings.maximum_jobs}")
+                _wait_for_first_worker(client, cluster, settings, failures, notice,
+                                       local_directory)
             else:
                 notice(f"Dask scheduler {describe(client)}")
                 if settings.scheduler and not client.scheduler_info().get("workers"):
@@ -205,3 +290,54 @@ def open_client(settings, *, local_directory=None, announce=None):
     finally:
         if cluster is not None:
             cluster.close()
+        if filtered:
+            for name in _LOGGERS_OF_CALLBACK_ERRORS:
+                logging.getLogger(name).removeFilter(_DROP_REPORTED)
+
+
+def _forward_worker_logs(client) -> None:
+    """daskstack's log records made on the workers are handled in this process, by its
+    logging (the command's -q / -v level), instead of printed by each worker: -q is
+    quiet everywhere. Only records at the level this process shows travel."""
+    package = __name__.split(".")[0]
+    client.forward_logging(package, level=logging.getLogger(package).getEffectiveLevel())
+
+
+def _wait_for_first_worker(client, cluster, settings, failures: _SubmitFailures, notice,
+                           log_directory) -> None:
+    """Submit one job now and wait until its worker joins: raise `JobSubmitError` (the
+    batch system's message) as soon as a submission is refused, `ClusterError` when no
+    worker joined within ``settings.worker_timeout`` seconds. Then scale adaptively."""
+    cluster.adapt(minimum_jobs=max(1, settings.minimum_jobs),
+                  maximum_jobs=settings.maximum_jobs)
+    deadline = time.monotonic() + settings.worker_timeout
+    notice(f"waiting for the first {settings.jobqueue} worker (up to "
+           f"{settings.worker_timeout:g} s) ...")
+    while not client.scheduler_info().get("workers"):
+        if failures:
+            raise JobSubmitError(f"{settings.jobqueue} job submission failed: "
+                                 f"{failures[0]}")
+        if time.monotonic() > deadline:
+            raise ClusterError(
+                f"no {settings.jobqueue} worker joined within {settings.worker_timeout:g} s: "
+                "the jobs were submitted but none started (still queued? see the queue, "
+                f"e.g. squeue, and the job logs in {log_directory}); "
+                "--worker-timeout sets how long to wait")
+        time.sleep(0.5)
+    failures.running = True
+    cluster.adapt(minimum_jobs=settings.minimum_jobs, maximum_jobs=settings.maximum_jobs)
+
+
+@contextlib.contextmanager
+def _sigint_ignored_by_children():
+    """Worker processes started here ignore SIGINT (they inherit the disposition): a
+    Ctrl-C, which the terminal sends to every process of the group, is handled once, by
+    the command, which then closes the cluster; no traceback from each worker."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)

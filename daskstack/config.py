@@ -32,6 +32,10 @@ class SettingsError(DaskstackError, ValueError):
     """An option with a value that cannot work; the message names the option."""
 
 
+# the columns every reference catalog is normalised to (daskstack.catalogs)
+CATALOG_COLUMNS = ("ra", "dec", "mag", "pmra", "pmdec", "ref_epoch")
+
+
 @dataclass
 class DetectSettings:
     threshold_sigma: float = 5.0  # detection threshold above the local background noise
@@ -50,6 +54,24 @@ class CatalogSettings:
     propagate_pm: bool = True  # move stars from the catalog epoch to each frame's DATE-OBS
     timeout: float = 60.0  # seconds per service request
     retries: int = 4
+    # a catalog file's unusual column names: "ra=RA_DEG,dec=DEC_DEG,mag=Gmag" ("" = the
+    # usual names, found by alias)
+    columns: str = ""
+
+    @property
+    def column_map(self) -> dict[str, str]:
+        """``columns`` as ``{normalised name: the file's column}``; `SettingsError` if bad."""
+        mapping = {}
+        for item in (i.strip() for i in self.columns.split(",")):
+            if not item:
+                continue
+            key, sep, column = (part.strip() for part in item.partition("="))
+            if not sep or not column or key.lower() not in CATALOG_COLUMNS:
+                raise SettingsError(
+                    f"catalog.columns: {item!r} is not NAME=COLUMN with NAME one of "
+                    f"{', '.join(CATALOG_COLUMNS)} (e.g. ra=RA_DEG,dec=DEC_DEG,mag=Gmag)")
+            mapping[key.lower()] = column
+        return mapping
 
 
 @dataclass
@@ -146,6 +168,8 @@ class ClusterSettings:
     worker_directory: str = ""  # jobqueue: workers' scratch on the node; "" = <out>/.dask
     job_prologue: str = ""  # jobqueue: shell lines run before each worker (module load ...)
     job_directives: str = ""  # jobqueue: extra scheduler directives, one per line
+    # jobqueue: seconds to wait for the first worker to join; then the run stops
+    worker_timeout: float = 300.0
 
 
 _CHOICES = {
@@ -236,6 +260,7 @@ class Settings:
             ("solve", "max_rms_arcsec"), ("solve", "clip_sigma"),
             ("register", "tile"), ("register", "mapping_tolerance_px"),
             ("combine", "sigma"), ("combine", "iters"), ("cluster", "cores"),
+            ("cluster", "worker_timeout"),
         ]
         for section, name in positive:
             if not getattr(getattr(self, section), name) > 0:
@@ -276,6 +301,7 @@ class Settings:
         if self.cluster.scheduler and self.cluster.jobqueue:
             raise SettingsError("cluster.scheduler and cluster.jobqueue exclude each other")
         _check_cluster(self.cluster)
+        self.catalog.column_map  # noqa: B018  (raises SettingsError when unreadable)
         if self.cluster.scheduler and "://" not in self.cluster.scheduler:
             raise SettingsError(
                 f"cluster.scheduler = {self.cluster.scheduler!r}: expected an address like "

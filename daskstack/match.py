@@ -29,7 +29,8 @@ Method
 3. **Significance.** The number of matches is compared with what chance gives: with
    ``lambda`` matches expected at random (catalog density x match area x
    detections) and ``n_trials`` independent transforms in the search space, the
-   false-alarm probability ``n_trials * P(Poisson(lambda) >= n)`` must be below
+   false-alarm probability ``1 - exp(-n_trials * P(Poisson(lambda) >= n))`` (the
+   chance that at least one of the trials does as well; never above 1) must be below
    ``max_false_alarm`` and ``n >= min_matches``. Otherwise `MatchError` is raised
    with the reason: thin evidence gives no transform rather than a wrong one.
 """
@@ -53,6 +54,7 @@ __all__ = [
     "Transform",
     "TriangleIndex",
     "find_transform",
+    "format_probability",
     "fit_similarity",
     "nn_match",
     "refine_match",
@@ -111,7 +113,8 @@ class MatchResult:
 
     ``src_idx[k]`` matches ``ref_idx[k]``; ``rms`` is in ref units; ``n_expected``
     is the number of matches that chance alone would give; ``log10_false_alarm`` is
-    log10 of ``n_trials * P(Poisson(n_expected) >= n_matches)``.
+    log10 of the false-alarm probability ``1 - exp(-n_trials * P(Poisson(n_expected)
+    >= n_matches))``, at most 0.
     """
 
     transform: Transform
@@ -441,6 +444,27 @@ def refine_match(src, ref, transform: Transform, radius: float, *, ref_tree=None
     return MatchResult(t, si, ri, rms, radius)
 
 
+def _log10_probability_of_any(log10_expected: float) -> float:
+    """log10 of ``1 - exp(-10**log10_expected)``: the chance of at least one event when
+    ``10**log10_expected`` are expected (Poisson); equal to ``log10_expected`` when small."""
+    if log10_expected < -8:
+        return log10_expected  # 1 - exp(-x) = x to 1e-8; and 10**x may underflow
+    return float(math.log10(-math.expm1(-(10.0 ** min(log10_expected, 300.0)))))
+
+
+def format_probability(log10_probability: float) -> str:
+    """A probability for people: ``0.13``, ``0.021``, ``1e-5``, ``3e-120``."""
+    if not math.isfinite(log10_probability):
+        return "unknown"
+    if log10_probability >= -2:
+        return f"{10.0 ** log10_probability:.2g}"
+    exponent = math.floor(log10_probability)
+    mantissa = 10.0 ** (log10_probability - exponent)
+    if round(mantissa) >= 10:
+        mantissa, exponent = 1.0, exponent + 1
+    return f"{round(mantissa):d}e{exponent:d}"
+
+
 def _significance(result: MatchResult, src, ref, ref_tree, scale_range, allow_flip,
                   max_offset, n_src_used):
     """Fill ``n_expected`` and ``log10_false_alarm`` of a match."""
@@ -460,7 +484,11 @@ def _significance(result: MatchResult, src, ref, ref_tree, scale_range, allow_fl
     trials *= 2 if allow_flip else 1
     logsf = stats.poisson.logsf(n - 1, lam) if n > 0 else 0.0
     result.n_expected = float(lam)
-    result.log10_false_alarm = float((logsf + math.log(trials)) / math.log(10))
+    # expected number of chance matches this good among all trials; the probability
+    # of at least one is 1 - exp(-expected), which reads as a probability (<= 1)
+    log10_expected = float((logsf + math.log(trials)) / math.log(10))
+    result.meta["log10_expected_false_matches"] = log10_expected
+    result.log10_false_alarm = _log10_probability_of_any(log10_expected)
     result.meta["n_trials"] = float(trials)
     return result
 
@@ -582,7 +610,10 @@ def find_transform(src, ref, *, scale_range=(0.95, 1.05), allow_flip: bool = Tru
                 continue
             _significance(res, src, ref, ref_tree, scale_range, allow_flip, max_offset,
                           n_verify)
-            if best is None or res.log10_false_alarm < best.log10_false_alarm:
+            # ranked by the expected count: it still orders matches whose false-alarm
+            # probabilities are all ~1
+            if best is None or (res.meta["log10_expected_false_matches"]
+                                < best.meta["log10_expected_false_matches"]):
                 best = res
         if best is not None and best.log10_false_alarm < math.log10(max_false_alarm) - 4 \
                 and best.n_matches >= min_matches:
@@ -597,6 +628,7 @@ def find_transform(src, ref, *, scale_range=(0.95, 1.05), allow_flip: bool = Tru
     if best.log10_false_alarm > math.log10(max_false_alarm):
         raise MatchError(
             f"match not significant ({best.n_matches} matches, {best.n_expected:.2g} expected "
-            f"by chance, false-alarm probability 10^{best.log10_false_alarm:.1f})", best
+            f"by chance, false-alarm probability "
+            f"{format_probability(best.log10_false_alarm)})", best
         )
     return best

@@ -45,7 +45,11 @@ from .grid import Grid, make_grid
 from .noise import frame_noise_model
 from .register import register_frame
 from .rundir import (
+    ERRORS_FILE,
+    INTERNAL_ERROR,
+    ErrorLog,
     FrameRecord,
+    InternalError,
     OutputLog,
     RunError,
     check_disk_space,
@@ -94,6 +98,7 @@ class RunResult:
     store: Path | None = None
     grid: Grid | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    written: list[Path] = field(default_factory=list)  # every coadd/picture combine wrote
 
     @property
     def n_ok(self) -> int:
@@ -113,6 +118,16 @@ class RunResult:
         """Frames whose pixels are in a coadd: registered, and their filter combined."""
         return sum(f.status == "ok" and f.registered and f.meta is not None
                    and f.meta.filter in self.coadds for f in self.frames)
+
+    @property
+    def n_errors(self) -> int:
+        """Frames that failed on an internal error (a bug; tracebacks in errors.log)."""
+        return sum(f.status == "failed" and f.reason.startswith(INTERNAL_ERROR)
+                   for f in self.frames)
+
+    @property
+    def errors_log(self) -> Path:
+        return self.out_dir / ERRORS_FILE
 
     @property
     def exit_code(self) -> int:
@@ -146,9 +161,8 @@ def _solve_task(meta: FrameMeta, catalog: Table, settings: Settings, companions=
         return solve_frame(frame, catalog, settings, companions=companions)
     except FrameError as err:
         return failure(meta, err.reason)
-    except Exception as err:  # one frame's bug must not stop the batch: record it
-        log.exception("%s: solving failed", meta.name)
-        return failure(meta, f"unexpected error: {type(err).__name__}: {err}")
+    except Exception as err:  # a bug: reported apart (errors.log), the batch goes on
+        return InternalError.from_exception("solving", err)
 
 
 def _difference_task(store_path: str, filter_name: str, index: int, scale: float,
@@ -177,18 +191,23 @@ def _detect_task(meta: FrameMeta, settings: Settings):
 def _register_task(meta: FrameMeta, wcs_header: str, grid: Grid, store_path: str,
                    filter_name: str, index: int, settings: Settings, measure_sky: bool):
     start = time.perf_counter()
-    frame = read_frame(meta.path)
-    wcs = wcs_from_text(wcs_header, frame.data.shape)
-    variance, _ = frame_noise_model(frame, gain=settings.register.gain,
-                                    rdnoise=settings.register.rdnoise)
-    tiles = ((t.y0, t.x0, t.data, t.footprint, t.variance, t.kernel_power)
-             for t in register_frame(frame.data, frame.mask, wcs, grid, settings.register,
-                                     conserve_flux=settings.register.conserve_flux,
-                                     seed=index, variance=variance))
-    count = store_mod.write_tiles(store_path, filter_name, index, tiles)
-    # a frame taken with its header WCS was never detected on (``measure_sky``): measure
-    # its sky here, from the pixels already in memory, rather than read it a second time
-    sky = sky_level(frame.data, frame.mask) if measure_sky else None
+    try:
+        frame = read_frame(meta.path)
+        wcs = wcs_from_text(wcs_header, frame.data.shape)
+        variance, _ = frame_noise_model(frame, gain=settings.register.gain,
+                                        rdnoise=settings.register.rdnoise)
+        tiles = ((t.y0, t.x0, t.data, t.footprint, t.variance, t.kernel_power)
+                 for t in register_frame(frame.data, frame.mask, wcs, grid, settings.register,
+                                         conserve_flux=settings.register.conserve_flux,
+                                         seed=index, variance=variance))
+        count = store_mod.write_tiles(store_path, filter_name, index, tiles)
+        # a frame taken with its header WCS was never detected on (``measure_sky``): measure
+        # its sky here, from the pixels already in memory, rather than read it a second time
+        sky = sky_level(frame.data, frame.mask) if measure_sky else None
+    except (FrameError, OSError):
+        raise  # the frame unreadable now, or the store's disk: the frame fails, with why
+    except Exception as err:  # a bug: reported apart (errors.log), the batch goes on
+        return InternalError.from_exception("registering", err)
     return count, time.perf_counter() - start, sky
 
 
@@ -241,13 +260,17 @@ def inspect_frames(client, inputs, progress=_progress_none) -> list[FrameRecord]
 
 def solve_frames(client, records: list[FrameRecord], catalog_source: str, out_dir: Path,
                  settings: Settings, progress=_progress_none, manifest=None, *,
-                 needs_exptime: bool = False, output_log: OutputLog | None = None) -> None:
+                 needs_exptime: bool = False, output_log: OutputLog | None = None,
+                 errors: ErrorLog | None = None) -> None:
     """Solve every inspected frame not solved yet; write ``<name>.wcs`` for each success.
 
     Frames whose header already says they cannot work (a broken WCS, no start for the
     solver, no EXPTIME when ``needs_exptime``, a header WCS that its own header calls
-    failed when that WCS is to be used as it is) fail here, before any pixel is read."""
+    failed when that WCS is to be used as it is) fail here, before any pixel is read.
+    A frame whose solving raised unexpectedly fails with an INTERNAL_ERROR reason and
+    its traceback goes to ``errors`` (``OUT/errors.log``)."""
     output_log = output_log or OutputLog(out_dir)
+    errors = errors or ErrorLog(output_log)
     wcs_source = settings.solve.wcs_source(catalog_source)
     for r in records:
         if r.meta is not None and r.result is None:
@@ -284,8 +307,13 @@ def solve_frames(client, records: list[FrameRecord], catalog_source: str, out_di
         try:
             catalog = _field_catalog(members, catalog_source, settings, cache_dir)
         except catalogs.CatalogError as err:
+            # one cause for the whole field: said once, not once per frame
+            names = [m.name for m in members]
+            log.warning("%d frame(s) not solved (%s%s): %s", len(names), ", ".join(names[:3]),
+                        ", ..." if len(names) > 3 else "", err)
             for meta in members:
-                _accept_solution(todo_by_name[meta.name], failure(meta, str(err)), output_log)
+                _accept_solution(todo_by_name[meta.name], failure(meta, str(err)), output_log,
+                                 announce=False)
             continue
         # a task holding the (small) table, not scatter: the scheduler can recompute
         # it if every worker holding it is lost (scattered data would be gone)
@@ -299,8 +327,11 @@ def solve_frames(client, records: list[FrameRecord], catalog_source: str, out_di
 
     def on_result(name, value):
         record = by_name[name]
-        if not isinstance(value, SolveResult):
-            value = failure(record.meta, f"unexpected error: {value}")
+        if isinstance(value, BaseException):  # the task itself failed (a lost worker ...)
+            value = InternalError.from_exception("solving", value)
+        if isinstance(value, InternalError):
+            errors.add(name, value)
+            value = failure(record.meta, value.reason)
         _accept_solution(record, value, output_log)
         if manifest is not None and time.monotonic() - last_write[0] > 2.0:
             write_manifest(records, manifest)
@@ -317,8 +348,8 @@ def solve_frames(client, records: list[FrameRecord], catalog_source: str, out_di
         retry[record.name] = client.submit(_solve_task, record.meta, catalog_of[record.name],
                                            settings, companions, pure=False)
     def on_retry(name, value):
-        # only a success replaces the first answer, whose reason says more
-        if isinstance(value, SolveResult) and value.status == "ok":
+        # only a success or a bug replaces the first answer, whose reason says more
+        if not isinstance(value, SolveResult) or value.status == "ok":
             on_result(name, value)
 
     if retry:
@@ -331,7 +362,8 @@ def solve_frames(client, records: list[FrameRecord], catalog_source: str, out_di
         write_manifest(records, manifest)
 
 
-def _accept_solution(record: FrameRecord, result: SolveResult, output_log: OutputLog) -> None:
+def _accept_solution(record: FrameRecord, result: SolveResult, output_log: OutputLog,
+                     announce: bool = True) -> None:
     record.result = result
     if result.status == "ok":
         record.status, record.reason = "ok", ""
@@ -340,7 +372,8 @@ def _accept_solution(record: FrameRecord, result: SolveResult, output_log: Outpu
         output_log.add(path)
     else:
         record.status, record.reason = "failed", result.reason
-        log.warning("%s: %s", Path(record.file).name, result.reason)
+        if announce:
+            log.warning("%s: %s", Path(record.file).name, result.reason)
 
 
 def reference_frame(records: list[FrameRecord], settings: Settings) -> str:
@@ -394,13 +427,17 @@ def choose_grid(records: list[FrameRecord], settings: Settings) -> Grid:
 
 def register_frames(client, records: list[FrameRecord], grid: Grid, store_path: Path,
                     settings: Settings, progress=_progress_none, manifest=None, *,
-                    reference: str = ""):
+                    reference: str = "", errors: ErrorLog | None = None):
     """Reproject every solved frame into the store (frames already registered are kept).
 
     A frame whose registration fails is all or nothing: the tiles it wrote before
     failing are cleared, and it is left out of the combine. ``reference``: the frame
-    whose pixel grid ``grid`` is (recorded in the store, named in the coadd headers)."""
+    whose pixel grid ``grid`` is (recorded in the store, named in the coadd headers).
+    A frame whose registering raised unexpectedly fails with an INTERNAL_ERROR reason;
+    its traceback goes to ``errors`` (default ``errors.log`` beside the store)."""
     from .register import frame_tiles
+
+    errors = errors or ErrorLog(OutputLog(store_path.parent))
 
     for r in records:
         if r.status == "ok" and not frame_tiles(wcs_from_text(r.result.wcs_header, r.meta.shape),
@@ -443,10 +480,16 @@ def register_frames(client, records: list[FrameRecord], grid: Grid, store_path: 
 
     def on_result(name, value):
         record = by_name[name]
-        if isinstance(value, BaseException):
-            record.status = "failed"
-            record.reason = f"registration failed: {getattr(value, 'reason', value)}"
-            log.warning("%s: %s", record.name, record.reason)
+        if isinstance(value, BaseException) and not isinstance(value, (FrameError, OSError)):
+            value = InternalError.from_exception("registering", value)
+        if isinstance(value, (InternalError, BaseException)):
+            if isinstance(value, InternalError):
+                errors.add(name, value)
+                record.status, record.reason = "failed", value.reason
+            else:
+                record.status = "failed"
+                record.reason = f"registration failed: {getattr(value, 'reason', value)}"
+                log.warning("%s: %s", record.name, record.reason)
             # the task may have written some tiles before it failed (or its worker died)
             filter_name, index = stack.index_of(name)
             store_mod.clear_frame(str(store_path), filter_name, index, frame_tiles(
@@ -501,13 +544,65 @@ def _finite(value):
     return float(value) if value is not None and np.isfinite(value) else None
 
 
+COADD_SETTINGS = "coadds"  # store params: {coadd path: the combine settings it was made with}
+
+
+def coadd_paths(stack, out_dir: Path, settings: Settings) -> dict[Path, dict]:
+    """Every coadd `combine_store` will write for ``settings``, with the combine settings
+    each is made with: ``coadd_<filter>.fits`` for the first method, then
+    ``coadd_<filter>_<method>.fits``."""
+    registered = set(stack.params.get("registered", [])) or None
+    planned = {}
+    for filter_name, names in stack.filters.items():
+        if not any(registered is None or n in registered for n in names):
+            continue
+        key = store_mod.filter_key(filter_name)
+        for n_method, method in enumerate(settings.combine.methods):
+            suffix = "" if n_method == 0 else f"_{method}"
+            planned[out_dir / f"coadd_{key}{suffix}.fits"] = _made_with(settings.combine,
+                                                                        method)
+    return planned
+
+
+def _made_with(cs, method: str) -> dict:
+    """The combine settings a coadd of ``method`` depends on (difference images aside)."""
+    values = dataclasses.asdict(dataclasses.replace(cs, method=method))
+    values.pop("difference")
+    return values
+
+
+def check_coadds_replaceable(stack, out_dir: Path, settings: Settings) -> None:
+    """Raise `RunError` when a coadd `combine_store` would write exists and was made with
+    other combine settings (or settings not recorded): never replaced silently."""
+    made_with = stack.params.get(COADD_SETTINGS, {})
+    for path, wanted in coadd_paths(stack, out_dir, settings).items():
+        if not path.exists():
+            continue
+        before = made_with.get(str(path.resolve()))
+        if before == wanted:
+            continue
+        what = ("settings not recorded" if before is None else ", ".join(
+            f"{name}: {before.get(name)!r} -> {value!r}" for name, value in wanted.items()
+            if before.get(name) != value))
+        raise RunError(f"{path} exists, made with other combine settings ({what}); "
+                       "use --overwrite to replace it, or --out to write elsewhere")
+
+
 def combine_store(client, store_path: Path, out_dir: Path, settings: Settings,
-                  progress=_progress_none, output_log: OutputLog | None = None
-                  ) -> dict[str, Path]:
-    """Combine every filter of a store into ``coadd_<filter>.fits`` (no reprojection)."""
+                  progress=_progress_none, output_log: OutputLog | None = None,
+                  written: list | None = None) -> dict[str, Path]:
+    """Combine every filter of a store into ``coadd_<filter>.fits`` (no reprojection).
+
+    Every file written (coadds, differences, colour picture) is appended to ``written``
+    when a list is given; the combine settings of each coadd are kept in the store."""
     import dask.array as da
 
     output_log = output_log or OutputLog(out_dir)
+    written = [] if written is None else written
+
+    def wrote(path):
+        output_log.add(path)
+        written.append(Path(path))
 
     _check_store_kept(store_path)
     stack = store_mod.open_store(store_path)
@@ -576,11 +671,14 @@ def combine_store(client, store_path: Path, out_dir: Path, settings: Settings,
                                    dataclasses.replace(cs, method=method), scales,
                                    weights_of.get(method))
             write_coadd_fits(path, header, arrays)
-            output_log.add(path)
+            wrote(path)
+            stack.params.setdefault(COADD_SETTINGS, {})[str(Path(path).resolve())] = (
+                _made_with(cs, method))
+        store_mod.update_frames(stack, {})  # records the settings of the coadds
         outputs[filter_name] = paths[0][1]
         if cs.difference:
             _write_differences(client, stack, filter_name, [names[i] for i in keep], keep,
-                               scales, key, out_dir, output_log)
+                               scales, key, out_dir, wrote)
         progress("combine", done, len(filters))
     if len(outputs) >= 3:  # colourise, as the tutorial does with its bands
         from .report import colour_composite
@@ -588,12 +686,12 @@ def combine_store(client, store_path: Path, out_dir: Path, settings: Settings,
         colour = colour_composite({f: str(p) for f, p in outputs.items()},
                                   out_dir / "colour.png")
         if colour is not None:
-            output_log.add(out_dir / "colour.png")
+            wrote(out_dir / "colour.png")
     return outputs
 
 
 def _write_differences(client, stack, filter_name, names, indices, scales, coadd_key,
-                       out_dir, output_log) -> None:
+                       out_dir, wrote) -> None:
     """``OUT/difference/<frame>.fits`` for every combined frame: one task each."""
     directory = out_dir / "difference"
     directory.mkdir(exist_ok=True)
@@ -608,7 +706,7 @@ def _write_differences(client, stack, filter_name, names, indices, scales, coadd
             _difference_task, stack.path, filter_name, index, float(scale), float(offset),
             coadd_key, str(directory / f"{name}.fits"), frame_header.tostring(), pure=False)
     _gather_as_completed(client, futures, "difference", _progress_none,
-                         lambda name, path: output_log.add(Path(path))
+                         lambda name, path: wrote(Path(path))
                          if isinstance(path, str) else log.warning(
                              "%s: no difference image (%s)", name, path))
 
@@ -635,6 +733,12 @@ def run(inputs, catalog: str, out_dir, settings: Settings | None = None, *, clie
     report : bool
         Also draw every frame's pictures and write ``out_dir/report/index.html``
         (`make_report`).
+
+    Raises
+    ------
+    RunError
+        Before any cluster starts or file is written (`check_before_work`, then the run
+        directory: a `DifferentRunError` says what differs), or when the run cannot go on.
     """
     from .cluster import open_client
 
@@ -648,12 +752,34 @@ def run(inputs, catalog: str, out_dir, settings: Settings | None = None, *, clie
     inputs = dedupe(inputs)
     if not inputs:
         raise RunError("no input frames")
+    check_before_work(inputs, catalog, settings)
     resumed = check_run_dir(out_dir, run_signature(inputs, catalog, settings), overwrite)
     if client is None:
         with open_client(settings.cluster, local_directory=str(out_dir / ".dask"),
                          announce=getattr(progress, "notice", None)) as own:
             return _run(own, inputs, catalog, out_dir, settings, progress, resumed, report)
     return _run(client, inputs, catalog, out_dir, settings, progress, resumed, report)
+
+
+def check_before_work(inputs, catalog: str, settings: Settings) -> None:
+    """What can be known wrong before any cluster starts or file is written: a catalog
+    file that cannot be read or whose columns do not resolve, a ``grid.reference`` that
+    names no input. Raises `RunError` saying what to change."""
+    # a file names itself by a suffix or a directory; service names ('gaia') have none
+    if catalog and (Path(catalog).suffix or Path(catalog).exists() or "/" in str(catalog)):
+        try:
+            catalogs.load_catalog(catalog, settings.catalog.column_map)
+        except catalogs.CatalogError as err:
+            raise RunError(f"catalog: {err}") from None
+    reference = settings.grid.reference
+    if settings.grid.method == "reference" and reference:
+        names = [frame_name(p) for p in inputs]
+        if reference not in names:
+            hint = (f"; give the frame name {frame_name(reference)!r}"
+                    if frame_name(reference) in names else "")
+            shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+            raise RunError(f"--reference {reference!r} is not among the inputs ({shown})"
+                           + hint)
 
 
 def _run(client, inputs, catalog, out_dir, settings, progress, resumed,
@@ -688,6 +814,8 @@ def _check_store_kept(store_path: Path) -> None:
 def _run_stages(client, inputs, catalog, out_dir, settings, progress, resumed) -> RunResult:
     manifest = out_dir / "manifest.ecsv"
     output_log = OutputLog(out_dir)
+    errors = ErrorLog(output_log)
+    errors.clear()  # frames an earlier run left with an internal error are tried again
     timings = {}
     start = time.perf_counter()
     records = inspect_frames(client, inputs, progress)
@@ -699,7 +827,8 @@ def _run_stages(client, inputs, catalog, out_dir, settings, progress, resumed) -
 
     start = time.perf_counter()
     solve_frames(client, records, catalog, out_dir, settings, progress, manifest,
-                 needs_exptime=settings.combine.scale == "exptime", output_log=output_log)
+                 needs_exptime=settings.combine.scale == "exptime", output_log=output_log,
+                 errors=errors)
     timings["solve"] = time.perf_counter() - start
     result = RunResult(out_dir=out_dir, frames=records, timings=timings)
     if not any(r.status == "ok" for r in records):
@@ -715,14 +844,14 @@ def _run_stages(client, inputs, catalog, out_dir, settings, progress, resumed) -
     _announce_store_size(records, result.grid, settings, progress)
     store_path = out_dir / "store.zarr"
     register_frames(client, records, result.grid, store_path, settings, progress, manifest,
-                    reference=reference)
+                    reference=reference, errors=errors)
     result.store = store_path
     timings["register"] = time.perf_counter() - start
 
     start = time.perf_counter()
     write_manifest(records, manifest)
     result.coadds = combine_store(client, store_path, out_dir, settings, progress,
-                                  output_log)
+                                  output_log, written=result.written)
     timings["combine"] = time.perf_counter() - start
     write_manifest(records, manifest)
     return result
@@ -773,9 +902,10 @@ def solve_files(inputs, catalog: str, out_dir, settings: Settings | None = None,
     settings = (settings or Settings()).validate()
     settings.catalog.source = catalog
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     progress = progress or _progress_none
     inputs = dedupe(inputs)
+    check_before_work(inputs, catalog, settings)
+    out_dir.mkdir(parents=True, exist_ok=True)
 
     def work(client):
         records = inspect_frames(client, inputs, progress)
@@ -825,29 +955,41 @@ def register_files(inputs, out_dir, settings: Settings | None = None, *,
                 record.result = failure(record.meta, f"unreadable {wcs_file.name}: {err}")
             record.status = record.result.status
             record.reason = record.result.reason
+        output_log = OutputLog(out_dir)
+        errors = ErrorLog(output_log)
         if wcs_source == "header":
             settings.solve.wcs = "header"
-            solve_frames(client, records, "", out_dir, settings, progress)
+            solve_frames(client, records, "", out_dir, settings, progress,
+                         output_log=output_log, errors=errors)
         if not any(r.status == "ok" for r in records):
             raise RunError("no frame has a usable WCS: " + "; ".join(
                 f"{r.name}: {r.reason}" for r in records[:3]))
         grid = choose_grid(records, settings)
         return register_frames(client, records, grid, out_dir / "store.zarr", settings,
-                               progress, reference=reference_frame(records, settings))
+                               progress, reference=reference_frame(records, settings),
+                               errors=errors)
 
     return _with_client(settings, out_dir, client, work, progress)
 
 
 def combine_store_path(store_path, out_dir, settings: Settings | None = None, *, client=None,
-                       progress: ProgressCallback | None = None) -> dict[str, Path]:
-    """Combine an existing store again (other method or scaling) without reprojecting."""
+                       progress: ProgressCallback | None = None, overwrite: bool = False,
+                       written: list | None = None) -> dict[str, Path]:
+    """Combine an existing store again (other method or scaling) without reprojecting.
+
+    A coadd already in ``out_dir`` made with other combine settings is replaced only
+    with ``overwrite`` (else `RunError`, before any work); every file written is
+    appended to ``written``."""
     settings = (settings or Settings()).validate()
     _check_store_kept(store_path)  # before a cluster is started for nothing
     out_dir = Path(out_dir)
+    stack = store_mod.open_store(store_path)  # StoreError: not a daskstack store
+    if not overwrite:
+        check_coadds_replaceable(stack, out_dir, settings)
     out_dir.mkdir(parents=True, exist_ok=True)
     return _with_client(settings, out_dir, client, lambda c: combine_store(
-        c, Path(store_path).absolute(), out_dir, settings, progress or _progress_none),
-        progress)
+        c, Path(store_path).absolute(), out_dir, settings, progress or _progress_none,
+        written=written), progress)
 
 
 # --------------------------------------------------------------------------------------
@@ -897,7 +1039,8 @@ def make_report(client, run_dir, settings: Settings | None = None, *, frames: bo
             status, reason = reasons.get(r.name, (r.status, r.reason))
             if r.meta is None:
                 status, reason = "failed", r.reason or reason
-            solved = status == "ok" or reason.startswith("registration failed")
+            solved = status == "ok" or reason.startswith(
+                ("registration failed", f"{INTERNAL_ERROR} while registering"))
             wcs = run_dir / f"{r.name}.wcs"
             futures[f"frame:{r.name}"] = client.submit(
                 report_mod.frame_task, r.file, str(wcs) if solved else None,

@@ -2,7 +2,8 @@
 
 ``OUT/run.json`` (the inputs and settings, what a resume is checked against),
 ``OUT/manifest.ecsv`` (one `FrameRecord` per input frame), ``OUT/outputs.ecsv``
-(sha256 of every file written, after its rename), the ``.wcs`` files read back on
+(sha256 of every file written, after its rename), ``OUT/errors.log`` (the traceback
+of every frame that hit an unexpected exception: a bug), the ``.wcs`` files read back on
 resume, and the checks made before any work starts: a writable directory with room
 enough, no other run in it. Plain file I/O: no Dask here.
 """
@@ -16,6 +17,7 @@ import os
 import re
 import shutil
 import tempfile
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,12 +34,20 @@ from .frames import FrameMeta, frame_name, quiet_astropy
 from .grid import Grid
 
 __all__ = [
+    "ERRORS_FILE",
+    "INTERNAL_ERROR",
     "MANIFEST_COLUMNS",
     "OUTPUTS_FILE",
+    "DifferentRunError",
+    "ErrorLog",
     "FrameRecord",
+    "InternalError",
     "OutputLog",
     "RunError",
     "check_run_dir",
+    "describe_differences",
+    "only_combine_differs",
+    "run_differences",
     "dedupe",
     "dedupe_exposures",
     "estimate_output_bytes",
@@ -63,6 +73,24 @@ MANIFEST_COLUMNS = [
 ]
 OUTPUTS_FILE = "outputs.ecsv"  # name, sha256, bytes of every .wcs and coadd written
 TEMPORARY = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp")  # names made by _io.atomic_path
+ERRORS_FILE = "errors.log"  # the traceback of every frame that hit an internal error
+INTERNAL_ERROR = "unexpected error"  # how the manifest reason of such a frame begins
+# When set, `write_manifest` appends every internal-error reason it writes to this file:
+# the test suite sets it to fail any test whose run hit a bug (also in subprocesses).
+INTERNAL_ERRORS_ENV = "DASKSTACK_INTERNAL_ERRORS_FILE"
+
+
+class DifferentRunError(RunError):
+    """The run directory holds a run of other inputs or settings.
+
+    ``differences`` lists ``(what, before, now)``; ``combine_only`` is True when only
+    combine-time settings (``combine.*``) differ, which ``daskstack combine`` redoes
+    from the store without solving or registering again."""
+
+    def __init__(self, message: str, differences: list[tuple[str, object, object]]):
+        super().__init__(message)
+        self.differences = differences
+        self.combine_only = only_combine_differs(differences)
 
 
 @dataclass
@@ -111,6 +139,9 @@ class OutputLog:
         """Record ``path`` (already in place) and rewrite the log atomically."""
         path = Path(path)
         self.records[self._key(path)] = (sha256(path), path.stat().st_size)
+        self._write()
+
+    def _write(self) -> None:
         names = sorted(self.records)
         table = Table([names, [self.records[n][0] for n in names],
                        [self.records[n][1] for n in names]],
@@ -134,6 +165,13 @@ class OutputLog:
         return (recorded is not None and path.exists()
                 and recorded[1] == path.stat().st_size and recorded[0] == sha256(path))
 
+    def discard(self, path) -> None:
+        """Delete ``path`` and its record (an output this run replaces by nothing)."""
+        path = Path(path)
+        path.unlink(missing_ok=True)
+        if self.records.pop(self._key(path), None) is not None:
+            self._write()
+
     def remove_all(self) -> None:
         """Delete every recorded output (``--overwrite``: no coadd of an old run may stay
         looking like the new run's) and the log itself."""
@@ -142,6 +180,47 @@ class OutputLog:
                 (self.out_dir / name).unlink(missing_ok=True)
         self.path.unlink(missing_ok=True)
         self.records = {}
+
+
+@dataclass
+class InternalError:
+    """An exception nothing expected, raised while working on one frame: a bug in
+    daskstack (or a library), not a bad frame. Small and picklable: tasks return it."""
+
+    phase: str  # what was being done: "solving", "registering"
+    reason: str  # the manifest reason: begins with INTERNAL_ERROR
+    traceback: str  # the full traceback, for errors.log
+
+    @classmethod
+    def from_exception(cls, phase: str, err: BaseException) -> InternalError:
+        return cls(phase, f"{INTERNAL_ERROR} while {phase}: "
+                          f"{type(err).__name__}: {err} (a bug: see {ERRORS_FILE})",
+                   "".join(traceback.format_exception(err)))
+
+
+class ErrorLog:
+    """``OUT/errors.log``: one entry per frame that hit an internal error, with the full
+    traceback, rewritten atomically as entries come and recorded in outputs.ecsv.
+
+    One object per command: its first entry replaces the log of an earlier command
+    (`clear` removes that log at once, for a run, which tries every such frame again)."""
+
+    def __init__(self, outputs: OutputLog):
+        self.outputs = outputs
+        self.path = outputs.out_dir / ERRORS_FILE
+        self.entries: list[str] = []
+
+    def clear(self) -> None:
+        self.entries = []
+        self.outputs.discard(self.path)
+
+    def add(self, name: str, error: InternalError) -> None:
+        log.error("%s: %s", name, error.reason)
+        self.entries.append(f"=== {name}: {error.reason}\n{error.traceback.rstrip()}\n")
+        header = (f"daskstack: {len(self.entries)} frame(s) hit an internal error (a bug, "
+                  "not a bad frame); please report it with this file\n\n")
+        atomic_write_text(self.path, header + "\n".join(self.entries))
+        self.outputs.add(self.path)
 
 
 def read_outputs(out_dir) -> dict[str, tuple[str, int]]:
@@ -183,10 +262,15 @@ def check_run_dir(out_dir: Path, signature: dict, overwrite: bool) -> bool:
         if same and not overwrite:
             return True
         if not overwrite:
-            raise RunError(
-                f"{out_dir} holds a different run (other inputs or options); "
-                "use --overwrite to replace it or choose another --out"
-            )
+            differences = run_differences(previous or {}, signature)
+            message = (f"{out_dir} holds a different run: "
+                       f"{describe_differences(differences) or 'unreadable run.json'}. ")
+            if only_combine_differs(differences):
+                message += ("Only combine settings differ: combine the store again with "
+                            f"'daskstack combine {out_dir}' and the new combine options "
+                            "(no solving or registering again); or ")
+            message += "use --overwrite to replace it, or choose another --out"
+            raise DifferentRunError(message, differences)
         for child in ("store.zarr",):
             shutil.rmtree(out_dir / child, ignore_errors=True)
         (out_dir / "manifest.ecsv").unlink(missing_ok=True)
@@ -195,6 +279,50 @@ def check_run_dir(out_dir: Path, signature: dict, overwrite: bool) -> bool:
         raise RunError(f"{out_dir} holds a run without run.json; use --overwrite")
     atomic_write_text(run_file, json.dumps(signature, indent=1, default=str))
     return False
+
+
+def run_differences(previous: dict, signature: dict) -> list[tuple[str, object, object]]:
+    """What differs between two run signatures: ``(what, before, now)``; ``what`` is
+    ``inputs`` (before: frames dropped, now: frames added), ``catalog`` or a setting
+    ``section.name``."""
+    out = []
+    before, now = previous.get("inputs", []), signature.get("inputs", [])
+    if before != now:
+        out.append(("inputs", sorted(set(before) - set(now)), sorted(set(now) - set(before))))
+    if str(previous.get("catalog")) != str(signature.get("catalog")):
+        out.append(("catalog", previous.get("catalog"), signature.get("catalog")))
+    old_settings, new_settings = previous.get("settings", {}), signature.get("settings", {})
+    for section in sorted(set(old_settings) | set(new_settings)):
+        old, new = old_settings.get(section, {}) or {}, new_settings.get(section, {}) or {}
+        for name in sorted(set(old) | set(new)):
+            a, b = old.get(name), new.get(name)
+            if _comparable({"v": a}) != _comparable({"v": b}):
+                out.append((f"{section}.{name}", a, b))
+    return out
+
+
+def only_combine_differs(differences) -> bool:
+    """True when every difference is a combine-time setting (``combine.*``)."""
+    return bool(differences) and all(what.startswith("combine.") for what, _, _ in differences)
+
+
+def describe_differences(differences, limit: int = 6) -> str:
+    """``inputs: 2 frames added (a.fits, b.fits); combine.method: 'sigclip' -> 'mean'``."""
+    parts = []
+    for what, before, now in differences[:limit]:
+        if what == "inputs":
+            words = []
+            for count, verb in ((now, "added"), (before, "dropped")):
+                if count:
+                    names = ", ".join(Path(p).name for p in count[:3])
+                    more = ", ..." if len(count) > 3 else ""
+                    words.append(f"{len(count)} frame(s) {verb} ({names}{more})")
+            parts.append("inputs: " + ("; ".join(words) or "other order"))
+        else:
+            parts.append(f"{what}: {before!r} -> {now!r}")
+    if len(differences) > limit:
+        parts.append(f"{len(differences) - limit} more")
+    return "; ".join(parts)
 
 
 def _comparable(signature: dict) -> str:
@@ -278,6 +406,7 @@ def check_disk_space(out_dir: Path, needed: int, when: str) -> None:
 
 def write_manifest(records: list[FrameRecord], path: Path) -> None:
     rows = [r.row() for r in records]
+    _report_internal_errors(rows, path)
     table = Table(rows=[[row[name] for name, _ in MANIFEST_COLUMNS] for row in rows],
                   names=[name for name, _ in MANIFEST_COLUMNS],
                   dtype=[kind for _, kind in MANIFEST_COLUMNS]) if rows else Table(
@@ -286,6 +415,16 @@ def write_manifest(records: list[FrameRecord], path: Path) -> None:
                               "status: ok | failed | pending; reason: why a frame failed"]
     with atomic_path(path) as tmp:
         table.write(tmp, format="ascii.ecsv")
+
+
+def _report_internal_errors(rows: list[dict], path: Path) -> None:
+    """Append each internal-error reason to ``$DASKSTACK_INTERNAL_ERRORS_FILE``, if set."""
+    target = os.environ.get(INTERNAL_ERRORS_ENV)
+    bugs = [row for row in rows if row["reason"].startswith(INTERNAL_ERROR)]
+    if target and bugs:
+        with open(target, "a") as handle:
+            for row in bugs:
+                handle.write(f"{path}: {row['name']}: {row['reason']}\n")
 
 
 def read_manifest(path: Path) -> Table | None:

@@ -378,22 +378,24 @@ def _one_good(batch):
 
 
 def test_empty_catalog(batch, dask_client, tmp_path):
+    """A catalog file that cannot work is refused before anything is written (issue 20)."""
     cat = tmp_path / "empty.ecsv"
     Table(names=("ra", "dec", "mag"), dtype=(float, float, float)).write(cat)
-    result = run(_one_good(batch), str(cat), tmp_path / "out", client=dask_client)
-    assert result.exit_code == EXIT_FAILED
-    [record] = result.frames
-    assert record.reason == f"{cat}: catalog holds no stars (no row with finite ra/dec)"
+    with pytest.raises(RunError) as err:
+        run(_one_good(batch), str(cat), tmp_path / "out", client=dask_client)
+    assert str(err.value) == f"catalog: {cat}: catalog holds no stars (no row with finite ra/dec)"
+    assert not (tmp_path / "out").exists()
 
 
 def test_catalog_without_the_needed_columns(batch, dask_client, tmp_path):
     cat = tmp_path / "columns.csv"
     Table({"x": [1.0, 2.0], "y": [3.0, 4.0], "flux": [5.0, 6.0]}).write(cat)
-    result = run(_one_good(batch), str(cat), tmp_path / "out", client=dask_client)
-    assert result.exit_code == EXIT_FAILED
-    assert result.frames[0].reason == (
-        f"{cat}: missing column(s) ra, dec (accepted names: ra: ra/ra_deg/raj2000/ra_icrs; "
-        "dec: dec/dec_deg/dej2000/decj2000; found: x, y, flux)")
+    with pytest.raises(RunError) as err:
+        run(_one_good(batch), str(cat), tmp_path / "out", client=dask_client)
+    assert str(err.value) == (
+        f"catalog: {cat}: missing column(s) ra, dec (accepted names: ra: ra/ra_deg/raj2000/"
+        "ra_icrs; dec: dec/dec_deg/dej2000/decj2000; found: x, y, flux)")
+    assert not (tmp_path / "out").exists()
 
 
 def _unreachable(*args, **kwargs):
@@ -442,14 +444,14 @@ def test_output_path_is_a_file(batch, tmp_path):
     out = tmp_path / "file"
     out.write_text("x")
     with pytest.raises(RunError, match=r"file: exists and is not a directory"):
-        run(_one_good(batch), "cat.ecsv", out)
+        run(_one_good(batch), str(batch[2]), out)
 
 
 def test_output_directory_cannot_be_created(batch, tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(RunError, match=r"cannot create the output directory \(Not a "
                                        r"directory\)"):
-        run(_one_good(batch), "cat.ecsv", tmp_path / "file" / "out")
+        run(_one_good(batch), str(batch[2]), tmp_path / "file" / "out")
 
 
 def test_output_directory_not_writable(batch, tmp_path, monkeypatch):
@@ -461,23 +463,38 @@ def test_output_directory_not_writable(batch, tmp_path, monkeypatch):
     monkeypatch.setattr(rundir.tempfile, "mkstemp", refuse)
     with pytest.raises(RunError, match=r"out: output directory is not writable \(Permission "
                                        r"denied\)"):
-        run(_one_good(batch), "cat.ecsv", tmp_path / "out")
+        run(_one_good(batch), str(batch[2]), tmp_path / "out")
 
 
-def test_output_directory_on_a_read_only_mount(batch):
-    """The same for real, where the machine has a read-only mount to try."""
+@pytest.fixture
+def read_only_mount(tmp_path):
+    """A read-only filesystem: as root (CI), a small tmpfs mounted read-only for the test;
+    otherwise one this machine has."""
+    import subprocess
+
+    target = tmp_path / "ro"
+    target.mkdir()
+    if os.geteuid() == 0 and subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(target)],
+            capture_output=True).returncode == 0:
+        yield target
+        subprocess.run(["umount", str(target)], check=True)
+        return
     for line in Path("/proc/mounts").read_text().splitlines():
         fields = line.split()
         if len(fields) > 3 and "ro" in fields[3].split(",") and Path(fields[1]).is_dir() \
-                and fields[1] not in ("/",):
-            target = Path(fields[1])
-            if os.access(target, os.W_OK) is False and os.geteuid() != 0:
-                continue
-            break
-    else:
-        pytest.skip("no read-only mount on this machine")
+                and fields[1] not in ("/",) and not os.access(fields[1], os.W_OK):
+            yield Path(fields[1])
+            return
+    pytest.skip("no read-only mount on this machine, and none can be made (not root)")
+
+
+def test_output_directory_on_a_read_only_mount(batch, read_only_mount):
+    """The same for real, on a read-only filesystem."""
     with pytest.raises(RunError, match="output directory is not writable|cannot create"):
-        run(_one_good(batch), "cat.ecsv", target)
+        run(_one_good(batch), str(batch[2]), read_only_mount)
+    with pytest.raises(RunError, match="cannot create the output directory"):
+        run(_one_good(batch), str(batch[2]), read_only_mount / "out")
 
 
 def test_not_enough_disk_space_is_reported_before_work(batch, dask_client, tmp_path,

@@ -36,9 +36,11 @@ def adu_field(tmp_path_factory):
     """Three r' frames in ADU (GAIN = 2, BUNIT = 'adu')."""
     from daskstack.simulate import simulate_field
 
+    # an exact header WCS (WCSERR = 0): the runs here take it as it is (--wcs header)
     return simulate_field(tmp_path_factory.mktemp("adu") / "inputs", n_frames=3,
                           shape=(384, 384), filters=("rp",), seed=5, gain=GAIN,
-                          exptime={"rp": 40.0})
+                          exptime={"rp": 40.0}, pointing_error_arcmin=0,
+                          rotation_error_deg=0, sip=False)
 
 
 @pytest.fixture(scope="module")

@@ -39,7 +39,7 @@ def _run_with_failing_registration(field, out, monkeypatch, victims):
             first = next(iter(tiles))
             written.append(bool(np.isfinite(first[2]).any()))
             yield first
-            raise RuntimeError("disk vanished")
+            raise OSError("disk vanished")  # an I/O failure, not a bug
 
         return real_write(store_path, filter_name, index, first_then_fail())
 

@@ -70,7 +70,7 @@ def test_both_header_wcs_paths_measure_the_same_sky(tmp_path):
                            {meta.filter: [meta.name]}, tile=settings.register.tile)
     _, _, registered = pipeline._register_task(meta, meta.wcs_header, grid,
                                                str(tmp_path / "store.zarr"), meta.filter, 0,
-                                               settings)
+                                               settings, measure_sky=True)
     assert (solved.background, solved.noise) == registered
     expected_noise = np.sqrt(truth["sky"] / truth["gain"] + (truth["rdnoise"] / truth["gain"])**2)
     assert solved.background == pytest.approx(truth["sky"], rel=0.02)
