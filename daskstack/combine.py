@@ -57,6 +57,9 @@ tests); a new rejection or estimator one function in its table.
     ``n / sqrt(n - 1)`` standard deviations from the centre, so with ``sigma=3`` it is
     never rejected in a stack of fewer than 10 frames; use 'median' or 'minmax' (or a
     smaller sigma) for small stacks.
+    Given the stack's ``variance`` (the pipeline always gives it), each value's spread
+    is the larger of that std and its own noise, so frames of unequal depth are not cut
+    at a fraction of their own sigma; without it, exactly astropy's rule.
 ``minmax``
     per pixel the ``nlow`` lowest and ``nhigh`` highest *valid* values are rejected
     and the rest averaged = ``ccdproc.Combiner.clip_extrema(nlow, nhigh)`` +
@@ -401,9 +404,11 @@ def _reject_minmax(sorted_, lo, hi, *, nlow, nhigh, **_):
 
 
 def _reject_sigclip(sorted_, lo, hi, *, sigma, iters, cenfunc, sorted_v=None, **_):
-    # with variances, each value is judged by its own noise (the noise model), not by
-    # the stack's spread: frames of unequal depth keep their good values, and a lone
-    # outlier is rejected in a stack of any size
+    # with variances, a value's spread is the larger of the stack's std and its own noise
+    # (the noise model): the values of a shallow frame among deep ones are no longer cut
+    # at a fraction of their own sigma (which biased the survivors' variance low), while
+    # star cores, whose values differ by seeing more than by noise, keep the stack's
+    # wider spread (and the two middle values, within one std of the median, stay)
     own_sigma = None if sorted_v is None else np.sqrt(sorted_v)
     k = np.arange(sorted_.shape[0]).reshape(-1, 1, 1)
     for _ in range(iters):
@@ -415,14 +420,16 @@ def _reject_sigclip(sorted_, lo, hi, *, sigma, iters, cenfunc, sorted_v=None, **
             _, std = _range_mean_std(sorted_, inside, count)
         else:
             cen, std = _range_mean_std(sorted_, inside, count)
-        std = std.astype(np.float32) if own_sigma is None else own_sigma
+        std = std.astype(np.float32)
+        if own_sigma is not None:
+            std = np.fmax(std, own_sigma)
         cen = np.asarray(cen).astype(np.float32)
         with np.errstate(invalid="ignore"):
             low = sorted_ < (cen - std * np.float32(sigma))
             high = sorted_ > (cen + std * np.float32(sigma))
         # kept values stay a contiguous range: all up to the highest low outlier go, all
         # from the lowest high outlier on (with one spread for all, exactly those flagged;
-        # with each value's own noise, also a rare lower value within its own bounds)
+        # with each value's own spread, also a rare lower value within its own bounds)
         new_lo = np.maximum(lo, np.max(np.where(inside & low, k, -1), axis=0) + 1)
         new_hi = np.minimum(hi, np.min(np.where(inside & high, k, sorted_.shape[0]), axis=0))
         new_hi = np.maximum(new_hi, new_lo)
