@@ -29,6 +29,7 @@ from .exitcodes import (
     EXIT_USAGE,
     outcome,
 )
+from .register import KERNELS
 
 
 # --------------------------------------------------------------------------------------
@@ -132,8 +133,7 @@ STAGE_OPTIONS = {
          help="Reprojection: interpolation, adaptive (anti-aliased) or exact "
               "(flux-conserving spherical polygons). [interp]")),
         ("--order", "register.order", dict(
-         type=_choice("nearest-neighbor", "bilinear", "biquadratic", "bicubic", "lanczos2",
-                      "lanczos3"),
+         type=_choice(*KERNELS),
          help="Interpolation kernel for --reproject interp; lanczos3 is SWarp's default. "
               "[bilinear]")),
         ("--gain", "register.gain", dict(type=float,

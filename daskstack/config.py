@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .combine import COMBINE_METHODS, REJECTIONS
 from .errors import DaskstackError
+from .register import KERNELS
 
 __all__ = [
     "CatalogSettings",
@@ -175,8 +176,7 @@ class ClusterSettings:
 _CHOICES = {
     ("solve", "wcs"): ("auto", "solve", "header"),
     ("register", "method"): ("interp", "adaptive", "exact"),
-    ("register", "order"): ("nearest-neighbor", "bilinear", "biquadratic", "bicubic",
-                            "lanczos2", "lanczos3"),
+    ("register", "order"): tuple(KERNELS),  # its names: a new kernel is one row there
     ("combine", "method"): COMBINE_METHODS,  # its names: a new method is one row there
     ("combine", "scale"): ("none", "exptime", "background", "photometric"),
     ("combine", "cenfunc"): ("median", "mean"),
