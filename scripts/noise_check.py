@@ -5,6 +5,8 @@ and slightly rotated, each with a noiseless twin, registered with bilinear and
 lanczos3) and the real PDS 110 frames, and prints what the tests assert on:
 
     PYTHONPATH=. python scripts/noise_check.py > benchmarks/results/noise-check.txt
+
+and the cost of registering a frame with its variance, per kernel.
 """
 
 import numpy as np
@@ -46,6 +48,36 @@ def synthetic():
               f"{expected:.3f} ({100 * (gain / expected - 1):+.1f} %)")
 
 
+def registration_cost(size=2048, repeats=3):
+    """Seconds to register one size x size frame (fast path, tile 1024), with and without
+    its variance, per kernel: the best of ``repeats`` (a shared machine: indicative)."""
+    import time
+
+    from tests.helpers import tan_wcs
+
+    rng = np.random.default_rng(0)
+    data = rng.normal(200.0, 15.0, (size, size)).astype(np.float32)
+    frame_wcs = tan_wcs((size, size), rotation_deg=0.7)
+    grid = Grid.from_wcs(tan_wcs((size, size), ra=150.0004, dec=2.0003, rotation_deg=-0.2),
+                         (size, size))
+    variance = np.full(data.shape, 225.0, np.float32)
+    print(f"\nregistration of one {size}x{size} frame, best of {repeats} (s)")
+    print("kernel     data only  data + variance")
+    for order in ("bilinear", "lanczos3"):
+        settings = RegisterSettings(order=order, tile=1024)
+        row = []
+        for var in (None, variance):
+            best = np.inf
+            for _ in range(repeats):
+                start = time.perf_counter()
+                for _tile in register_frame(data, None, frame_wcs, grid, settings,
+                                            variance=var):
+                    pass
+                best = min(best, time.perf_counter() - start)
+            row.append(best)
+        print(f"{order:9s}  {row[0]:9.2f}  {row[1]:15.2f}")
+
+
 def real():
     print("\nreal frames, one-frame registration (bilinear, grid shifted by (0.37, -0.41) px)")
     print("frame  filter  ERR (median, sky)  sky scatter  ratio")
@@ -69,3 +101,4 @@ def real():
 if __name__ == "__main__":
     synthetic()
     real()
+    registration_cost()
