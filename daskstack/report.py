@@ -536,7 +536,7 @@ def _read_fits_binned(path, hdu, max_size=MAX_DISPLAY):
 
 def coadd_preview(coadd_path, png, weight_png=None, max_size: int = MAX_DISPLAY) -> dict:
     """PNG previews of one coadd (asinh stretch) and of its noise and coverage (ERR and
-    EXPMAP extensions, with the sky noise measured in the coadd against its ERR)."""
+    EXPMAP extensions, with the sky scatter measured in units of the ERR)."""
     coadd_path = Path(coadd_path)
     image, factor, shape, header = _read_fits_binned(coadd_path, 0, max_size)
     filt = str(header.get("FILTER", coadd_path.stem.removeprefix("coadd_")))
@@ -567,29 +567,33 @@ def coadd_preview(coadd_path, png, weight_png=None, max_size: int = MAX_DISPLAY)
                          label=label)
             ax.set_title(f"{label} {filt}", fontsize=10)
         if noise is not None:
-            fig.suptitle(f"sky noise {filt}: measured {noise[0]:.4g}, predicted (median ERR) "
-                         f"{noise[1]:.4g} (ratio {noise[1] / noise[0]:.3f})", fontsize=10)
-            info["noise_measured"], info["noise_predicted"] = noise
+            fig.suptitle(f"{filt}: sky scatter / ERR = {noise[0]:.3f} (1 when the noise is as "
+                         f"predicted); median ERR {noise[1]:.4g}", fontsize=10)
+            info["noise_over_err"], info["median_err"] = noise
         _save(fig, Path(weight_png))
         info["weight"] = Path(weight_png).name
     return info
 
 
 def noise_check(image, err, binning: int = 1):
-    """(measured sky scatter, median ERR there) of a coadd: how well its ERR predicts its
-    noise; None without sky. ``binning``: the previews are block means of binning**2
-    pixels, whose scatter and ERR (the mean's, ERR / binning) both shrink alike if the
-    pixels are independent (resampling correlates them a little: measured/predicted then
-    rises towards sqrt(NOISECOR) at large binning)."""
-    from .stats import sky_level
+    """How well a coadd's ERR predicts its noise: ``(scatter of (image - sky) / ERR over
+    the sky, median ERR there)``, the first 1 when ERR is right; None without sky. Pixels
+    of every depth count, each against its own ERR. ``binning``: the previews are block
+    means of binning**2 pixels, whose ERR (the mean's) is ERR / binning if the pixels are
+    independent (resampling correlates them a little: the ratio then rises towards
+    sqrt(NOISECOR) at large binning)."""
+    from .stats import mad_sigma, sky_level
 
+    err = err / binning
     level, scatter = sky_level(image, ~np.isfinite(err))
     if not np.isfinite(scatter) or scatter <= 0:
         return None
-    sky = np.isfinite(image) & np.isfinite(err) & (np.abs(image - level) < 3 * scatter)
-    if not sky.any():
+    sky = (np.isfinite(image) & np.isfinite(err) & (err > 0)
+           & (np.abs(image - level) < 5 * scatter))
+    if sky.sum() < 100:
         return None
-    return float(scatter), float(np.median(err[sky]) / binning)
+    z = (image[sky] - level) / err[sky]
+    return float(mad_sigma(z, 0.0)), float(np.median(err[sky]))
 
 
 def _wavelength(name: str) -> float:
@@ -980,7 +984,7 @@ def write_report(run_dir, run_plots: dict | None = None, *, title: str | None = 
                             "(no preview)</p>")
             if (out / f"weight_{key}.png").exists():
                 body.append(_img([f"weight_{key}.png"], f"noise and exposure maps {key}",
-                                 f"ERR and EXPMAP {key}: sky noise measured vs predicted"))
+                                 f"ERR and EXPMAP {key}: sky scatter in units of ERR"))
         body.append("</div>")
         errors = [f"{k}: {v['error']}" for k, v in run_plots.items()
                   if isinstance(v, dict) and "error" in v]

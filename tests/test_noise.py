@@ -342,9 +342,10 @@ def test_report_noise_check_compares_measured_and_predicted():
     from daskstack.report import noise_check
 
     rng = np.random.default_rng(8)
-    image = rng.normal(0.0, 2.0, (300, 300))
+    err = np.where(np.arange(300)[None, :] < 150, 2.0, 6.0) * np.ones((300, 1))
+    image = rng.normal(0.0, 1.0, (300, 300)) * err  # two depths, each with its ERR
     image[100:110, 100:110] += 500.0  # a star: not sky
-    err = np.full(image.shape, 2.0)
-    measured, predicted = noise_check(image, err)
-    assert measured == pytest.approx(2.0, rel=0.03) and predicted == 2.0
+    ratio, median_err = noise_check(image, err)
+    assert ratio == pytest.approx(1.0, abs=0.03) and median_err in (2.0, 6.0)
+    assert noise_check(image, err / 1.5)[0] == pytest.approx(1.5, rel=0.03)
     assert noise_check(np.full((10, 10), np.nan), err[:10, :10]) is None
