@@ -100,7 +100,7 @@ class FrameMeta:
     mjd: float | None
     gain: float  # e-/ADU (1.0 when no header keyword gives it: `gain_keyword` is "")
     rdnoise: float  # e- (0.0 when no header keyword gives it: `rdnoise_keyword` is "")
-    saturate: float  # the lowest of SATURATE and MAXLIN; inf without either
+    saturate: float  # SATURATE (masked by read_frame); inf without it
     pixscale: float | None  # nominal arcsec / pixel from the header
     ra: float | None  # telescope pointing, degrees
     dec: float | None
@@ -121,6 +121,9 @@ class FrameMeta:
     gain_keyword: str = ""  # the header keyword GAIN came from ("" = none: 1.0 assumed)
     rdnoise_keyword: str = ""  # the header keyword RDNOISE came from ("" = none)
     has_error: bool = False  # an ERR extension (1 sigma per pixel) is read with the pixels
+    # the lowest of SATURATE and MAXLIN: above it a pixel's noise is not known (no weight),
+    # though non-linear pixels still centroid well enough for the astrometry
+    linear_limit: float = np.inf
 
     @property
     def epoch(self) -> float | None:
@@ -272,7 +275,7 @@ def _meta_from_header(path, hdu_key, header: fits.Header, shape, has_error=False
         mjd=mjd,
         gain=gain if gain and gain > 0 else 1.0,
         rdnoise=rdnoise if rdnoise and rdnoise > 0 else 0.0,
-        saturate=min(levels) if levels else np.inf,
+        saturate=_float_or_none(header.get("SATURATE")) or np.inf,
         pixscale=_float_or_none(header.get("PIXSCALE")),
         ra=_angle_deg(header.get("RA"), "hourangle"),
         dec=_angle_deg(header.get("DEC"), "deg"),
@@ -290,6 +293,7 @@ def _meta_from_header(path, hdu_key, header: fits.Header, shape, has_error=False
         gain_keyword=_first_key(header, GAIN_KEYS) if gain and gain > 0 else "",
         rdnoise_keyword=_first_key(header, RDNOISE_KEYS) if rdnoise is not None else "",
         has_error=has_error,
+        linear_limit=min(levels) if levels else np.inf,
     )
 
 
@@ -401,8 +405,8 @@ def read_frame(path) -> Frame:
     """Read a frame: SCI pixels as float32, a bad-pixel mask, the SCI header.
 
     The mask is True where the pixel must not be used: non-zero in the ``BPM``
-    extension (if any), not finite, or at/above the SATURATE (or MAXLIN) level. An
-    ``ERR`` extension of the same shape is read too (`Frame.error`).
+    extension (if any), not finite, or at/above the SATURATE level. An ``ERR``
+    extension of the same shape is read too (`Frame.error`).
     Raises `FrameError` (naming the file and the problem) and nothing else for a bad
     file: unreadable, truncated, no image, all NaN, constant, fully masked.
     """

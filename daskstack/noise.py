@@ -17,8 +17,9 @@ themselves. Taking each pixel's own value would make its variance follow its own
 coadd low by about 1/g per frame (a fifth of a sigma for 20 sky-limited frames); the
 3 x 3 mean cuts that coupling nine-fold and leaves the expectation unchanged.
 
-Masked, saturated (``SATURATE``/``MAXLIN``, already in the frame's mask) and non-finite
-pixels have no variance (NaN): zero weight everywhere downstream.
+Masked, saturated or non-linear (at or above ``SATURATE`` or ``MAXLIN``: `FrameMeta.
+linear_limit`) and non-finite pixels have no variance (NaN): zero weight everywhere
+downstream.
 """
 
 from __future__ import annotations
@@ -122,8 +123,12 @@ def frame_noise_model(frame, *, gain: float = 0.0, rdnoise: float = -1.0
     from .stats import sky_level
 
     meta = frame.meta
+    mask = frame.mask
+    if np.isfinite(meta.linear_limit):
+        with np.errstate(invalid="ignore"):
+            mask = mask | (frame.data >= meta.linear_limit)
     if frame.error is not None:
-        return (frame_variance(frame.data, frame.mask, error=frame.error),
+        return (frame_variance(frame.data, mask, error=frame.error),
                 {"source": "ERR", "gain": meta.gain, "rdnoise": meta.rdnoise,
                  "rdnoise_source": "ERR"})
     gain = float(gain) if gain > 0 else meta.gain
@@ -133,11 +138,11 @@ def frame_noise_model(frame, *, gain: float = 0.0, rdnoise: float = -1.0
     elif meta.rdnoise_keyword:
         rn, rn_source = meta.rdnoise, meta.rdnoise_keyword
     else:
-        sky, scatter = sky_level(frame.data, frame.mask)
+        sky, scatter = sky_level(frame.data, mask)
         rn = float(np.sqrt(max((scatter * g) ** 2 - max(sky, 0.0) * g, 0.0))) \
             if np.isfinite(scatter) else 0.0
         rn_source = "sky scatter"
         log.info("%s: no read-noise keyword; %.3g e- from the sky scatter", meta.name, rn)
-    variance = frame_variance(frame.data, frame.mask, electrons_per_unit=g, rdnoise_e=rn)
+    variance = frame_variance(frame.data, mask, electrons_per_unit=g, rdnoise_e=rn)
     return variance, {"source": "model", "gain": gain, "rdnoise": rn,
                       "rdnoise_source": rn_source}

@@ -63,7 +63,8 @@ def test_error_extension_is_the_noise(tmp_path):
     frame = read_frame(path)
     assert frame.meta.gain == 1.7 and frame.meta.gain_keyword == "EGAIN"
     assert frame.meta.rdnoise == 4.5 and frame.meta.rdnoise_keyword == "RON"
-    assert frame.meta.saturate == 800.0 and frame.mask[5, 5]
+    assert frame.meta.linear_limit == 800.0 and frame.meta.saturate == 1000.0
+    assert not frame.mask[5, 5]  # non-linear, not saturated: the astrometry may use it
     variance, how = frame_noise_model(frame)
     assert how["source"] == "ERR"
     assert variance[0, 0] == pytest.approx(25.0)
