@@ -517,6 +517,11 @@ def solve_frame(frame: Frame, catalog: Table, settings: Settings | None = None,
     # catalog triangles are built once (per depth) and reused by every step
     # (a few bright stars at every radius before more stars anywhere: cheapest first)
     radii = [r for r in (3.0 / 60, 8.0 / 60) if r < search_deg] + [search_deg]
+    # every (level, radius) is a search of its own: their number enters the false-alarm
+    # probability of the match (Bonferroni), so that max_false_alarm holds per frame
+    n_searches = len(levels) * len(radii)
+    if companions:  # a second attempt at a frame that failed on its own: count both
+        n_searches *= 2
     t_match = time.perf_counter()
     r_used = np.hypot(ref_used[:, 0], ref_used[:, 1])
     for level in levels:
@@ -532,6 +537,7 @@ def solve_frame(frame: Frame, catalog: Table, settings: Settings | None = None,
                     max_false_alarm=ss.max_false_alarm, clip_sigma=ss.clip_sigma,
                     levels=(level,), max_triangle_side=0.6 * max(nx, ny),
                     ref_index=tri_index, ref_radius=ref_radius, cache=cache,
+                    n_searches=n_searches,
                 )
                 match.ref_idx = keep_ref[match.ref_idx]
                 break

@@ -44,6 +44,28 @@ class DetectSettings:
     min_separation_fwhm: float = 2.5  # isolation: no brighter neighbour within this many FWHM
     edge_pixels: int = 8  # stars this close to the frame edge are dropped
     background_box: int = 128  # box size of the 2-D background mesh (pixels)
+    # The photocentres for astrometry (daskstack.detect.isophotal_centroids): isophotal
+    # barycentres above iso_threshold_sigma x sky RMS (image filtered with SExtractor's
+    # 3 x 3 kernel), within iso_radius_fwhm x FWHM of the star. From the sweep in
+    # benchmarks/results/detect-sweep-20261130.md (python -m benchmarks detect-sweep): on the
+    # 9 real frames 3.5 sigma gives the smallest error against LCO's solution (median
+    # 0.167", worst 0.362"; 2 sigma: 0.183"/0.472", 6 sigma: 0.216"/0.463"), and any radius
+    # of 2-4 FWHM the same within 0.01". On simulated asymmetric / comatic / trailed PSFs
+    # with exact photocentre truth a lower isophote is better (2 sigma: 0.07"/0.22"/0.03"
+    # against 0.12"/0.30"/0.09" at 3.5 sigma): LCO's solution shares the isophotal positions
+    # of SExtractor-like software; against Gaia on comatic optics try 2.
+    iso_threshold_sigma: float = 3.5
+    iso_radius_fwhm: float = 3.0
+    # Sharp objects (cosmic rays, hot pixels) are flagged: second-moment FWHM below
+    # sharp_fwhm_ratio x the frame FWHM, or a peak pixel holding more than
+    # sharp_peak_fraction of the aperture flux.
+    sharp_fwhm_ratio: float = 0.55
+    sharp_peak_fraction: float = 0.9
+    # Crowding: a neighbour within min_separation_fwhm x FWHM with more than
+    # crowd_flux_ratio of the brighter one's flux flags both; within the measuring
+    # aperture (1.4 x FWHM), a neighbour above crowd_aperture_flux_ratio flags the brighter.
+    crowd_flux_ratio: float = 0.1
+    crowd_aperture_flux_ratio: float = 0.02
 
 
 @dataclass
@@ -275,6 +297,7 @@ class Settings:
         for section, name in nonnegative:
             if getattr(getattr(self, section), name) < 0:
                 raise SettingsError(f"{section}.{name} must be >= 0")
+        _check_detect(self.detect)
         if not 0 <= self.solve.scale_tolerance < 0.5:
             raise SettingsError("solve.scale_tolerance must be in [0, 0.5)")
         if not 0 < self.solve.max_false_alarm < 1:
@@ -308,6 +331,24 @@ class Settings:
                 "tcp://host:8786"
             )
         return self
+
+
+def _check_detect(ds: DetectSettings) -> None:
+    """The isophote, sharpness and crowding settings: ranges in which they mean something."""
+    if not ds.iso_threshold_sigma > 0:
+        raise SettingsError("detect.iso_threshold_sigma must be > 0")
+    if not ds.iso_radius_fwhm >= 1:
+        raise SettingsError("detect.iso_radius_fwhm must be >= 1 (the isophote of a star "
+                            "reaches at least its FWHM)")
+    if not 0 < ds.sharp_fwhm_ratio < 1:
+        raise SettingsError("detect.sharp_fwhm_ratio must be in (0, 1)")
+    if not 0 < ds.sharp_peak_fraction <= 1:
+        raise SettingsError("detect.sharp_peak_fraction must be in (0, 1]")
+    for name in ("crowd_flux_ratio", "crowd_aperture_flux_ratio"):
+        if not 0 <= getattr(ds, name) <= 1:
+            raise SettingsError(f"detect.{name} must be in [0, 1]")
+    if not ds.min_separation_fwhm > 0:
+        raise SettingsError("detect.min_separation_fwhm must be > 0")
 
 
 def _check_cluster(cs: ClusterSettings) -> None:

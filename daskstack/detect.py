@@ -9,12 +9,20 @@ Positions (``x``, ``y``) are **isophotal barycentres**, as SExtractor's ``X_IMAG
 and SEP's ``x``/``y`` (which LCO's catalogs, and the reference catalogs built on them,
 report): the flux-weighted first moments of the background-subtracted pixels whose
 value, filtered with SExtractor's default 3 x 3 kernel, is above
-``ISO_THRESHOLD_SIGMA`` (3.5) x the sky RMS, 8-connected to the star's peak. LCO PSFs
+``DetectSettings.iso_threshold_sigma`` (3.5) x the sky RMS, 8-connected to the star's peak. LCO PSFs
 are asymmetric: a symmetric model fit sits ~0.5 px from the photocentre, and first
 moments in a fixed aperture (kept as ``x_ap``, ``y_ap``; used for detection,
 selection and the FWHM) put faint stars ~0.4-0.5 px away from the isophotal ones,
 which biased WCS fits against catalogs made by SExtractor-like software; see
 ``shared/data/lco-pds110/README.md``.
+
+Why not photutils' ``Background2D`` + ``detect_sources`` + ``SourceCatalog`` (which
+implement the same isophotal barycentres): measured on the 9 solved real frames in
+``benchmarks/results/detect-sweep-20261130.md`` (``python -m benchmarks detect-sweep``),
+with the same isophote they give the same positions (median 0.0001-0.0002 px apart) and
+the same WCS error (median / worst 0.161" / 0.362" against daskstack's 0.167" / 0.362"),
+but take 1.4 s per frame against 0.44 s, and without deblending they merge a quarter of
+the stars into blends (1172 of 1617 stars found as their own segment). Kept, therefore.
 
 The steps, all cheap enough for a 4096 x 4096 frame in about half a second:
 
@@ -60,12 +68,6 @@ FLAG_EDGE = 2  # aperture leaves the frame, or within edge_pixels of the border
 FLAG_SHARP = 4  # much smaller than the frame FWHM: cosmic ray, hot pixel
 FLAG_CROWDED = 8  # a comparable neighbour within min_separation_fwhm x FWHM
 FLAG_BAD_MOMENTS = 16  # non-positive flux or second moments
-
-# Isophote of the positions used for astrometry (see `isophotal_centroids`), in units of
-# the sky RMS per pixel, on the image filtered with SExtractor's default kernel.
-ISO_THRESHOLD_SIGMA = 3.5
-# Largest radius of an isophotal segment, in units of the frame FWHM.
-ISO_RADIUS_FWHM = 3.0
 
 _COLUMNS = ("x", "y", "x_ap", "y_ap", "flux", "flux_err", "peak", "snr", "fwhm", "roundness", "flags")
 
@@ -333,7 +335,7 @@ def measure_sources(data, mask, x0, y0, background, radius: float, iterations: i
 _SEX_KERNEL = np.array([[1.0, 2.0, 1.0], [2.0, 4.0, 2.0], [1.0, 2.0, 1.0]]) / 16.0
 
 
-def isophotal_centroids(data, mask, x, y, background, rms, threshold_sigma=ISO_THRESHOLD_SIGMA,
+def isophotal_centroids(data, mask, x, y, background, rms, threshold_sigma: float = 3.5,
                         radius: float = 10.0):
     """Isophotal barycentres (SExtractor ``X_IMAGE``/``Y_IMAGE``, SEP ``x``/``y``).
 
@@ -445,7 +447,9 @@ def detect_sources(frame: Frame, settings: DetectSettings | None = None) -> Dete
         Pixels (e-), bad-pixel mask (True = bad: BPM, non-finite, >= SATURATE).
     settings : DetectSettings
         ``threshold_sigma``, ``max_stars``, ``min_separation_fwhm``, ``edge_pixels``,
-        ``background_box`` (in full-resolution pixels).
+        ``background_box`` (in full-resolution pixels); the isophote of the positions
+        (``iso_threshold_sigma``, ``iso_radius_fwhm``) and the sharpness and crowding
+        cuts (``sharp_*``, ``crowd_*``), documented in `daskstack.config.DetectSettings`.
 
     Returns
     -------
@@ -533,7 +537,8 @@ def detect_sources(frame: Frame, settings: DetectSettings | None = None) -> Dete
         (m["x"] > nx - 1 - edge) | (m["y"] > ny - 1 - edge)
     flags[outside] |= FLAG_EDGE
     flags[~(m["flux"] > 0) | ~(m["m2"] > 0)] |= FLAG_BAD_MOMENTS
-    sharp = ~(fw_all > 0.55 * fwhm) | (m["peak"] > 0.9 * m["flux"])
+    sharp = ~(fw_all > settings.sharp_fwhm_ratio * fwhm) | (
+        m["peak"] > settings.sharp_peak_fraction * m["flux"])
     flags[sharp] |= FLAG_SHARP
     # duplicates: several peaks converging on the same photocentre -> keep the brightest
     tree = cKDTree(np.column_stack([m["x"], m["y"]]))
@@ -547,15 +552,16 @@ def detect_sources(frame: Frame, settings: DetectSettings | None = None) -> Dete
         brighter = np.where(f[i] >= f[j], i, j)
         dup = np.zeros(len(f), bool)
         dup[fainter[close]] = True
-        # a neighbour with at least 10 % of the flux disturbs the photocentre
-        comparable = (~close) & (f[fainter] > 0.1 * f[brighter])
+        # a neighbour with crowd_flux_ratio of the flux (10 %) disturbs the photocentre
+        comparable = (~close) & (f[fainter] > settings.crowd_flux_ratio * f[brighter])
         crowd = np.zeros(len(f), bool)
         crowd[i[comparable]] = True
         crowd[j[comparable]] = True
         # the brighter one of a very unequal pair is disturbed too if the neighbour is
         # within the measuring aperture
         within = (~close) & (np.hypot(m["x"][i] - m["x"][j], m["y"][i] - m["y"][j]) < radius)
-        crowd[brighter[within & (f[fainter] > 0.02 * f[brighter])]] = True
+        crowd[brighter[within & (f[fainter] > settings.crowd_aperture_flux_ratio
+                                 * f[brighter])]] = True
         flags[crowd] |= FLAG_CROWDED
         flags[dup] |= FLAG_CROWDED
     n_raw = int(n_raw)
@@ -564,8 +570,8 @@ def detect_sources(frame: Frame, settings: DetectSettings | None = None) -> Dete
     idx = idx[np.argsort(m["flux"][idx])[::-1]][: settings.max_stars]
     # positions for astrometry: isophotal barycentres, as the catalogs' (SExtractor) ones
     xi, yi, _ = isophotal_centroids(data, mask, m["x"][idx], m["y"][idx], local_sky[idx],
-                                    local_rms[idx], ISO_THRESHOLD_SIGMA,
-                                    max(4.0, ISO_RADIUS_FWHM * fwhm))
+                                    local_rms[idx], settings.iso_threshold_sigma,
+                                    max(4.0, settings.iso_radius_fwhm * fwhm))
     table = Table({
         "x": xi, "y": yi, "x_ap": m["x"][idx], "y_ap": m["y"][idx], "flux": m["flux"][idx],
         "flux_err": flux_err[idx], "peak": m["peak"][idx], "snr": snr_all[idx],

@@ -33,6 +33,10 @@ Method
    chance that at least one of the trials does as well; never above 1) must be below
    ``max_false_alarm`` and ``n >= min_matches``. Otherwise `MatchError` is raised
    with the reason: thin evidence gives no transform rather than a wrong one.
+   A caller that searches one frame several times (deeper star lists, wider search
+   radii) passes the number of searches it may make as ``n_searches``: the
+   probability is multiplied by it (Bonferroni), so that ``max_false_alarm`` bounds
+   the chance of a false match over all the searches of the frame, not of each one.
 """
 
 from __future__ import annotations
@@ -466,8 +470,8 @@ def format_probability(log10_probability: float) -> str:
 
 
 def _significance(result: MatchResult, src, ref, ref_tree, scale_range, allow_flip,
-                  max_offset, n_src_used):
-    """Fill ``n_expected`` and ``log10_false_alarm`` of a match."""
+                  max_offset, n_src_used, n_searches: int = 1):
+    """Fill ``n_expected`` and ``log10_false_alarm`` of a match (over ``n_searches``)."""
     r = result.radius
     pts = result.transform(src[:n_src_used])
     lo, hi = pts.min(0), pts.max(0)
@@ -482,6 +486,7 @@ def _significance(result: MatchResult, src, ref, ref_tree, scale_range, allow_fl
     trials *= 2 * np.pi * extent / r  # rotations
     trials *= max(np.log(scale_range[1] / scale_range[0]) * extent / r, 1.0)
     trials *= 2 if allow_flip else 1
+    trials *= max(int(n_searches), 1)  # Bonferroni over the searches made on the frame
     logsf = stats.poisson.logsf(n - 1, lam) if n > 0 else 0.0
     result.n_expected = float(lam)
     # expected number of chance matches this good among all trials; the probability
@@ -499,7 +504,8 @@ def find_transform(src, ref, *, scale_range=(0.95, 1.05), allow_flip: bool = Tru
                    clip_sigma: float = 3.0, levels=((12, 30), (20, 60), (30, 110), (40, 160)),
                    max_verify: int = 200, max_triangle_side: float = np.inf,
                    max_candidates: int = 3000, ref_index: TriangleIndex | None = None,
-                   ref_radius: float = np.inf, cache: dict | None = None) -> MatchResult:
+                   ref_radius: float = np.inf, cache: dict | None = None,
+                   n_searches: int = 1) -> MatchResult:
     """Find the similarity that maps ``src`` onto ``ref`` (both sorted brightest first).
 
     Parameters
@@ -540,6 +546,9 @@ def find_transform(src, ref, *, scale_range=(0.95, 1.05), allow_flip: bool = Tru
     cache : dict, optional
         Triangle-pair look-ups kept between calls with the same ``src`` and
         ``ref_index`` (an empty dict to start).
+    n_searches : int
+        How many pattern searches the caller may make on this frame (this call being
+        one of them): the false-alarm probability is multiplied by it (Bonferroni).
 
     Returns
     -------
@@ -609,7 +618,7 @@ def find_transform(src, ref, *, scale_range=(0.95, 1.05), allow_flip: bool = Tru
             ):
                 continue
             _significance(res, src, ref, ref_tree, scale_range, allow_flip, max_offset,
-                          n_verify)
+                          n_verify, n_searches)
             # ranked by the expected count: it still orders matches whose false-alarm
             # probabilities are all ~1
             if best is None or (res.meta["log10_expected_false_matches"]

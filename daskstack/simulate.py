@@ -5,7 +5,8 @@ frames. Each frame has a *true* WCS (`true_frame_wcs`, TAN or TAN-SIP) that
 places every star exactly, and an LCO-style header (`lco_header`) whose WCS is
 wrong the way a telescope's nominal WCS is wrong (pointing error, rotation
 error, optionally a scale error and a 180-degree rotation). Pixels come from
-`render_frame` (Moffat stars on small stamps, sky with a gradient, noise,
+`render_frame` (Moffat stars on small stamps, round or asymmetric - comatic,
+trailed - with the photocentre at the catalog position, sky with a gradient, noise,
 saturation, cosmic rays, bad columns, an optional satellite trail) and are
 written by `write_lco_frame` as fpack-compressed multi-extension FITS that
 `daskstack.frames.read_frame` reads like a real LCO ``e91`` product.
@@ -52,6 +53,7 @@ from .frames import quiet_astropy
 
 __all__ = [
     "DEFAULT_EXPTIME",
+    "PSF_SHAPES",
     "SKY_MAG",
     "ZEROPOINTS",
     "SimulatedField",
@@ -60,6 +62,7 @@ __all__ = [
     "make_catalog",
     "nominal_wcs",
     "propagate",
+    "psf_components",
     "random_sip",
     "render_frame",
     "simulate_field",
@@ -519,6 +522,52 @@ def _add_stars(image, x, y, flux, fwhm_px, beta, radii, *, chunk_pixels=4_000_00
                 np.add.at(flat, flat_index[ok], prof[ok])
 
 
+# Point-spread functions: sums of Moffat components ``(weight, along, across, width)``,
+# offsets ``along``/``across`` and ``width`` in units of the frame FWHM, ``along`` in the
+# direction ``psf_angle_deg`` (from +x towards +y). Every star's profile is placed so that
+# its flux-weighted first moment, its photocentre, sits at the catalog position (as a
+# catalog such as Gaia measures photocentres); a symmetric model fitted to an asymmetric
+# profile then sits off the truth, as on the LCO 0.4 m frames of PDS 110, where DAOStarFinder
+# and centroid_2dg sit ~0.5-0.7 px from the photocentres (shared/data/lco-pds110/README.md);
+# at FWHM 2.8 px centroid_2dg sits ~0.33 (asymmetric), ~0.53 (comatic), ~0.37 px (trailed) off.
+PSF_SHAPES = {
+    "moffat": ((1.0, 0.0, 0.0, 1.0),),
+    # a core with a shoulder on one side (astigmatism + collimation of a small telescope)
+    "asymmetric": ((0.6, 0.0, 0.0, 0.85), (0.4, 0.85, 0.0, 1.1)),
+    # coma: a core and a fan that widens away from it
+    "comatic": ((0.58, 0.0, 0.0, 0.9), (0.27, 0.55, 0.0, 1.25), (0.15, 1.2, 0.0, 1.8)),
+    # a tracking jump: most of the exposure at the start, then a drift along ``along``
+    "trailed": ((0.34, 0.0, 0.0, 0.8), (0.22, 0.6, 0.0, 0.8), (0.17, 1.2, 0.0, 0.8),
+                (0.15, 1.8, 0.0, 0.8), (0.12, 2.4, 0.0, 0.8)),
+}
+# Direction of the asymmetry in the PDS 110 frames: symmetric-fit centre minus photocentre
+# ~(-0.4, +0.6) px, i.e. the light extends towards (+0.4, -0.6).
+DEFAULT_PSF_ANGLE_DEG = -56.0
+
+
+def psf_components(psf, fwhm_px: float, angle_deg: float = DEFAULT_PSF_ANGLE_DEG):
+    """Components of a PSF in pixels, about its photocentre: (weight, dx, dy, fwhm) arrays.
+
+    ``psf`` is a name of `PSF_SHAPES` or a sequence of ``(weight, along, across, width)``.
+    The weights are normalised to 1 and the offsets shifted so that the flux-weighted mean
+    of the component centres (the profile's first moment: each Moffat is symmetric) is 0.
+    """
+    if isinstance(psf, str):
+        if psf not in PSF_SHAPES:
+            raise ValueError(f"psf = {psf!r}: not one of {', '.join(sorted(PSF_SHAPES))}")
+        psf = PSF_SHAPES[psf]
+    comp = np.asarray(psf, float).reshape(-1, 4)
+    if not (comp[:, 0] > 0).all() or not (comp[:, 3] > 0).all():
+        raise ValueError("psf components need positive weights and widths")
+    w = comp[:, 0] / comp[:, 0].sum()
+    c, s = math.cos(math.radians(angle_deg)), math.sin(math.radians(angle_deg))
+    dx = (comp[:, 1] * c - comp[:, 2] * s) * fwhm_px
+    dy = (comp[:, 1] * s + comp[:, 2] * c) * fwhm_px
+    dx -= np.sum(w * dx)
+    dy -= np.sum(w * dy)
+    return w, dx, dy, comp[:, 3] * fwhm_px
+
+
 def _cosmic_rays(n, shape, rng):
     """Sharp cosmic-ray hits: short tracks of 1-8 pixels, hundreds to thousands of e-."""
     ny, nx = shape
@@ -604,6 +653,8 @@ def render_frame(
     epoch=None,
     fwhm_px: float = 3.0,
     moffat_beta: float = 2.5,
+    psf="moffat",
+    psf_angle_deg: float = DEFAULT_PSF_ANGLE_DEG,
     sky: float = 150.0,
     sky_gradient=0.0,
     gain: float = 1.0,
@@ -627,7 +678,10 @@ def render_frame(
     Stars: the catalog propagated to ``epoch`` (decimal year, ISO date or Time;
     None = the catalog positions), placed at ``wcs.all_world2pix`` (0-based),
     with ``exptime * transparency * 10**(-0.4 (mag - zeropoint))`` electrons in
-    a Moffat profile (``fwhm_px``, ``moffat_beta``). Sky: ``sky`` ADU/pixel
+    a Moffat profile (``fwhm_px``, ``moffat_beta``), or the sum of Moffat components of
+    ``psf`` (a name of `PSF_SHAPES`: "moffat", "asymmetric", "comatic", "trailed", or
+    components as for `psf_components`, oriented by ``psf_angle_deg``) whose photocentre
+    (first moment) is the star's position. Sky: ``sky`` ADU/pixel
     times ``1 + gx (x/nx - 1/2) + gy (y/ny - 1/2)`` with ``sky_gradient`` =
     (gx, gy) or a float gx. Noise (if ``noise``): Poisson + read noise; then
     cosmic rays (not in the BPM), hot pixels and ``bad_columns`` (garbage
@@ -668,16 +722,23 @@ def render_frame(
     flux_e = float(exptime) * float(transparency) * 10.0 ** (-0.4 * (mag - float(zeropoint)))
     good = np.isfinite(flux_e) & np.isfinite(x) & np.isfinite(y)
     x, y, index, mag, flux_e = x[good], y[good], index[good], mag[good], flux_e[good]
+    weights, cdx, cdy, widths = psf_components(psf, fwhm_px, psf_angle_deg)
+    reach = float(np.max(np.hypot(cdx, cdy)))
     radii = _stamp_radii(flux_e, fwhm_px, moffat_beta, noise_e, trunc_sigma=trunc_sigma,
                          r_min=r_min, r_max=max_r)
     # keep stars whose stamp touches the frame
-    touch = ((x + radii > -0.5) & (x - radii < nx - 0.5) & (y + radii > -0.5)
-             & (y - radii < ny - 0.5))
-    x, y, index, mag, flux_e, radii = (v[touch] for v in (x, y, index, mag, flux_e, radii))
-    if len(x):
-        _add_stars(image, x, y, flux_e, fwhm_px, moffat_beta, radii)
-    alpha = _moffat_alpha(fwhm_px, moffat_beta)
-    peak_e = flux_e * (moffat_beta - 1.0) / (math.pi * alpha**2) + sky_e
+    touch = ((x + radii + reach > -0.5) & (x - radii - reach < nx - 0.5)
+             & (y + radii + reach > -0.5) & (y - radii - reach < ny - 0.5))
+    x, y, index, mag, flux_e = (v[touch] for v in (x, y, index, mag, flux_e))
+    peak_e = np.full(len(x), sky_e)
+    for w, ox, oy, width in zip(weights, cdx, cdy, widths, strict=True):
+        part = flux_e * w
+        radii = _stamp_radii(part, width, moffat_beta, noise_e, trunc_sigma=trunc_sigma,
+                             r_min=max(3, int(math.ceil(3.0 * width))), r_max=max_r)
+        if len(x):
+            _add_stars(image, x + ox, y + oy, part, width, moffat_beta, radii)
+        # the components' peaks added: exact for one component, an upper bound otherwise
+        peak_e += part * (moffat_beta - 1.0) / (math.pi * _moffat_alpha(width, moffat_beta)**2)
 
     # noise
     if noise:
@@ -977,6 +1038,8 @@ def simulate_field(
     satellite_trail_frame=None,
     fwhm_range=(2.5, 4.0),
     moffat_beta: float = 2.5,
+    psf="moffat",
+    psf_angle_deg: float = DEFAULT_PSF_ANGLE_DEG,
     exptime=None,
     zeropoint=None,
     sky=None,
@@ -1004,7 +1067,8 @@ def simulate_field(
     ``dither_arcsec`` (uniform in each axis) around ``center`` (its requested
     pointing, = the header RA/DEC), is truly centred ``pointing_error_arcmin``
     away in a random direction, and gets its own FWHM (uniform in
-    ``fwhm_range``, px), transparency, sky (from the filter's sky brightness,
+    ``fwhm_range``, px; the profile ``psf``, see `render_frame`: the catalog
+    positions are the stars' photocentres), transparency, sky (from the filter's sky brightness,
     times 0.8-1.3, unless ``sky`` (ADU) is given), sky gradient direction and
     time (from ``epoch_year``: a decimal year or an ISO date, every
     ``cadence_s``, default exptime + 30 s). ``exptime``, ``zeropoint`` and
@@ -1115,7 +1179,8 @@ def simulate_field(
             "catalog": catalog, "wcs_args": wcs_args, "shape": shape, "rng_seed": frame_seed,
             "path": path, "truth_path": truth_path, "header": header,
             "date_obs": header["DATE-OBS"],
-            "render": dict(epoch=epoch, fwhm_px=fwhm, moffat_beta=moffat_beta, sky=sky_adu,
+            "render": dict(epoch=epoch, fwhm_px=fwhm, moffat_beta=moffat_beta, psf=psf,
+                           psf_angle_deg=psf_angle_deg, sky=sky_adu,
                            sky_gradient=gradient, gain=gain, rdnoise=rdnoise, saturate=saturate,
                            exptime=texp, zeropoint=zp, transparency=transp,
                            n_cosmic_rays=n_cr, bad_columns=detector_columns,
@@ -1124,7 +1189,8 @@ def simulate_field(
         })
         rows.append({
             "name": name, "filter": filt, "exptime": texp, "fwhm_px": fwhm,
-            "moffat_beta": moffat_beta, "sky": sky_adu, "sky_gradient_x": gradient[0],
+            "moffat_beta": moffat_beta, "psf": psf if isinstance(psf, str) else "custom",
+            "sky": sky_adu, "sky_gradient_x": gradient[0],
             "sky_gradient_y": gradient[1], "transparency": transp, "zeropoint": zp,
             "gain": gain, "rdnoise": rdnoise, "saturate": saturate,
             "mjd": float(time.mjd), "date_obs": header["DATE-OBS"], "epoch": epoch,

@@ -11,7 +11,7 @@ from astropy.coordinates import SkyCoord
 from astropy.io import fits
 from astropy.table import Table
 from astropy.wcs import WCS
-from photutils.centroids import centroid_com
+from photutils.centroids import centroid_2dg, centroid_com
 
 from daskstack import simulate as sim
 from daskstack.frames import quiet_astropy, read_frame, read_meta
@@ -308,3 +308,31 @@ def test_sky_gradient():
     bottom, top = np.median(data[:16, :]), np.median(data[-16:, :])
     assert right - left == pytest.approx(0.2 * 300 * 240 / 255, abs=3.0)
     assert top - bottom == pytest.approx(-0.1 * 300 * 240 / 255, abs=3.0)
+
+
+@pytest.mark.parametrize("psf", ["asymmetric", "comatic", "trailed"])
+def test_asymmetric_psfs_have_their_photocentre_at_the_catalog_position(psf):
+    """Noise-free stars: the first moment of the whole profile is the catalog position,
+    while a symmetric Gaussian fit sits away from it (the profile really is lopsided)."""
+    wcs = sim.true_frame_wcs(CENTER, SHAPE, 0.389, rotation_deg=10.0)
+    xs, ys = np.meshgrid([60.3, 128.0, 195.6], [60.7, 128.2, 195.1])
+    ra, dec = wcs.all_pix2world(xs.ravel(), ys.ravel(), 0)
+    data, _, info = sim.render_frame(_catalog(ra, dec, 13.0), wcs, SHAPE, epoch=2016.0,
+                                     fwhm_px=3.0, psf=psf, sky=150.0, exptime=30.0,
+                                     zeropoint=23.5, noise=False, rng=0)
+    for x, y in zip(info["x"], info["y"], strict=True):
+        cx, cy, _ = _measure(data, x, y, 150.0, radius=25)
+        assert np.hypot(cx - x, cy - y) < 0.02
+        ix, iy = int(round(x)), int(round(y))
+        gx, gy = centroid_2dg(data[iy - 5:iy + 6, ix - 5:ix + 6] - 150.0)
+        assert np.hypot(gx - 5 + ix - x, gy - 5 + iy - y) > 0.25
+
+
+def test_psf_components_are_centred_and_named_shapes_only():
+    w, dx, dy, width = sim.psf_components("comatic", 3.0, angle_deg=30.0)
+    assert w.sum() == pytest.approx(1.0)
+    assert np.sum(w * dx) == pytest.approx(0.0, abs=1e-12)
+    assert np.sum(w * dy) == pytest.approx(0.0, abs=1e-12)
+    assert np.all(width > 0)
+    with pytest.raises(ValueError, match="not one of"):
+        sim.psf_components("doughnut", 3.0)

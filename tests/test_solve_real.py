@@ -20,6 +20,8 @@ from daskstack.validate import wcs_separation_arcsec
 SOLVED = [f"ogg0m404-kb82-20170815-{n}-e91" for n in range(1156, 1165)]
 UBAND = [f"ogg0m404-kb82-20170815-{n}-e91" for n in (1153, 1154, 1155)]
 SHAPE = (1020, 1523)
+WORST_ARCSEC = 0.40
+MEDIAN_ARCSEC = 0.20
 WCS_PREFIXES = ("CD1_", "CD2_", "CRPIX", "CRVAL", "CTYPE", "PC1_", "PC2_", "CDELT", "CUNIT")
 
 
@@ -98,8 +100,11 @@ def test_solved_frames_agree_with_lco(start, request, lco_dir):
         assert status[name] == "ok", (name, qa)
         errors[name] = wcs_separation_arcsec(out / f"{name}.wcs", truth_wcs(lco_dir, name),
                                              SHAPE)
-    assert max(errors.values()) <= 0.5, errors
-    assert np.median(list(errors.values())) <= 0.3, errors
+    # measured by `python -m benchmarks astrometry-real` (benchmarks/results/
+    # astrometry-real-20261130.json): worst 0.362", median 0.167" from either start;
+    # asserted with a margin of 0.04" (worst) and 0.03" (median)
+    assert max(errors.values()) <= WORST_ARCSEC, errors
+    assert np.median(list(errors.values())) <= MEDIAN_ARCSEC, errors
 
 
 @pytest.mark.parametrize("start", ["from_nominal", "from_moved"])
