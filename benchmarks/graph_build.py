@@ -96,13 +96,13 @@ def build_combine(store_path: Path, grid, metas, settings) -> dict:
 
     from daskstack import combine
     from daskstack import store as store_mod
-    from daskstack.pipeline import _combine_tile
+    from daskstack.combine import _combine_tile
 
     filters: dict[str, list[str]] = {}
     for m in metas:
         filters.setdefault(m.filter, []).append(m.name)
-    frames = {m.name: {"exptime": m.exptime, "background": 100.0, "flux_ratio": 1.0,
-                       "gain": m.gain, "rdnoise": m.rdnoise} for m in metas}
+    frames = {m.name: store_mod.FrameInfo(exptime=m.exptime, background=100.0, flux_ratio=1.0,
+                                          gain=m.gain, rdnoise=m.rdnoise) for m in metas}
     start = time.perf_counter()
     stack = store_mod.create_store(store_path, grid, frames, filters,
                                    tile=settings.register.tile)  # metadata only: no chunks
@@ -111,7 +111,7 @@ def build_combine(store_path: Path, grid, metas, settings) -> dict:
     start = time.perf_counter()
     graphs, blocks = [], {}
     for filter_name, names in stack.filters.items():
-        # as pipeline.combine_store: each task reads a whole (frames, block, block) slab
+        # as pipeline._combine_store: each task reads a whole (frames, block, block) slab
         data_arr, foot_arr = stack.arrays(filter_name)
         block = _combine_tile(stack.tile, len(names), stack.grid.shape)
         blocks[filter_name] = block
@@ -197,7 +197,7 @@ def main(argv=None) -> int:
         # grid: the client-side reduction over the solved frames
         records = []
         for m in metas:
-            rec = FrameRecord(file=m.path, name=m.name, meta=m, status="ok")
+            rec = FrameRecord(file=m.path, name=m.name, meta=m)
             rec.result = SolveResult(name=m.name, path=m.path, filter=m.filter, status="ok",
                                      wcs_header=m.wcs_header)
             records.append(rec)

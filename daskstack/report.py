@@ -39,7 +39,7 @@ from astropy.table import Table
 from ._io import atomic_path, atomic_write_text
 from .fields import separation_deg
 from .match import nn_match
-from .rundir import read_manifest
+from .rundir import read_manifest, run_settings
 from .stats import clip_residuals
 
 __all__ = [
@@ -782,21 +782,6 @@ def summary_plots(table: Table, png, outliers: dict[str, list[str]] | None = Non
     fig.tight_layout(rect=(0, 0, 1, 0.96))
     _save(fig, Path(png))
     return {"image": Path(png).name, "outliers": sorted(outliers)}
-
-
-def run_settings(run_dir):
-    """The Settings a run was made with (from ``run.json``); defaults if absent."""
-    from .config import Settings
-
-    run_file = Path(run_dir) / "run.json"
-    try:
-        values = json.loads(run_file.read_text())
-    except (OSError, ValueError):
-        return Settings()
-    settings = Settings.from_dict(values.get("settings", {}))
-    if values.get("catalog"):
-        settings.catalog.source = str(values["catalog"])
-    return settings
 
 
 def run_figure_jobs(run_dir, reference: str = "") -> list[tuple]:

@@ -271,9 +271,9 @@ def test_ctrl_c_ends_with_one_line(small_field, tmp_path):
 
 
 def test_repeated_reasons_are_said_once(small_field, tmp_path):
-    records = [FrameRecord(file=f"/x/f{i}.fits", name=f"f{i}", status="failed",
-                           reason="catalog unreachable") for i in range(5)]
-    records.append(FrameRecord(file="/x/g.fits", name="g", status="failed", reason="blank"))
+    records = [FrameRecord(file=f"/x/f{i}.fits", name=f"f{i}", refusal="catalog unreachable")
+               for i in range(5)]
+    records.append(FrameRecord(file="/x/g.fits", name="g", refusal="blank"))
     assert cli._failure_lines(records) == [
         "  FAILED 5 frames (f0.fits, f1.fits, f2.fits, ...): catalog unreachable",
         "  FAILED g.fits: blank"]

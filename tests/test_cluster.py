@@ -97,7 +97,7 @@ def test_jobqueue_job_script_carries_the_settings(tmp_path):
                                         "#SBATCH -t 02:30:00", "#SBATCH --constraint=haswell"]),
                              ("pbs", ["#PBS -q short", "#PBS -A lco-proj",
                                       "walltime=02:30:00", "ncpus=4"])):
-        settings.cluster.jobqueue = system
+        settings = settings.replace("cluster", jobqueue=system)
         cluster = cluster_mod.jobqueue_cluster(settings.cluster, str(tmp_path))
         try:
             script = cluster.job_script()
@@ -157,7 +157,7 @@ def test_bad_option_in_config_file_rejected(tmp_path):
     # the command line overrides the file
     config.write_text('[cluster]\nwalltime = "forever"\n')
     settings = Settings.from_toml(config)
-    settings.update({"cluster.walltime": "00:10:00"})
+    settings = settings.update({"cluster.walltime": "00:10:00"})
     assert settings.validate().cluster.walltime == "00:10:00"
 
 
@@ -177,8 +177,7 @@ def test_workers_without_the_inputs_are_a_clear_error(tmp_path):
 
     here = tmp_path / "a.fits"
     here.write_bytes(b"")
-    records = [FrameRecord(file=str(here), name="a", status="failed",
-                           reason="file does not exist")]
+    records = [FrameRecord(file=str(here), name="a", refusal="file does not exist")]
     with pytest.raises(RunError, match="workers cannot see the input files"):
         _check_workers_see_inputs(records)
     records[0].file = str(tmp_path / "gone.fits")  # missing here too: a per-frame failure

@@ -25,6 +25,6 @@ def test_every_error_is_a_daskstack_error(error, builtin):
 
 def test_catching_the_base_catches_a_bad_option():
     settings = daskstack.Settings()
-    settings.combine.method = "average"
+    settings = settings.replace("combine", method="average")
     with pytest.raises(DaskstackError, match="combine.method = 'average' is not one of"):
         settings.validate()

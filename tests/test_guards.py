@@ -105,7 +105,7 @@ import pytest
 from daskstack.rundir import FrameRecord, write_manifest
 
 def _manifest(path, reason):
-    record = FrameRecord(file="a.fits", name="a", status="failed", reason=reason)
+    record = FrameRecord(file="a.fits", name="a", refusal=reason)
     write_manifest([record], path)
 
 def test_bad_frame_is_fine(tmp_path):

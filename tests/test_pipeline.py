@@ -170,9 +170,9 @@ def test_companion_exposures_rescue_a_thin_frame(tmp_path, monkeypatch):
     monkeypatch.setattr(pipeline, "solve_frame", picky_solve)
     with Client(processes=False, n_workers=1, threads_per_worker=2,
                 dashboard_address=":0") as client:
-        records = pipeline.inspect_frames(client, [str(p) for p in field.frames])
-        pipeline.solve_frames(client, records, str(field.catalog), tmp_path / "out",
-                              pipeline.Settings())
+        records = pipeline._inspect_frames(client, [str(p) for p in field.frames])
+        pipeline._solve_frames(client, records, tmp_path / "out",
+                               pipeline.Settings().replace("catalog", source=str(field.catalog)))
     by_name = {r.name: r for r in records}
     assert by_name[thin].status == "ok"
     companions = seen[False]

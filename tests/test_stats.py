@@ -63,10 +63,10 @@ def test_both_header_wcs_paths_measure_the_same_sky(tmp_path):
     path = str(field.frames[0])
     frame, meta = read_frame(path), read_meta(path)
     settings = Settings()
-    settings.solve.wcs = "header"
+    settings = settings.replace("solve", wcs="header")
     solved = solve_frame(frame, None, settings)
     grid = make_grid([(meta.shape, meta.header_wcs())], settings.grid, names=[meta.name])
-    store_mod.create_store(tmp_path / "store.zarr", grid, {meta.name: {}},
+    store_mod.create_store(tmp_path / "store.zarr", grid, {meta.name: store_mod.FrameInfo()},
                            {meta.filter: [meta.name]}, tile=settings.register.tile)
     _, _, registered = pipeline._register_task(meta, meta.wcs_header, grid,
                                                str(tmp_path / "store.zarr"), meta.filter, 0,
