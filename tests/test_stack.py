@@ -89,7 +89,10 @@ def tutorial_stack(stack_field, stack_store):
     frames = []
     for path in stack_field.frames:
         frame = read_frame(path)
-        data = np.where(frame.mask, np.nan, frame.data)
+        # pixels above MAXLIN (non-linear) have no known noise: daskstack gives them no
+        # weight, so the tutorial's frames leave them out too
+        data = np.where(frame.mask | (frame.data >= frame.meta.linear_limit), np.nan,
+                        frame.data)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             out, _ = reproject_interp((data, frame.meta.header_wcs()), grid.wcs,
