@@ -2,7 +2,7 @@
 """How big the Dask graph of a run is, and how long it takes to build and start, for
 1,000 frames of 4096x4096 -- from synthetic headers, with no pixels anywhere.
 
-Every phase is submitted the way `daskstack.pipeline` submits it (same task functions,
+Every phase is submitted the way `daskstack._pipeline` submits it (same task functions,
 same arguments) to a scheduler that has no workers, so nothing runs: we measure what
 the client builds and ships, not the work.
 
@@ -168,10 +168,10 @@ def main(argv=None) -> int:
 
     from distributed import Client, LocalCluster
 
-    from daskstack import pipeline
+    from daskstack import _pipeline as pipeline
+    from daskstack._pipeline import FrameRecord
     from daskstack.astrometry import SolveResult
     from daskstack.config import Settings
-    from daskstack.pipeline import FrameRecord
 
     settings = Settings().validate()
     report = {"frames": args.frames, "frame_shape": [args.size, args.size],

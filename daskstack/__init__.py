@@ -31,6 +31,15 @@ may change between versions:
   `SettingsError`.
 """
 
+from ._pipeline import (
+    RunResult,
+    combine_store_path,
+    make_report,
+    register_files,
+    run,
+    solve_files,
+)
+from ._rundir import FrameRecord
 from .astrometry import SolveResult, solve_frame, write_wcs_file
 from .catalogs import load_catalog, propagate_proper_motion, reference_catalog
 from .combine import combine_stack, frame_scales
@@ -39,16 +48,7 @@ from .detect import Detections, detect_sources
 from .errors import DaskstackError
 from .frames import Frame, FrameError, FrameMeta, read_frame, read_meta
 from .grid import Grid, make_grid
-from .pipeline import (
-    RunResult,
-    combine_store_path,
-    make_report,
-    register_files,
-    run,
-    solve_files,
-)
 from .register import register_frame
-from .rundir import FrameRecord
 from .store import FrameInfo, open_store
 
 __version__ = "0.1.0"

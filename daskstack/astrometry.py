@@ -31,12 +31,12 @@ from astropy.wcs import WCS, Sip
 from scipy.spatial import cKDTree
 
 from ._io import atomic_path
+from ._stats import clip_residuals, sky_level
 from .catalogs import propagate_proper_motion
 from .config import Settings
 from .detect import Detections, detect_sources
 from .frames import Frame, FrameError, quiet_astropy
 from .match import MatchError, TriangleIndex, find_transform, nn_match
-from .stats import clip_residuals, sky_level
 
 __all__ = [
     "SolveResult",
@@ -419,7 +419,7 @@ def solve_frame(frame: Frame, catalog: Table, settings: Settings | None = None,
         ``status='ok'`` with the WCS, or ``'failed'`` with a specific reason.
         With ``settings.solve.wcs == 'header'`` nothing is detected (unless
         ``detections`` are given): the header WCS is returned as is, with the sky level
-        and noise of `daskstack.stats.sky_level`; the QA that needs detections stays 0 / NaN.
+        and noise of `daskstack._stats.sky_level`; the QA that needs detections stays 0 / NaN.
     """
     settings = settings or Settings()
     ss = settings.solve

@@ -1,6 +1,6 @@
 """The ``daskstack`` command: thin; it parses options, builds Settings and calls the API.
 
-Exit codes, the same for every command (`daskstack.exitcodes`): 0 all done (every frame
+Exit codes, the same for every command (`daskstack._exitcodes`): 0 all done (every frame
 or archive record made it); 3 partial (something usable was written, some frames or
 records failed, each reported with its reason); 4 nothing usable was produced; 2 bad usage,
 options or inputs, or no batch job could start (nothing was computed); 130 interrupted
@@ -20,8 +20,7 @@ from pathlib import Path
 
 import click
 
-from .config import Settings, SettingsError, option_choices, option_default
-from .exitcodes import (
+from ._exitcodes import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
     EXIT_OK,
@@ -29,6 +28,7 @@ from .exitcodes import (
     EXIT_USAGE,
     outcome,
 )
+from .config import Settings, SettingsError, option_choices, option_default
 
 __all__ = ["STAGE_OPTIONS", "SettingsOption", "main", "stage_options"]
 
@@ -445,11 +445,11 @@ def run(frames, catalog, out_dir, overwrite, report, lco_frames, lco_query, lco_
     the same command resumes: frames already solved or registered are not computed
     again. One coadd per filter.
     """
+    from ._cluster import ClusterError
+    from ._pipeline import RunError
+    from ._pipeline import run as run_pipeline
+    from ._rundir import DifferentRunError
     from .archive import OUTCOMES_NAME
-    from .cluster import ClusterError
-    from .pipeline import RunError
-    from .pipeline import run as run_pipeline
-    from .rundir import DifferentRunError
 
     _setup_logging(verbose, quiet)
     settings = _settings(config_file, overrides)
@@ -587,9 +587,9 @@ def demo(out_dir, n_frames, size, filters, seed, overwrite, report, config_file,
     Prints frames solved, each frame's WCS error against the simulation's truth, and
     the coadd paths. Needs no network.
     """
-    from .pipeline import run as run_pipeline
+    from ._pipeline import run as run_pipeline
+    from ._validate import wcs_error_px
     from .simulate import simulate_field
-    from .validate import wcs_error_px
 
     _setup_logging(verbose, quiet)
     settings = _settings(config_file, overrides)
@@ -632,9 +632,9 @@ def solve(frames, catalog, out_dir, config_file, verbose, quiet, overrides):
     Writes OUT/<name>.wcs for every solved frame (as astrometry.net's solve-field)
     and OUT/solve.ecsv with one row of QA per frame; failed frames carry a reason.
     """
-    from .cluster import ClusterError
-    from .pipeline import RunError, solve_files
-    from .rundir import ERRORS_FILE, INTERNAL_ERROR
+    from ._cluster import ClusterError
+    from ._pipeline import RunError, solve_files
+    from ._rundir import ERRORS_FILE, INTERNAL_ERROR
 
     _setup_logging(verbose, quiet)
     settings = _settings(config_file, overrides)
@@ -668,9 +668,9 @@ def solve(frames, catalog, out_dir, config_file, verbose, quiet, overrides):
 @common_options
 def register(frames, out_dir, wcs_source, config_file, verbose, quiet, overrides):
     """Reproject FRAMES onto one grid, tile by tile, into OUT/store.zarr."""
-    from .cluster import ClusterError
-    from .pipeline import register_files
-    from .rundir import dedupe
+    from ._cluster import ClusterError
+    from ._pipeline import register_files
+    from ._rundir import dedupe
 
     _setup_logging(verbose, quiet)
     settings = _settings(config_file, overrides)
@@ -723,8 +723,8 @@ def combine(store_path, out_dir, overwrite, config_file, verbose, quiet, overrid
     A coadd made with other combine settings is never replaced without --overwrite;
     every file written is printed.
     """
-    from .cluster import ClusterError
-    from .pipeline import RunError, combine_store_path
+    from ._cluster import ClusterError
+    from ._pipeline import RunError, combine_store_path
 
     _setup_logging(verbose, quiet)
     settings = _settings(config_file, overrides)
@@ -760,9 +760,9 @@ def report_command(run_dir, frames, verbose, quiet, overrides):
     (with the sources detected again and matched through the solved WCS). The page is
     static: open it from the file system, no server or network needed.
     """
-    from .cluster import ClusterError
-    from .pipeline import RunError, make_report
-    from .rundir import run_settings
+    from ._cluster import ClusterError
+    from ._pipeline import RunError, make_report
+    from ._rundir import run_settings
 
     _setup_logging(verbose, quiet)
     run_path = _store_and_run_dir(run_dir)[1]

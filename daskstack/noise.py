@@ -120,7 +120,7 @@ def frame_noise_model(frame, *, gain: float = 0.0, rdnoise: float = -1.0
     Returns ``(variance, record)``; ``record`` says where the numbers came from
     (``source``: 'ERR' or 'model'; ``gain``, ``rdnoise``, ``rdnoise_source``)."""
     from .combine import electrons_per_unit
-    from .stats import sky_level
+    from ._stats import sky_level
 
     meta = frame.meta
     mask = frame.mask

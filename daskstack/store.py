@@ -216,7 +216,7 @@ def coadd_key(filter_name: str, method: str = "") -> str:
     return filter_key(filter_name) + (f"_{method}" if method else "")
 
 
-# the planes of a coadd (names as its FITS extensions, `daskstack.write`) -> fill value
+# the planes of a coadd (names as its FITS extensions, `daskstack._write`) -> fill value
 COADD_PLANES = {"image": np.nan, "ERR": np.nan, "WEIGHT": 0.0, "NFRAMES": 0.0,
                 "EXPMAP": 0.0}
 

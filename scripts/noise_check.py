@@ -17,7 +17,7 @@ from daskstack.frames import read_frame
 from daskstack.grid import Grid
 from daskstack.noise import frame_noise_model
 from daskstack.register import noise_correlation, register_frame
-from daskstack.stats import sky_level
+from daskstack._stats import sky_level
 from tests import test_noise as harness
 
 

@@ -26,9 +26,9 @@ import pytest
 from astropy.io import fits
 from astropy.table import Table
 
+from daskstack._pipeline import EXIT_OK, run
+from daskstack._rundir import OUTPUTS_FILE, TEMPORARY, read_outputs, sha256
 from daskstack.config import Settings
-from daskstack.pipeline import EXIT_OK, run
-from daskstack.rundir import OUTPUTS_FILE, TEMPORARY, read_outputs, sha256
 
 N_FRAMES = 3
 TILE = 128

@@ -3,7 +3,9 @@
 import pytest
 
 import daskstack
-from daskstack import archive, catalogs, cluster, config, frames, grid, match, rundir, store
+from daskstack import _cluster as cluster
+from daskstack import _rundir as rundir
+from daskstack import archive, catalogs, config, frames, grid, match, store
 from daskstack.errors import DaskstackError
 
 

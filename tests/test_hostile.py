@@ -20,11 +20,12 @@ from astropy.coordinates import SkyCoord
 from astropy.io import fits
 from astropy.table import Table, vstack
 
+from daskstack import _pipeline as pipeline
+from daskstack import _rundir as rundir
 from daskstack import catalogs as catalogs_mod
-from daskstack import pipeline, rundir
+from daskstack._pipeline import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL, RunError, run
 from daskstack.config import Settings
 from daskstack.frames import frame_name, read_meta
-from daskstack.pipeline import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL, RunError, run
 from daskstack.simulate import (
     lco_header,
     make_catalog,

@@ -15,7 +15,7 @@ from daskstack.grid import Grid
 from daskstack.noise import frame_noise_model, frame_variance
 from daskstack.register import KERNELS, noise_correlation, register_frame
 from daskstack.simulate import make_catalog, render_frame, true_frame_wcs
-from daskstack.stats import sky_level
+from daskstack._stats import sky_level
 
 from .helpers import tan_wcs
 
@@ -340,7 +340,7 @@ def test_real_frame_err_matches_its_sky_scatter(number):
 
 
 def test_report_noise_check_compares_measured_and_predicted():
-    from daskstack.report import noise_check
+    from daskstack._report import noise_check
 
     rng = np.random.default_rng(8)
     err = np.where(np.arange(300)[None, :] < 150, 2.0, 6.0) * np.ones((300, 1))

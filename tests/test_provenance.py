@@ -18,13 +18,13 @@ from click.testing import CliRunner
 
 import daskstack
 from daskstack import combine
+from daskstack._rundir import FrameRecord, OutputLog, dedupe_exposures
+from daskstack._write import coadd_header
 from daskstack.cli import main
 from daskstack.config import CombineSettings
 from daskstack.frames import read_meta
 from daskstack.grid import Grid
-from daskstack.rundir import FrameRecord, OutputLog, dedupe_exposures
 from daskstack.store import FrameInfo
-from daskstack.write import coadd_header
 
 from .helpers import tan_wcs
 
@@ -47,7 +47,7 @@ def adu_field(tmp_path_factory):
 @pytest.fixture(scope="module")
 def adu_run(adu_field, dask_client, tmp_path_factory):
     """The pipeline on the three frames plus a copy of the first under another name."""
-    from daskstack.pipeline import run
+    from daskstack._pipeline import run
 
     inputs = tmp_path_factory.mktemp("copies")
     copy = inputs / "renamed-copy.fits.fz"

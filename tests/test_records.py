@@ -7,10 +7,10 @@ import numpy as np
 import zarr
 
 from daskstack import store as store_mod
+from daskstack._rundir import FrameRecord, failure
 from daskstack.astrometry import SolveResult
 from daskstack.frames import FrameMeta
 from daskstack.grid import Grid
-from daskstack.rundir import FrameRecord, failure
 
 from .helpers import tan_wcs
 

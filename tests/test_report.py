@@ -15,8 +15,8 @@ import pytest
 from astropy.io import fits
 from astropy.table import Table
 
-from daskstack import report
-from daskstack.pipeline import make_report, run
+from daskstack import _report as report
+from daskstack._pipeline import make_report, run
 
 
 # --------------------------------------------------------------------------------------

@@ -7,9 +7,9 @@ import pytest
 from astropy.io import fits
 
 from daskstack import store as store_mod
+from daskstack._pipeline import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL, run
+from daskstack._rundir import wcs_from_text
 from daskstack.config import Settings
-from daskstack.pipeline import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL, run
-from daskstack.rundir import wcs_from_text
 
 
 @pytest.fixture(scope="module")

@@ -37,7 +37,7 @@ def test_settings_are_immutable_and_changes_make_new_objects():
 def test_run_leaves_the_callers_settings_unchanged(sim_field, dask_client, tmp_path):
     """The catalog travels as run()'s argument only: run() derives its own Settings (the
     catalog, 'auto' settled), records them in run.json and changes nothing of the caller's."""
-    from daskstack.pipeline import run
+    from daskstack._pipeline import run
 
     settings = Settings().replace("combine", method="mean")
     before = json.dumps(settings.to_dict(), sort_keys=True)

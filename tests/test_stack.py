@@ -18,9 +18,9 @@ from ccdproc import Combiner
 from reproject import reproject_interp
 
 from daskstack import combine as combine_mod
+from daskstack._pipeline import combine_store_path, register_files
 from daskstack.config import Settings
 from daskstack.frames import read_frame
-from daskstack.pipeline import combine_store_path, register_files
 from daskstack.simulate import simulate_field
 from daskstack.store import open_store
 
@@ -288,6 +288,6 @@ def test_difference_images_bring_out_what_changed(stack_field, stack_store, dask
     assert max(v for k, v in bright.items() if k != trail) < bright[trail] / 3
     header = fits.getheader(out / "difference" / f"{trail}.fits")
     assert header["FRAME"] == trail and "CRVAL1" in header
-    from daskstack.rundir import read_outputs
+    from daskstack._rundir import read_outputs
 
     assert f"difference/{trail}.fits" in read_outputs(out)

@@ -4,15 +4,15 @@ import numpy as np
 import pytest
 from astropy.coordinates import SkyCoord
 
-from daskstack import pipeline
+from daskstack import _pipeline as pipeline
 from daskstack import store as store_mod
+from daskstack._fields import separation_deg
+from daskstack._stats import clip_residuals, mad_sigma, residual_sigma, sky_level
 from daskstack.astrometry import solve_frame
 from daskstack.config import Settings
-from daskstack.fields import separation_deg
 from daskstack.frames import read_frame, read_meta
 from daskstack.grid import make_grid
 from daskstack.simulate import simulate_field
-from daskstack.stats import clip_residuals, mad_sigma, residual_sigma, sky_level
 
 
 def test_mad_sigma_and_sky_level_on_gaussian_sky_with_stars():

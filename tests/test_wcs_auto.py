@@ -9,11 +9,11 @@ import pytest
 from astropy.io import fits
 from click.testing import CliRunner
 
+from daskstack._pipeline import EXIT_OK, EXIT_PARTIAL, reference_frame, run
+from daskstack._rundir import FrameRecord
 from daskstack.astrometry import SolveResult
 from daskstack.config import Settings
 from daskstack.frames import FrameMeta, read_meta, unusable_reason
-from daskstack.pipeline import EXIT_OK, EXIT_PARTIAL, reference_frame, run
-from daskstack.rundir import FrameRecord
 
 U_BAND = [f"ogg0m404-kb82-20170815-{n}-e91" for n in (1153, 1154, 1155)]  # WCSERR = 4
 

@@ -23,7 +23,7 @@ wrap it.
 Tasks carry paths and small records, never pixel arrays: workers open the files
 themselves, so the graph grows with the number of frames, not with their size.
 Results come back as they complete and are recorded in the run directory
-(`daskstack.rundir`) as they do, so an interrupted run resumes where it stopped:
+(`daskstack._rundir`) as they do, so an interrupted run resumes where it stopped:
 frames already solved or registered (same grid) are not computed again.
 """
 
@@ -42,16 +42,9 @@ from astropy.table import Table
 
 from . import catalogs, combine
 from . import store as store_mod
-from .astrometry import SolveResult, solve_frame, write_wcs_file
-from .combine import COMBINE_METHODS, _combine_tile, _or_nan, _scales
-from .config import Settings
-from .exitcodes import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL, outcome
-from .fields import _companion_groups, _field_catalog, _field_radius_deg, _fields
-from .frames import FrameError, FrameMeta, frame_name, read_frame, read_meta, unusable_reason
-from .grid import Grid, make_grid
-from .noise import frame_noise_model
-from .register import register_frame
-from .rundir import (
+from ._exitcodes import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL, outcome
+from ._fields import _companion_groups, _field_catalog, _field_radius_deg, _fields
+from ._rundir import (
     ERRORS_FILE,
     INTERNAL_ERROR,
     ErrorLog,
@@ -74,8 +67,15 @@ from .rundir import (
     wcs_from_text,
     write_manifest,
 )
-from .stats import sky_level
-from .write import coadd_header, coadd_planes, write_coadd_fits, write_difference
+from ._stats import sky_level
+from ._write import coadd_header, coadd_planes, write_coadd_fits, write_difference
+from .astrometry import SolveResult, solve_frame, write_wcs_file
+from .combine import COMBINE_METHODS, _combine_tile, _or_nan, _scales
+from .config import Settings
+from .frames import FrameError, FrameMeta, frame_name, read_frame, read_meta, unusable_reason
+from .grid import Grid, make_grid
+from .noise import frame_noise_model
+from .register import register_frame
 
 __all__ = [
     "EXIT_FAILED",
@@ -665,7 +665,7 @@ def _combine_store(client, store_path: Path, out_dir: Path, settings: Settings,
                                scales, key, out_dir, wrote)
         progress("combine", done, len(filters))
     if len(outputs) >= 3:  # colourise, as the tutorial does with its bands
-        from .report import colour_composite
+        from ._report import colour_composite
 
         colour = colour_composite({f: str(p) for f, p in outputs.items()},
                                   out_dir / "colour.png")
@@ -724,7 +724,7 @@ def run(inputs, catalog: str, out_dir, settings: Settings | None = None, *, clie
         Before any cluster starts or file is written (`check_before_work`, then the run
         directory: a `DifferentRunError` says what differs), or when the run cannot go on.
     """
-    from .cluster import open_client
+    from ._cluster import open_client
 
     settings = _for_catalog(settings or Settings(), catalog).validate()
     progress = progress or _progress_none
@@ -875,7 +875,7 @@ def _check_workers_see_inputs(records: list[FrameRecord]) -> None:
 # One stage at a time (the `solve`, `register` and `combine` commands)
 # --------------------------------------------------------------------------------------
 def _with_client(settings: Settings, out_dir: Path, client, func, progress=None):
-    from .cluster import open_client
+    from ._cluster import open_client
 
     if client is not None:
         return func(client)
@@ -980,7 +980,7 @@ def combine_store_path(store_path, out_dir, settings: Settings | None = None, *,
 
 
 # --------------------------------------------------------------------------------------
-# The report: pictures as tasks, the page on the client (daskstack.report draws)
+# The report: pictures as tasks, the page on the client (daskstack._report draws)
 # --------------------------------------------------------------------------------------
 def make_report(run_dir, settings: Settings | None = None, *, client=None,
                 frames: bool = True, progress: ProgressCallback | None = None) -> Path:
@@ -1002,7 +1002,7 @@ def make_report(run_dir, settings: Settings | None = None, *, client=None,
 
 def _make_report(client, run_dir, settings: Settings, *, frames: bool = True,
                  progress: ProgressCallback | None = None) -> Path:
-    from . import report as report_mod
+    from . import _report as report_mod
 
     run_dir = Path(run_dir).absolute()
     progress = progress or _progress_none

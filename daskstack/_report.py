@@ -16,7 +16,7 @@ What the learn.astropy tutorial checks by eye for two frames, drawn for every fr
 
 Everything here is a plain function of paths and small records. Figures are made with
 explicit ``Figure`` + ``FigureCanvasAgg`` objects, never pyplot's global state, so they
-are safe on Dask workers (threads or processes); `daskstack.pipeline.make_report` runs
+are safe on Dask workers (threads or processes); `daskstack._pipeline.make_report` runs
 them as tasks.
 """
 
@@ -36,11 +36,11 @@ import numpy as np
 from astropy.io import fits
 from astropy.table import Table
 
+from ._fields import separation_deg
 from ._io import atomic_path, atomic_write_text
-from .fields import separation_deg
+from ._rundir import read_manifest, run_settings
+from ._stats import clip_residuals
 from .match import nn_match
-from .rundir import read_manifest, run_settings
-from .stats import clip_residuals
 
 __all__ = [
     "FRAMES_DIR",
@@ -582,7 +582,7 @@ def noise_check(image, err, binning: int = 1):
     means of binning**2 pixels, whose ERR (the mean's) is ERR / binning if the pixels are
     independent (resampling correlates them a little: the ratio then rises towards
     sqrt(NOISECOR) at large binning)."""
-    from .stats import mad_sigma, sky_level
+    from ._stats import mad_sigma, sky_level
 
     err = err / binning
     level, scatter = sky_level(image, ~np.isfinite(err))
