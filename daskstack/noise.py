@@ -119,8 +119,8 @@ def frame_noise_model(frame, *, gain: float = 0.0, rdnoise: float = -1.0
 
     Returns ``(variance, record)``; ``record`` says where the numbers came from
     (``source``: 'ERR' or 'model'; ``gain``, ``rdnoise``, ``rdnoise_source``)."""
-    from .combine import electrons_per_unit
     from ._stats import sky_level
+    from .combine import electrons_per_unit
 
     meta = frame.meta
     mask = frame.mask

@@ -12,12 +12,12 @@ and the cost of registering a frame with its variance, per kernel.
 import numpy as np
 from photutils.aperture import CircularAperture, aperture_photometry
 
+from daskstack._stats import sky_level
 from daskstack.config import RegisterSettings
 from daskstack.frames import read_frame
 from daskstack.grid import Grid
 from daskstack.noise import frame_noise_model
 from daskstack.register import noise_correlation, register_frame
-from daskstack._stats import sky_level
 from tests import test_noise as harness
 
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
+from daskstack._stats import sky_level
 from daskstack.combine import combine_stack, median_variance_factor
 from daskstack.config import RegisterSettings
 from daskstack.frames import read_frame
@@ -15,7 +16,6 @@ from daskstack.grid import Grid
 from daskstack.noise import frame_noise_model, frame_variance
 from daskstack.register import KERNELS, noise_correlation, register_frame
 from daskstack.simulate import make_catalog, render_frame, true_frame_wcs
-from daskstack._stats import sky_level
 
 from .helpers import tan_wcs
 

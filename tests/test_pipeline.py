@@ -68,8 +68,8 @@ def test_run_layout_and_manifest(sim_run, sim_field):
 def test_coadd_carries_its_noise(sim_run, sim_field):
     """ERR, WEIGHT = 1/ERR**2, NFRAMES and EXPMAP beside the coadd; the ERR of the sky
     is its measured scatter; NOISECOR names the kernel's correlation."""
+    from daskstack._stats import sky_level
     from daskstack.register import noise_correlation
-    from daskstack.stats import sky_level
 
     with fits.open(sim_run.out_dir / "coadd_rp.fits") as hdul:
         image, err, weight = (hdul[n].data.astype(float) for n in (0, "ERR", "WEIGHT"))
