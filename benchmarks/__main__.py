@@ -1,7 +1,7 @@
 """Entry point: ``python -m benchmarks run --suite quick|standard|full``, ``python -m
 benchmarks report RESULTS.json`` and the astrometry evidence (``detect-sweep``,
-``astrometry-real``, ``false-alarms``, ``fast-path``; see `benchmarks.astrometry_evidence`),
-run from the repository root."""
+``astrometry-real``, ``false-alarms``, ``fast-path``; see `benchmarks.astrometry_evidence`) and
+``thin-frames`` (`benchmarks.thin_frames`), run from the repository root."""
 
 from __future__ import annotations
 
@@ -59,6 +59,8 @@ def main(argv=None) -> int:
         "false-alarms": "solve the real frames against scrambled, random and other-field "
                         "catalogs",
         "fast-path": "registration fast path against reproject_interp, 4096x4096 with SIP",
+        "thin-frames": "synthetic thin frames (4-8 stars among 50 cosmic rays and hot pixels) "
+                       "solved with the geometry of the night's solved exposures",
     }
     for name, text in evidence.items():
         cmd = sub.add_parser(name, help=text)
@@ -67,6 +69,11 @@ def main(argv=None) -> int:
                          help="the PDS 110 frames (default: ../shared/data/lco-pds110)")
         if name == "false-alarms":
             cmd.add_argument("--trials", type=int, default=68, help="trials per catalog kind")
+            cmd.add_argument("--workers", type=int, default=1, help="processes for the trials")
+        if name == "thin-frames":
+            cmd.add_argument("--nights", type=int, default=20, help="synthetic nights")
+            cmd.add_argument("--per-night", type=int, default=10,
+                             help="trials of each kind (thin, other-field, no-stars) per night")
             cmd.add_argument("--workers", type=int, default=1, help="processes for the trials")
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
@@ -86,6 +93,11 @@ def main(argv=None) -> int:
         elif args.command == "false-alarms":
             ev.false_alarms(real_dir, args.out, trials_per_kind=args.trials,
                             workers=args.workers)
+        elif args.command == "thin-frames":
+            from .thin_frames import thin_frames
+
+            thin_frames(args.out, nights=args.nights, per_night=args.per_night,
+                        workers=args.workers)
         else:
             ev.fast_path(args.out)
         return 0
