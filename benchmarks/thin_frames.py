@@ -73,12 +73,12 @@ def make_night(seed: int) -> dict:
                                   mag_range=(12.0, 19.0))
     rotation = float(rng.uniform(0, 360))
     flip = bool(rng.integers(2))
-    sip = simulate.random_sip(SHAPE, amplitude_px=1.5, rng=rng, order=3)
+    sip = simulate.random_sip(SHAPE, amplitude_px=1.5, rng=rng, order=2)
     pointing = rng.uniform(-60, 60, 2)  # the night's pointing error, arcsec (east, north)
-    # the solved exposures fit the camera's distortion (SIP order 3), as a user whose camera
+    # the solved exposures fit the camera's distortion (SIP order 2), as a user whose camera
     # has some would ask for
     settings = Settings()
-    settings = replace(settings, solve=replace(settings.solve, sip_order=3))
+    settings = replace(settings, solve=replace(settings.solve, sip_order=2))
     solved, dets, wcss = [], [], []
     for k in range(N_SOLVED):
         dither = rng.uniform(-5, 5, 2)

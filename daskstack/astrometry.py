@@ -802,8 +802,9 @@ def solve_constrained(frame: Frame, catalog: Table, prior: GeometryPrior,
 
     Scale, rotation and distortion come from ``prior`` (`geometry_prior`); only the
     shift, and a rotation within ``prior.rotation_range_deg``, are searched
-    (`daskstack.match.find_shift`): first within ``companion_max_shift_arcsec`` (plus
-    3x the pointing scatter) of where the night's pointing error puts the frame, then
+    (`daskstack.match.find_shift`): first within 10" + 3x the pointing scatter of the
+    night's exposures (at most, and with fewer than three exposures,
+    ``companion_max_shift_arcsec``) of where the night's pointing error puts the frame, then
     within ``search_radius_arcmin`` of the start; both searches count in the
     false-alarm probability, as do the two unconstrained attempts made before
     (``n_searches`` = 3 x 2). The references are the catalog stars and ``night``
@@ -850,9 +851,15 @@ def solve_constrained(frame: Frame, catalog: Table, prior: GeometryPrior,
     crval = (float(ra_c[0]), float(dec_c[0]))
     crpix0 = ((nx - 1) / 2.0, (ny - 1) / 2.0)
     fwhm = det.fwhm if np.isfinite(det.fwhm) else 3.0
+    # the geometry is known: the match radius need only cover the centroid scatter of
+    # faint stars and what the prior's geometry misses (a smaller radius is fewer chances)
     radius_px = (ss.match_radius_arcsec / scale if ss.match_radius_arcsec > 0
-                 else max(0.5 * fwhm, 1.0))
-    near_px = (ss.companion_max_shift_arcsec + 3.0 * prior.pointing_spread_arcsec) / scale
+                 else max(0.35 * fwhm, 1.0))
+    # the first search: where the night's pointing error puts the frame, as far as the
+    # exposures scatter about it (measured from three or more; else the dither allowed)
+    near_arcsec = (min(3.0 * prior.pointing_spread_arcsec + 10.0, ss.companion_max_shift_arcsec)
+                   if prior.n_exposures >= 3 else ss.companion_max_shift_arcsec)
+    near_px = near_arcsec / scale
     wide_px = (ss.search_radius_arcmin * 60.0 + float(np.hypot(*offset))) / scale
     searches = [near_px] + ([wide_px] if wide_px > near_px else [])
 
@@ -929,6 +936,10 @@ def solve_constrained(frame: Frame, catalog: Table, prior: GeometryPrior,
         si, rj, dist = nn_match(src, cKDTree(ref[ridx]), radius_px)
         if len(si) < 2:
             break
+        # a star hit by a cosmic ray, or a chance neighbour, must not pull the few others
+        keep = clip_residuals(dist, ss.clip_sigma, radius_px / 3.0)
+        if keep.sum() >= 2:
+            si, rj = si[keep], rj[keep]
         step = fit_shift_rotation(src[si], ref[ridx][rj], max_rot - abs(theta), weights[si])
         dtheta = math.atan2(step.matrix[1, 0], step.matrix[0, 0])
         # ref = R src + t about this CRVAL: move CRVAL to where t points, turn CD by dtheta
