@@ -8,7 +8,7 @@ Run as its own process pinned to one CPU with BLAS/OpenMP threads set to 1:
 
 Timing is ``solve_frame(read_frame(path), catalog, Settings())`` around
 ``solve_frame`` only (reading and decompressing are reported apart). Accuracy is
-``daskstack.validate.wcs_error_px(result.wcs, truth, shape)``: the RMS over a 16x16
+``daskstack._validate.wcs_error_px(result.wcs, truth, shape)``: the RMS over a 16x16
 grid of pixels of where the solved and the true WCS put the same sky position.
 """
 
@@ -28,10 +28,10 @@ warnings.simplefilter("ignore", AstropyWarning)
 
 
 def _solve(path, catalog, truth=None, header_truth=False):
+    from daskstack._validate import wcs_error_px, wcs_separation_arcsec
     from daskstack.astrometry import solve_frame
     from daskstack.config import Settings
     from daskstack.frames import read_frame
-    from daskstack.validate import wcs_error_px, wcs_separation_arcsec
 
     t0 = time.perf_counter()
     frame = read_frame(path)

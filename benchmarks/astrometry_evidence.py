@@ -114,8 +114,8 @@ SWEEP_RADII = (1.5, 2.0, 3.0, 4.0, 6.0)
 
 def _solve_error(frame, catalog, settings, detections=None, truth=None):
     """Solve one frame; its error against ``truth`` (default: its header WCS)."""
+    from daskstack._validate import wcs_separation_arcsec
     from daskstack.astrometry import solve_frame
-    from daskstack.validate import wcs_separation_arcsec
 
     result = solve_frame(frame, catalog, settings, detections=detections)
     row = {"frame": frame.name, "status": result.status, "reason": result.reason,
@@ -304,7 +304,7 @@ def _sweep_markdown(result) -> str:
 # -- 2. real-frame astrometry from wrong starts ----------------------------------------------
 def astrometry_real(real_dir, out_dir, tmp_dir) -> Path:
     """The test_solve_real runs (nominal and moved start WCSs), every frame's error."""
-    from daskstack.validate import wcs_separation_arcsec
+    from daskstack._validate import wcs_separation_arcsec
     from tests.test_solve_real import moved_start, nominal_start, solve_all, truth_wcs
 
     _quiet()
@@ -336,7 +336,7 @@ def astrometry_real(real_dir, out_dir, tmp_dir) -> Path:
                        "n_solved": sum(r["status"] == "ok" for r in rows)}
     result = {"provenance": prov,
               "truth": "LCO's solved header WCS (9 frames with WCSERR=0); error = RMS "
-                       "separation over a 16x16 pixel grid (daskstack.validate)",
+                       "separation over a 16x16 pixel grid (daskstack._validate)",
               "runs": runs}
     lines = ["| start WCS | solved | median error (\") | worst error (\") |", "|---|---|---|---|"]
     for label, run in runs.items():

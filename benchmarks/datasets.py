@@ -154,8 +154,8 @@ def _synthetic_dataset(directory, frames, size, record) -> Dataset:
 
 def check_header_wcs(frames, truth_wcs: dict, shape) -> float:
     """Largest RMS (px) over the frames between the header WCS and the true WCS."""
+    from daskstack._validate import wcs_error_px
     from daskstack.frames import frame_name
-    from daskstack.validate import wcs_error_px
 
     _quiet()
     worst = 0.0

@@ -2,7 +2,7 @@
 """How big the Dask graph of a run is, and how long it takes to build and start, for
 1,000 frames of 4096x4096 -- from synthetic headers, with no pixels anywhere.
 
-Every phase is submitted the way `daskstack.pipeline` submits it (same task functions,
+Every phase is submitted the way `daskstack._pipeline` submits it (same task functions,
 same arguments) to a scheduler that has no workers, so nothing runs: we measure what
 the client builds and ships, not the work.
 
@@ -96,13 +96,13 @@ def build_combine(store_path: Path, grid, metas, settings) -> dict:
 
     from daskstack import combine
     from daskstack import store as store_mod
-    from daskstack.pipeline import _combine_tile
+    from daskstack.combine import _combine_tile
 
     filters: dict[str, list[str]] = {}
     for m in metas:
         filters.setdefault(m.filter, []).append(m.name)
-    frames = {m.name: {"exptime": m.exptime, "background": 100.0, "flux_ratio": 1.0,
-                       "gain": m.gain, "rdnoise": m.rdnoise} for m in metas}
+    frames = {m.name: store_mod.FrameInfo(exptime=m.exptime, background=100.0, flux_ratio=1.0,
+                                          gain=m.gain, rdnoise=m.rdnoise) for m in metas}
     start = time.perf_counter()
     stack = store_mod.create_store(store_path, grid, frames, filters,
                                    tile=settings.register.tile)  # metadata only: no chunks
@@ -111,7 +111,7 @@ def build_combine(store_path: Path, grid, metas, settings) -> dict:
     start = time.perf_counter()
     graphs, blocks = [], {}
     for filter_name, names in stack.filters.items():
-        # as pipeline.combine_store: each task reads a whole (frames, block, block) slab
+        # as pipeline._combine_store: each task reads a whole (frames, block, block) slab
         data_arr, foot_arr = stack.arrays(filter_name)
         block = _combine_tile(stack.tile, len(names), stack.grid.shape)
         blocks[filter_name] = block
@@ -168,10 +168,10 @@ def main(argv=None) -> int:
 
     from distributed import Client, LocalCluster
 
-    from daskstack import pipeline
+    from daskstack import _pipeline as pipeline
+    from daskstack._pipeline import FrameRecord
     from daskstack.astrometry import SolveResult
     from daskstack.config import Settings
-    from daskstack.pipeline import FrameRecord
 
     settings = Settings().validate()
     report = {"frames": args.frames, "frame_shape": [args.size, args.size],
@@ -197,7 +197,7 @@ def main(argv=None) -> int:
         # grid: the client-side reduction over the solved frames
         records = []
         for m in metas:
-            rec = FrameRecord(file=m.path, name=m.name, meta=m, status="ok")
+            rec = FrameRecord(file=m.path, name=m.name, meta=m)
             rec.result = SolveResult(name=m.name, path=m.path, filter=m.filter, status="ok",
                                      wcs_header=m.wcs_header)
             records.append(rec)

@@ -13,8 +13,33 @@ Combination", one function per step, each usable on its own in a notebook::
 
 and `run` does all of it for many frames as one Dask computation, into a run
 directory (coadds, manifest, WCS files, zarr store), resumably.
+
+The stable surface is what this module exports (``__all__``); the modules behind it
+may change between versions:
+
+- one step at a time: `read_frame`, `read_meta`, `detect_sources`, `reference_catalog`,
+  `load_catalog`, `propagate_proper_motion`, `solve_frame`, `write_wcs_file`,
+  `make_grid`, `register_frame`, `frame_scales`, `combine_stack`, `open_store`;
+- many frames on a Dask cluster (each takes inputs and `Settings`, and an optional
+  ``client=``; without one a cluster is started from ``settings.cluster``): `run`,
+  `solve_files`, `register_files`, `combine_store_path`, `make_report`;
+- records and options: `Settings` (immutable: `Settings.replace`, `Settings.update`
+  return new ones), `Frame`, `FrameMeta`, `Detections`, `SolveResult`, `Grid`,
+  `FrameRecord` (one frame of a run), `FrameInfo` (its record in the store),
+  `RunResult`;
+- errors: `DaskstackError` (the base of every error raised on purpose), `FrameError`,
+  `SettingsError`.
 """
 
+from ._pipeline import (
+    RunResult,
+    combine_store_path,
+    make_report,
+    register_files,
+    run,
+    solve_files,
+)
+from ._rundir import FrameRecord
 from .astrometry import SolveResult, solve_frame, write_wcs_file
 from .catalogs import load_catalog, propagate_proper_motion, reference_catalog
 from .combine import combine_stack, frame_scales
@@ -23,9 +48,8 @@ from .detect import Detections, detect_sources
 from .errors import DaskstackError
 from .frames import Frame, FrameError, FrameMeta, read_frame, read_meta
 from .grid import Grid, make_grid
-from .pipeline import RunResult, combine_store_path, register_files, run, solve_files
 from .register import register_frame
-from .store import open_store
+from .store import FrameInfo, open_store
 
 __version__ = "0.1.0"
 
@@ -34,7 +58,9 @@ __all__ = [
     "Detections",
     "Frame",
     "FrameError",
+    "FrameInfo",
     "FrameMeta",
+    "FrameRecord",
     "Grid",
     "RunResult",
     "Settings",
@@ -46,6 +72,7 @@ __all__ = [
     "frame_scales",
     "load_catalog",
     "make_grid",
+    "make_report",
     "open_store",
     "propagate_proper_motion",
     "read_frame",

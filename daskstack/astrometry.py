@@ -31,6 +31,7 @@ from astropy.wcs import WCS, Sip
 from scipy.spatial import cKDTree
 
 from ._io import atomic_path
+from ._stats import clip_residuals, sky_level
 from .catalogs import propagate_proper_motion
 from .config import Settings
 from .detect import Detections, detect_sources
@@ -44,7 +45,6 @@ from .match import (
     format_probability,
     nn_match,
 )
-from .stats import clip_residuals, sky_level
 
 __all__ = [
     "GeometryPrior",
@@ -434,7 +434,7 @@ def solve_frame(frame: Frame, catalog: Table, settings: Settings | None = None,
         ``status='ok'`` with the WCS, or ``'failed'`` with a specific reason.
         With ``settings.solve.wcs == 'header'`` nothing is detected (unless
         ``detections`` are given): the header WCS is returned as is, with the sky level
-        and noise of `daskstack.stats.sky_level`; the QA that needs detections stays 0 / NaN.
+        and noise of `daskstack._stats.sky_level`; the QA that needs detections stays 0 / NaN.
     """
     settings = settings or Settings()
     ss = settings.solve
@@ -468,42 +468,92 @@ def solve_frame(frame: Frame, catalog: Table, settings: Settings | None = None,
     half_diag_deg = 0.5 * math.hypot(nx, ny) * scale / 3600.0
     search_deg = ss.search_radius_arcmin / 60.0
 
-    # catalog stars around the field, at the frame epoch
     if catalog is None or len(catalog) == 0:
         return _fail(result, "reference catalog is empty", t0)
-    cat = catalog
-    if settings.catalog.propagate_pm and meta.epoch is not None and "ref_epoch" in cat.colnames:
-        cat = propagate_proper_motion(cat, meta.epoch)
-    ra, dec, mag = _catalog_arrays(cat)
-    xi, eta, cosc = _project(ra, dec, *centre)
-    r_deg = np.hypot(xi, eta)
-    region = (cosc > 0) & (r_deg <= half_diag_deg * (1 + ss.scale_tolerance) + search_deg)
-    result.n_catalog = int(region.sum())
-    if region.sum() < ss.min_matches:
-        return _fail(result, f"too few catalog stars in field ({int(region.sum())} < "
+    stars = _field_stars(catalog, meta, settings, centre, scale,
+                         half_diag_deg * (1 + ss.scale_tolerance) + search_deg)
+    result.n_catalog = stars.n_region
+    if stars.n_region < ss.min_matches:
+        return _fail(result, f"too few catalog stars in field ({stars.n_region} < "
                              f"{ss.min_matches})", t0)
 
-    # detections to match
     xy = det.xy
     use = np.arange(len(xy))
-    if companions:
+    if companions:  # only sources also seen in the other exposures
         use = companion_filter(det, companions, ss.companion_fraction,
                                ss.companion_max_shift_arcsec / scale)
         if len(use) < 3:
             return _fail(result, f"too few detections confirmed by companion exposures "
                                  f"({len(use)} of {len(xy)})", t0)
-    src = xy[use] - np.array(crpix0)
-
-    # reference points: (-xi, eta) in nominal pixels, so that a standard (east-left) image
-    # is an unflipped rotation; brightest first
-    ridx = np.nonzero(region)[0]
-    ridx = ridx[np.argsort(np.where(np.isfinite(mag[ridx]), mag[ridx], np.inf), kind="stable")]
-    ref = np.column_stack([-xi[ridx], eta[ridx]]) * 3600.0 / scale
     fwhm = det.fwhm if np.isfinite(det.fwhm) else 3.0
     if ss.match_radius_arcsec > 0:
         radius_px = ss.match_radius_arcsec / scale
     else:
         radius_px = max(1.5 * fwhm, 2.0 / scale)
+
+    match, last_err = _pattern_match(xy[use] - np.array(crpix0), stars.ref, ss, (ny, nx),
+                                     scale, half_diag_deg, search_deg, radius_px, result.name,
+                                     second_attempt=bool(companions))
+    if match is None:
+        return _fail(result, _no_match_reason(last_err, ss), t0)
+    result.match_false_alarm_log10 = match.log10_false_alarm
+    result.flipped = match.transform.flip
+
+    # every selected detection may match now that the transform is known
+    det_index = use if companions else np.arange(len(xy))
+    fit = _refine_fit(xy, det, det_index, match, stars, crpix0, fwhm, radius_px, scale, ss)
+    if fit is None:
+        return _fail(result, "matches lost while fitting the WCS", t0)
+    _measure_fit(result, fit, det, det_index, stars)
+    reason = _qa_failure(result, fit.model, scale, ss)
+    if reason:
+        return _fail(result, reason, t0)
+    wcs = fit.model.to_wcs((ny, nx))
+    hdr = wcs.to_header(relax=True)
+    result.wcs_header = hdr.tostring()
+    result.status = "ok"
+    result.reason = ""
+    result.elapsed = time.perf_counter() - t0
+    log.info("%s: solved, %d matches, rms %.3f arcsec, scale %.4f, sip %d", result.name,
+             result.n_matches, result.rms_arcsec, result.pixel_scale_arcsec, result.sip_order)
+    return result
+
+
+# -- the steps of solve_frame ---------------------------------------------------------------
+@dataclass
+class _FieldStars:
+    """Catalog stars that may fall on the frame, brightest first, at the frame epoch."""
+
+    n_region: int  # stars within the frame's reach (half diagonal + search radius)
+    ra: np.ndarray
+    dec: np.ndarray
+    mag: np.ndarray
+    ref: np.ndarray  # (-xi, eta) in nominal pixels about the start centre
+
+
+def _field_stars(catalog, meta, settings, centre, scale, reach_deg) -> _FieldStars:
+    """The catalog stars within ``reach_deg`` of the start centre, proper motions
+    propagated to the frame epoch. Reference points are (-xi, eta) in nominal pixels,
+    so that a standard (east-left) image is an unflipped rotation of them."""
+    cat = catalog
+    if settings.catalog.propagate_pm and meta.epoch is not None and "ref_epoch" in cat.colnames:
+        cat = propagate_proper_motion(cat, meta.epoch)
+    ra, dec, mag = _catalog_arrays(cat)
+    xi, eta, cosc = _project(ra, dec, *centre)
+    region = (cosc > 0) & (np.hypot(xi, eta) <= reach_deg)
+    ridx = np.nonzero(region)[0]
+    ridx = ridx[np.argsort(np.where(np.isfinite(mag[ridx]), mag[ridx], np.inf), kind="stable")]
+    ref = np.column_stack([-xi[ridx], eta[ridx]]) * 3600.0 / scale
+    return _FieldStars(int(region.sum()), ra[ridx], dec[ridx], mag[ridx], ref)
+
+
+def _pattern_match(src, ref, ss, shape, scale, half_diag_deg, search_deg, radius_px, name,
+                   second_attempt=False):
+    """Triangle-pattern match of detections ``src`` (pixels about the frame centre) to
+    catalog points ``ref``: (the match, with ``ref_idx`` into ``ref``, or None; the most
+    informative `MatchError` met). ``second_attempt``: the frame failed on its own and is
+    tried again with its companions' help (its searches count twice)."""
+    ny, nx = shape
     tol = ss.scale_tolerance
     scale_range = (1.0 / (1.0 + tol), 1.0 + tol)
     frame_area = nx * ny
@@ -536,7 +586,7 @@ def solve_frame(frame: Frame, catalog: Table, settings: Settings | None = None,
     # every (level, radius) is a search of its own: their number enters the false-alarm
     # probability of the match (Bonferroni), so that max_false_alarm holds per frame
     n_searches = len(levels) * len(radii)
-    if companions:  # a second attempt at a frame that failed on its own: count both
+    if second_attempt:  # a second attempt at a frame that failed on its own: count both
         n_searches *= 2
     t_match = time.perf_counter()
     r_used = np.hypot(ref_used[:, 0], ref_used[:, 1])
@@ -564,30 +614,42 @@ def solve_frame(frame: Frame, catalog: Table, settings: Settings | None = None,
                     last_err = err
         if match is not None:
             break
-    log.debug("%s: pattern match %.2f s, %d catalog triangles built", result.name,
+    log.debug("%s: pattern match %.2f s, %d catalog triangles built", name,
               time.perf_counter() - t_match, tri_index.n_built)
-    if match is None:
-        reason = last_err.reason if last_err is not None else "no catalog stars near the field"
-        if reason.startswith("no consistent pattern match"):
-            reason = f"no consistent pattern match within {ss.search_radius_arcmin:g} arcmin"
-        elif not reason.startswith("too few detections"):
-            # the header position may be off by more than the search radius: say so
-            reason = (f"{reason} within {ss.search_radius_arcmin:g} arcmin of the header "
-                      "position")
-        return _fail(result, reason, t0)
-    result.match_false_alarm_log10 = match.log10_false_alarm
-    result.flipped = match.transform.flip
+    return match, last_err
 
-    # iterative nearest-neighbour matching + WCS fit, all detections, clipping
-    all_xy = xy  # every selected detection may match now that the transform is known
-    if companions:
-        all_xy = xy[use]
-    cat_ra, cat_dec = ra[ridx], dec[ridx]
-    pairs_d = use[match.src_idx] if companions else match.src_idx
+
+def _no_match_reason(last_err, ss) -> str:
+    """Why no pattern match was accepted, in the user's terms."""
+    reason = last_err.reason if last_err is not None else "no catalog stars near the field"
+    if reason.startswith("no consistent pattern match"):
+        return f"no consistent pattern match within {ss.search_radius_arcmin:g} arcmin"
+    if not reason.startswith("too few detections"):
+        # the header position may be off by more than the search radius: say so
+        return f"{reason} within {ss.search_radius_arcmin:g} arcmin of the header position"
+    return reason
+
+
+@dataclass
+class _Fit:
+    """The refined WCS model and the detection/catalog pairs it was fitted to."""
+
+    model: object
+    order: int
+    xy: np.ndarray  # (x, y) of the detections that may match
+    det_pairs: np.ndarray  # indices into ``xy`` of the kept pairs
+    cat_pairs: np.ndarray  # indices into the field stars of the kept pairs
+
+
+def _refine_fit(xy, det, det_index, match, stars, crpix0, fwhm, radius_px, scale, ss):
+    """Iterative nearest-neighbour matching of every detection in ``det_index`` and
+    weighted TAN(-SIP) fit, with clipping; None when the matches are lost."""
+    cat_ra, cat_dec = stars.ra, stars.dec
+    pairs_d = det_index[match.src_idx]
     pairs_c = match.ref_idx
     model = fit_tan_sip(xy[pairs_d, 0], xy[pairs_d, 1], cat_ra[pairs_c], cat_dec[pairs_c],
                         crpix0, 0)
-    det_index = use if companions else np.arange(len(xy))
+    all_xy = xy[det_index]
     # weights: centroid variance from S/N (FWHM / (2.355 S/N)) plus a floor for the
     # catalog and PSF systematics; bright stars, whose photocentres are best defined,
     # dominate the fit
@@ -614,13 +676,19 @@ def solve_frame(frame: Frame, catalog: Table, settings: Settings | None = None,
                             weights=all_w[si[keep]])
         radius = max(radius_px, radius * 0.7) if it < 5 else radius_px
     if keep is None or len(si) < 3:
-        return _fail(result, "matches lost while fitting the WCS", t0)
+        return None
+    return _Fit(model, order, all_xy, si[keep], rj[keep])
+
+
+def _measure_fit(result, fit, det, det_index, stars) -> None:
+    """QA of the fit into ``result``: matches, RMS, scale, rotation, parity, flux ratio."""
+    model, order = fit.model, fit.order
     # final residuals of the kept pairs under the final model
-    mx, my = all_xy[si[keep], 0], all_xy[si[keep], 1]
+    mx, my = fit.xy[fit.det_pairs, 0], fit.xy[fit.det_pairs, 1]
     pxi, peta = model.pix_to_std(mx, my)
-    cxi, ceta, _ = _project(cat_ra[rj[keep]], cat_dec[rj[keep]], *model.crval)
+    cxi, ceta, _ = _project(stars.ra[fit.cat_pairs], stars.dec[fit.cat_pairs], *model.crval)
     res = np.hypot(pxi - cxi, peta - ceta) * 3600.0
-    n_fit = int(keep.sum())
+    n_fit = len(fit.det_pairs)
     n_par = 2 * ((order + 1) * (order + 2) // 2 if order >= 2 else 3)
     rms = float(np.sqrt(np.sum(res**2) / max(n_fit - n_par / 2, 1)))
     fitted_scale = model.scale_arcsec
@@ -632,34 +700,29 @@ def solve_frame(frame: Frame, catalog: Table, settings: Settings | None = None,
     cd = model.cd
     result.rotation_deg = float(np.degrees(np.arctan2(cd[0, 1], cd[1, 1])) % 360)
     result.flipped = bool(np.linalg.det(cd) > 0)
-    matched_det = det_index[si[keep]] if companions else si[keep]
-    flux = np.asarray(det.table["flux"], float)[matched_det]
-    cmag = mag[ridx][rj[keep]]
+    flux = np.asarray(det.table["flux"], float)[det_index[fit.det_pairs]]
+    cmag = stars.mag[fit.cat_pairs]
     okm = np.isfinite(cmag) & (flux > 0)
     if okm.sum():
         result.flux_ratio = float(np.median(flux[okm] / 10 ** (-0.4 * cmag[okm])))
 
-    # QA
-    if n_fit < ss.min_matches:
-        return _fail(result, f"too few matched stars ({n_fit} < {ss.min_matches})", t0)
-    if rms > ss.max_rms_arcsec:
-        return _fail(result, f"rms {rms:.2f} arcsec > {ss.max_rms_arcsec:g}", t0)
+
+def _qa_failure(result, model, scale, ss) -> str:
+    """Why a fitted WCS is not to be trusted ("" when it is)."""
+    tol = ss.scale_tolerance
+    if result.n_matches < ss.min_matches:
+        return f"too few matched stars ({result.n_matches} < {ss.min_matches})"
+    if result.rms_arcsec > ss.max_rms_arcsec:
+        return f"rms {result.rms_arcsec:.2f} arcsec > {ss.max_rms_arcsec:g}"
+    fitted_scale = result.pixel_scale_arcsec
     if abs(fitted_scale / scale - 1.0) > tol * 1.2:
-        return _fail(result, f"implausible pixel scale {fitted_scale:.4f} arcsec/px (start "
-                             f"{scale:.4f} +- {100 * tol:.0f}%)", t0)
-    sv = np.linalg.svd(cd, compute_uv=False)
+        return (f"implausible pixel scale {fitted_scale:.4f} arcsec/px (start "
+                f"{scale:.4f} +- {100 * tol:.0f}%)")
+    sv = np.linalg.svd(model.cd, compute_uv=False)
     if sv[0] / sv[1] - 1.0 > ss.max_skew:
-        return _fail(result, f"implausible pixel shape: axis ratio {sv[0] / sv[1]:.4f} "
-                             f"(> 1 + {ss.max_skew:g})", t0)
-    wcs = model.to_wcs((ny, nx))
-    hdr = wcs.to_header(relax=True)
-    result.wcs_header = hdr.tostring()
-    result.status = "ok"
-    result.reason = ""
-    result.elapsed = time.perf_counter() - t0
-    log.info("%s: solved, %d matches, rms %.3f arcsec, scale %.4f, sip %d", result.name, n_fit,
-             rms, fitted_scale, result.sip_order)
-    return result
+        return (f"implausible pixel shape: axis ratio {sv[0] / sv[1]:.4f} "
+                f"(> 1 + {ss.max_skew:g})")
+    return ""
 
 
 # -- thin frames: the camera's geometry from the night's solved exposures -------------------

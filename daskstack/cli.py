@@ -1,6 +1,6 @@
 """The ``daskstack`` command: thin; it parses options, builds Settings and calls the API.
 
-Exit codes, the same for every command (`daskstack.exitcodes`): 0 all done (every frame
+Exit codes, the same for every command (`daskstack._exitcodes`): 0 all done (every frame
 or archive record made it); 3 partial (something usable was written, some frames or
 records failed, each reported with its reason); 4 nothing usable was produced; 2 bad usage,
 options or inputs, or no batch job could start (nothing was computed); 130 interrupted
@@ -20,8 +20,7 @@ from pathlib import Path
 
 import click
 
-from .config import Settings, SettingsError
-from .exitcodes import (
+from ._exitcodes import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
     EXIT_OK,
@@ -29,6 +28,9 @@ from .exitcodes import (
     EXIT_USAGE,
     outcome,
 )
+from .config import Settings, SettingsError, option_choices, option_default
+
+__all__ = ["STAGE_OPTIONS", "SettingsOption", "main", "stage_options"]
 
 
 # --------------------------------------------------------------------------------------
@@ -86,30 +88,31 @@ def _choice(*values):
     return click.Choice(values, case_sensitive=False)
 
 
-# (option, settings key, click kwargs)
+# (option, settings key, click kwargs). An option's choices and the default its help shows
+# are not written here: both come from the Settings field (`_settings_option`).
 STAGE_OPTIONS = {
     "solve": [
-        ("--wcs", "solve.wcs", dict(type=_choice("auto", "solve", "header"),
+        ("--wcs", "solve.wcs", dict(
          help="'auto': 'solve' with a catalog, else 'header'; 'solve': fit a new WCS to each "
               "frame against the catalog (the header WCS only the start); 'header': use each "
               "frame's header WCS as it is, refusing frames whose header says it failed "
-              "(LCO WCSERR != 0; frames without WCSERR are trusted). [auto]")),
+              "(LCO WCSERR != 0; frames without WCSERR are trusted).")),
         ("--search-radius", "solve.search_radius_arcmin", dict(type=float,
-         help="How far (arcmin) the true field centre may lie from the header's. [20]")),
+         help="How far (arcmin) the true field centre may lie from the header's.")),
         ("--scale-tolerance", "solve.scale_tolerance", dict(type=float,
-         help="Fractional error allowed in the header pixel scale. [0.05]")),
+         help="Fractional error allowed in the header pixel scale.")),
         ("--allow-flip/--no-flip", "solve.allow_flip", dict(default=None,
-         help="Also try a mirrored sky (a flipped axis). [allowed]")),
+         help="Also try a mirrored sky (a flipped axis).")),
         ("--sip-order", "solve.sip_order", dict(type=click.IntRange(0, 4),
-         help="0 fits TAN only; 2-4 add SIP distortion of that order. [0]")),
+         help="0 fits TAN only; 2-4 add SIP distortion of that order.")),
         ("--min-matches", "solve.min_matches", dict(type=int,
-         help="Fewer matched stars than this: the frame fails. [8]")),
+         help="Fewer matched stars than this: the frame fails.")),
         ("--max-rms", "solve.max_rms_arcsec", dict(type=float,
-         help="A larger RMS residual (arcsec): the frame fails. [2.0]")),
+         help="A larger RMS residual (arcsec): the frame fails.")),
         ("--threshold", "detect.threshold_sigma", dict(type=float,
-         help="Detection threshold in units of the background noise. [5]")),
+         help="Detection threshold in units of the background noise.")),
         ("--mag-limit", "catalog.mag_limit", dict(type=float,
-         help="Faintest catalog stars used (service catalogs). [19]")),
+         help="Faintest catalog stars used (service catalogs).")),
         ("--catalog-cache", "catalog.cache_dir", dict(type=click.Path(file_okay=False),
          help="Directory caching catalog queries (default: OUT/catalog-cache).")),
         ("--catalog-columns", "catalog.columns", dict(metavar="ra=COL,dec=COL,mag=COL",
@@ -120,101 +123,145 @@ STAGE_OPTIONS = {
     "register": [
         ("--grid", "grid.method", dict(
          help="Output grid: 'reference' (a frame's pixel grid, the tutorial's way), 'optimal' "
-              "(covers all frames), or a FITS/header FILE holding the WCS. [reference]")),
+              "(covers all frames), or a FITS/header FILE holding the WCS.")),
         ("--reference", "grid.reference", dict(
          help="Frame name giving the reference grid (default: the best solved frame of the "
               "deepest filter; named in the coadd header as REFFRAME).")),
         ("--pixel-scale", "grid.pixel_scale_arcsec", dict(type=float,
-         help="Optimal grid pixel scale (arcsec); default the finest input scale.")),
+         help="Optimal grid pixel scale (arcsec); 0: the finest input scale.")),
         ("--rotation", "grid.rotation_deg", dict(type=float,
-         help="Optimal grid position angle of +y, degrees east of north. [0]")),
-        ("--reproject", "register.method", dict(type=_choice("interp", "adaptive", "exact"),
+         help="Optimal grid position angle of +y, degrees east of north.")),
+        ("--reproject", "register.method", dict(
          help="Reprojection: interpolation, adaptive (anti-aliased) or exact "
-              "(flux-conserving spherical polygons). [interp]")),
+              "(flux-conserving spherical polygons).")),
         ("--order", "register.order", dict(
-         type=_choice("nearest-neighbor", "bilinear", "biquadratic", "bicubic"),
-         help="Interpolation order for --reproject interp. [bilinear]")),
+         help="Interpolation order for --reproject interp.")),
         ("--tile", "register.tile", dict(type=int,
-         help="Output tile size in pixels (zarr chunk). [1024]")),
+         help="Output tile size in pixels (zarr chunk).")),
         ("--fast-mapping/--exact-mapping", "register.fast_mapping", dict(default=None,
          help="Evaluate the pixel mapping on a checked coarse mesh (fast) or at every "
-              "pixel. [fast]")),
+              "pixel.")),
         ("--conserve-flux/--no-conserve-flux", "register.conserve_flux", dict(default=None,
          help="Scale by the ratio of output to input pixel area, so values are electrons "
-              "per output pixel (needed when pixel scales differ). [conserve]")),
+              "per output pixel (needed when pixel scales differ).")),
     ],
     "combine": [
         ("--combine", "combine.method", dict(
-         help="How frames are combined per pixel: mean, median, sigclip, minmax or "
-              "weighted. Several, comma-separated (e.g. mean,median), are computed from "
-              "one read of the store: the first is coadd_<filter>.fits, the others "
-              "coadd_<filter>_<method>.fits. [sigclip]")),
+         help="How frames are combined per pixel: {choices}. Several, comma-separated "
+              "(e.g. mean,median), are computed from one read of the store: the first is "
+              "coadd_<filter>.fits, the others coadd_<filter>_<method>.fits.")),
         ("--scale", "combine.scale", dict(
-         type=_choice("none", "exptime", "background", "photometric"),
          help="Per-frame scaling before combining: none; exptime (coadd in e-/s); "
               "background (match sky levels); photometric (flux of matched catalog "
-              "stars). [exptime]")),
-        ("--sigma", "combine.sigma", dict(type=float, help="Sigma-clipping threshold. [3]")),
-        ("--iters", "combine.iters", dict(type=int, help="Sigma-clipping iterations. [3]")),
-        ("--cenfunc", "combine.cenfunc", dict(type=_choice("median", "mean"),
-         help="Centre for sigma clipping. [median]")),
-        ("--nlow", "combine.nlow", dict(type=int, help="minmax: lowest values rejected. [1]")),
+              "stars).")),
+        ("--sigma", "combine.sigma", dict(type=float, help="Sigma-clipping threshold.")),
+        ("--iters", "combine.iters", dict(type=int, help="Sigma-clipping iterations.")),
+        ("--cenfunc", "combine.cenfunc", dict(help="Centre for sigma clipping.")),
+        ("--nlow", "combine.nlow", dict(type=int, help="minmax: lowest values rejected.")),
         ("--nhigh", "combine.nhigh", dict(type=int,
-         help="minmax: highest values rejected. [1]")),
+         help="minmax: highest values rejected.")),
         ("--weighted-reject", "combine.weighted_reject", dict(
-         type=_choice("none", "sigclip", "minmax"),
-         help="--combine weighted: reject outliers first (sigma clipping or min/max). "
-              "[none]")),
+         help="--combine weighted: reject outliers first (sigma clipping or min/max).")),
         ("--difference/--no-difference", "combine.difference", dict(default=None,
          help="Also write OUT/difference/<frame>.fits: each frame, scaled as in the coadd, "
-              "minus the coadd (brings out variable stars and transients). [no]")),
+              "minus the coadd (brings out variable stars and transients).")),
         ("--subtract-background/--keep-background", "combine.subtract_background",
-         dict(default=None, help="Remove each frame's sky level before combining. [subtract]")),
+         dict(default=None, help="Remove each frame's sky level before combining.")),
     ],
     "run": [
         ("--keep-store/--no-keep-store", "register.keep_store", dict(default=None,
          help="Keep OUT/store.zarr (the registered stack, about the inputs' size "
-              "uncompressed) once the coadds are written; 'daskstack combine' needs it. "
-              "[keep]")),
+              "uncompressed) once the coadds are written; 'daskstack combine' needs it.")),
     ],
     "cluster": [
         ("--scheduler", "cluster.scheduler", dict(
          help="Address of an existing Dask scheduler (tcp://host:8786). Workers must see "
               "the input and output paths (shared filesystem).")),
         ("--workers", "cluster.n_workers", dict(type=int,
-         help="LocalCluster worker processes (default: one per core).")),
+         help="LocalCluster worker processes (0: one per core).")),
         ("--threads", "cluster.threads_per_worker", dict(type=int,
-         help="Threads per LocalCluster worker. [1]")),
+         help="Threads per LocalCluster worker.")),
         ("--memory-limit", "cluster.memory_limit", dict(
-         help="Memory limit per LocalCluster worker, e.g. 4GiB. [auto]")),
+         help="Memory limit per LocalCluster worker, e.g. 4GiB.")),
         ("--jobqueue", "cluster.jobqueue", dict(
-         type=_choice("slurm", "pbs", "sge", "lsf", "oar", "moab", "htcondor"),
          help="Run workers as batch jobs through dask-jobqueue.")),
-        ("--cores", "cluster.cores", dict(type=int, help="Cores per batch job. [2]")),
-        ("--memory", "cluster.memory", dict(help="Memory per batch job. [4GiB]")),
-        ("--walltime", "cluster.walltime", dict(help="Walltime per batch job. [01:00:00]")),
+        ("--cores", "cluster.cores", dict(type=int, help="Cores per batch job.")),
+        ("--memory", "cluster.memory", dict(help="Memory per batch job.")),
+        ("--walltime", "cluster.walltime", dict(help="Walltime per batch job.")),
         ("--queue", "cluster.queue", dict(help="Batch queue / partition.")),
         ("--account", "cluster.account", dict(help="Batch account / project.")),
         ("--min-jobs", "cluster.minimum_jobs", dict(type=int,
-         help="Adaptive scaling: fewest batch jobs. [0]")),
+         help="Adaptive scaling: fewest batch jobs.")),
         ("--max-jobs", "cluster.maximum_jobs", dict(type=int,
-         help="Adaptive scaling: most batch jobs. [4]")),
+         help="Adaptive scaling: most batch jobs.")),
         ("--interface", "cluster.interface", dict(
          help="Batch jobs: network interface the scheduler and workers use (e.g. ib0).")),
         ("--worker-timeout", "cluster.worker_timeout", dict(type=float, metavar="SECONDS",
          help="Batch jobs: stop when no worker has joined after this long (queued jobs "
-              "that never start). [300]")),
+              "that never start).")),
     ],
 }
+
+
+def _catalog_names() -> str:
+    """The catalog services ``--catalog`` can name (`catalogs.SOURCES`), for its help."""
+    from .catalogs import SOURCES
+
+    return ", ".join(f"'{name}' ({source.title} via {source.service.upper()})"
+                     for name, source in SOURCES.items() if source.service)
+
+
+_CATALOG_NAMES = _catalog_names()
 
 
 def _param_name(option: str) -> str:
     return option.split("/")[0].lstrip("-").replace("-", "_")
 
 
-def stage_options(*groups):
-    """Decorate a command with the options of ``groups``; they arrive in ``overrides``."""
-    options = [opt for group in groups for opt in STAGE_OPTIONS[group]]
+class SettingsOption(click.Option):
+    """A command-line option that sets one setting (``settings_key``, e.g. 'solve.wcs')."""
+
+    def __init__(self, *args, settings_key: str, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.settings_key = settings_key
+
+
+def _show_default(value, option: str = "") -> str:
+    """How a help text shows a setting's default: ``[value]``; a flag shows the name
+    chosen by default (``[fast-mapping]``); nothing for an empty default."""
+    if isinstance(value, bool):
+        on, _, off = option.partition("/")
+        return f"[{(on if value else off or 'no-' + on).lstrip('-')}]"
+    if value in ("", None):
+        return ""
+    return f"[{value:g}]" if isinstance(value, float) else f"[{value}]"
+
+
+def _settings_option(option: str, key: str, kwargs: dict) -> dict:
+    """Click keyword arguments of the option for setting ``key``: its choices (field
+    metadata; a comma-separated list like combine.method names them in the help) and
+    its default shown in the help, both read from the Settings declaration."""
+    section, name = key.split(".")
+    kw = dict(kwargs)
+    choices = [c for c in option_choices(section, name) or () if c]
+    if choices:
+        help_text = kw.get("help", "")
+        if "{choices}" in help_text:
+            kw["help"] = help_text.format(choices=", ".join(choices))
+        else:
+            kw.setdefault("type", _choice(*choices))
+    shown = _show_default(option_default(section, name), option)
+    if shown:
+        kw["help"] = f"{kw.get('help', '')} {shown}".strip()
+    kw.setdefault("default", None)
+    return {**kw, "cls": SettingsOption, "settings_key": key}
+
+
+def stage_options(*groups, only=None):
+    """Decorate a command with the options of ``groups`` (those named in ``only``, when
+    given); they arrive in ``overrides``."""
+    options = [opt for group in groups for opt in STAGE_OPTIONS[group]
+               if only is None or opt[0] in only]
 
     def decorator(func):
         @functools.wraps(func)
@@ -226,10 +273,9 @@ def stage_options(*groups):
                     overrides[key] = value
             return func(*args, overrides=overrides, **kwargs)
 
-        for option, _, kwargs in reversed(options):
-            kw = dict(kwargs)
-            kw.setdefault("default", None)
-            click.option(option, _param_name(option), **kw)(wrapper)
+        for option, key, kwargs in reversed(options):
+            click.option(option, _param_name(option), **_settings_option(option, key,
+                                                                          kwargs))(wrapper)
         return wrapper
 
     return decorator
@@ -248,8 +294,7 @@ def _settings(config_file, overrides) -> Settings:
     """Settings from file + options, validated before any work starts."""
     try:
         settings = Settings.from_toml(config_file) if config_file else Settings()
-        settings.update(overrides)
-        return settings.validate()
+        return settings.update(overrides).validate()
     except SettingsError as err:
         _fail(str(err))
 
@@ -362,9 +407,9 @@ def main():
 @main.command()
 @click.argument("frames", nargs=-1, type=click.Path())
 @click.option("--catalog", default="",
-              help="Reference catalog: 'gaia' (Gaia DR3 via MAST), 'gaia-tap' (ESA TAP) or a "
-                   "file (ECSV/FITS/CSV with ra, dec, a magnitude; pmra/pmdec/ref_epoch "
-                   "optional). Without one, frames keep their header WCS (--wcs auto).")
+              help=f"Reference catalog: {_CATALOG_NAMES} or a file (ECSV/FITS/CSV with ra, "
+                   "dec, a magnitude; pmra/pmdec/ref_epoch optional). Without one, frames "
+                   "keep their header WCS (--wcs auto).")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Run directory: coadd_<filter>.fits, manifest.ecsv, <frame>.wcs, "
                    "store.zarr.")
@@ -394,11 +439,11 @@ def run(frames, catalog, out_dir, overwrite, report, lco_frames, lco_query, lco_
     the same command resumes: frames already solved or registered are not computed
     again. One coadd per filter.
     """
+    from ._cluster import ClusterError
+    from ._pipeline import RunError
+    from ._pipeline import run as run_pipeline
+    from ._rundir import DifferentRunError
     from .archive import OUTCOMES_NAME
-    from .cluster import ClusterError
-    from .pipeline import RunError
-    from .pipeline import run as run_pipeline
-    from .rundir import DifferentRunError
 
     _setup_logging(verbose, quiet)
     settings = _settings(config_file, overrides)
@@ -536,9 +581,9 @@ def demo(out_dir, n_frames, size, filters, seed, overwrite, report, config_file,
     Prints frames solved, each frame's WCS error against the simulation's truth, and
     the coadd paths. Needs no network.
     """
-    from .pipeline import run as run_pipeline
+    from ._pipeline import run as run_pipeline
+    from ._validate import wcs_error_px
     from .simulate import simulate_field
-    from .validate import wcs_error_px
 
     _setup_logging(verbose, quiet)
     settings = _settings(config_file, overrides)
@@ -568,7 +613,8 @@ def demo(out_dir, n_frames, size, filters, seed, overwrite, report, config_file,
 
 @main.command()
 @click.argument("frames", nargs=-1, type=click.Path())
-@click.option("--catalog", required=True, help="'gaia', 'gaia-tap' or a catalog file.")
+@click.option("--catalog", required=True,
+              help=f"Reference catalog: {_CATALOG_NAMES} or a catalog file.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Writes OUT/<frame>.wcs (FITS header with the fitted WCS) and "
                    "OUT/solve.ecsv.")
@@ -580,9 +626,9 @@ def solve(frames, catalog, out_dir, config_file, verbose, quiet, overrides):
     Writes OUT/<name>.wcs for every solved frame (as astrometry.net's solve-field)
     and OUT/solve.ecsv with one row of QA per frame; failed frames carry a reason.
     """
-    from .cluster import ClusterError
-    from .pipeline import RunError, solve_files
-    from .rundir import ERRORS_FILE, INTERNAL_ERROR
+    from ._cluster import ClusterError
+    from ._pipeline import RunError, solve_files
+    from ._rundir import ERRORS_FILE, INTERNAL_ERROR
 
     _setup_logging(verbose, quiet)
     settings = _settings(config_file, overrides)
@@ -616,9 +662,9 @@ def solve(frames, catalog, out_dir, config_file, verbose, quiet, overrides):
 @common_options
 def register(frames, out_dir, wcs_source, config_file, verbose, quiet, overrides):
     """Reproject FRAMES onto one grid, tile by tile, into OUT/store.zarr."""
-    from .cluster import ClusterError
-    from .pipeline import register_files
-    from .rundir import dedupe
+    from ._cluster import ClusterError
+    from ._pipeline import register_files
+    from ._rundir import dedupe
 
     _setup_logging(verbose, quiet)
     settings = _settings(config_file, overrides)
@@ -671,8 +717,8 @@ def combine(store_path, out_dir, overwrite, config_file, verbose, quiet, overrid
     A coadd made with other combine settings is never replaced without --overwrite;
     every file written is printed.
     """
-    from .cluster import ClusterError
-    from .pipeline import RunError, combine_store_path
+    from ._cluster import ClusterError
+    from ._pipeline import RunError, combine_store_path
 
     _setup_logging(verbose, quiet)
     settings = _settings(config_file, overrides)
@@ -698,37 +744,32 @@ def combine(store_path, out_dir, overwrite, config_file, verbose, quiet, overrid
 @click.option("--frames/--no-frames", "frames", default=True, show_default=True,
               help="Draw each frame's pictures again (--no-frames: only the per-run pictures "
                    "and the page; pictures made earlier stay linked).")
-@click.option("--workers", type=click.IntRange(min=1),
-              help="LocalCluster worker processes (default: one per core).")
-@click.option("--scheduler", help="Address of an existing Dask scheduler.")
+@stage_options("cluster", only=("--workers", "--scheduler"))
 @click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
 @click.option("-q", "--quiet", is_flag=True, help="Only errors; no progress.")
-def report_command(run_dir, frames, workers, scheduler, verbose, quiet):
+def report_command(run_dir, frames, verbose, quiet, overrides):
     """Write RUN_DIR/report/index.html from the manifest, the .wcs files and the store.
 
     Nothing of the pipeline is computed again: frames are read only to draw them
     (with the sources detected again and matched through the solved WCS). The page is
     static: open it from the file system, no server or network needed.
     """
-    from .cluster import ClusterError, open_client
-    from .pipeline import RunError, make_report
-    from .report import run_settings
+    from ._cluster import ClusterError
+    from ._pipeline import RunError, make_report
+    from ._rundir import run_settings
 
     _setup_logging(verbose, quiet)
     run_path = _store_and_run_dir(run_dir)[1]
     if not (run_path / "manifest.ecsv").exists():
         _fail(f"{run_dir}: no manifest.ecsv (not a daskstack run directory)")
-    settings = run_settings(run_path)
-    if workers:
-        settings.cluster.n_workers = workers
-    if scheduler:
-        settings.cluster.scheduler = scheduler
+    try:  # the run's settings, with where to draw as given here
+        settings = run_settings(run_path).update(overrides).validate()
+    except SettingsError as err:
+        _fail(str(err))
     progress = ProgressBar(not quiet)
     try:
-        with _interruptible(), open_client(settings.cluster,
-                                           local_directory=str(run_path / ".dask"),
-                                           announce=progress.notice) as client:
-            path = make_report(client, run_path, settings, frames=frames, progress=progress)
+        with _interruptible():
+            path = make_report(run_path, settings, frames=frames, progress=progress)
     except (RunError, ClusterError) as err:
         _fail(str(err), code=EXIT_FAILED)
     if not quiet:

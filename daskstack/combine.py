@@ -97,6 +97,7 @@ __all__ = [
     "CombineResult",
     "FrameScales",
     "combine_stack",
+    "difference_image",
     "effective_gain",
     "electrons_per_unit",
     "frame_scales",
@@ -479,10 +480,11 @@ def _combine_tile(tile: int, n_frames: int, shape, budget_bytes: int = 384 * 2**
 
 # -- per-frame scales of a store's frames ----------------------------------------------------
 def _scales(cs, infos):
-    """Per-frame scales/offsets; a clear error names the frame whose record lacks a value."""
+    """Per-frame scales/offsets of the store's `FrameInfo` records ``infos``; a clear
+    error names the frame whose record lacks a value."""
     def values(key):
-        out = np.array([_or_nan(f.get(key)) for f in infos])
-        bad = [f["file"] for f, v in zip(infos, out, strict=True) if not np.isfinite(v)]
+        out = np.array([_or_nan(getattr(f, key)) for f in infos])
+        bad = [f.file for f, v in zip(infos, out, strict=True) if not np.isfinite(v)]
         if bad and (cs.scale in _NEEDS.get(key, ()) or (key == "background"
                                                        and cs.subtract_background)):
             raise RunError(f"--scale {cs.scale}: no {key} known for {Path(bad[0]).name}")
@@ -494,6 +496,13 @@ def _scales(cs, infos):
     return frame_scales(cs.scale, exptime=exptime, sky=sky, flux_ratio=ratio,
                         subtract_background=cs.subtract_background,
                         n_frames=len(infos))
+
+
+def difference_image(frame: np.ndarray, coadd: np.ndarray, scale: float,
+                     offset: float) -> np.ndarray:
+    """One registered frame, scaled as in the coadd (``frame * scale + offset``), minus
+    the coadd: what varied (variable stars, transients). float32, NaN where either is."""
+    return (frame * np.float32(scale) + np.float32(offset) - coadd).astype(np.float32)
 
 
 _NEEDS = {"exptime": ("exptime",), "background": ("background",),

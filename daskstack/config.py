@@ -25,6 +25,8 @@ __all__ = [
     "SettingsError",
     "Settings",
     "SolveSettings",
+    "option_choices",
+    "option_default",
 ]
 
 
@@ -32,11 +34,19 @@ class SettingsError(DaskstackError, ValueError):
     """An option with a value that cannot work; the message names the option."""
 
 
+def _choices(*values) -> dict:
+    """Field metadata: the values an option may take. The CLI's choices and help, and
+    `Settings.validate`, all read them from here (`option_choices`). One table instead
+    of values (``COMBINE_METHODS``) is kept as it is: its keys, as they are when read."""
+    return {"choices": values[0] if len(values) == 1 and isinstance(values[0], dict)
+            else tuple(values)}
+
+
 # the columns every reference catalog is normalised to (daskstack.catalogs)
 CATALOG_COLUMNS = ("ra", "dec", "mag", "pmra", "pmdec", "ref_epoch")
 
 
-@dataclass
+@dataclass(frozen=True)
 class DetectSettings:
     threshold_sigma: float = 5.0  # detection threshold above the local background noise
     max_stars: int = 300  # brightest usable stars kept for matching
@@ -67,7 +77,7 @@ class DetectSettings:
     crowd_aperture_flux_ratio: float = 0.02
 
 
-@dataclass
+@dataclass(frozen=True)
 class CatalogSettings:
     source: str = "gaia"  # "gaia", "gaia-tap", or a path to an ECSV/FITS/CSV catalog
     mag_limit: float = 19.0  # faintest catalog stars used
@@ -96,11 +106,11 @@ class CatalogSettings:
         return mapping
 
 
-@dataclass
+@dataclass(frozen=True)
 class SolveSettings:
     # "auto": solve with a catalog, else the header WCS where the header calls it good;
     # "solve": fit a new WCS (the header WCS only the start); "header": the header WCS
-    wcs: str = "auto"
+    wcs: str = field(default="auto", metadata=_choices("auto", "solve", "header"))
     search_radius_arcmin: float = 20.0  # how far the true centre may be from the header's
     scale_tolerance: float = 0.05  # fractional error allowed in the header pixel scale
     allow_flip: bool = True  # also try a mirrored sky (parity change)
@@ -126,7 +136,7 @@ class SolveSettings:
         return self.wcs
 
 
-@dataclass
+@dataclass(frozen=True)
 class GridSettings:
     method: str = "reference"  # "reference", "optimal", or the path of a FITS header/WCS file
     # frame name for method="reference"; "" = the best solved frame of the deepest filter
@@ -136,10 +146,12 @@ class GridSettings:
     shape: tuple[int, int] | None = None  # optimal grid: force (ny, nx)
 
 
-@dataclass
+@dataclass(frozen=True)
 class RegisterSettings:
-    method: str = "interp"  # "interp", "adaptive" or "exact"
-    order: str = "bilinear"  # interpolation order for method="interp"
+    method: str = field(default="interp", metadata=_choices("interp", "adaptive", "exact"))
+    # interpolation order for method="interp"
+    order: str = field(default="bilinear", metadata=_choices(
+        "nearest-neighbor", "bilinear", "biquadratic", "bicubic"))
     tile: int = 1024  # output tile size (pixels) = zarr chunk size on the sky axes
     fast_mapping: bool = True  # evaluate the pixel mapping on a coarse mesh (checked)
     mapping_tolerance_px: float = 0.01  # max mesh-interpolation error before the exact path
@@ -149,19 +161,22 @@ class RegisterSettings:
     keep_store: bool = True
 
 
-@dataclass
+@dataclass(frozen=True)
 class CombineSettings:
     # "mean", "median", "sigclip", "minmax", "weighted"; several, comma-separated, give
     # one coadd each from one read of the store (the first is coadd_<filter>.fits)
-    method: str = "sigclip"
-    scale: str = "exptime"  # "none", "exptime", "background", "photometric"
+    method: str = field(default="sigclip", metadata=_choices(COMBINE_METHODS))
+    scale: str = field(default="exptime", metadata=_choices(
+        "none", "exptime", "background", "photometric"))
     sigma: float = 3.0
     iters: int = 3
-    cenfunc: str = "median"  # "median" or "mean": centre for sigma clipping
+    # centre for sigma clipping
+    cenfunc: str = field(default="median", metadata=_choices("median", "mean"))
     nlow: int = 1  # minmax: lowest values rejected per pixel
     nhigh: int = 1  # minmax: highest values rejected per pixel
     subtract_background: bool = True  # remove each frame's sky level before combining
-    weighted_reject: str = "none"  # method="weighted": "none", "sigclip" or "minmax" first
+    # method="weighted": reject outliers first
+    weighted_reject: str = field(default="none", metadata=_choices(REJECTIONS))
     difference: bool = False  # also write each frame minus the coadd (variable sources)
 
     @property
@@ -170,13 +185,15 @@ class CombineSettings:
         return [m.strip() for m in self.method.split(",") if m.strip()]
 
 
-@dataclass
+@dataclass(frozen=True)
 class ClusterSettings:
     scheduler: str = ""  # "" = a LocalCluster; "tcp://host:port" = an existing scheduler
     n_workers: int = 0  # LocalCluster workers; 0 = one per core
     threads_per_worker: int = 1
     memory_limit: str = "auto"
-    jobqueue: str = ""  # "slurm", "pbs", "sge", "lsf", ... (dask-jobqueue)
+    # dask-jobqueue; "" = none
+    jobqueue: str = field(default="", metadata=_choices(
+        "", "slurm", "pbs", "sge", "lsf", "oar", "moab", "htcondor"))
     cores: int = 2
     memory: str = "4GiB"
     walltime: str = "01:00:00"
@@ -193,19 +210,7 @@ class ClusterSettings:
     worker_timeout: float = 300.0
 
 
-_CHOICES = {
-    ("solve", "wcs"): ("auto", "solve", "header"),
-    ("register", "method"): ("interp", "adaptive", "exact"),
-    ("register", "order"): ("nearest-neighbor", "bilinear", "biquadratic", "bicubic"),
-    ("combine", "method"): COMBINE_METHODS,  # its names: a new method is one row there
-    ("combine", "scale"): ("none", "exptime", "background", "photometric"),
-    ("combine", "cenfunc"): ("median", "mean"),
-    ("combine", "weighted_reject"): REJECTIONS,
-    ("cluster", "jobqueue"): ("", "slurm", "pbs", "sge", "lsf", "oar", "moab", "htcondor"),
-}
-
-
-@dataclass
+@dataclass(frozen=True)
 class Settings:
     """All options of a run. ``Settings()`` are the defaults."""
 
@@ -220,9 +225,7 @@ class Settings:
     # -- building -------------------------------------------------------------------------
     @classmethod
     def from_dict(cls, values: dict) -> Settings:
-        settings = cls()
-        settings.update(values)
-        return settings
+        return cls().update(values)
 
     @classmethod
     def from_toml(cls, path) -> Settings:
@@ -234,30 +237,38 @@ class Settings:
         return cls.from_dict(values)
 
     def update(self, values: dict) -> Settings:
-        """Set ``{"section": {"field": value}}`` (or ``{"section.field": value}``); checked."""
+        """New Settings with ``{"section": {"field": value}}`` (or ``{"section.field":
+        value}``) set, each value converted and checked; ``self`` is not changed."""
+        changes: dict[str, dict] = {}
         for key, value in values.items():
             if "." in key:
                 section, name = key.split(".", 1)
-                self._set(section, name, value)
+                changes.setdefault(section, {})[name] = value
             elif isinstance(value, dict):
-                for name, item in value.items():
-                    self._set(key, name, item)
+                changes.setdefault(key, {}).update(value)
             else:
                 raise SettingsError(f"unknown setting {key!r}: expected a [section] table")
-        return self
+        settings = self
+        for section, fields in changes.items():
+            settings = settings.replace(section, **fields)
+        return settings
 
-    def _set(self, section: str, name: str, value) -> None:
+    def replace(self, section: str, **values) -> Settings:
+        """New Settings with fields of one section changed (converted and checked like
+        `update`): ``settings.replace("combine", method="median")``."""
         group = getattr(self, section, None)
         if group is None or not dataclasses.is_dataclass(group):
             sections = ", ".join(f.name for f in dataclasses.fields(self))
             raise SettingsError(f"unknown settings section [{section}] (one of: {sections})")
         kinds = {f.name: f for f in dataclasses.fields(group)}
-        if name not in kinds:
-            raise SettingsError(
-                f"unknown setting {section}.{name} (one of: {', '.join(sorted(kinds))})"
-            )
-        default = getattr(type(group)(), name)
-        setattr(group, name, _coerce(f"{section}.{name}", value, default))
+        for name in values:
+            if name not in kinds:
+                raise SettingsError(
+                    f"unknown setting {section}.{name} (one of: {', '.join(sorted(kinds))})"
+                )
+        converted = {name: _coerce(f"{section}.{name}", value, option_default(section, name))
+                     for name, value in values.items()}
+        return dataclasses.replace(self, **{section: dataclasses.replace(group, **converted)})
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -330,6 +341,37 @@ class Settings:
                 "tcp://host:8786"
             )
         return self
+
+
+def _section_class(section: str) -> type:
+    for f in dataclasses.fields(Settings):
+        if f.name == section:
+            return f.default_factory
+    raise SettingsError(f"unknown settings section [{section}]")
+
+
+def option_default(section: str, name: str):
+    """The default of setting ``section.name``, as its dataclass declares it."""
+    return getattr(_section_class(section)(), name)
+
+
+def option_choices(section: str, name: str) -> tuple[str, ...] | None:
+    """The values setting ``section.name`` may take (its field's ``choices`` metadata),
+    or None for a free value."""
+    for f in dataclasses.fields(_section_class(section)):
+        if f.name == name:
+            choices = f.metadata.get("choices")
+            return None if choices is None else tuple(choices)
+    raise SettingsError(f"unknown setting {section}.{name}")
+
+
+# every option with a vocabulary, read from the fields' metadata (one declaration each)
+_CHOICES = {
+    (section.name, f.name): f.metadata["choices"]
+    for section in dataclasses.fields(Settings)
+    for f in dataclasses.fields(section.default_factory)
+    if "choices" in f.metadata
+}
 
 
 def _check_detect(ds: DetectSettings) -> None:

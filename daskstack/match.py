@@ -49,8 +49,8 @@ import numpy as np
 from scipy import stats
 from scipy.spatial import cKDTree
 
+from ._stats import clip_residuals
 from .errors import DaskstackError
-from .stats import clip_residuals
 
 __all__ = [
     "MatchError",

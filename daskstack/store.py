@@ -10,6 +10,9 @@ Layout (``OUT/store.zarr``)::
                                for flux-conserving reprojection (adaptive/exact), where
                                coverage is fractional: for interpolation it is exactly
                                "data is finite", and storing it would double the I/O
+    coadd/<key>/image, weight  (ny, nx) float32: a coadd and its weights, written by the
+                               combine (``<key>``: filter, then ``_<method>`` for the
+                               second and further methods), streamed from here to FITS
 
 Chunks are ``(1, tile, tile)``: each registration task writes whole chunks of its own
 frame, so concurrent writers never touch the same chunk (a chunk spanning the stack
@@ -21,6 +24,7 @@ again, with other options, without reprojecting.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 
@@ -31,8 +35,9 @@ from zarr.codecs import BloscCodec
 from .errors import DaskstackError
 from .grid import Grid
 
-__all__ = ["StackStore", "StoreError", "clear_frame", "create_store", "filter_key",
-           "open_store", "write_tiles"]
+__all__ = ["FrameInfo", "StackStore", "StoreError", "clear_frame", "coadd_key",
+           "create_coadd_arrays", "create_store", "filter_key", "open_coadd_arrays",
+           "open_store", "read_plane", "update_frames", "write_tiles"]
 
 FORMAT_VERSION = 1
 # noisy float32 hardly compresses: a fast codec (lz4 + bit shuffle) still saves ~25%
@@ -49,6 +54,41 @@ def filter_key(name: str) -> str:
     return key.lstrip(".") or "unknown"
 
 
+@dataclass(frozen=True)
+class FrameInfo:
+    """What the store keeps of one registered frame: what the scaling, the weights and
+    the coadd header need, so that a combine can run again from the store alone.
+    None where the frame's header or solution did not say."""
+
+    file: str = ""
+    filter: str = ""
+    exptime: float | None = None
+    date_obs: str | None = None
+    mjd: float | None = None
+    gain: float | None = None
+    rdnoise: float | None = None
+    background: float | None = None  # sky level (frame units)
+    noise: float | None = None  # sky noise (frame units)
+    flux_ratio: float | None = None  # catalog stars' flux relative to the reference
+    fwhm_px: float | None = None
+    site: str | None = None
+    telescope: str | None = None
+    instrument: str | None = None
+    object: str | None = None
+    bunit: str | None = None
+
+    def to_dict(self) -> dict:
+        """JSON-ready, for the store's attributes."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> FrameInfo:
+        """From the store's attributes; fields a store written earlier lacks stay None,
+        fields it has that this version does not know are ignored."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+
 @dataclass
 class StackStore:
     """An open daskstack store: its grid, frame records and per-filter arrays."""
@@ -57,7 +97,7 @@ class StackStore:
     grid: Grid
     tile: int
     filters: dict[str, list[str]]  # filter -> frame names in stack order
-    frames: dict[str, dict]  # frame name -> small record (exptime, sky, flux_ratio, ...)
+    frames: dict[str, FrameInfo]  # frame name -> its record (exptime, sky, flux ratio ...)
     params: dict
 
     def group(self, mode="r") -> zarr.Group:
@@ -78,7 +118,7 @@ class StackStore:
         raise StoreError(f"frame {name!r} is not in store {self.path}")
 
 
-def create_store(path, grid: Grid, frames: dict[str, dict], filters: dict[str, list[str]],
+def create_store(path, grid: Grid, frames: dict[str, FrameInfo], filters: dict[str, list[str]],
                  *, tile: int, params: dict | None = None,
                  footprint: bool = False) -> StackStore:
     """Create (or reuse) the store for a run.
@@ -116,7 +156,7 @@ def create_store(path, grid: Grid, frames: dict[str, dict], filters: dict[str, l
     return store
 
 
-def update_frames(store: StackStore, frames: dict[str, dict]) -> None:
+def update_frames(store: StackStore, frames: dict[str, FrameInfo]) -> None:
     """Merge per-frame records into the store's metadata (client side only)."""
     store.frames.update(frames)
     _write_attrs(store)
@@ -131,7 +171,7 @@ def _write_attrs(store: StackStore) -> None:
         "grid_fingerprint": store.grid.fingerprint,
         "tile": store.tile,
         "filters": store.filters,
-        "frames": store.frames,
+        "frames": {name: info.to_dict() for name, info in store.frames.items()},
         "params": store.params,
     }
 
@@ -148,7 +188,38 @@ def open_store(path) -> StackStore:
     grid = Grid(shape=tuple(attrs["grid_shape"]), header_text=attrs["grid_header"])
     return StackStore(path=str(path), grid=grid, tile=int(attrs["tile"]),
                       filters={k: list(v) for k, v in attrs["filters"].items()},
-                      frames=dict(attrs.get("frames", {})), params=dict(attrs.get("params", {})))
+                      frames={name: FrameInfo.from_dict(values)
+                              for name, values in attrs.get("frames", {}).items()},
+                      params=dict(attrs.get("params", {})))
+
+
+def coadd_key(filter_name: str, method: str = "") -> str:
+    """Node name of a coadd: the filter's key, ``_<method>`` appended for the second and
+    further methods of a run (``method`` = "" for the first)."""
+    return filter_key(filter_name) + (f"_{method}" if method else "")
+
+
+def create_coadd_arrays(store: StackStore, key: str, block: int):
+    """New (image, weight) arrays ``coadd/<key>/`` on the grid, chunked ``(block, block)``
+    as the combine writes them; an earlier coadd of the same key is replaced."""
+    group = store.group("r+")
+    ny, nx = store.grid.shape
+    return tuple(group.create_array(f"coadd/{key}/{name}", shape=(ny, nx),
+                                    chunks=(block, block), dtype="float32",
+                                    fill_value=fill, overwrite=True)
+                 for name, fill in (("image", np.nan), ("weight", 0.0)))
+
+
+def open_coadd_arrays(store_path: str, key: str):
+    """The (image, weight) arrays of coadd ``key`` (read only; a worker opens by path)."""
+    group = zarr.open_group(store_path, mode="r")
+    return group[f"coadd/{key}/image"], group[f"coadd/{key}/weight"]
+
+
+def read_plane(store_path: str, filter_name: str, index: int) -> np.ndarray:
+    """One registered frame's plane (ny, nx) of the stack (a worker opens by path)."""
+    group = zarr.open_group(store_path, mode="r")
+    return group[f"{filter_key(filter_name)}/data"][index]
 
 
 def write_tiles(store_path: str, filter_name: str, index: int, tiles) -> int:

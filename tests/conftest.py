@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from daskstack.rundir import INTERNAL_ERRORS_ENV
+from daskstack._rundir import INTERNAL_ERRORS_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 LCO_DIR = ROOT.parent / "shared" / "data" / "lco-pds110"
@@ -64,7 +64,7 @@ def sim_field(tmp_path_factory):
 @pytest.fixture(scope="session")
 def sim_run(sim_field, dask_client, tmp_path_factory):
     """The whole pipeline run once on `sim_field` (default settings)."""
-    from daskstack.pipeline import run
+    from daskstack._pipeline import run
 
     out = tmp_path_factory.mktemp("sim-run")
     return run([str(p) for p in sim_field.frames], str(sim_field.catalog), out,

@@ -800,8 +800,8 @@ def test_download_exit_codes(httpserver, tmp_path, monkeypatch):
     """0 all done, 3 partial, 4 nothing usable, 2 bad usage; as every other command."""
     from click.testing import CliRunner
 
+    from daskstack._exitcodes import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL, EXIT_USAGE
     from daskstack.cli import main
-    from daskstack.exitcodes import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL, EXIT_USAGE
 
     monkeypatch.delenv("LCO_ARCHIVE_TOKEN", raising=False)
     monkeypatch.setenv("DASKSTACK_LCO_ARCHIVE_URL", url_for(httpserver, "/"))
@@ -842,8 +842,8 @@ def test_run_with_some_bad_records_runs_the_good_frames(sim_field, dask_client, 
     from astropy.table import Table
     from click.testing import CliRunner
 
+    from daskstack._exitcodes import EXIT_FAILED, EXIT_PARTIAL
     from daskstack.cli import main
-    from daskstack.exitcodes import EXIT_FAILED, EXIT_PARTIAL
 
     monkeypatch.delenv("LCO_ARCHIVE_TOKEN", raising=False)
     good = sim_field.frames[:2]

@@ -186,7 +186,7 @@ def test_header_mode_is_cheap(lco_dir, refcat, solved_nominal, monkeypatch):
 
     monkeypatch.setattr(astrometry, "detect_sources", no_detection)
     s = Settings()
-    s.solve.wcs = "header"
+    s = s.replace("solve", wcs="header")
     frame = read_frame(lco_dir / SOLVED[4])
     hres = solve_frame(frame, refcat, s)
     assert hres.ok and hres.method == "header" and hres.reason == "header WCS taken as is"
@@ -227,7 +227,7 @@ def test_synthetic_sip_recovered(sim_sip):
     errs = {}
     for order in (0, 3):
         s = Settings()
-        s.solve.sip_order = order
+        s = s.replace("solve", sip_order=order)
         res = solve_frame(frame, cat, s)
         assert res.ok, res.reason
         errs[order] = _truth_err_px(res, sim_sip.truth_wcs[frame.name], frame.data.shape)
@@ -265,7 +265,7 @@ def test_synthetic_4k_frame(sim_4k):
     assert res.ok, res.reason
     assert _truth_err_px(res, sim_4k.truth_wcs[frame.name], frame.data.shape) <= 0.05
     s = Settings()
-    s.solve.wcs = "header"
+    s = s.replace("solve", wcs="header")
     hres = solve_frame(frame, cat, s)
     assert hres.ok and hres.method == "header"
     assert abs(hres.background / res.background - 1) < 0.02
@@ -282,7 +282,7 @@ def test_synthetic_proper_motion(tmp_path):
     errs = {}
     for pm in (True, False):
         s = Settings()
-        s.catalog.propagate_pm = pm
+        s = s.replace("catalog", propagate_pm=pm)
         res = solve_frame(frame, cat, s)
         errs[pm] = (_truth_err_px(res, sf.truth_wcs[frame.name], frame.data.shape)
                     if res.ok else np.inf)

@@ -9,8 +9,8 @@ from astropy.io import fits
 from astropy.table import Table
 from click.testing import CliRunner
 
+from daskstack._validate import wcs_error_px
 from daskstack.cli import main
-from daskstack.validate import wcs_error_px
 
 CLUSTER = ["--workers", "1", "--threads", "1"]
 
@@ -154,7 +154,7 @@ def test_three_filters_give_a_colour_composite(tmp_path):
 def test_exit_codes_of_every_command(sim_field, dask_client, tmp_path):
     """0 all done, 3 partial, 4 nothing usable, 2 bad usage: the same for every command
     (run's 0/3/4 are checked in test_hostile and test_archive, download's in test_archive)."""
-    from daskstack.exitcodes import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL, EXIT_USAGE
+    from daskstack._exitcodes import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL, EXIT_USAGE
 
     good = str(sim_field.frames[0])
     bad = tmp_path / "notfits.fits"

@@ -21,10 +21,10 @@ from astropy.table import Table
 from click.testing import CliRunner
 
 from daskstack import cli
+from daskstack._rundir import FrameRecord, sha256
 from daskstack.catalogs import CatalogError, load_catalog
 from daskstack.config import ClusterSettings, Settings, SettingsError
 from daskstack.match import MatchError, find_transform, format_probability
-from daskstack.rundir import FrameRecord, sha256
 
 ONE_WORKER = ["--workers", "1", "--threads", "1"]
 
@@ -224,11 +224,11 @@ def test_a_different_run_says_what_differs(small_field, small_run):
 def test_quiet_silences_worker_logs(capfd, tmp_path):
     """Records logged on a worker process go through this process's logging: below the
     -q level they are not printed (neither here nor by the worker), errors are."""
-    from daskstack.cluster import open_client
+    from daskstack._cluster import open_client
 
     cli._setup_logging(0, quiet=True)
     try:
-        worker_log = logging.getLogger("daskstack.pipeline")
+        worker_log = logging.getLogger("daskstack._pipeline")
         with open_client(ClusterSettings(n_workers=1), local_directory=str(tmp_path)) as client:
             client.submit(worker_log.warning, "frame-x: a bad frame", pure=False).result()
             client.submit(worker_log.error, "the run itself failed", pure=False).result()
@@ -271,9 +271,9 @@ def test_ctrl_c_ends_with_one_line(small_field, tmp_path):
 
 
 def test_repeated_reasons_are_said_once(small_field, tmp_path):
-    records = [FrameRecord(file=f"/x/f{i}.fits", name=f"f{i}", status="failed",
-                           reason="catalog unreachable") for i in range(5)]
-    records.append(FrameRecord(file="/x/g.fits", name="g", status="failed", reason="blank"))
+    records = [FrameRecord(file=f"/x/f{i}.fits", name=f"f{i}", refusal="catalog unreachable")
+               for i in range(5)]
+    records.append(FrameRecord(file="/x/g.fits", name="g", refusal="blank"))
     assert cli._failure_lines(records) == [
         "  FAILED 5 frames (f0.fits, f1.fits, f2.fits, ...): catalog unreachable",
         "  FAILED g.fits: blank"]
@@ -310,7 +310,7 @@ def test_false_alarm_probability_reads_as_one():
 
 
 def test_run_summary_names_every_file_combine_wrote(tmp_path, capsys):
-    from daskstack.pipeline import RunResult
+    from daskstack._pipeline import RunResult
 
     main, median = tmp_path / "coadd_rp.fits", tmp_path / "coadd_rp_median.fits"
     differences = [tmp_path / "difference" / f"f{i}.fits" for i in range(3)]

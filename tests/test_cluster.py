@@ -26,7 +26,7 @@ from astropy.io import fits
 from astropy.table import Table
 from click.testing import CliRunner
 
-from daskstack import cluster as cluster_mod
+from daskstack import _cluster as cluster_mod
 from daskstack.cli import main
 from daskstack.config import ClusterSettings, Settings
 
@@ -97,7 +97,7 @@ def test_jobqueue_job_script_carries_the_settings(tmp_path):
                                         "#SBATCH -t 02:30:00", "#SBATCH --constraint=haswell"]),
                              ("pbs", ["#PBS -q short", "#PBS -A lco-proj",
                                       "walltime=02:30:00", "ncpus=4"])):
-        settings.cluster.jobqueue = system
+        settings = settings.replace("cluster", jobqueue=system)
         cluster = cluster_mod.jobqueue_cluster(settings.cluster, str(tmp_path))
         try:
             script = cluster.job_script()
@@ -157,12 +157,12 @@ def test_bad_option_in_config_file_rejected(tmp_path):
     # the command line overrides the file
     config.write_text('[cluster]\nwalltime = "forever"\n')
     settings = Settings.from_toml(config)
-    settings.update({"cluster.walltime": "00:10:00"})
+    settings = settings.update({"cluster.walltime": "00:10:00"})
     assert settings.validate().cluster.walltime == "00:10:00"
 
 
 def test_unreachable_scheduler_is_a_clear_error(monkeypatch):
-    from daskstack.cluster import ClusterError, open_client
+    from daskstack._cluster import ClusterError, open_client
 
     monkeypatch.setattr(cluster_mod, "CONNECT_TIMEOUT", "2s")
     port = _free_port()  # nothing listens there
@@ -173,12 +173,11 @@ def test_unreachable_scheduler_is_a_clear_error(monkeypatch):
 
 def test_workers_without_the_inputs_are_a_clear_error(tmp_path):
     """Workers on another filesystem: one clear error, not N per-frame failures."""
-    from daskstack.pipeline import FrameRecord, RunError, _check_workers_see_inputs
+    from daskstack._pipeline import FrameRecord, RunError, _check_workers_see_inputs
 
     here = tmp_path / "a.fits"
     here.write_bytes(b"")
-    records = [FrameRecord(file=str(here), name="a", status="failed",
-                           reason="file does not exist")]
+    records = [FrameRecord(file=str(here), name="a", refusal="file does not exist")]
     with pytest.raises(RunError, match="workers cannot see the input files"):
         _check_workers_see_inputs(records)
     records[0].file = str(tmp_path / "gone.fits")  # missing here too: a per-frame failure
@@ -298,7 +297,7 @@ def local_slurm(monkeypatch):
 def test_slurm_cluster_coadd_equals_local(local_slurm, sim_field, sim_run, tmp_path):
     """The pipeline through dask-jobqueue's SLURMCluster (workers are sbatch jobs, scaled
     adaptively 0..2): same coadd as the local run; the jobs are gone afterwards."""
-    from daskstack.pipeline import EXIT_OK, run
+    from daskstack._pipeline import EXIT_OK, run
 
     settings = Settings.from_dict({"cluster": {
         "jobqueue": "slurm", "queue": "debug", "cores": 1, "memory": "1GiB",

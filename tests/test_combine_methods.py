@@ -56,7 +56,8 @@ def test_a_new_method_is_one_table_entry(monkeypatch):
     cards = header_cards("clipmedian", CombineSettings(sigma=2.5, iters=4))
     assert [(k, v) for k, v, _ in cards] == [("CLIPSIG", 2.5), ("CLIPITER", 4)]
     settings = Settings()
-    settings.combine.method = "mean,clipmedian"  # the settings accept it: same table
+    # the settings accept it: same table
+    settings = settings.replace("combine", method="mean,clipmedian")
     assert settings.validate().combine.methods == ["mean", "clipmedian"]
     monkeypatch.delitem(COMBINE_METHODS, "clipmedian")
     with pytest.raises(SettingsError, match="combine.method = 'mean,clipmedian' is not one of"):

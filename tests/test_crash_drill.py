@@ -26,9 +26,9 @@ import pytest
 from astropy.io import fits
 from astropy.table import Table
 
+from daskstack._pipeline import EXIT_OK, run
+from daskstack._rundir import OUTPUTS_FILE, TEMPORARY, read_outputs, sha256
 from daskstack.config import Settings
-from daskstack.pipeline import EXIT_OK, run
-from daskstack.rundir import OUTPUTS_FILE, TEMPORARY, read_outputs, sha256
 
 N_FRAMES = 3
 TILE = 128
@@ -146,8 +146,7 @@ def check_run_dir(out: Path) -> None:
 
 def test_crash_drill(drill_field, dask_client, tmp_path):
     # the uninterrupted run, in this process (the same settings as the command's options)
-    settings = Settings()
-    settings.update({"register.tile": TILE, "combine.method": ",".join(METHODS)})
+    settings = Settings().update({"register.tile": TILE, "combine.method": ",".join(METHODS)})
     uninterrupted = run([str(p) for p in drill_field.frames], str(drill_field.catalog),
                         tmp_path / "reference", settings, client=dask_client)
     assert uninterrupted.exit_code == EXIT_OK

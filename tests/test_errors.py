@@ -3,7 +3,9 @@
 import pytest
 
 import daskstack
-from daskstack import archive, catalogs, cluster, config, frames, grid, match, rundir, store
+from daskstack import _cluster as cluster
+from daskstack import _rundir as rundir
+from daskstack import archive, catalogs, config, frames, grid, match, store
 from daskstack.errors import DaskstackError
 
 
@@ -25,6 +27,6 @@ def test_every_error_is_a_daskstack_error(error, builtin):
 
 def test_catching_the_base_catches_a_bad_option():
     settings = daskstack.Settings()
-    settings.combine.method = "average"
+    settings = settings.replace("combine", method="average")
     with pytest.raises(DaskstackError, match="combine.method = 'average' is not one of"):
         settings.validate()

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from daskstack.rundir import INTERNAL_ERRORS_ENV
+from daskstack._rundir import INTERNAL_ERRORS_ENV
 
 # the guards of tests/conftest.py, and nothing else of it, in the inner test directory
 CONFTEST = """
@@ -102,10 +102,10 @@ def test_without_ci_skips_are_skips(inner, monkeypatch):
 
 INTERNAL_ERRORS = """
 import pytest
-from daskstack.rundir import FrameRecord, write_manifest
+from daskstack._rundir import FrameRecord, write_manifest
 
 def _manifest(path, reason):
-    record = FrameRecord(file="a.fits", name="a", status="failed", reason=reason)
+    record = FrameRecord(file="a.fits", name="a", refusal=reason)
     write_manifest([record], path)
 
 def test_bad_frame_is_fine(tmp_path):

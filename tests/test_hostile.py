@@ -16,14 +16,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from astropy.coordinates import SkyCoord
 from astropy.io import fits
 from astropy.table import Table, vstack
 
+from daskstack import _pipeline as pipeline
+from daskstack import _rundir as rundir
 from daskstack import catalogs as catalogs_mod
-from daskstack import pipeline, rundir
+from daskstack._pipeline import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL, RunError, run
 from daskstack.config import Settings
 from daskstack.frames import frame_name, read_meta
-from daskstack.pipeline import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL, RunError, run
 from daskstack.simulate import (
     lco_header,
     make_catalog,
@@ -259,7 +261,7 @@ def batch_run(batch, dask_client):
     """The batch, once, with an archive token in the environment and DEBUG logging."""
     root, inputs, cat = batch
     settings = Settings()
-    settings.solve.search_radius_arcmin = SEARCH_RADIUS_ARCMIN
+    settings = settings.replace("solve", search_radius_arcmin=SEARCH_RADIUS_ARCMIN)
     handler = _Collect()
     logger = logging.getLogger("daskstack")  # DEBUG for daskstack (distributed's is noise)
     old_level = logger.level
@@ -406,7 +408,7 @@ def test_catalog_service_unreachable_without_cache(batch, dask_client, tmp_path,
                                                    monkeypatch):
     monkeypatch.setitem(catalogs_mod._SERVICES, "mast", _unreachable)
     settings = Settings()
-    settings.catalog.retries = 0
+    settings = settings.replace("catalog", retries=0)
     result = run(_one_good(batch), "gaia", tmp_path / "out", settings, client=dask_client)
     assert result.exit_code == EXIT_FAILED
     assert re.fullmatch(r"Gaia query via mast failed after 1 attempts for field RA "
@@ -422,10 +424,13 @@ def test_catalog_service_unreachable_with_cached_field(batch, dask_client, tmp_p
     frames = _one_good(batch)
     cache = tmp_path / "cache"
     settings = Settings()
-    settings.catalog.retries = 0
-    settings.catalog.cache_dir = str(cache)
+    settings = settings.replace("catalog", retries=0, cache_dir=str(cache))
     gaia_like = Table.read(cat, format="ascii.ecsv")
-    monkeypatch.setitem(catalogs_mod._SERVICES, "mast", lambda *a, **k: gaia_like)
+    def cone(center, radius_deg, *args, **kwargs):  # as the service answers: the cone only
+        stars = SkyCoord(gaia_like["ra"], gaia_like["dec"], unit="deg")
+        return gaia_like[stars.separation(center).deg <= radius_deg]
+
+    monkeypatch.setitem(catalogs_mod._SERVICES, "mast", cone)
     pipeline._field_catalog([read_meta(frames[0])], "gaia", settings, cache)  # the earlier query
     assert len(list(cache.glob("gaia-mast_*.ecsv"))) == 1
     monkeypatch.setitem(catalogs_mod._SERVICES, "mast", _unreachable)

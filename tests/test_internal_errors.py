@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 from astropy.table import Table
 
-from daskstack import cli, pipeline
+from daskstack import _pipeline as pipeline
+from daskstack import cli
+from daskstack._pipeline import EXIT_OK, EXIT_PARTIAL, read_manifest, run
+from daskstack._rundir import ERRORS_FILE, INTERNAL_ERROR, OUTPUTS_FILE, read_outputs, sha256
 from daskstack.frames import frame_name
-from daskstack.pipeline import EXIT_OK, EXIT_PARTIAL, read_manifest, run
-from daskstack.rundir import ERRORS_FILE, INTERNAL_ERROR, OUTPUTS_FILE, read_outputs, sha256
 
 pytestmark = pytest.mark.internal_error
 

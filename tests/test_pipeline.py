@@ -6,10 +6,10 @@ from astropy.io import fits
 from astropy.table import Table
 from astropy.wcs import WCS
 
+from daskstack._pipeline import EXIT_OK, EXIT_PARTIAL, run
+from daskstack._validate import wcs_error_px
 from daskstack.catalogs import load_catalog, propagate_proper_motion
 from daskstack.frames import read_meta
-from daskstack.pipeline import EXIT_OK, EXIT_PARTIAL, run
-from daskstack.validate import wcs_error_px
 
 
 def coadd_star_offsets(coadd_path, catalog, epoch, max_stars=40):
@@ -98,7 +98,7 @@ def test_rerun_resumes_without_recomputing(sim_run, sim_field, dask_client):
 
 
 def test_different_run_in_same_directory_is_refused(sim_run, sim_field, dask_client):
-    from daskstack.pipeline import RunError
+    from daskstack._pipeline import RunError
 
     with pytest.raises(RunError, match="different run"):
         run([str(p) for p in sim_field.frames[:2]], str(sim_field.catalog), sim_run.out_dir,
@@ -125,7 +125,7 @@ def test_companion_exposures_rescue_a_thin_frame(tmp_path, monkeypatch):
     exposures of its pointing and filter (the u-band case), and only with those."""
     from distributed import Client
 
-    from daskstack import pipeline
+    from daskstack import _pipeline as pipeline
     from daskstack.simulate import simulate_field
 
     field = simulate_field(tmp_path / "in", n_frames=4, shape=(384, 384), filters=("up", "rp"),
@@ -146,9 +146,9 @@ def test_companion_exposures_rescue_a_thin_frame(tmp_path, monkeypatch):
     monkeypatch.setattr(pipeline, "solve_frame", picky_solve)
     with Client(processes=False, n_workers=1, threads_per_worker=2,
                 dashboard_address=":0") as client:
-        records = pipeline.inspect_frames(client, [str(p) for p in field.frames])
-        pipeline.solve_frames(client, records, str(field.catalog), tmp_path / "out",
-                              pipeline.Settings())
+        records = pipeline._inspect_frames(client, [str(p) for p in field.frames])
+        pipeline._solve_frames(client, records, tmp_path / "out",
+                               pipeline.Settings().replace("catalog", source=str(field.catalog)))
     by_name = {r.name: r for r in records}
     assert by_name[thin].status == "ok"
     companions = seen[False]

@@ -18,12 +18,13 @@ from click.testing import CliRunner
 
 import daskstack
 from daskstack import combine
+from daskstack._rundir import FrameRecord, OutputLog, dedupe_exposures
+from daskstack._write import coadd_header
 from daskstack.cli import main
 from daskstack.config import CombineSettings
 from daskstack.frames import read_meta
 from daskstack.grid import Grid
-from daskstack.rundir import FrameRecord, OutputLog, dedupe_exposures
-from daskstack.write import coadd_header
+from daskstack.store import FrameInfo
 
 from .helpers import tan_wcs
 
@@ -46,7 +47,7 @@ def adu_field(tmp_path_factory):
 @pytest.fixture(scope="module")
 def adu_run(adu_field, dask_client, tmp_path_factory):
     """The pipeline on the three frames plus a copy of the first under another name."""
-    from daskstack.pipeline import run
+    from daskstack._pipeline import run
 
     inputs = tmp_path_factory.mktemp("copies")
     copy = inputs / "renamed-copy.fits.fz"
@@ -130,14 +131,14 @@ def _infos(**fields):
     base = {"exptime": 10.0, "date_obs": "2024-01-01T00:00:00", "gain": 1.0,
             "bunit": "electron", "object": "M 66", "telescope": "1m0-01",
             "instrument": "fa14"}
-    return [{**base, **{k: v[i] for k, v in fields.items()}}
+    return [FrameInfo(**{**base, **{k: v[i] for k, v in fields.items()}})
             for i in range(len(next(iter(fields.values()))))]
 
 
 def _header(infos, method="mean", scale="exptime", catalog=""):
     grid = Grid.from_wcs(tan_wcs((50, 60)), (50, 60))
     stack = SimpleNamespace(grid=grid, params={"catalog": catalog})
-    scales = combine.frame_scales(scale, exptime=[f["exptime"] for f in infos],
+    scales = combine.frame_scales(scale, exptime=[f.exptime for f in infos],
                                   n_frames=len(infos))
     return coadd_header(stack, "rp", [f"f{i}" for i in range(len(infos))], infos,
                         CombineSettings(method=method, scale=scale), scales)

@@ -15,8 +15,8 @@ import pytest
 from astropy.io import fits
 from astropy.table import Table
 
-from daskstack import report
-from daskstack.pipeline import make_report, run
+from daskstack import _report as report
+from daskstack._pipeline import make_report, run
 
 
 # --------------------------------------------------------------------------------------
@@ -77,7 +77,7 @@ def manifest(run_dir: Path) -> Table:
 # --------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def sim_report(sim_run, dask_client):
-    path = make_report(dask_client, sim_run.out_dir, frames=True)
+    path = make_report(sim_run.out_dir, client=dask_client, frames=True)
     return sim_run.out_dir, path
 
 

@@ -14,7 +14,7 @@ import numpy as np
 from astropy.io import fits
 from astropy.table import Table
 
-from daskstack.pipeline import EXIT_OK, read_manifest, run
+from daskstack._pipeline import EXIT_OK, read_manifest, run
 
 
 def _group_alive(pgid: int) -> bool:

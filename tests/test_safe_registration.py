@@ -7,9 +7,9 @@ import pytest
 from astropy.io import fits
 
 from daskstack import store as store_mod
+from daskstack._pipeline import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL, run
+from daskstack._rundir import wcs_from_text
 from daskstack.config import Settings
-from daskstack.pipeline import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL, run
-from daskstack.rundir import wcs_from_text
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +45,8 @@ def _run_with_failing_registration(field, out, monkeypatch, victims):
 
     monkeypatch.setattr(store_mod, "write_tiles", half_write)
     settings = Settings()
-    settings.register.tile = 128  # several tiles per frame: the failure is half-way
-    settings.combine.method = "mean"
+    # several tiles per frame: the failure is half-way
+    settings = settings.replace("register", tile=128).replace("combine", method="mean")
     with Client(processes=False, n_workers=1, threads_per_worker=2,
                 dashboard_address=":0") as client:
         result = run([str(p) for p in field.frames], "", out, settings, client=client)
@@ -108,7 +108,7 @@ def test_optimal_grid_on_real_frames_puts_every_solved_frame_in(lco_frames, lco_
     from astropy.wcs import WCS
 
     settings = Settings()
-    settings.grid.method = "optimal"
+    settings = settings.replace("grid", method="optimal")
     result = run([str(p) for p in lco_frames], str(lco_dir / "refcat-pds110.ecsv"),
                  tmp_path, settings, client=dask_client)
     solved = [r for r in result.frames if r.result is not None and r.result.ok]

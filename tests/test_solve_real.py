@@ -13,9 +13,9 @@ from astropy.table import Table
 from astropy.wcs import WCS
 from click.testing import CliRunner
 
+from daskstack._validate import wcs_separation_arcsec
 from daskstack.cli import main
 from daskstack.frames import quiet_astropy
-from daskstack.validate import wcs_separation_arcsec
 
 SOLVED = [f"ogg0m404-kb82-20170815-{n}-e91" for n in range(1156, 1165)]
 UBAND = [f"ogg0m404-kb82-20170815-{n}-e91" for n in (1153, 1154, 1155)]

@@ -18,9 +18,9 @@ from ccdproc import Combiner
 from reproject import reproject_interp
 
 from daskstack import combine as combine_mod
+from daskstack._pipeline import combine_store_path, register_files
 from daskstack.config import Settings
 from daskstack.frames import read_frame
-from daskstack.pipeline import combine_store_path, register_files
 from daskstack.simulate import simulate_field
 from daskstack.store import open_store
 
@@ -38,9 +38,9 @@ def stack_field(tmp_path_factory):
 
 def register_stack(stack_field, dask_client, out, fast_mapping=True):
     settings = Settings()
-    settings.register.conserve_flux = False  # the tutorial does not rescale pixel areas
-    settings.register.tile = 128
-    settings.register.fast_mapping = fast_mapping
+    # conserve_flux: the tutorial does not rescale pixel areas
+    settings = settings.replace("register", conserve_flux=False, tile=128,
+                                fast_mapping=fast_mapping)
     register_files([str(p) for p in stack_field.frames], out, settings, wcs_source="header",
                    client=dask_client)
     return out
@@ -74,11 +74,8 @@ def assert_same_coadd(image, expected, mask, rtol, atol, weight=None):
 
 def combined(stack_store, dask_client, method, scale="none", subtract=False, **extra):
     settings = Settings()
-    settings.combine.method = method
-    settings.combine.scale = scale
-    settings.combine.subtract_background = subtract
-    for key, value in extra.items():
-        setattr(settings.combine, key, value)
+    settings = settings.replace("combine", method=method, scale=scale,
+                                subtract_background=subtract, **extra)
     out = stack_store / f"combine-{method}-{scale}-{subtract}"
     paths = combine_store_path(stack_store / "store.zarr", out, settings, client=dask_client)
     with fits.open(paths["rp"]) as hdul:
@@ -232,7 +229,7 @@ def test_noise_falls_as_one_over_sqrt_n(stack_field, stack_store):
     # frame 0 is the grid itself (not interpolated); frame 3 has the trail
     use = [i for i in range(1, N_FRAMES) if i != TRAIL_FRAME]
     stack = np.asarray(data.oindex[use])
-    sky = np.array([store.frames[store.filters["rp"][i]]["background"] for i in use])
+    sky = np.array([store.frames[store.filters["rp"][i]].background for i in use])
     catalog = stack_field.catalog_table()
     x, y = store.grid.wcs.world_to_pixel_values(catalog["ra"], catalog["dec"])
     starry = np.zeros(store.grid.shape, bool)
@@ -259,7 +256,7 @@ def test_store_describes_itself(stack_store, stack_field):
     store = open_store(stack_store / "store.zarr")
     assert store.filters == {"rp": [p.name.replace(".fits.fz", "") for p in stack_field.frames]}
     record = next(iter(store.frames.values()))
-    assert record["exptime"] > 0 and record["background"] > 0
+    assert record.exptime > 0 and record.background > 0
     assert store.params["register"]["order"] == "bilinear"
     data, _ = store.arrays("rp")
     assert data.shape == (N_FRAMES, *store.grid.shape)
@@ -271,8 +268,7 @@ def test_store_describes_itself(stack_store, stack_field):
 def test_difference_images_bring_out_what_changed(stack_field, stack_store, dask_client):
     """Frame minus coadd: the trail stands out in its frame's difference, nowhere else."""
     settings = Settings()
-    settings.combine.method = "median"
-    settings.combine.difference = True
+    settings = settings.replace("combine", method="median", difference=True)
     out = stack_store / "combine-difference"
     combine_store_path(stack_store / "store.zarr", out, settings, client=dask_client)
     names = [p.name.replace(".fits.fz", "") for p in stack_field.frames]
@@ -289,6 +285,6 @@ def test_difference_images_bring_out_what_changed(stack_field, stack_store, dask
     assert max(v for k, v in bright.items() if k != trail) < bright[trail] / 3
     header = fits.getheader(out / "difference" / f"{trail}.fits")
     assert header["FRAME"] == trail and "CRVAL1" in header
-    from daskstack.rundir import read_outputs
+    from daskstack._rundir import read_outputs
 
     assert f"difference/{trail}.fits" in read_outputs(out)

@@ -4,15 +4,15 @@ import numpy as np
 import pytest
 from astropy.coordinates import SkyCoord
 
-from daskstack import pipeline
+from daskstack import _pipeline as pipeline
 from daskstack import store as store_mod
+from daskstack._fields import separation_deg
+from daskstack._stats import clip_residuals, mad_sigma, residual_sigma, sky_level
 from daskstack.astrometry import solve_frame
 from daskstack.config import Settings
-from daskstack.fields import separation_deg
 from daskstack.frames import read_frame, read_meta
 from daskstack.grid import make_grid
 from daskstack.simulate import simulate_field
-from daskstack.stats import clip_residuals, mad_sigma, residual_sigma, sky_level
 
 
 def test_mad_sigma_and_sky_level_on_gaussian_sky_with_stars():
@@ -63,10 +63,10 @@ def test_both_header_wcs_paths_measure_the_same_sky(tmp_path):
     path = str(field.frames[0])
     frame, meta = read_frame(path), read_meta(path)
     settings = Settings()
-    settings.solve.wcs = "header"
+    settings = settings.replace("solve", wcs="header")
     solved = solve_frame(frame, None, settings)
     grid = make_grid([(meta.shape, meta.header_wcs())], settings.grid, names=[meta.name])
-    store_mod.create_store(tmp_path / "store.zarr", grid, {meta.name: {}},
+    store_mod.create_store(tmp_path / "store.zarr", grid, {meta.name: store_mod.FrameInfo()},
                            {meta.filter: [meta.name]}, tile=settings.register.tile)
     _, _, registered = pipeline._register_task(meta, meta.wcs_header, grid,
                                                str(tmp_path / "store.zarr"), meta.filter, 0,

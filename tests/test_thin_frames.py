@@ -101,8 +101,8 @@ def test_pipeline_solves_thin_frames_with_the_night(tmp_path):
     from click.testing import CliRunner
 
     from daskstack import simulate
+    from daskstack._validate import load_wcs
     from daskstack.cli import main
-    from daskstack.validate import load_wcs
 
     shape, scale = (512, 768), 1.2
     rng = np.random.default_rng(19)

@@ -9,11 +9,11 @@ import pytest
 from astropy.io import fits
 from click.testing import CliRunner
 
+from daskstack._pipeline import EXIT_OK, EXIT_PARTIAL, reference_frame, run
+from daskstack._rundir import FrameRecord
 from daskstack.astrometry import SolveResult
 from daskstack.config import Settings
 from daskstack.frames import FrameMeta, read_meta, unusable_reason
-from daskstack.pipeline import EXIT_OK, EXIT_PARTIAL, reference_frame, run
-from daskstack.rundir import FrameRecord
 
 U_BAND = [f"ogg0m404-kb82-20170815-{n}-e91" for n in (1153, 1154, 1155)]  # WCSERR = 4
 
@@ -24,7 +24,7 @@ def _record(name, filter_name, exptime, n_matches=0, rms=float("nan"), status="o
                      saturate=np.inf, pixscale=1.0, ra=0.0, dec=0.0)
     result = SolveResult(name=name, path=meta.path, filter=filter_name, status=status,
                          n_matches=n_matches, rms_arcsec=rms)
-    return FrameRecord(file=meta.path, name=name, meta=meta, result=result, status=status)
+    return FrameRecord(file=meta.path, name=name, meta=meta, result=result)
 
 
 def test_reference_is_the_best_frame_of_the_deepest_filter():
@@ -41,9 +41,9 @@ def test_reference_is_the_best_frame_of_the_deepest_filter():
     # frames taken with their header WCS have no QA: the longest exposure, then the name
     header_frames = [_record("b", "ip", 10), _record("c", "ip", 30), _record("a", "ip", 30)]
     assert reference_frame(header_frames, settings) == "a"
-    settings.grid.reference = "g1"  # a named reference still wins
+    settings = settings.replace("grid", reference="g1")  # a named reference still wins
     assert reference_frame(records, settings) == "g1"
-    settings.grid.method = "optimal"
+    settings = settings.replace("grid", method="optimal")
     assert reference_frame(records, settings) == ""
 
 
@@ -74,7 +74,7 @@ def _expected_header_reference(frames):
 def test_header_wcs_without_catalog_refuses_frames_whose_solve_failed(
         wcs, lco_frames, dask_client, tmp_path):
     settings = Settings()
-    settings.solve.wcs = wcs
+    settings = settings.replace("solve", wcs=wcs)
     result = run([str(p) for p in lco_frames], "", tmp_path, settings, client=dask_client)
     by_name = {r.name: r for r in result.frames}
     for name in U_BAND:

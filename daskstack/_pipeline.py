@@ -13,10 +13,17 @@ Phases, each a fan-out of small tasks over a `distributed.Client`::
               (+ per frame: frame minus coadd, on request)
     report    per frame and per run: pictures, then one HTML page (on request)
 
+The public functions take inputs and `Settings` (never changed: a run derives its own)
+and an optional ``client`` (without one, a cluster is started from ``settings.cluster``):
+`run` (every phase), `solve_files`, `register_files`, `combine_store_path` (one stage at
+a time) and `make_report`. Each phase is a private helper on a client and the frames'
+`FrameRecord` list; the stages' computation lives in their modules, the tasks here only
+wrap it.
+
 Tasks carry paths and small records, never pixel arrays: workers open the files
 themselves, so the graph grows with the number of frames, not with their size.
 Results come back as they complete and are recorded in the run directory
-(`daskstack.rundir`) as they do, so an interrupted run resumes where it stopped:
+(`daskstack._rundir`) as they do, so an interrupted run resumes where it stopped:
 frames already solved or registered (same grid) are not computed again.
 """
 
@@ -35,11 +42,8 @@ from astropy.table import Table
 
 from . import catalogs, combine
 from . import store as store_mod
-from .astrometry import SolveResult, solve_frame, write_wcs_file
-from .combine import COMBINE_METHODS, _combine_tile, _or_nan, _scales
-from .config import Settings
-from .exitcodes import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL, outcome
-from .fields import (
+from ._exitcodes import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL, outcome
+from ._fields import (
     _companion_groups,
     _field_catalog,
     _field_radius_deg,
@@ -47,10 +51,7 @@ from .fields import (
     _frame_centre,
     _night_groups,
 )
-from .frames import FrameError, FrameMeta, frame_name, read_frame, read_meta, unusable_reason
-from .grid import Grid, make_grid
-from .register import register_frame
-from .rundir import (
+from ._rundir import (
     ERRORS_FILE,
     INTERNAL_ERROR,
     ErrorLog,
@@ -68,12 +69,19 @@ from .rundir import (
     read_manifest,
     restore,
     result_from_wcs_file,
+    run_settings,
     run_signature,
     wcs_from_text,
     write_manifest,
 )
-from .stats import sky_level
-from .write import coadd_header, write_coadd_fits, write_image_fits
+from ._stats import sky_level
+from ._write import coadd_header, write_coadd_fits, write_difference
+from .astrometry import SolveResult, solve_frame, write_wcs_file
+from .combine import COMBINE_METHODS, _combine_tile, _or_nan, _scales
+from .config import Settings
+from .frames import FrameError, FrameMeta, frame_name, read_frame, read_meta, unusable_reason
+from .grid import Grid, make_grid
+from .register import register_frame
 
 __all__ = [
     "EXIT_FAILED",
@@ -81,11 +89,13 @@ __all__ = [
     "EXIT_PARTIAL",
     "RunError",
     "RunResult",
-    "combine_store",
+    "choose_grid",
+    "combine_store_path",
     "make_report",
-    "register_frames",
+    "reference_frame",
+    "register_files",
     "run",
-    "solve_frames",
+    "solve_files",
 ]
 
 log = logging.getLogger(__name__)
@@ -197,11 +207,8 @@ def _difference_task(store_path: str, filter_name: str, index: int, scale: float
     """One frame, scaled as in the coadd, minus the coadd: ``path`` (FITS, grid WCS)."""
     from astropy.io import fits
 
-    group = store_mod.open_store(store_path).group()
-    frame = group[f"{store_mod.filter_key(filter_name)}/data"][index]
-    coadd = group[f"coadd/{coadd_key}/image"][...]
-    difference = (frame * np.float32(scale) + np.float32(offset) - coadd).astype(np.float32)
-    write_image_fits(Path(path), [(fits.Header.fromstring(header_text), difference)])
+    write_difference(store_path, filter_name, index, scale, offset, coadd_key, path,
+                     fits.Header.fromstring(header_text))
     return path
 
 
@@ -266,7 +273,7 @@ def _gather_as_completed(client, futures, phase, progress, on_result):
 # --------------------------------------------------------------------------------------
 # Phases
 # --------------------------------------------------------------------------------------
-def inspect_frames(client, inputs, progress=_progress_none) -> list[FrameRecord]:
+def _inspect_frames(client, inputs, progress=_progress_none) -> list[FrameRecord]:
     records = [FrameRecord(file=str(p), name=frame_name(p)) for p in inputs]
     futures = {i: client.submit(_inspect_task, str(p), pure=False) for i, p in enumerate(inputs)}
 
@@ -276,18 +283,17 @@ def inspect_frames(client, inputs, progress=_progress_none) -> list[FrameRecord]
             for note in value.warnings:
                 log.warning("%s: %s", Path(records[i].file).name, note)
         else:
-            records[i].status = "failed"
-            records[i].reason = getattr(value, "reason", None) or f"unreadable: {value}"
+            records[i].refusal = getattr(value, "reason", None) or f"unreadable: {value}"
 
     _gather_as_completed(client, futures, "inspect", progress, on_result)
     return dedupe_exposures(records)
 
 
-def solve_frames(client, records: list[FrameRecord], catalog_source: str, out_dir: Path,
-                 settings: Settings, progress=_progress_none, manifest=None, *,
-                 needs_exptime: bool = False, output_log: OutputLog | None = None,
-                 errors: ErrorLog | None = None) -> None:
-    """Solve every inspected frame not solved yet; write ``<name>.wcs`` for each success.
+def _solve_frames(client, records: list[FrameRecord], out_dir: Path, settings: Settings,
+                  progress=_progress_none, manifest=None, *, needs_exptime: bool = False,
+                  output_log: OutputLog | None = None, errors: ErrorLog | None = None) -> None:
+    """Solve every inspected frame not solved yet against ``settings.catalog.source``;
+    write ``<name>.wcs`` for each success.
 
     Frames whose header already says they cannot work (a broken WCS, no start for the
     solver, no EXPTIME when ``needs_exptime``, a header WCS that its own header calls
@@ -296,6 +302,7 @@ def solve_frames(client, records: list[FrameRecord], catalog_source: str, out_di
     its traceback goes to ``errors`` (``OUT/errors.log``)."""
     output_log = output_log or OutputLog(out_dir)
     errors = errors or ErrorLog(output_log)
+    catalog_source = settings.catalog.source
     wcs_source = settings.solve.wcs_source(catalog_source)
     for r in records:
         if r.meta is not None and r.result is None:
@@ -383,7 +390,6 @@ def solve_frames(client, records: list[FrameRecord], catalog_source: str, out_di
     for r in records:
         if r.meta is not None and r.result is None:
             r.result = failure(r.meta, "not solved")
-            r.status, r.reason = "failed", r.result.reason
     if manifest is not None:
         write_manifest(records, manifest)
 
@@ -425,14 +431,12 @@ def _solve_constrained(client, records, catalog_of, settings, progress, on_resul
 
 def _accept_solution(record: FrameRecord, result: SolveResult, output_log: OutputLog,
                      announce: bool = True) -> None:
-    record.result = result
+    record.result = result  # the record's status and reason follow from it
     if result.status == "ok":
-        record.status, record.reason = "ok", ""
         path = output_log.out_dir / f"{record.name}.wcs"
         write_wcs_file(result, path, record.meta.shape if record.meta else None)
         output_log.add(path)
     else:
-        record.status, record.reason = "failed", result.reason
         if announce:
             log.warning("%s: %s", Path(record.file).name, result.reason)
 
@@ -486,7 +490,7 @@ def choose_grid(records: list[FrameRecord], settings: Settings) -> Grid:
     return make_grid(footprints, settings.grid, names=names)
 
 
-def register_frames(client, records: list[FrameRecord], grid: Grid, store_path: Path,
+def _register_frames(client, records: list[FrameRecord], grid: Grid, store_path: Path,
                     settings: Settings, progress=_progress_none, manifest=None, *,
                     reference: str = "", errors: ErrorLog | None = None):
     """Reproject every solved frame into the store (frames already registered are kept).
@@ -503,14 +507,14 @@ def register_frames(client, records: list[FrameRecord], grid: Grid, store_path: 
     for r in records:
         if r.status == "ok" and not frame_tiles(wcs_from_text(r.result.wcs_header, r.meta.shape),
                                                 r.meta.shape, grid, settings.register.tile):
-            r.status, r.registered = "failed", False
-            r.reason = f"does not overlap the output grid ({settings.grid.method} grid)"
+            r.registered = False
+            r.refusal = f"does not overlap the output grid ({settings.grid.method} grid)"
             log.warning("%s: %s", Path(r.file).name, r.reason)
     solved = [r for r in records if r.status == "ok"]
     filters: dict[str, list[str]] = {}
     for r in solved:
         filters.setdefault(r.meta.filter, []).append(r.name)
-    frame_info = {r.name: _frame_info(r) for r in solved}
+    frame_info = {r.name: r.info() for r in solved}
     params = {"register": dataclasses.asdict(settings.register),
               "catalog": catalog_label(settings)}
     if reference:
@@ -546,10 +550,9 @@ def register_frames(client, records: list[FrameRecord], grid: Grid, store_path: 
         if isinstance(value, (InternalError, BaseException)):
             if isinstance(value, InternalError):
                 errors.add(name, value)
-                record.status, record.reason = "failed", value.reason
+                record.refusal = value.reason
             else:
-                record.status = "failed"
-                record.reason = f"registration failed: {getattr(value, 'reason', value)}"
+                record.refusal = f"registration failed: {getattr(value, 'reason', value)}"
                 log.warning("%s: %s", record.name, record.reason)
             # the task may have written some tiles before it failed (or its worker died)
             filter_name, index = stack.index_of(name)
@@ -560,7 +563,7 @@ def register_frames(client, records: list[FrameRecord], grid: Grid, store_path: 
         record.registered, record.t_register = True, value[1]
         if value[2] is not None:  # header-WCS frames: the sky measured while registering
             record.result.background, record.result.noise = value[2]
-            stack.frames[name] = _frame_info(record)
+            stack.frames[name] = record.info()
         if time.monotonic() - last_write[0] > 2.0:  # O(N) writes, not O(N^2)
             _checkpoint_registered(stack, solved, records, manifest)
             last_write[0] = time.monotonic()
@@ -580,18 +583,6 @@ def _checkpoint_registered(stack, solved, records, manifest) -> None:
         write_manifest(records, manifest)
 
 
-def _frame_info(record: FrameRecord) -> dict:
-    meta, res = record.meta, record.result
-    return {
-        "file": record.file, "filter": meta.filter, "exptime": meta.exptime,
-        "date_obs": meta.date_obs, "mjd": meta.mjd, "gain": meta.gain,
-        "rdnoise": meta.rdnoise, "background": _finite(res.background),
-        "flux_ratio": _finite(res.flux_ratio), "fwhm_px": _finite(res.fwhm_px),
-        "site": meta.site, "telescope": meta.telescope, "instrument": meta.instrument,
-        "object": meta.object, "bunit": meta.bunit,
-    }
-
-
 def catalog_label(settings: Settings) -> str:
     """The reference catalog the frames were solved against, for the coadd header:
     'gaia', 'gaia-tap' or the file's name; "" when the header WCS was used as it is."""
@@ -609,7 +600,7 @@ COADD_SETTINGS = "coadds"  # store params: {coadd path: the combine settings it 
 
 
 def coadd_paths(stack, out_dir: Path, settings: Settings) -> dict[Path, dict]:
-    """Every coadd `combine_store` will write for ``settings``, with the combine settings
+    """Every coadd `_combine_store` will write for ``settings``, with the combine settings
     each is made with: ``coadd_<filter>.fits`` for the first method, then
     ``coadd_<filter>_<method>.fits``."""
     registered = set(stack.params.get("registered", [])) or None
@@ -617,11 +608,9 @@ def coadd_paths(stack, out_dir: Path, settings: Settings) -> dict[Path, dict]:
     for filter_name, names in stack.filters.items():
         if not any(registered is None or n in registered for n in names):
             continue
-        key = store_mod.filter_key(filter_name)
         for n_method, method in enumerate(settings.combine.methods):
-            suffix = "" if n_method == 0 else f"_{method}"
-            planned[out_dir / f"coadd_{key}{suffix}.fits"] = _made_with(settings.combine,
-                                                                        method)
+            node = store_mod.coadd_key(filter_name, "" if n_method == 0 else method)
+            planned[out_dir / f"coadd_{node}.fits"] = _made_with(settings.combine, method)
     return planned
 
 
@@ -633,7 +622,7 @@ def _made_with(cs, method: str) -> dict:
 
 
 def check_coadds_replaceable(stack, out_dir: Path, settings: Settings) -> None:
-    """Raise `RunError` when a coadd `combine_store` would write exists and was made with
+    """Raise `RunError` when a coadd `_combine_store` would write exists and was made with
     other combine settings (or settings not recorded): never replaced silently."""
     made_with = stack.params.get(COADD_SETTINGS, {})
     for path, wanted in coadd_paths(stack, out_dir, settings).items():
@@ -649,9 +638,9 @@ def check_coadds_replaceable(stack, out_dir: Path, settings: Settings) -> None:
                        "use --overwrite to replace it, or --out to write elsewhere")
 
 
-def combine_store(client, store_path: Path, out_dir: Path, settings: Settings,
-                  progress=_progress_none, output_log: OutputLog | None = None,
-                  written: list | None = None) -> dict[str, Path]:
+def _combine_store(client, store_path: Path, out_dir: Path, settings: Settings,
+                   progress=_progress_none, output_log: OutputLog | None = None,
+                   written: list | None = None) -> dict[str, Path]:
     """Combine every filter of a store into ``coadd_<filter>.fits`` (no reprojection).
 
     Every file written (coadds, differences, colour picture) is appended to ``written``
@@ -691,8 +680,6 @@ def combine_store(client, store_path: Path, out_dir: Path, settings: Settings,
         infos = [stack.frames[names[i]] for i in keep]
         scales = _scales(cs, infos)
         key = store_mod.filter_key(filter_name)
-        group = stack.group("r+")
-        ny, nx = stack.grid.shape
         sources, targets, paths = [], [], []
         # several methods share one read of each slab: one graph, one compute
         weights_of = {}
@@ -701,24 +688,18 @@ def combine_store(client, store_path: Path, out_dir: Path, settings: Settings,
             frame_weights = None
             if spec.estimator == "weighted":
                 frame_weights = combine.inverse_variance_weights(
-                    gain=[f["gain"] for f in infos], rdnoise=[f["rdnoise"] for f in infos],
-                    sky=[_or_nan(f["background"]) for f in infos], scale=scales.scales)
+                    gain=[f.gain for f in infos], rdnoise=[f.rdnoise for f in infos],
+                    sky=[_or_nan(f.background) for f in infos], scale=scales.scales)
                 weights_of[method] = frame_weights
             result = combine.combine_stack(
                 data, foot, method=method, sigma=cs.sigma, iters=cs.iters,
                 cenfunc=cs.cenfunc, nlow=cs.nlow, nhigh=cs.nhigh, scales=scales.scales,
                 offsets=scales.offsets, frame_weights=frame_weights,
                 reject=cs.weighted_reject if spec.rejection is None else "none")
-            suffix = "" if n_method == 0 else f"_{method}"
-            pair = []
-            for name in ("image", "weight"):
-                pair.append(group.create_array(
-                    f"coadd/{key}{suffix}/{name}", shape=(ny, nx), chunks=(block, block),
-                    dtype="float32", fill_value=np.nan if name == "image" else 0.0,
-                    overwrite=True))
+            node = store_mod.coadd_key(filter_name, "" if n_method == 0 else method)
             sources += [result.image.astype("float32"), result.weight.astype("float32")]
-            targets.append(pair)
-            paths.append((method, out_dir / f"coadd_{key}{suffix}.fits"))
+            targets.append(store_mod.create_coadd_arrays(stack, node, block))
+            paths.append((method, out_dir / f"coadd_{node}.fits"))
         da.store(sources, [t for pair in targets for t in pair], lock=False, compute=True)
         for (method, path), (image, weight) in zip(paths, targets, strict=True):
             header = coadd_header(stack, filter_name, [names[i] for i in keep], infos,
@@ -735,7 +716,7 @@ def combine_store(client, store_path: Path, out_dir: Path, settings: Settings,
                                scales, key, out_dir, wrote)
         progress("combine", done, len(filters))
     if len(outputs) >= 3:  # colourise, as the tutorial does with its bands
-        from .report import colour_composite
+        from ._report import colour_composite
 
         colour = colour_composite({f: str(p) for f, p in outputs.items()},
                                   out_dir / "colour.png")
@@ -794,13 +775,9 @@ def run(inputs, catalog: str, out_dir, settings: Settings | None = None, *, clie
         Before any cluster starts or file is written (`check_before_work`, then the run
         directory: a `DifferentRunError` says what differs), or when the run cannot go on.
     """
-    from .cluster import open_client
+    from ._cluster import open_client
 
-    settings = (settings or Settings()).validate()
-    settings.catalog.source = catalog
-    # 'auto' settled once, here: the run signature, the report and a resumed run all see
-    # what was done ('solve' with a catalog, else 'header')
-    settings.solve.wcs = settings.solve.wcs_source(catalog)
+    settings = _for_catalog(settings or Settings(), catalog).validate()
     progress = progress or _progress_none
     out_dir = Path(out_dir).absolute()  # workers write the store by this path
     inputs = dedupe(inputs)
@@ -811,8 +788,17 @@ def run(inputs, catalog: str, out_dir, settings: Settings | None = None, *, clie
     if client is None:
         with open_client(settings.cluster, local_directory=str(out_dir / ".dask"),
                          announce=getattr(progress, "notice", None)) as own:
-            return _run(own, inputs, catalog, out_dir, settings, progress, resumed, report)
-    return _run(client, inputs, catalog, out_dir, settings, progress, resumed, report)
+            return _run(own, inputs, out_dir, settings, progress, resumed, report)
+    return _run(client, inputs, out_dir, settings, progress, resumed, report)
+
+
+def _for_catalog(settings: Settings, catalog: str) -> Settings:
+    """The run's own Settings (the caller's are not changed): the catalog it was given
+    as ``catalog.source``, the one place every phase reads it from, and ``solve.wcs``
+    'auto' settled ('solve' with a catalog, else 'header'), so the run signature, the
+    report and a resumed run all see what was done."""
+    settings = settings.replace("catalog", source=catalog or "")
+    return settings.replace("solve", wcs=settings.solve.wcs_source(settings.catalog.source))
 
 
 def check_before_work(inputs, catalog: str, settings: Settings) -> None:
@@ -836,13 +822,12 @@ def check_before_work(inputs, catalog: str, settings: Settings) -> None:
                            + hint)
 
 
-def _run(client, inputs, catalog, out_dir, settings, progress, resumed,
-         report=False) -> RunResult:
-    result = _run_stages(client, inputs, catalog, out_dir, settings, progress, resumed)
+def _run(client, inputs, out_dir, settings, progress, resumed, report=False) -> RunResult:
+    result = _run_stages(client, inputs, out_dir, settings, progress, resumed)
     if report:
         start = time.perf_counter()
         try:
-            make_report(client, out_dir, settings, progress=progress)
+            _make_report(client, out_dir, settings, progress=progress)
         except Exception:  # the pictures must not fail a run whose coadds are written
             log.exception("the report could not be written")
         result.timings["report"] = time.perf_counter() - start
@@ -865,14 +850,14 @@ def _check_store_kept(store_path: Path) -> None:
             "--keep-store to register the frames again, then combine")
 
 
-def _run_stages(client, inputs, catalog, out_dir, settings, progress, resumed) -> RunResult:
+def _run_stages(client, inputs, out_dir, settings, progress, resumed) -> RunResult:
     manifest = out_dir / "manifest.ecsv"
     output_log = OutputLog(out_dir)
     errors = ErrorLog(output_log)
     errors.clear()  # frames an earlier run left with an internal error are tried again
     timings = {}
     start = time.perf_counter()
-    records = inspect_frames(client, inputs, progress)
+    records = _inspect_frames(client, inputs, progress)
     _check_workers_see_inputs(records)
     if resumed:
         restore(records, manifest, output_log)
@@ -880,9 +865,9 @@ def _run_stages(client, inputs, catalog, out_dir, settings, progress, resumed) -
     timings["inspect"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    solve_frames(client, records, catalog, out_dir, settings, progress, manifest,
-                 needs_exptime=settings.combine.scale == "exptime", output_log=output_log,
-                 errors=errors)
+    _solve_frames(client, records, out_dir, settings, progress, manifest,
+                  needs_exptime=settings.combine.scale == "exptime", output_log=output_log,
+                  errors=errors)
     timings["solve"] = time.perf_counter() - start
     result = RunResult(out_dir=out_dir, frames=records, timings=timings)
     if not any(r.status == "ok" for r in records):
@@ -897,15 +882,15 @@ def _run_stages(client, inputs, catalog, out_dir, settings, progress, resumed) -
                       f"for the {result.grid.shape[1]}x{result.grid.shape[0]} grid")
     _announce_store_size(records, result.grid, settings, progress)
     store_path = out_dir / "store.zarr"
-    register_frames(client, records, result.grid, store_path, settings, progress, manifest,
-                    reference=reference, errors=errors)
+    _register_frames(client, records, result.grid, store_path, settings, progress, manifest,
+                     reference=reference, errors=errors)
     result.store = store_path
     timings["register"] = time.perf_counter() - start
 
     start = time.perf_counter()
     write_manifest(records, manifest)
-    result.coadds = combine_store(client, store_path, out_dir, settings, progress,
-                                  output_log, written=result.written)
+    result.coadds = _combine_store(client, store_path, out_dir, settings, progress,
+                                   output_log, written=result.written)
     timings["combine"] = time.perf_counter() - start
     write_manifest(records, manifest)
     return result
@@ -941,7 +926,7 @@ def _check_workers_see_inputs(records: list[FrameRecord]) -> None:
 # One stage at a time (the `solve`, `register` and `combine` commands)
 # --------------------------------------------------------------------------------------
 def _with_client(settings: Settings, out_dir: Path, client, func, progress=None):
-    from .cluster import open_client
+    from ._cluster import open_client
 
     if client is not None:
         return func(client)
@@ -953,8 +938,7 @@ def _with_client(settings: Settings, out_dir: Path, client, func, progress=None)
 def solve_files(inputs, catalog: str, out_dir, settings: Settings | None = None, *,
                 client=None, progress: ProgressCallback | None = None) -> list[FrameRecord]:
     """Astrometry only: ``OUT/<name>.wcs`` per solved frame and ``OUT/solve.ecsv`` (QA)."""
-    settings = (settings or Settings()).validate()
-    settings.catalog.source = catalog
+    settings = (settings or Settings()).replace("catalog", source=catalog).validate()
     out_dir = Path(out_dir)
     progress = progress or _progress_none
     inputs = dedupe(inputs)
@@ -962,8 +946,8 @@ def solve_files(inputs, catalog: str, out_dir, settings: Settings | None = None,
     out_dir.mkdir(parents=True, exist_ok=True)
 
     def work(client):
-        records = inspect_frames(client, inputs, progress)
-        solve_frames(client, records, catalog, out_dir, settings, progress)
+        records = _inspect_frames(client, inputs, progress)
+        _solve_frames(client, records, out_dir, settings, progress)
         return records
 
     records = _with_client(settings, out_dir, client, work, progress)
@@ -981,10 +965,13 @@ def register_files(inputs, out_dir, settings: Settings | None = None, *,
     out_dir.mkdir(parents=True, exist_ok=True)
     progress = progress or _progress_none
     inputs = dedupe(inputs)
-    settings.catalog.source = ""  # which catalog solved the .wcs files is not known here
+    # which catalog solved the .wcs files is not known here
+    settings = settings.replace("catalog", source="")
+    if wcs_source == "header":
+        settings = settings.replace("solve", wcs="header")
 
     def work(client):
-        records = inspect_frames(client, inputs, progress)
+        records = _inspect_frames(client, inputs, progress)
         qa_rows = {}  # QA of `solve_files` (sky level, flux ratio ...) for the scaling
         for qa_name in ("solve.ecsv", "manifest.ecsv"):
             table = read_manifest(out_dir / qa_name)
@@ -996,7 +983,7 @@ def register_files(inputs, out_dir, settings: Settings | None = None, *,
                 continue
             wcs_file = out_dir / f"{record.name}.wcs"
             if wcs_source == "header":
-                continue  # solve_frames below takes the header WCS as it is
+                continue  # _solve_frames below takes the header WCS as it is
             try:
                 if wcs_file.exists():
                     record.result = result_from_wcs_file(record.meta, wcs_file,
@@ -1007,21 +994,18 @@ def register_files(inputs, out_dir, settings: Settings | None = None, *,
                         "first or use --wcs header")
             except (OSError, ValueError) as err:
                 record.result = failure(record.meta, f"unreadable {wcs_file.name}: {err}")
-            record.status = record.result.status
-            record.reason = record.result.reason
         output_log = OutputLog(out_dir)
         errors = ErrorLog(output_log)
         if wcs_source == "header":
-            settings.solve.wcs = "header"
-            solve_frames(client, records, "", out_dir, settings, progress,
-                         output_log=output_log, errors=errors)
+            _solve_frames(client, records, out_dir, settings, progress,
+                          output_log=output_log, errors=errors)
         if not any(r.status == "ok" for r in records):
             raise RunError("no frame has a usable WCS: " + "; ".join(
                 f"{r.name}: {r.reason}" for r in records[:3]))
         grid = choose_grid(records, settings)
-        return register_frames(client, records, grid, out_dir / "store.zarr", settings,
-                               progress, reference=reference_frame(records, settings),
-                               errors=errors)
+        return _register_frames(client, records, grid, out_dir / "store.zarr", settings,
+                                progress, reference=reference_frame(records, settings),
+                                errors=errors)
 
     return _with_client(settings, out_dir, client, work, progress)
 
@@ -1041,37 +1025,48 @@ def combine_store_path(store_path, out_dir, settings: Settings | None = None, *,
     if not overwrite:
         check_coadds_replaceable(stack, out_dir, settings)
     out_dir.mkdir(parents=True, exist_ok=True)
-    return _with_client(settings, out_dir, client, lambda c: combine_store(
+    return _with_client(settings, out_dir, client, lambda c: _combine_store(
         c, Path(store_path).absolute(), out_dir, settings, progress or _progress_none,
         written=written), progress)
 
 
 # --------------------------------------------------------------------------------------
-# The report: pictures as tasks, the page on the client (daskstack.report draws)
+# The report: pictures as tasks, the page on the client (daskstack._report draws)
 # --------------------------------------------------------------------------------------
-def make_report(client, run_dir, settings: Settings | None = None, *, frames: bool = True,
-                progress: ProgressCallback | None = None) -> Path:
+def make_report(run_dir, settings: Settings | None = None, *, client=None,
+                frames: bool = True, progress: ProgressCallback | None = None) -> Path:
     """Draw the pictures and write ``RUN_DIR/report/index.html``; nothing is recomputed.
 
     Reads the manifest, ``run.json``, the ``<name>.wcs`` files, the coadds and the store.
     Each frame's pictures (``frames=True``; else pictures made earlier are linked) and
     each per-run picture is one task that gets paths and the scattered field catalog.
+    ``settings``: those of the run (default: from its ``run.json``, `run_settings`);
+    ``client``: where to draw (default: a cluster from ``settings.cluster``).
     """
-    from . import report as report_mod
+    run_dir = Path(run_dir).absolute()
+    if read_manifest(run_dir / "manifest.ecsv") is None:
+        raise RunError(f"{run_dir}: no readable manifest.ecsv (not a daskstack run)")
+    settings = settings or run_settings(run_dir)
+    return _with_client(settings, run_dir, client, lambda c: _make_report(
+        c, run_dir, settings, frames=frames, progress=progress), progress)
+
+
+def _make_report(client, run_dir, settings: Settings, *, frames: bool = True,
+                 progress: ProgressCallback | None = None) -> Path:
+    from . import _report as report_mod
 
     run_dir = Path(run_dir).absolute()
     progress = progress or _progress_none
     table = read_manifest(run_dir / "manifest.ecsv")
     if table is None:
         raise RunError(f"{run_dir}: no readable manifest.ecsv (not a daskstack run)")
-    settings = settings or report_mod.run_settings(run_dir)
     frames_dir = run_dir / report_mod.REPORT_DIR / report_mod.FRAMES_DIR
     futures = {kind: client.submit(report_mod.run_safely, func, *args, pure=False)
                for kind, func, args in report_mod.run_figure_jobs(run_dir,
                                                                   settings.grid.reference)}
     if frames and len(table):
         frames_dir.mkdir(parents=True, exist_ok=True)
-        records = inspect_frames(client, [str(f) for f in table["file"]], progress)
+        records = _inspect_frames(client, [str(f) for f in table["file"]], progress)
         reasons = {str(row["name"]): (str(row["status"]), "" if np.ma.is_masked(row["reason"])
                                       else str(row["reason"])) for row in table}
         catalog_of = {}

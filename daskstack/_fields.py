@@ -5,7 +5,7 @@ A batch may hold many targets. Frames are grouped once, early, by where they poi
 (`_field_catalog`); frames too thin to solve alone are paired with the other exposures
 of the same pointing, filter and camera (`_companion_groups`), and with the solved
 exposures of the same camera and night (`_night_groups`). Plain functions of
-`FrameMeta` records (header information, no pixels); `daskstack.pipeline` calls them
+`FrameMeta` records (header information, no pixels); `daskstack._pipeline` calls them
 on the client.
 """
 

@@ -16,10 +16,12 @@ from astropy.io import fits
 from astropy.time import Time
 
 from . import combine
+from . import store as store_mod
 from ._io import atomic_path
 from .combine import header_cards
 
-__all__ = ["coadd_header", "exposure_span", "write_coadd_fits", "write_image_fits"]
+__all__ = ["coadd_header", "exposure_span", "write_coadd_fits", "write_difference",
+           "write_image_fits"]
 
 WCS_KEYS = ("CTYPE", "CRVAL", "CRPIX", "CD", "PC", "CDELT", "CUNIT", "LONPOLE", "LATPOLE",
             "RADESYS", "EQUINOX", "WCSAXES")
@@ -32,7 +34,7 @@ def coadd_header(stack, filter_name, names, infos, cs, scales, frame_weights=Non
     unit (BUNIT) and effective GAIN, the inputs' OBJECT/TELESCOP/INSTRUME, the catalog
     (REFCAT), software (CREATOR) and time written (DATE), input frame names (IMCMBnnn).
 
-    ``infos`` are the store's frame records (`pipeline._frame_info`), ``scales`` the
+    ``infos`` are the store's frame records (`store.FrameInfo`), ``scales`` the
     `combine.FrameScales` applied, ``frame_weights`` those of a weighted combine.
     """
     from . import __version__
@@ -40,7 +42,7 @@ def coadd_header(stack, filter_name, names, infos, cs, scales, frame_weights=Non
     header = stack.grid.header
     header["FILTER"] = (filter_name, "filter of the combined frames")
     header["NCOMBINE"] = (len(names), "number of frames combined")
-    exptimes = [f["exptime"] for f in infos if f.get("exptime")]
+    exptimes = [f.exptime for f in infos if f.exptime]
     header["EXPTIME"] = (float(np.sum(exptimes)) if exptimes else 0.0,
                          "[s] summed exposure time of the inputs")
     span = exposure_span(infos)
@@ -57,7 +59,7 @@ def coadd_header(stack, filter_name, names, infos, cs, scales, frame_weights=Non
     units = _distinct(infos, "bunit")
     if len(units) == 1 and units[0]:
         header["BUNIT"] = (scales.unit(units[0]), "unit of the coadd")
-        gains = combine.electrons_per_unit(units[0], [f.get("gain") or 1.0 for f in infos])
+        gains = combine.electrons_per_unit(units[0], [f.gain or 1.0 for f in infos])
         gain = combine.effective_gain(cs.method, gains, scales.scales, frame_weights,
                                       nlow=cs.nlow, nhigh=cs.nhigh)
         header["GAIN"] = (float(f"{gain:.7g}"), "[e-/BUNIT] effective gain of the coadd")
@@ -88,19 +90,19 @@ def coadd_header(stack, filter_name, names, infos, cs, scales, frame_weights=Non
 
 
 def exposure_span(infos) -> tuple[Time, Time] | None:
-    """(start of the first exposure, end of the last) of frame records with ``date_obs``
-    (or ``mjd``) and ``exptime`` (a frame without EXPTIME ends where it starts); None
-    without any date."""
+    """(start of the first exposure, end of the last) of `FrameInfo` records with
+    ``date_obs`` (or ``mjd``) and ``exptime`` (a frame without EXPTIME ends where it
+    starts); None without any date."""
     starts, ends = [], []
     for info in infos:
-        if info.get("date_obs"):
-            start = Time(info["date_obs"], scale="utc", precision=3)
-        elif info.get("mjd") is not None:
-            start = Time(info["mjd"], format="mjd", scale="utc", precision=3)
+        if info.date_obs:
+            start = Time(info.date_obs, scale="utc", precision=3)
+        elif info.mjd is not None:
+            start = Time(info.mjd, format="mjd", scale="utc", precision=3)
         else:
             continue
         starts.append(start)
-        ends.append(start + (info.get("exptime") or 0.0) * u.s)
+        ends.append(start + (info.exptime or 0.0) * u.s)
     if not starts:
         return None
     return min(starts), max(ends)
@@ -108,7 +110,18 @@ def exposure_span(infos) -> tuple[Time, Time] | None:
 
 def _distinct(infos, field) -> list[str]:
     """The distinct values of a frame-record field, in the order met."""
-    return list(dict.fromkeys(str(f.get(field) or "").strip() for f in infos))
+    return list(dict.fromkeys(str(getattr(f, field) or "").strip() for f in infos))
+
+
+def write_difference(store_path: str, filter_name: str, index: int, scale: float,
+                     offset: float, coadd_key: str, path, header: fits.Header) -> Path:
+    """``path`` (FITS, grid WCS in ``header``): frame ``index`` of the store, scaled as in
+    coadd ``coadd_key``, minus that coadd (`combine.difference_image`)."""
+    frame = store_mod.read_plane(store_path, filter_name, index)
+    coadd = store_mod.open_coadd_arrays(store_path, coadd_key)[0][...]
+    write_image_fits(Path(path), [(header, combine.difference_image(frame, coadd, scale,
+                                                                    offset))])
+    return Path(path)
 
 
 def write_coadd_fits(path: Path, header: fits.Header, image_array, weight_array) -> None:

@@ -32,6 +32,7 @@ from .config import Settings
 from .errors import RunError
 from .frames import FrameMeta, frame_name, quiet_astropy
 from .grid import Grid
+from .store import FrameInfo
 
 __all__ = [
     "ERRORS_FILE",
@@ -56,6 +57,7 @@ __all__ = [
     "read_manifest",
     "restore",
     "result_from_wcs_file",
+    "run_settings",
     "run_signature",
     "sha256",
     "wcs_from_text",
@@ -96,16 +98,48 @@ class DifferentRunError(RunError):
 
 @dataclass
 class FrameRecord:
-    """Everything the run knows of one input frame; one manifest row."""
+    """Everything the run knows of one input frame; one manifest row.
+
+    Its status and reason are not stored but derived (one source of truth): ``failed``
+    with ``refusal`` when the frame was refused outside the solver (unreadable, off the
+    grid, registration failed), else the solver's `SolveResult` status and reason
+    (``pending`` before it has one).
+    """
 
     file: str
     name: str
     meta: FrameMeta | None = None
     result: SolveResult | None = None
-    status: str = "pending"
-    reason: str = ""
+    refusal: str = ""  # why the frame was refused outside the solver; "" = it was not
     registered: bool = False
     t_register: float = float("nan")
+
+    @property
+    def status(self) -> str:
+        """``ok``, ``failed`` or ``pending`` (not solved yet)."""
+        if self.refusal:
+            return "failed"
+        return "pending" if self.result is None else self.result.status
+
+    @property
+    def reason(self) -> str:
+        """Why the frame failed; "" for a frame that did not."""
+        if self.refusal:
+            return self.refusal
+        if self.result is None or self.result.status == "ok":
+            return ""
+        return self.result.reason
+
+    def info(self) -> FrameInfo:
+        """The store's record of this (solved) frame: what scaling and headers need."""
+        meta, res = self.meta, self.result
+        return FrameInfo(
+            file=self.file, filter=meta.filter, exptime=meta.exptime, date_obs=meta.date_obs,
+            mjd=meta.mjd, gain=meta.gain, rdnoise=meta.rdnoise,
+            background=_finite(res.background), noise=_finite(res.noise),
+            flux_ratio=_finite(res.flux_ratio), fwhm_px=_finite(res.fwhm_px), site=meta.site,
+            telescope=meta.telescope, instrument=meta.instrument, object=meta.object,
+            bunit=meta.bunit)
 
     def row(self) -> dict:
         row = {"file": self.file, "name": self.name, "status": self.status,
@@ -184,6 +218,10 @@ class OutputLog:
         self.records = {}
 
 
+def _finite(value):
+    return float(value) if value is not None and np.isfinite(value) else None
+
+
 @dataclass
 class InternalError:
     """An exception nothing expected, raised while working on one frame: a bug in
@@ -241,6 +279,18 @@ def run_signature(inputs, catalog, settings: Settings) -> dict:
     settings_dict.get("register", {}).pop("keep_store", None)
     return {"inputs": [str(Path(p).resolve()) for p in inputs], "catalog": str(catalog),
             "settings": settings_dict}
+
+
+def run_settings(run_dir) -> Settings:
+    """The Settings a run was made with (from ``run.json``); defaults if absent."""
+    try:
+        values = json.loads((Path(run_dir) / "run.json").read_text())
+    except (OSError, ValueError):
+        return Settings()
+    settings = Settings.from_dict(values.get("settings", {}))
+    if values.get("catalog"):
+        settings = settings.replace("catalog", source=str(values["catalog"]))
+    return settings
 
 
 def check_run_dir(out_dir: Path, signature: dict, overwrite: bool) -> bool:
@@ -537,7 +587,7 @@ def restore(records: list[FrameRecord], manifest: Path, outputs: OutputLog) -> N
                                           dict(zip(row.colnames, row, strict=True)))
         except (OSError, ValueError, KeyError):
             continue
-        record.result, record.status = result, "ok"
+        record.result = result
         record.registered = bool(row["registered"])
         record.t_register = float(row["t_register"])
 

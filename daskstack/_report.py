@@ -16,7 +16,7 @@ What the learn.astropy tutorial checks by eye for two frames, drawn for every fr
 
 Everything here is a plain function of paths and small records. Figures are made with
 explicit ``Figure`` + ``FigureCanvasAgg`` objects, never pyplot's global state, so they
-are safe on Dask workers (threads or processes); `daskstack.pipeline.make_report` runs
+are safe on Dask workers (threads or processes); `daskstack._pipeline.make_report` runs
 them as tasks.
 """
 
@@ -36,11 +36,11 @@ import numpy as np
 from astropy.io import fits
 from astropy.table import Table
 
+from ._fields import separation_deg
 from ._io import atomic_path, atomic_write_text
-from .fields import separation_deg
+from ._rundir import read_manifest, run_settings
+from ._stats import clip_residuals
 from .match import nn_match
-from .rundir import read_manifest
-from .stats import clip_residuals
 
 __all__ = [
     "FRAMES_DIR",
@@ -749,21 +749,6 @@ def summary_plots(table: Table, png, outliers: dict[str, list[str]] | None = Non
     fig.tight_layout(rect=(0, 0, 1, 0.96))
     _save(fig, Path(png))
     return {"image": Path(png).name, "outliers": sorted(outliers)}
-
-
-def run_settings(run_dir):
-    """The Settings a run was made with (from ``run.json``); defaults if absent."""
-    from .config import Settings
-
-    run_file = Path(run_dir) / "run.json"
-    try:
-        values = json.loads(run_file.read_text())
-    except (OSError, ValueError):
-        return Settings()
-    settings = Settings.from_dict(values.get("settings", {}))
-    if values.get("catalog"):
-        settings.catalog.source = str(values["catalog"])
-    return settings
 
 
 def run_figure_jobs(run_dir, reference: str = "") -> list[tuple]:
