@@ -75,12 +75,13 @@ from ._rundir import (
     write_manifest,
 )
 from ._stats import sky_level
-from ._write import coadd_header, write_coadd_fits, write_difference
+from ._write import coadd_header, coadd_planes, write_coadd_fits, write_difference
 from .astrometry import SolveResult, solve_frame, write_wcs_file
 from .combine import COMBINE_METHODS, _combine_tile, _or_nan, _scales
 from .config import Settings
 from .frames import FrameError, FrameMeta, frame_name, read_frame, read_meta, unusable_reason
 from .grid import Grid, make_grid
+from .noise import frame_noise_model
 from .register import register_frame
 
 __all__ = [
@@ -228,10 +229,12 @@ def _register_task(meta: FrameMeta, wcs_header: str, grid: Grid, store_path: str
     try:
         frame = read_frame(meta.path)
         wcs = wcs_from_text(wcs_header, frame.data.shape)
-        tiles = ((t.y0, t.x0, t.data, t.footprint)
+        variance, _ = frame_noise_model(frame, gain=settings.register.gain,
+                                        rdnoise=settings.register.rdnoise)
+        tiles = ((t.y0, t.x0, t.data, t.footprint, t.variance, t.kernel_power)
                  for t in register_frame(frame.data, frame.mask, wcs, grid, settings.register,
                                          conserve_flux=settings.register.conserve_flux,
-                                         seed=index))
+                                         seed=index, variance=variance))
         count = store_mod.write_tiles(store_path, filter_name, index, tiles)
         # a frame taken with its header WCS was never detected on (``measure_sky``): measure
         # its sky here, from the pixels already in memory, rather than read it a second time
@@ -668,14 +671,20 @@ def _combine_store(client, store_path: Path, out_dir: Path, settings: Settings,
         if not keep:
             continue
         data_arr, foot_arr = stack.arrays(filter_name)
+        var_arr, power_arr = stack.variance(filter_name)
+        if power_arr is None:
+            raise store_mod.StoreError(
+                f"{store_path}: written before daskstack stored variances; register the "
+                "frames again (daskstack register, or run) to get ERR and WEIGHT maps")
         block = _combine_tile(stack.tile, len(keep), stack.grid.shape, methods=cs.methods)
         # each task reads its whole (frames, block, block) slab straight from the store:
         # no rechunking, nothing moves between workers
-        data = da.from_zarr(data_arr, chunks=(data_arr.shape[0], block, block))
+        data, variance, power = (da.from_zarr(a, chunks=(a.shape[0], block, block))
+                                 for a in (data_arr, var_arr, power_arr))
         foot = (None if foot_arr is None else
                 da.from_zarr(foot_arr, chunks=(foot_arr.shape[0], block, block)))
         if len(keep) < data_arr.shape[0]:
-            data = data[keep]
+            data, variance, power = data[keep], variance[keep], power[keep]
             foot = None if foot is None else foot[keep]
         infos = [stack.frames[names[i]] for i in keep]
         scales = _scales(cs, infos)
@@ -685,27 +694,31 @@ def _combine_store(client, store_path: Path, out_dir: Path, settings: Settings,
         weights_of = {}
         for n_method, method in enumerate(cs.methods):
             spec = COMBINE_METHODS[method]
-            frame_weights = None
             if spec.estimator == "weighted":
-                frame_weights = combine.inverse_variance_weights(
+                # per pixel, the weights are the inverse variances; these per-frame sky
+                # weights only give the header's effective GAIN
+                weights_of[method] = combine.inverse_variance_weights(
                     gain=[f.gain for f in infos], rdnoise=[f.rdnoise for f in infos],
                     sky=[_or_nan(f.background) for f in infos], scale=scales.scales)
-                weights_of[method] = frame_weights
             result = combine.combine_stack(
                 data, foot, method=method, sigma=cs.sigma, iters=cs.iters,
                 cenfunc=cs.cenfunc, nlow=cs.nlow, nhigh=cs.nhigh, scales=scales.scales,
-                offsets=scales.offsets, frame_weights=frame_weights,
+                offsets=scales.offsets, variance=variance, kernel_power=power,
+                exptime=[_or_nan(f.exptime) for f in infos],
                 reject=cs.weighted_reject if spec.rejection is None else "none")
             node = store_mod.coadd_key(filter_name, "" if n_method == 0 else method)
-            sources += [result.image.astype("float32"), result.weight.astype("float32")]
-            targets.append(store_mod.create_coadd_arrays(stack, node, block))
+            planes = coadd_planes(result)
+            arrays = store_mod.create_coadd_arrays(stack, node, block)
+            sources += [planes[name] for name in arrays]
+            targets.append(arrays)
             paths.append((method, out_dir / f"coadd_{node}.fits"))
-        da.store(sources, [t for pair in targets for t in pair], lock=False, compute=True)
-        for (method, path), (image, weight) in zip(paths, targets, strict=True):
+        da.store(sources, [a for arrays in targets for a in arrays.values()], lock=False,
+                 compute=True)
+        for (method, path), arrays in zip(paths, targets, strict=True):
             header = coadd_header(stack, filter_name, [names[i] for i in keep], infos,
                                    dataclasses.replace(cs, method=method), scales,
                                    weights_of.get(method))
-            write_coadd_fits(path, header, image, weight)
+            write_coadd_fits(path, header, arrays)
             wrote(path)
             stack.params.setdefault(COADD_SETTINGS, {})[str(Path(path).resolve())] = (
                 _made_with(cs, method))

@@ -535,7 +535,8 @@ def _read_fits_binned(path, hdu, max_size=MAX_DISPLAY):
 
 
 def coadd_preview(coadd_path, png, weight_png=None, max_size: int = MAX_DISPLAY) -> dict:
-    """PNG previews of one coadd (asinh stretch) and of its weight map (WEIGHT extension)."""
+    """PNG previews of one coadd (asinh stretch) and of its noise and coverage (ERR and
+    EXPMAP extensions, with the sky scatter measured in units of the ERR)."""
     coadd_path = Path(coadd_path)
     image, factor, shape, header = _read_fits_binned(coadd_path, 0, max_size)
     filt = str(header.get("FILTER", coadd_path.stem.removeprefix("coadd_")))
@@ -549,18 +550,50 @@ def coadd_preview(coadd_path, png, weight_png=None, max_size: int = MAX_DISPLAY)
             "ncombine": header.get("NCOMBINE"), "binning": factor}
     if weight_png is not None:
         try:
-            weight, _, _, _ = _read_fits_binned(coadd_path, "WEIGHT", max_size)
-        except KeyError:
+            err, _, _, _ = _read_fits_binned(coadd_path, "ERR", max_size)
+            expmap, _, _, _ = _read_fits_binned(coadd_path, "EXPMAP", max_size)
+        except KeyError:  # a coadd written before the noise extensions
             return info
-        fig = _figure(9.5, 8.5 * shape[0] / shape[1] + 0.6)
-        ax = fig.add_axes([0.08, 0.06, 0.78, 0.88])
-        im = ax.imshow(weight, origin="lower", cmap="viridis", extent=_extent(shape),
-                       interpolation="nearest", vmin=0)
-        fig.colorbar(im, cax=fig.add_axes([0.88, 0.06, 0.03, 0.88]), label="weight")
-        ax.set_title(f"weight / exposure map {filt}", fontsize=10)
+        noise = noise_check(image, err, factor)
+        fig = _figure(15.0, 7.0 * shape[0] / shape[1] + 0.8)
+        for n, (plane, label, cmap) in enumerate(((err, "ERR (1 sigma)", "magma"),
+                                                  (expmap, "EXPMAP (s)", "viridis"))):
+            ax = fig.add_axes([0.05 + 0.5 * n, 0.06, 0.37, 0.86])
+            finite = plane[np.isfinite(plane)]
+            top = float(np.percentile(finite, 99)) if finite.size else 1.0
+            im = ax.imshow(plane, origin="lower", cmap=cmap, extent=_extent(shape),
+                           interpolation="nearest", vmin=0, vmax=top or 1.0)
+            fig.colorbar(im, cax=fig.add_axes([0.43 + 0.5 * n, 0.06, 0.015, 0.86]),
+                         label=label)
+            ax.set_title(f"{label} {filt}", fontsize=10)
+        if noise is not None:
+            fig.suptitle(f"{filt}: sky scatter / ERR = {noise[0]:.3f} (1 when the noise is as "
+                         f"predicted); median ERR {noise[1]:.4g}", fontsize=10)
+            info["noise_over_err"], info["median_err"] = noise
         _save(fig, Path(weight_png))
         info["weight"] = Path(weight_png).name
     return info
+
+
+def noise_check(image, err, binning: int = 1):
+    """How well a coadd's ERR predicts its noise: ``(scatter of (image - sky) / ERR over
+    the sky, median ERR there)``, the first 1 when ERR is right; None without sky. Pixels
+    of every depth count, each against its own ERR. ``binning``: the previews are block
+    means of binning**2 pixels, whose ERR (the mean's) is ERR / binning if the pixels are
+    independent (resampling correlates them a little: the ratio then rises towards
+    sqrt(NOISECOR) at large binning)."""
+    from ._stats import mad_sigma, sky_level
+
+    err = err / binning
+    level, scatter = sky_level(image, ~np.isfinite(err))
+    if not np.isfinite(scatter) or scatter <= 0:
+        return None
+    sky = (np.isfinite(image) & np.isfinite(err) & (err > 0)
+           & (np.abs(image - level) < 5 * scatter))
+    if sky.sum() < 100:
+        return None
+    z = (image[sky] - level) / err[sky]
+    return float(mad_sigma(z, 0.0)), float(np.median(err[sky]))
 
 
 def _wavelength(name: str) -> float:
@@ -935,8 +968,8 @@ def write_report(run_dir, run_plots: dict | None = None, *, title: str | None = 
                 body.append(f'<p><a href="{_href("..", path.name)}">{_e(path.name)}</a> '
                             "(no preview)</p>")
             if (out / f"weight_{key}.png").exists():
-                body.append(_img([f"weight_{key}.png"], f"weight map {key}",
-                                 f"weight / exposure map {key}"))
+                body.append(_img([f"weight_{key}.png"], f"noise and exposure maps {key}",
+                                 f"ERR and EXPMAP {key}: sky scatter in units of ERR"))
         body.append("</div>")
         errors = [f"{k}: {v['error']}" for k, v in run_plots.items()
                   if isinstance(v, dict) and "error" in v]

@@ -408,19 +408,21 @@ def estimate_output_bytes(records: list[FrameRecord], grid: Grid | None = None,
 
     Without a grid (before solving): each frame as many grid pixels as it has pixels,
     the grid as large as the largest frame. With the grid: the tiles each solved frame
-    overlaps, and the grid itself per filter. 8 bytes per pixel (data + footprint or
-    image + weight, float32), the coadds twice (zarr + FITS).
+    overlaps, and the grid itself per filter. 14 bytes per frame pixel (data, variance and
+    footprint, float32; kernel power, float16); 20 per coadd pixel (image, ERR, WEIGHT, NFRAMES, EXPMAP), twice
+    (zarr + FITS).
     """
     frame_px, grid_px, n_filters = _planned_pixels(records, grid, tile)
-    return int(8 * frame_px + 2 * 8 * grid_px * n_filters)
+    return int(14 * frame_px + 2 * 20 * grid_px * n_filters)
 
 
 def estimate_store_bytes(records: list[FrameRecord], grid: Grid, tile: int = 1024,
                          footprint: bool = False) -> int:
     """Bytes of the registered stack (``store.zarr``) before compression: the tiles each
-    solved frame overlaps, float32 data (and footprint, for flux-conserving methods)."""
+    solved frame overlaps, float32 data and variance, float16 kernel power (and float32
+    footprint, for flux-conserving methods)."""
     frame_px, _, _ = _planned_pixels(records, grid, tile)
-    return int((8 if footprint else 4) * frame_px)
+    return int((14 if footprint else 10) * frame_px)
 
 
 def _planned_pixels(records, grid, tile) -> tuple[int, int, int]:

@@ -1,8 +1,11 @@
 """Writing coadds: FITS files streamed from the zarr store, with their provenance.
 
-The primary HDU holds the coadd and the grid WCS; the ``WEIGHT`` extension the number
-of frames (or summed weights) per pixel. Both are streamed row block by row block, so
-the client never holds a whole mosaic, and written under a temporary name.
+The primary HDU holds the coadd and the grid WCS; the extensions (`COADD_EXTENSIONS`)
+its noise and coverage: ``ERR`` (1 sigma per pixel, image units), ``WEIGHT`` (inverse
+variance: SWarp's MAP_WEIGHT convention, which SExtractor and photutils take as it
+is), ``NFRAMES`` (frames combined per pixel) and ``EXPMAP`` (seconds of exposure per
+pixel). All are streamed row block by row block, so the client never holds a whole
+mosaic, and written under a temporary name.
 """
 
 from __future__ import annotations
@@ -19,10 +22,18 @@ from . import combine
 from . import store as store_mod
 from ._io import atomic_path
 from .combine import header_cards
+from .register import noise_correlation
 
-__all__ = ["coadd_header", "exposure_span", "write_coadd_fits", "write_difference",
-           "write_image_fits"]
+__all__ = ["COADD_EXTENSIONS", "coadd_header", "coadd_planes", "exposure_span",
+           "write_coadd_fits", "write_difference", "write_image_fits"]
 
+# extension name -> its EXTNAME comment (and BUNIT: "image" = the coadd's, squared: "-2")
+COADD_EXTENSIONS = {
+    "ERR": "1-sigma error per pixel, image units",
+    "WEIGHT": "inverse variance per pixel (MAP_WEIGHT)",
+    "NFRAMES": "number of frames combined per pixel",
+    "EXPMAP": "[s] exposure time per pixel",
+}
 WCS_KEYS = ("CTYPE", "CRVAL", "CRPIX", "CD", "PC", "CDELT", "CUNIT", "LONPOLE", "LATPOLE",
             "RADESYS", "EQUINOX", "WCSAXES")
 
@@ -75,6 +86,18 @@ def coadd_header(stack, filter_name, names, infos, cs, scales, frame_weights=Non
         elif values:
             header[key] = ("multiple", f"inputs of {len(values)} {what}s: see HISTORY")
             header["HISTORY"] = f"{key} of the inputs: " + ", ".join(values)
+    register = stack.params.get("register") or {}
+    if register:
+        # resampling correlates neighbouring pixels: an aperture's variance is this
+        # factor times its summed ERR**2 (1 for flux-conserving reprojection, whose ERR
+        # is per output-pixel area; see daskstack.register)
+        factor = (noise_correlation(register.get("order", "bilinear"))
+                  if register.get("method", "interp") == "interp" else 1.0)
+        header["NOISECOR"] = (round(factor, 4),
+                              "aperture variance / sum of ERR**2 (resampling)")
+        header["RESAMPLE"] = (register.get("order", "bilinear")
+                              if register.get("method", "interp") == "interp"
+                              else register.get("method"), "resampling kernel")
     catalog = stack.params.get("catalog")
     if catalog:
         header["REFCAT"] = (catalog, "reference catalog of the astrometry")
@@ -118,21 +141,50 @@ def write_difference(store_path: str, filter_name: str, index: int, scale: float
     """``path`` (FITS, grid WCS in ``header``): frame ``index`` of the store, scaled as in
     coadd ``coadd_key``, minus that coadd (`combine.difference_image`)."""
     frame = store_mod.read_plane(store_path, filter_name, index)
-    coadd = store_mod.open_coadd_arrays(store_path, coadd_key)[0][...]
+    coadd = store_mod.open_coadd_arrays(store_path, coadd_key)["image"][...]
     write_image_fits(Path(path), [(header, combine.difference_image(frame, coadd, scale,
                                                                     offset))])
     return Path(path)
 
 
-def write_coadd_fits(path: Path, header: fits.Header, image_array, weight_array) -> None:
-    """Stream the coadd (primary HDU) and its weight map (``WEIGHT`` extension) row block by
-    row block from zarr into FITS, so the client never holds the whole mosaic twice."""
-    weight_header = fits.Header()
-    weight_header["EXTNAME"] = ("WEIGHT", "frames (or summed weights) per pixel")
-    for key in header:
-        if key.startswith(WCS_KEYS):
-            weight_header[key] = header[key]
-    write_image_fits(path, [(header, image_array), (weight_header, weight_array)])
+def coadd_planes(result) -> dict:
+    """The planes of a coadd file from a `combine.CombineResult` (lazy, float32): the
+    image, then each of `COADD_EXTENSIONS`."""
+    import dask.array as da
+
+    variance = result.variance
+    return {
+        "image": result.image.astype("float32"),
+        "ERR": da.sqrt(variance).astype("float32"),
+        "WEIGHT": da.where(variance > 0, 1.0 / variance, 0.0).astype("float32"),
+        "NFRAMES": result.nused.astype("float32"),
+        "EXPMAP": result.exposure.astype("float32"),
+    }
+
+
+def write_coadd_fits(path: Path, header: fits.Header, planes) -> None:
+    """Stream the coadd (primary HDU, ``planes["image"]``) and its `COADD_EXTENSIONS`
+    row block by row block from zarr into FITS, so the client never holds the whole
+    mosaic twice. Each extension carries the grid WCS; ``ERR`` and ``WEIGHT`` the
+    image's unit (and its inverse square)."""
+    hdus = [(header, planes["image"])]
+    unit = header.get("BUNIT")
+    for name, comment in COADD_EXTENSIONS.items():
+        ext_header = fits.Header()
+        ext_header["EXTNAME"] = (name, comment)
+        for key in header:
+            if key.startswith(WCS_KEYS):
+                ext_header[key] = header[key]
+        if unit and name == "ERR":
+            ext_header["BUNIT"] = unit
+        elif unit and name == "WEIGHT":
+            ext_header["BUNIT"] = f"({unit})-2"
+        elif name == "EXPMAP":
+            ext_header["BUNIT"] = "s"
+        if name in ("ERR", "WEIGHT") and "NOISECOR" in header:
+            ext_header["NOISECOR"] = (header["NOISECOR"], header.comments["NOISECOR"])
+        hdus.append((ext_header, planes[name]))
+    write_image_fits(path, hdus)
 
 
 def write_image_fits(path: Path, planes) -> None:

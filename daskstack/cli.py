@@ -135,7 +135,13 @@ STAGE_OPTIONS = {
          help="Reprojection: interpolation, adaptive (anti-aliased) or exact "
               "(flux-conserving spherical polygons).")),
         ("--order", "register.order", dict(
-         help="Interpolation order for --reproject interp.")),
+         help="Interpolation kernel for --reproject interp; lanczos3 is SWarp's default.")),
+        ("--gain", "register.gain", dict(type=float,
+         help="Gain in e-/ADU for the noise model, overriding the header (GAIN, EGAIN ...); "
+              "0 = the header's.")),
+        ("--rdnoise", "register.rdnoise", dict(type=float,
+         help="Read noise in e- for the noise model, overriding the header (RDNOISE, "
+              "READNOIS, RON ...; without any: from the sky scatter); < 0 = the header's.")),
         ("--tile", "register.tile", dict(type=int,
          help="Output tile size in pixels (zarr chunk).")),
         ("--fast-mapping/--exact-mapping", "register.fast_mapping", dict(default=None,

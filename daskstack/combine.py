@@ -57,6 +57,9 @@ tests); a new rejection or estimator one function in its table.
     ``n / sqrt(n - 1)`` standard deviations from the centre, so with ``sigma=3`` it is
     never rejected in a stack of fewer than 10 frames; use 'median' or 'minmax' (or a
     smaller sigma) for small stacks.
+    Given the stack's ``variance`` (the pipeline always gives it), each value's spread
+    is the larger of that std and its own noise, so frames of unequal depth are not cut
+    at a fraction of their own sigma; without it, exactly astropy's rule.
 ``minmax``
     per pixel the ``nlow`` lowest and ``nhigh`` highest *valid* values are rejected
     and the rest averaged = ``ccdproc.Combiner.clip_extrema(nlow, nhigh)`` +
@@ -67,9 +70,18 @@ tests); a new rejection or estimator one function in its table.
 ``weighted``
     weighted mean ``sum(w v) / sum(w)`` with ``w = frame_weights[i] * footprint``,
     optionally after the rejection ``reject`` ('sigclip' or 'minmax', decided on the
-    unweighted values exactly as above). With inverse-variance frame weights
-    (`inverse_variance_weights`) this is the minimum-variance combination and the
-    returned ``weight`` map is the inverse variance of the coadd (sky-limited).
+    unweighted values exactly as above). Given the stack's ``variance``, ``w`` is per
+    pixel the inverse variance of each frame's input pixels (``kernel_power /
+    variance``), the minimum-variance combination for photometry; given per-frame
+    inverse-variance weights (`inverse_variance_weights`) instead, one number a frame.
+
+Noise
+-----
+Given the stack's ``variance``, each method also returns the variance of its result
+by its estimator's rule, from the values it kept: ``sum(w**2 v) / sum(w)**2`` for
+the (weighted) mean (exact; for 'sigclip' and 'minmax' over the surviving values),
+and for the median ``F(n) n / (sum 1/sqrt(v))**2`` with ``F`` the median's
+efficiency factor for n Gaussian values (`median_variance_factor`; pi/2 for large n).
 
 Pixels where no value is used are NaN in ``image`` and 0 in ``weight`` and ``nused``.
 """
@@ -78,6 +90,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from typing import NamedTuple
 
@@ -307,15 +320,16 @@ def _range_mean_std(values, inside, count, need_std=True):
 
 
 def _combine_block(
-    data, weights=None, *, rejection, estimator, sigma, iters, cenfunc, nlow, nhigh,
-    scales, offsets, frame_weights,
+    data, weights=None, variance=None, kernel_power=None, *, rejection, estimator, sigma, iters, cenfunc, nlow,
+    nhigh, scales, offsets, frame_weights, exptime,
 ):
-    """Combine one chunk ``(n_frames, ty, tx)`` -> ``(3, ty, tx)`` float32:
-    image, weight, number of values used (``rejection`` then ``estimator``)."""
+    """Combine one chunk ``(n_frames, ty, tx)`` -> ``(5, ty, tx)`` float32: image, weight,
+    number of values used, variance (NaN without ``variance``), exposure (s)
+    (``rejection`` then ``estimator``)."""
     n = data.shape[0]
     values = np.asarray(data, dtype=np.float32)
+    s = np.ones(n, np.float32) if scales is None else scales.astype(np.float32)
     if scales is not None or offsets is not None:
-        s = np.ones(n, np.float32) if scales is None else scales.astype(np.float32)
         o = np.zeros(n, np.float32) if offsets is None else offsets.astype(np.float32)
         values = values * s[:, None, None] + o[:, None, None]
     else:
@@ -324,44 +338,62 @@ def _combine_block(
     if weights is not None:
         weights = np.asarray(weights)
         valid &= weights > 0
+    if variance is not None:
+        # scaling multiplies a value by s, its variance by s**2
+        variance = np.asarray(variance, dtype=np.float32) * (s * s)[:, None, None]
+        with np.errstate(invalid="ignore"):
+            valid &= variance > 0  # NaN (no weight) and 0 both leave the value out
+        variance[~valid] = np.nan
     values[~valid] = np.nan
+    exposure = (np.tensordot(np.asarray(exptime, np.float32), valid, axes=1)
+                if exptime is not None else np.zeros(values.shape[1:], np.float32))
 
     per_value_w = None
     if estimator == "weighted":
         fw = np.ones(n, np.float32) if frame_weights is None else frame_weights.astype(np.float32)
-        if weights is None:
-            per_value_w = np.broadcast_to(fw[:, None, None], values.shape)
-        else:
-            per_value_w = np.where(valid, weights.astype(np.float32) * fw[:, None, None], 0)
+        per_value_w = np.broadcast_to(fw[:, None, None], values.shape)
+        if weights is not None:
+            per_value_w = np.where(valid, weights.astype(np.float32) * per_value_w, 0)
+        if variance is not None:
+            # per-pixel inverse variance of the input pixels (not of the resampled ones,
+            # which a kernel smoothed by kernel_power: see daskstack.register)
+            noise = variance
+            if kernel_power is not None:
+                noise = variance / np.asarray(kernel_power, dtype=np.float32)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                per_value_w = np.where(valid, per_value_w / noise, 0).astype(np.float32)
 
     if rejection == "none" and estimator != "median":  # plain (weighted) mean: no sort
         count = valid.sum(axis=0)
-        return _pack(*_mean_of(values, valid, count, per_value_w), count)
+        return _pack(*_mean_of(values, valid, count, per_value_w, variance), count, exposure)
 
     # Sort each pixel's values (NaN last); every rejection keeps a contiguous range
-    # [lo, hi) of the sorted values.
-    if per_value_w is not None:
+    # [lo, hi) of the sorted values. Weights and variances travel with their values.
+    if per_value_w is not None or variance is not None:
         order = np.argsort(values, axis=0, kind="stable")
         sorted_ = np.take_along_axis(values, order, axis=0)
-        sorted_w = np.take_along_axis(np.ascontiguousarray(per_value_w), order, axis=0)
+        sorted_w = (None if per_value_w is None else
+                    np.take_along_axis(np.ascontiguousarray(per_value_w), order, axis=0))
+        sorted_v = None if variance is None else np.take_along_axis(variance, order, axis=0)
         del order
     else:
         sorted_ = np.sort(values, axis=0)
-        sorted_w = None
-    del values
+        sorted_w = sorted_v = None
+    del values, variance
     nvalid = valid.sum(axis=0)
     del valid
     lo = np.zeros(nvalid.shape, np.intp)
     hi = nvalid.astype(np.intp)
     lo, hi = REJECTIONS[rejection](sorted_, lo, hi, sigma=sigma, iters=iters,
-                                   cenfunc=cenfunc, nlow=nlow, nhigh=nhigh)
+                                   cenfunc=cenfunc, nlow=nlow, nhigh=nhigh,
+                                   sorted_v=sorted_v)
     count = hi - lo
-    image, weight = ESTIMATORS[estimator](sorted_, sorted_w, lo, hi)
-    return _pack(image, weight, count)
+    image, weight, var = ESTIMATORS[estimator](sorted_, sorted_w, sorted_v, lo, hi)
+    return _pack(image, weight, var, count, exposure)
 
 
 # Rejections: (sorted values, lo, hi, **options) -> the range [lo, hi) of each pixel's
-# sorted valid values that is kept.
+# sorted valid values that is kept. ``sorted_v``: the values' variances, or None.
 def _reject_none(sorted_, lo, hi, **_):
     return lo, hi
 
@@ -372,7 +404,13 @@ def _reject_minmax(sorted_, lo, hi, *, nlow, nhigh, **_):
     return lo, hi
 
 
-def _reject_sigclip(sorted_, lo, hi, *, sigma, iters, cenfunc, **_):
+def _reject_sigclip(sorted_, lo, hi, *, sigma, iters, cenfunc, sorted_v=None, **_):
+    # with variances, a value's spread is the larger of the stack's std and its own noise
+    # (the noise model): the values of a shallow frame among deep ones are no longer cut
+    # at a fraction of their own sigma (which biased the survivors' variance low), while
+    # star cores, whose values differ by seeing more than by noise, keep the stack's
+    # wider spread (and the two middle values, within one std of the median, stay)
+    own_sigma = None if sorted_v is None else np.sqrt(sorted_v)
     k = np.arange(sorted_.shape[0]).reshape(-1, 1, 1)
     for _ in range(iters):
         count = hi - lo
@@ -384,12 +422,18 @@ def _reject_sigclip(sorted_, lo, hi, *, sigma, iters, cenfunc, **_):
         else:
             cen, std = _range_mean_std(sorted_, inside, count)
         std = std.astype(np.float32)
+        if own_sigma is not None:
+            std = np.fmax(std, own_sigma)
         cen = np.asarray(cen).astype(np.float32)
         with np.errstate(invalid="ignore"):
             low = sorted_ < (cen - std * np.float32(sigma))
             high = sorted_ > (cen + std * np.float32(sigma))
-        new_lo = lo + np.sum(inside & low, axis=0)
-        new_hi = hi - np.sum(inside & high, axis=0)
+        # kept values stay a contiguous range: all up to the highest low outlier go, all
+        # from the lowest high outlier on (with one spread for all, exactly those flagged;
+        # with each value's own spread, also a rare lower value within its own bounds)
+        new_lo = np.maximum(lo, np.max(np.where(inside & low, k, -1), axis=0) + 1)
+        new_hi = np.minimum(hi, np.min(np.where(inside & high, k, sorted_.shape[0]), axis=0))
+        new_hi = np.maximum(new_hi, new_lo)
         changed = np.any(new_lo != lo) or np.any(new_hi != hi)
         lo, hi = new_lo, new_hi
         if not changed:
@@ -397,26 +441,81 @@ def _reject_sigclip(sorted_, lo, hi, *, sigma, iters, cenfunc, **_):
     return lo, hi
 
 
-# Estimators: (sorted values, their weights or None, lo, hi) -> (image, weight) of the
-# kept range; the weight is the number of values, or the sum of their weights.
-def _estimate_mean(sorted_, sorted_w, lo, hi):
+# Estimators: (sorted values, their weights or None, their variances or None, lo, hi)
+# -> (image, weight, variance) of the kept range; the weight is the number of values, or
+# the sum of their weights; the variance is the estimator's own (NaN without variances).
+def _estimate_mean(sorted_, sorted_w, sorted_v, lo, hi):
     k = np.arange(sorted_.shape[0]).reshape(-1, 1, 1)
     count = hi - lo
-    return _mean_of(sorted_, (k >= lo) & (k < hi), count, sorted_w)
+    return _mean_of(sorted_, (k >= lo) & (k < hi), count, sorted_w, sorted_v)
 
 
-def _estimate_median(sorted_, sorted_w, lo, hi):
+def _estimate_median(sorted_, sorted_w, sorted_v, lo, hi):
     count = hi - lo
     with np.errstate(invalid="ignore"):
         med = 0.5 * (_take(sorted_, lo + (count - 1) // 2).astype(np.float64)
                      + _take(sorted_, lo + count // 2))
     med[count == 0] = np.nan
-    return med, count.astype(np.float64)
+    variance = np.full(med.shape, np.nan)
+    if sorted_v is not None:
+        k = np.arange(sorted_.shape[0]).reshape(-1, 1, 1)
+        variance = _median_variance(sorted_v, (k >= lo) & (k < hi), count)
+    return med, count.astype(np.float64), variance
+
+
+def _median_variance(sorted_v, inside, count):
+    """Variance of the median of the values flagged ``inside`` (variances ``sorted_v``).
+
+    For large n it is 1 / (4 n f(m)**2) with f the mean of the values' densities at the
+    median: (pi/2) n / (sum 1/sigma_i)**2 for Gaussians (pi/2: the median's efficiency
+    relative to the mean; sigma**2 / n for equal sigma); for small n the exact Gaussian
+    factor of `median_variance_factor` replaces pi/2."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        inv_sigma = np.sum(np.where(inside, 1.0 / np.sqrt(sorted_v), 0.0), axis=0,
+                           dtype=np.float64)
+        factor = median_variance_table(sorted_v.shape[0])[count]
+        variance = factor * count / inv_sigma**2
+    variance[count == 0] = np.nan
+    return variance
 
 
 REJECTIONS = {"none": _reject_none, "sigclip": _reject_sigclip, "minmax": _reject_minmax}
 ESTIMATORS = {"mean": _estimate_mean, "median": _estimate_median, "weighted": _estimate_mean}
 REJECTS = tuple(REJECTIONS)
+
+
+@cache
+def median_variance_factor(n: int) -> float:
+    """Variance of the median of ``n`` Gaussian values of unit variance, times n: 1 for
+    n = 1, 2, rising to pi/2 as n grows (exact order-statistic integrals up to
+    ``n = 100``; pi/2 beyond, within 1.5 %)."""
+    if n <= 2:
+        return 1.0
+    if n > 100:
+        return float(np.pi / 2)
+    from scipy.special import gammaln, log_ndtr
+
+    half = 9.0 * np.sqrt(np.pi / (2 * n))
+    x = np.linspace(-half, half, 1601 if n % 2 else 801)
+    log_phi = -0.5 * x**2 - 0.5 * np.log(2 * np.pi)
+    log_cdf, log_sf = log_ndtr(x), log_ndtr(-x)
+    k = n // 2
+    if n % 2:  # the (k+1)-th of n values
+        log_c = gammaln(n + 1) - 2 * gammaln(k + 1)
+        density = np.exp(log_c + k * (log_cdf + log_sf) + log_phi)
+        return float(np.trapezoid(x**2 * density, x) * n)
+    # even n: the mean of the k-th and (k+1)-th, from their joint density (x < y)
+    log_c = gammaln(n + 1) - 2 * gammaln(k)
+    xx, yy = np.meshgrid(x, x, indexing="ij")
+    joint = np.where(xx < yy, np.exp(log_c + (k - 1) * (log_cdf[:, None] + log_sf[None, :])
+                                     + log_phi[:, None] + log_phi[None, :]), 0.0)
+    second_moment = np.trapezoid(np.trapezoid(((xx + yy) / 2) ** 2 * joint, x, axis=1), x)
+    return float(second_moment / np.trapezoid(np.trapezoid(joint, x, axis=1), x) * n)
+
+
+def median_variance_table(n_max: int) -> np.ndarray:
+    """`median_variance_factor` for 0..n_max values (0 for none), as an array to index."""
+    return np.array([0.0] + [median_variance_factor(n) for n in range(1, n_max + 1)])
 
 
 # -- the methods: the user's vocabulary, as rejection x estimator ---------------------------
@@ -469,11 +568,11 @@ def _combine_tile(tile: int, n_frames: int, shape, budget_bytes: int = 384 * 2**
                   methods=("sigclip",)) -> int:
     """Output block size for the combine: a block holds all frames of a tile, so shrink
     the tile as frames are added to keep each task's memory bounded (flat in N). A task
-    needs its input block (4 bytes a value) times the largest ``memory_factor`` of the
-    ``methods`` combined from it."""
+    needs its input block (8 bytes a value: data and variance, float32) times the
+    largest ``memory_factor`` of the ``methods`` combined from it."""
     factor = max(COMBINE_METHODS[m].memory_factor for m in methods)
     block = tile
-    while block > 128 and n_frames * block * block * 4 * factor > budget_bytes:
+    while block > 128 and n_frames * block * block * 8 * factor > budget_bytes:
         block //= 2
     return min(block, max(shape))
 
@@ -513,25 +612,39 @@ def _or_nan(value):
     return np.nan if value is None else float(value)
 
 
-def _mean_of(values, inside, count, weights=None):
-    """(mean, summed weight) per pixel of the values flagged ``inside``: plain, or
-    weighted by ``weights`` (same shape as ``values``)."""
+def _mean_of(values, inside, count, weights=None, variances=None):
+    """(mean, summed weight, variance of the mean) per pixel of the values flagged
+    ``inside``: plain, or weighted by ``weights`` (same shape as ``values``); the
+    variance is ``sum(w**2 v) / sum(w)**2`` (``sum(v) / n**2`` unweighted), NaN without
+    ``variances``."""
+    nan = np.full(np.shape(count), np.nan)
     if weights is None:
         mean, _ = _range_mean_std(values, inside, count, need_std=False)
-        return mean, count.astype(np.float64)
+        variance = nan
+        if variances is not None:
+            with np.errstate(invalid="ignore", divide="ignore"):
+                variance = np.sum(np.where(inside, variances, 0), axis=0,
+                                  dtype=np.float64) / np.square(count, dtype=np.float64)
+        return mean, count.astype(np.float64), variance
     w = np.where(inside, weights, 0)
     wsum = np.sum(w, axis=0, dtype=np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):
         mean = np.sum(np.where(inside, values * w, 0), axis=0, dtype=np.float64) / wsum
-    return mean, wsum
+        variance = nan
+        if variances is not None:
+            variance = np.sum(np.where(inside, w * w * variances, 0), axis=0,
+                              dtype=np.float64) / wsum**2
+    return mean, wsum, variance
 
 
-def _pack(image, weight, count):
-    out = np.empty((3,) + np.shape(count), np.float32)
+def _pack(image, weight, variance, count, exposure):
+    out = np.empty((5,) + np.shape(count), np.float32)
     empty = (count == 0) | ~(weight > 0)
     out[0] = np.where(empty, np.nan, image)
     out[1] = np.where(empty, 0, weight)
     out[2] = np.where(empty, 0, count)
+    out[3] = np.where(empty, np.nan, variance)
+    out[4] = exposure
     return out
 
 
@@ -543,6 +656,12 @@ class CombineResult(NamedTuple):
     weight : float32, number of values used, or for 'weighted' the sum of the weights
         of the values used; 0 where nothing was used.
     nused : int32, number of values used per pixel.
+    variance : float32, the variance of ``image`` by the method's own rule (NaN where
+        nothing was used, or when no ``variance`` was given): exact for the (weighted)
+        mean of the values kept (so for 'sigclip' and 'minmax' from the frames that
+        survive), the median's from `median_variance_factor`.
+    exposure : float32, summed exposure time (s) of the frames with a value at the
+        pixel (0 without ``exptime``).
 
     The three share their tasks: compute (or store) them together, e.g.
     ``dask.compute(res.image, res.weight)`` or ``da.store([...])``, so each tile is
@@ -552,6 +671,8 @@ class CombineResult(NamedTuple):
     image: da.Array
     weight: da.Array
     nused: da.Array
+    variance: da.Array
+    exposure: da.Array
 
 
 def _small(name, values, n):
@@ -579,6 +700,9 @@ def combine_stack(
     offsets=None,
     frame_weights=None,
     reject: str = "none",
+    variance=None,
+    kernel_power=None,
+    exptime=None,
 ) -> CombineResult:
     """Combine a registered stack ``(n_frames, ny, nx)`` into one image, lazily.
 
@@ -594,9 +718,16 @@ def combine_stack(
     scales, offsets : per-frame ``corrected = data * scales + offsets`` applied
         first (from `frame_scales`).
     frame_weights : per-frame weights for 'weighted' (e.g. `inverse_variance_weights`);
-        None = footprint weights only.
+        None = footprint weights only (times the per-pixel inverse ``variance``).
     reject : rejection before the weighted mean, 'none', 'sigclip' or 'minmax'
         ('weighted' only).
+    variance : each value's variance, same shape as ``data`` (the store's ``variance``),
+        or None; NaN or <= 0 leaves the value out. It gives the coadd's ``variance``
+        and makes 'weighted' an inverse-variance weighting per pixel.
+    kernel_power : the resampling's ``sum of squared weights`` per value (the store's
+        ``kernel_power``), or None (= 1): 'weighted' weights by ``kernel_power /
+        variance``, the inverse variance of the input pixels.
+    exptime : per-frame exposure times (s) for the ``exposure`` map, or None.
 
     Returns a `CombineResult` of dask arrays; nothing is computed. Chunks along the
     sky axes are those of ``data``.
@@ -630,14 +761,18 @@ def combine_stack(
             raise ValueError("frame_weights must be >= 0")
 
     args = [data]
-    if weights is not None:
-        if np.shape(weights) != data.shape:
-            raise ValueError(f"weights shape {np.shape(weights)} != data shape {data.shape}")
-        if not isinstance(weights, da.Array):
-            weights = da.from_array(np.asarray(weights), chunks=data.chunks)
-        elif weights.chunks != data.chunks:
-            weights = weights.rechunk(data.chunks)
-        args.append(weights)
+    for name, extra in (("weights", weights), ("variance", variance),
+                        ("kernel_power", kernel_power)):
+        if extra is None:
+            args.append(None)
+            continue
+        if np.shape(extra) != data.shape:
+            raise ValueError(f"{name} shape {np.shape(extra)} != data shape {data.shape}")
+        if not isinstance(extra, da.Array):
+            extra = da.from_array(np.asarray(extra), chunks=data.chunks)
+        elif extra.chunks != data.chunks:
+            extra = extra.rechunk(data.chunks)
+        args.append(extra)
 
     kwargs = dict(
         rejection=reject if spec.rejection is None else spec.rejection,
@@ -650,14 +785,17 @@ def combine_stack(
         scales=_small("scales", scales, n),
         offsets=_small("offsets", offsets, n),
         frame_weights=frame_weights,
+        exptime=None if exptime is None else np.nan_to_num(
+            np.asarray(exptime, dtype=np.float64)).reshape(n),
     )
     stacked = da.map_blocks(
         _combine_block,
         *args,
-        chunks=((3,),) + data.chunks[1:],
+        chunks=((5,),) + data.chunks[1:],
         dtype=np.float32,
         token=f"combine-{method}",
         meta=np.empty((0, 0, 0), np.float32),
         **kwargs,
     )
-    return CombineResult(stacked[0], stacked[1], stacked[2].astype(np.int32))
+    return CombineResult(stacked[0], stacked[1], stacked[2].astype(np.int32), stacked[3],
+                         stacked[4])

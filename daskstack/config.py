@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .combine import COMBINE_METHODS, REJECTIONS
 from .errors import DaskstackError
+from .register import KERNELS
 
 __all__ = [
     "CatalogSettings",
@@ -150,12 +151,16 @@ class GridSettings:
 class RegisterSettings:
     method: str = field(default="interp", metadata=_choices("interp", "adaptive", "exact"))
     # interpolation order for method="interp"
-    order: str = field(default="bilinear", metadata=_choices(
-        "nearest-neighbor", "bilinear", "biquadratic", "bicubic"))
+    # its names: a new kernel is one row of register.KERNELS
+    order: str = field(default="bilinear", metadata=_choices(*KERNELS))
     tile: int = 1024  # output tile size (pixels) = zarr chunk size on the sky axes
     fast_mapping: bool = True  # evaluate the pixel mapping on a coarse mesh (checked)
     mapping_tolerance_px: float = 0.01  # max mesh-interpolation error before the exact path
     conserve_flux: bool = True  # scale by output/input pixel area: e- per output pixel
+    # noise model (daskstack.noise): override the header's gain (e-/ADU; 0 = the header's
+    # GAIN or an alternative keyword) and read noise (e-; < 0 = the header's RDNOISE ...)
+    gain: float = 0.0
+    rdnoise: float = -1.0
     # False: remove store.zarr once the coadds are written (it is ~ the inputs' size
     # uncompressed; `daskstack combine` needs it, the same run with it kept rebuilds it)
     keep_store: bool = True
@@ -297,6 +302,7 @@ class Settings:
             if not getattr(getattr(self, section), name) > 0:
                 raise SettingsError(f"{section}.{name} must be > 0")
         nonnegative = [
+            ("register", "gain"),
             ("detect", "edge_pixels"), ("catalog", "retries"), ("solve", "match_radius_arcsec"),
             ("grid", "pixel_scale_arcsec"),
             ("combine", "nlow"), ("combine", "nhigh"), ("cluster", "n_workers"),

@@ -24,6 +24,7 @@ from astropy.utils.exceptions import AstropyWarning
 from astropy.wcs import WCS, FITSFixedWarning
 
 from .errors import DaskstackError
+from .noise import GAIN_KEYS, RDNOISE_KEYS, SATURATION_KEYS, header_number
 
 __all__ = [
     "Frame",
@@ -97,9 +98,9 @@ class FrameMeta:
     exptime: float | None
     date_obs: str | None
     mjd: float | None
-    gain: float
-    rdnoise: float
-    saturate: float
+    gain: float  # e-/ADU (1.0 when no header keyword gives it: `gain_keyword` is "")
+    rdnoise: float  # e- (0.0 when no header keyword gives it: `rdnoise_keyword` is "")
+    saturate: float  # SATURATE (masked by read_frame); inf without it
     pixscale: float | None  # nominal arcsec / pixel from the header
     ra: float | None  # telescope pointing, degrees
     dec: float | None
@@ -117,6 +118,12 @@ class FrameMeta:
     wcs_error: str = ""
     # problems that do not stop the frame, e.g. no DATE-OBS (recorded in the manifest)
     warnings: tuple[str, ...] = ()
+    gain_keyword: str = ""  # the header keyword GAIN came from ("" = none: 1.0 assumed)
+    rdnoise_keyword: str = ""  # the header keyword RDNOISE came from ("" = none)
+    has_error: bool = False  # an ERR extension (1 sigma per pixel) is read with the pixels
+    # the lowest of SATURATE and MAXLIN: above it a pixel's noise is not known (no weight),
+    # though non-linear pixels still centroid well enough for the astrometry
+    linear_limit: float = np.inf
 
     @property
     def epoch(self) -> float | None:
@@ -135,12 +142,14 @@ class FrameMeta:
 
 @dataclass
 class Frame:
-    """A frame's pixels (float32), its bad-pixel mask (True = bad) and SCI header."""
+    """A frame's pixels (float32), its bad-pixel mask (True = bad), SCI header and, where
+    the file has one, its ``ERR`` extension (1 sigma per pixel, float32)."""
 
     meta: FrameMeta
     data: np.ndarray
     mask: np.ndarray
     header: fits.Header
+    error: np.ndarray | None = None
 
     @property
     def name(self) -> str:
@@ -234,7 +243,8 @@ def _date_obs(header: fits.Header, notes: list[str]):
     return date_obs, mjd
 
 
-def _meta_from_header(path, hdu_key, header: fits.Header, shape) -> FrameMeta:
+def _meta_from_header(path, hdu_key, header: fits.Header, shape, has_error=False
+                      ) -> FrameMeta:
     if len(shape) != 2:
         raise FrameError(path, f"image has {len(shape)} dimensions, expected 2")
     ny, nx = int(shape[0]), int(shape[1])
@@ -249,6 +259,12 @@ def _meta_from_header(path, hdu_key, header: fits.Header, shape) -> FrameMeta:
     # LCO's own WCS-solve status (0 = solved); a float or a numeric string counts too
     wcserr = _float_or_none(header.get("WCSERR"))
     wcs_text, wcs_error = _wcs_problem(header, path)
+    gain = header_number(header, GAIN_KEYS)
+    rdnoise = header_number(header, RDNOISE_KEYS)
+    if rdnoise is not None and rdnoise < 0:
+        rdnoise = None
+    levels = [v for v in (_float_or_none(header.get(k)) for k in SATURATION_KEYS)
+              if v is not None and v > 0]
     return FrameMeta(
         path=str(path),
         name=frame_name(path),
@@ -257,8 +273,8 @@ def _meta_from_header(path, hdu_key, header: fits.Header, shape) -> FrameMeta:
         exptime=_float_or_none(header.get("EXPTIME", header.get("EXPOSURE"))),
         date_obs=str(date_obs) if date_obs else None,
         mjd=mjd,
-        gain=_float_or_none(header.get("GAIN")) or 1.0,
-        rdnoise=_float_or_none(header.get("RDNOISE")) or 0.0,
+        gain=gain if gain and gain > 0 else 1.0,
+        rdnoise=rdnoise if rdnoise and rdnoise > 0 else 0.0,
         saturate=_float_or_none(header.get("SATURATE")) or np.inf,
         pixscale=_float_or_none(header.get("PIXSCALE")),
         ra=_angle_deg(header.get("RA"), "hourangle"),
@@ -274,7 +290,15 @@ def _meta_from_header(path, hdu_key, header: fits.Header, shape) -> FrameMeta:
         wcs_header=wcs_text,
         wcs_error=wcs_error,
         warnings=tuple(notes),
+        gain_keyword=_first_key(header, GAIN_KEYS) if gain and gain > 0 else "",
+        rdnoise_keyword=_first_key(header, RDNOISE_KEYS) if rdnoise is not None else "",
+        has_error=has_error,
+        linear_limit=min(levels) if levels else np.inf,
     )
+
+
+def _first_key(header: fits.Header, keys) -> str:
+    return next((k for k in keys if _float_or_none(header.get(k)) is not None), "")
 
 
 # BUNIT spellings met in the wild -> one name each (FITS/astropy spelling, lower case)
@@ -340,6 +364,12 @@ def _open(path):
         hdul.close()
 
 
+def _has_error(hdul: fits.HDUList, science_key) -> bool:
+    """An ``ERR`` image extension beside the science image (not the science image itself)."""
+    return (science_key != "ERR" and "ERR" in hdul and hdul["ERR"].header.get(
+        "ZNAXIS", hdul["ERR"].header.get("NAXIS", 0)) == 2)
+
+
 def _short(err: BaseException) -> str:
     text = " ".join(str(err).split()) or type(err).__name__
     return text if len(text) <= 120 else text[:117] + "..."
@@ -364,7 +394,7 @@ def read_meta(path) -> FrameMeta:
                 shape = tuple(header.get(f"{prefix}{i}", 0) for i in (2, 1))
                 if not all(isinstance(n, (int, np.integer)) and n >= 0 for n in shape):
                     raise FrameError(path, f"invalid {prefix}2/{prefix}1 = {shape!r}")
-            return _meta_from_header(path, key, header, shape)
+            return _meta_from_header(path, key, header, shape, _has_error(hdul, key))
         except FrameError:
             raise
         except Exception as err:  # a malformed card raises many types deep in astropy
@@ -375,7 +405,8 @@ def read_frame(path) -> Frame:
     """Read a frame: SCI pixels as float32, a bad-pixel mask, the SCI header.
 
     The mask is True where the pixel must not be used: non-zero in the ``BPM``
-    extension (if any), not finite, or at/above the SATURATE level.
+    extension (if any), not finite, or at/above the SATURATE level. An ``ERR``
+    extension of the same shape is read too (`Frame.error`).
     Raises `FrameError` (naming the file and the problem) and nothing else for a bad
     file: unreadable, truncated, no image, all NaN, constant, fully masked.
     """
@@ -386,8 +417,15 @@ def read_frame(path) -> Frame:
             data = hdu.data
             if data is None:
                 raise FrameError(path, "science extension holds no image data")
-            meta = _meta_from_header(path, key, header, data.shape)
+            meta = _meta_from_header(path, key, header, data.shape, _has_error(hdul, key))
             data = np.asarray(data, dtype=np.float32)
+            error = None
+            if meta.has_error:
+                error = np.asarray(hdul["ERR"].data, dtype=np.float32)
+                if error.shape != data.shape:
+                    log.warning("%s: ERR shape %s differs from SCI %s; noise from GAIN and "
+                                "RDNOISE instead", meta.name, error.shape, data.shape)
+                    error = None
             with np.errstate(invalid="ignore", over="ignore"):
                 mask = ~np.isfinite(data)
                 if "BPM" in hdul and hdul["BPM"].data is not None:
@@ -412,7 +450,7 @@ def read_frame(path) -> Frame:
     good = data[~mask]
     if float(good.min()) == float(good.max()):
         raise FrameError(path, f"image is constant (every usable pixel = {float(good[0]):g})")
-    return Frame(meta=meta, data=data, mask=mask, header=header)
+    return Frame(meta=meta, data=data, mask=mask, header=header, error=error)
 
 
 def unusable_reason(meta: FrameMeta, *, needs_exptime: bool = False,

@@ -10,13 +10,36 @@ evaluates the exact mapping on a coarse mesh, interpolates it with a bicubic spl
 (mesh cell centres and a random sample) and falls back to reproject when the error
 exceeds ``mapping_tolerance_px`` (or when anything in the fast path fails). The interpolation then uses the same edge and NaN
 conventions as reproject, so results agree with reproject to float precision.
+
+Kernels and noise
+-----------------
+Interpolation kernels are rows of `KERNELS`: reproject's spline orders (nearest,
+bilinear, biquadratic, bicubic: the data go through ``map_coordinates`` exactly as in
+``reproject_interp``) and Lanczos (``lanczos2``, ``lanczos3``: SWarp's default;
+reproject has none), all with reproject's edge and NaN conventions (`_interpolate`).
+A frame's variance (`daskstack.noise`) is resampled with the *squared* weights of the
+kernel that resampled its data: an output pixel ``sum_k w_k I_k`` has variance
+``sum_k w_k**2 V_k`` (`_resample`; for the spline orders ``w`` is the spline's
+cardinal kernel, prefilter included). That is the scatter of single output pixels;
+neighbours now share input pixels, so the variance of a sum over an aperture is
+``noise_correlation(kernel)`` times the sum of the pixel variances (recorded as
+``NOISECOR`` in the coadd header). ``sum_k w_k**2`` itself (the kernel power, 1/4 to 1
+for bilinear as the sub-pixel offset varies) is kept too: the variance divided by it is
+the input noise, which is what inverse-variance weights of a coadd must use (weights
+from the smoothed variance would favour the frames that happen to be smoothed most). ``reproject_interp`` cannot return the weights, so
+with a variance the exact path evaluates the exact mapping at every output pixel and
+feeds it to the same sampler as the fast path. For the flux-conserving methods
+(adaptive, exact) the variance is reprojected as the data are: the input noise per
+output-pixel area, right for apertures (``NOISECOR`` = 1), above the scatter of single
+pixels.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import cache
 
 import numpy as np
 from astropy.wcs import WCS
@@ -28,22 +51,110 @@ from .frames import quiet_astropy
 from .grid import Grid
 
 __all__ = [
+    "KERNELS",
+    "Kernel",
     "RegisteredTile",
     "exact_mapping",
     "frame_tiles",
     "mesh_mapping",
+    "noise_correlation",
     "register_frame",
 ]
 
 log = logging.getLogger(__name__)
 
-ORDERS = {"nearest-neighbor": 0, "bilinear": 1, "biquadratic": 2, "bicubic": 3}
 AREA_TOLERANCE = 0.01  # pixel-area ratios closer to 1 than this are taken as 1
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """A separable interpolation kernel: ``weight(distance_px)`` along each axis, nonzero
+    within ``radius`` taps on each side. ``spline_order``: the ``map_coordinates``
+    order that interpolates the data (reproject's own), None for kernels applied here."""
+
+    radius: int
+    weight: Callable[[np.ndarray], np.ndarray]
+    spline_order: int | None = None
+
+
+def _box(d):
+    return ((d > -0.5) & (d <= 0.5)).astype(np.float64)
+
+
+def _triangle(d):
+    return np.clip(1.0 - np.abs(d), 0.0, None)
+
+
+def _lanczos(a: int):
+    """``sinc(d) sinc(d / a)`` for ``|d| < a``, tabulated every 1/1024 px (linear
+    interpolation is within 1e-6 of it, and twice as fast as evaluating it)."""
+    distance = np.linspace(-a, a, 2 * a * 1024 + 1)
+    table = np.sinc(distance) * np.sinc(distance / a)
+
+    def weight(d):
+        return np.interp(d, distance, table, left=0.0, right=0.0)
+    return weight
+
+
+def _cardinal_spline(order: int, radius: int):
+    """The weights a spline of ``order`` (with its prefilter, as map_coordinates and
+    reproject interpolate) gives each input pixel: the response to a unit impulse,
+    tabulated. It decays as 0.27**k (cubic), so ``radius`` taps hold all but ~1e-5 of
+    the squared weights."""
+    n = 4 * radius
+    impulse = np.zeros(2 * n + 1)
+    impulse[n] = 1.0
+    distance = np.linspace(-radius, radius, 2 * radius * 512 + 1)
+    table = map_coordinates(impulse, [n + distance], order=order, mode="mirror")
+
+    def weight(d):
+        return np.interp(d, distance, table, left=0.0, right=0.0)
+    return weight
+
+
+# The kernels --order takes. A new kernel is one entry (plus its tests).
+KERNELS = {
+    "nearest-neighbor": Kernel(1, _box, 0),
+    "bilinear": Kernel(1, _triangle, 1),
+    "biquadratic": Kernel(4, _cardinal_spline(2, 4), 2),
+    "bicubic": Kernel(4, _cardinal_spline(3, 4), 3),
+    "lanczos2": Kernel(2, _lanczos(2)),
+    "lanczos3": Kernel(3, _lanczos(3)),
+}
+
+
+def _taps(kernel: Kernel, position: np.ndarray, size: int):
+    """Indices (clipped into the image, as reproject's border rule) and normalised
+    weights of the ``2 * radius`` taps around each position, along one axis."""
+    first = np.floor(position).astype(np.intp) - kernel.radius + 1
+    index = [first + k for k in range(2 * kernel.radius)]
+    weights = [kernel.weight(position - i) for i in index]
+    total = np.sum(weights, axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        weights = [w / total for w in weights]
+    return [np.clip(i, 0, size - 1) for i in index], weights
+
+
+@cache
+def noise_correlation(order: str) -> float:
+    """Variance of a sum over a large aperture / the sum of its pixel variances, for images
+    resampled with the kernel ``order`` at random sub-pixel offsets and combined:
+    ``1 / mean(sum_k w_k**2)`` over offsets, the two axes multiplied (1 for nearest,
+    bilinear (3/2)**2 = 2.25). One frame at offset f has ``1 / sum_k w_k(f)**2``; in a
+    coadd each frame enters the summed ``ERR**2`` with its ``sum_k w_k**2``, so the
+    mean of those, not of their inverses, is what the coadd's factor is. Multiply an
+    aperture's summed ``ERR**2`` by it."""
+    kernel = KERNELS[order]
+    offsets = (np.arange(4096) + 0.5) / 4096
+    _, weights = _taps(kernel, offsets, 10**6)
+    return float(1.0 / np.mean(np.sum(np.square(weights), axis=0)) ** 2)
 
 
 @dataclass
 class RegisteredTile:
-    """One output tile of one frame: data (float32, NaN = no data) and footprint (0..1)."""
+    """One output tile of one frame: data (float32, NaN = no data), footprint (0..1) and,
+    when a variance was given, the variance (float32, NaN where data is NaN) and the
+    kernel power ``sum_k w_k**2`` (float32; 1 for flux-conserving reprojection)."""
 
     y0: int
     x0: int
@@ -51,6 +162,8 @@ class RegisteredTile:
     footprint: np.ndarray
     mapping: str  # "mesh", "exact" or the reproject function used
     mapping_error_px: float  # measured max error of the mesh mapping (0 for exact)
+    variance: np.ndarray | None = None
+    kernel_power: np.ndarray | None = None
 
 
 def exact_mapping(grid_wcs: WCS, frame_wcs: WCS, x, y):
@@ -107,26 +220,65 @@ def _mapping_error(evaluate, grid_wcs, frame_wcs, mesh_y, mesh_x, rng) -> float:
     return float(np.nanmax(np.hypot(sx - ex, sy - ey)))
 
 
-def _interpolate(image: np.ndarray, x_in: np.ndarray, y_in: np.ndarray, order: int):
-    """Sample ``image`` at (x_in, y_in) with reproject's conventions.
-
-    Pixel values live at pixel centres; points in the outer half of a border pixel
-    take the border value; points outside the image are NaN; NaN pixels spread to
-    every output pixel that touches them (so bad pixels never enter the coadd).
-    """
-    ny, nx = image.shape
-    coords = np.array([y_in.ravel(), x_in.ravel()])
-    for axis, size in enumerate((ny, nx)):
+def _border_convention(coords: np.ndarray, shape) -> np.ndarray:
+    """reproject's edges, in place on ``coords`` (2, n: y then x): points in the outer half
+    of a border pixel take the border value; returns the points outside the image."""
+    outside = np.zeros(coords.shape[1], dtype=bool)
+    for axis, size in enumerate(shape):
         c = coords[axis]
         c[(c < 0) & (c >= -0.5)] = 0
         c[(c < size - 0.5) & (c >= size - 1)] = size - 1
-    out = map_coordinates(image, coords, order=order, cval=np.nan, mode="constant",
-                          prefilter=order > 1)
-    outside = np.zeros(coords.shape[1], dtype=bool)
-    for axis, size in enumerate((ny, nx)):
-        outside |= (coords[axis] < -0.5) | (coords[axis] > size - 0.5)
+        outside |= (c < -0.5) | (c > size - 0.5)
+    return outside
+
+
+def _interpolate(image: np.ndarray, x_in: np.ndarray, y_in: np.ndarray, order: str,
+                 variance: np.ndarray | None = None):
+    """Sample ``image`` (and its ``variance``) at (x_in, y_in) with reproject's
+    conventions; returns ``(data, variance, kernel power)``, the last two None without
+    ``variance``.
+
+    Pixel values live at pixel centres; points in the outer half of a border pixel
+    take the border value; points outside the image are NaN; NaN pixels spread to
+    every output pixel whose kernel weighs them (so bad pixels never enter the coadd).
+    """
+    kernel = KERNELS[order]
+    coords = np.array([y_in.ravel(), x_in.ravel()], dtype=np.float64)
+    outside = _border_convention(coords, image.shape)
+    if kernel.spline_order is not None:
+        out = map_coordinates(image, coords, order=kernel.spline_order, cval=np.nan,
+                              mode="constant", prefilter=kernel.spline_order > 1)
+    else:
+        out, _ = _resample(image, coords, kernel, False)
     out[outside] = np.nan
-    return out.reshape(x_in.shape)
+    if variance is None:
+        return out.reshape(x_in.shape), None, None
+    out_var, power = _resample(variance, coords, kernel, True)
+    out_var[outside | ~np.isfinite(out)] = np.nan
+    return (out.reshape(x_in.shape), out_var.reshape(x_in.shape),
+            power.reshape(x_in.shape))
+
+
+def _resample(image: np.ndarray, coords: np.ndarray, kernel: Kernel, squared: bool):
+    """``sum_k w_k image_k`` (or with ``squared``, ``sum_k w_k**2 image_k``: a variance)
+    over the kernel's taps around each point of ``coords`` (2, n), and the sum of the
+    weights used (``sum_k w_k**2`` with ``squared``), both float32. A NaN pixel with a
+    nonzero weight makes the point NaN. Taps beyond the edge repeat the border pixel."""
+    ny, nx = image.shape
+    rows, wy = _taps(kernel, coords[0], ny)
+    cols, wx = _taps(kernel, coords[1], nx)
+    flat = image.ravel()
+    out = np.zeros(coords.shape[1], np.float64)
+    total = np.zeros(coords.shape[1], np.float64)
+    for row, w_row in zip(rows, wy, strict=True):
+        for col, w_col in zip(cols, wx, strict=True):
+            w = w_row * w_col
+            if squared:
+                w = w * w
+            value = flat[row * nx + col]
+            out += np.where(w != 0, w * value, 0.0)
+            total += w
+    return out.astype(np.float32), total.astype(np.float32)
 
 
 def frame_tiles(frame_wcs: WCS, frame_shape, grid: Grid, tile: int) -> list[tuple[int, int]]:
@@ -167,6 +319,7 @@ def register_frame(
     *,
     conserve_flux: bool = True,
     seed: int = 0,
+    variance: np.ndarray | None = None,
 ) -> Iterator[RegisteredTile]:
     """Reproject one frame onto ``grid``, yielding the output tiles it overlaps.
 
@@ -180,18 +333,26 @@ def register_frame(
     grid : Grid
         The output grid.
     settings : RegisterSettings
-        ``method`` (interp/adaptive/exact), ``order``, ``tile``, ``fast_mapping``,
-        ``mapping_tolerance_px``.
+        ``method`` (interp/adaptive/exact), ``order`` (a key of `KERNELS`), ``tile``,
+        ``fast_mapping``, ``mapping_tolerance_px``.
     conserve_flux : bool
         Multiply by (output pixel area / input pixel area) so that values are
         electrons per *output* pixel: frames of different binning or cameras then
         add up. Applied when the areas differ by more than ``AREA_TOLERANCE``: the
         ~1e-4 scatter of solved pixel scales of one camera is fit noise, and leaving
         it alone keeps same-camera stacks equal to the tutorial's method.
+    variance : ndarray, optional
+        The frame's variance (`daskstack.noise.frame_variance`); NaN = no weight, and
+        such pixels are treated as bad. Resampled with the squared kernel weights (see
+        the module docstring) into ``RegisteredTile.variance``, scaled by the squared
+        area ratio with `conserve_flux`.
     """
     image = np.array(data, dtype=np.float32, copy=True)
     if mask is not None:
         image[mask] = np.nan
+    if variance is not None:
+        variance = np.asarray(variance, dtype=np.float32)
+        image[~np.isfinite(variance)] = np.nan
     grid_wcs = grid.wcs
     area_ratio = 1.0
     if conserve_flux:
@@ -204,23 +365,27 @@ def register_frame(
     gny, gnx = grid.shape
     for y0, x0 in frame_tiles(frame_wcs, image.shape, grid, tile):
         shape = (min(tile, gny - y0), min(tile, gnx - x0))
-        result = _register_tile(image, frame_wcs, grid_wcs, y0, x0, shape, settings, rng)
+        result = _register_tile(image, variance, frame_wcs, grid_wcs, y0, x0, shape,
+                                settings, rng)
         if result is None:
             continue
-        out, footprint, how, error = result
+        out, out_var, power, footprint, how, error = result
         if not np.any(footprint > 0):
             continue
         if area_ratio != 1.0:
             out *= np.float32(area_ratio)
+            if out_var is not None:
+                out_var *= np.float32(area_ratio**2)
         yield RegisteredTile(y0, x0, out.astype(np.float32, copy=False),
-                             footprint.astype(np.float32, copy=False), how, error)
+                             footprint.astype(np.float32, copy=False), how, error,
+                             out_var, power)
 
 
-def _register_tile(image, frame_wcs, grid_wcs, y0, x0, shape, settings, rng):
-    order = ORDERS[settings.order]
+def _register_tile(image, variance, frame_wcs, grid_wcs, y0, x0, shape, settings, rng):
     if settings.method == "interp" and settings.fast_mapping:
         try:
-            fast = _mesh_tile(image, frame_wcs, grid_wcs, y0, x0, shape, settings, order, rng)
+            fast = _mesh_tile(image, variance, frame_wcs, grid_wcs, y0, x0, shape, settings,
+                              rng)
         except Exception as err:  # noqa: BLE001
             # the fast path is only an acceleration of the exact one: whatever breaks it
             # (a spline that cannot be built, a WCS that misbehaves off the frame) must
@@ -231,10 +396,19 @@ def _register_tile(image, frame_wcs, grid_wcs, y0, x0, shape, settings, rng):
         if fast is not None:
             return fast
         log.debug("mesh mapping error too large for tile (%d, %d); exact path", y0, x0)
-    return _reproject_tile(image, frame_wcs, grid_wcs, y0, x0, shape, settings, order)
+    if settings.method == "interp" and (variance is not None
+                                        or KERNELS[settings.order].spline_order is None):
+        return _exact_tile(image, variance, frame_wcs, grid_wcs, y0, x0, shape,
+                           settings.order)
+    return _reproject_tile(image, variance, frame_wcs, grid_wcs, y0, x0, shape, settings)
 
 
-def _mesh_tile(image, frame_wcs, grid_wcs, y0, x0, shape, settings, order, rng):
+def _sampled_tile(image, variance, x_in, y_in, order, how, error):
+    out, out_var, power = _interpolate(image, x_in, y_in, order, variance)
+    return out, out_var, power, np.isfinite(out).astype(np.float32), how, error
+
+
+def _mesh_tile(image, variance, frame_wcs, grid_wcs, y0, x0, shape, settings, rng):
     """One tile through the checked mesh mapping; None when the mesh is not accurate
     enough (or not finite) even at a finer step."""
     step = 64
@@ -248,30 +422,49 @@ def _mesh_tile(image, frame_wcs, grid_wcs, y0, x0, shape, settings, order, rng):
             ys = np.arange(y0, y0 + shape[0], dtype=float)
             xs = np.arange(x0, x0 + shape[1], dtype=float)
             x_in, y_in = evaluate(ys, xs)
-            out = _interpolate(image, x_in, y_in, order)
-            return out, np.isfinite(out).astype(np.float32), "mesh", error
+            return _sampled_tile(image, variance, x_in, y_in, settings.order, "mesh", error)
         step //= 4
     return None
 
 
-def _reproject_tile(image, frame_wcs, grid_wcs, y0, x0, shape, settings, order):
-    """One tile through reproject itself (the reference path)."""
+def _exact_tile(image, variance, frame_wcs, grid_wcs, y0, x0, shape, order):
+    """One tile through the exact mapping at every output pixel (what reproject_interp
+    computes), sampled as the fast path samples: for the kernels reproject lacks and
+    for the variance, whose squared weights reproject cannot give."""
+    gy, gx = np.mgrid[y0:y0 + shape[0], x0:x0 + shape[1]].astype(float)
+    x_in, y_in = exact_mapping(grid_wcs, frame_wcs, gx, gy)
+    return _sampled_tile(image, variance, np.asarray(x_in, float), np.asarray(y_in, float),
+                         order, "exact", 0.0)
+
+
+def _reproject_tile(image, variance, frame_wcs, grid_wcs, y0, x0, shape, settings):
+    """One tile through reproject itself (the reference path); the variance, if any, is
+    reprojected as the data are (see the module docstring)."""
     from reproject import reproject_adaptive, reproject_exact, reproject_interp
 
     tile_wcs = grid_wcs[y0:y0 + shape[0], x0:x0 + shape[1]]
-    with quiet_astropy():
-        if settings.method == "interp":
-            out, footprint = reproject_interp((image, frame_wcs), tile_wcs, shape_out=shape,
-                                              order=order)
-            name = "reproject_interp"
-        elif settings.method == "adaptive":
-            out, footprint = reproject_adaptive((image, frame_wcs), tile_wcs, shape_out=shape,
-                                                conserve_flux=False, boundary_mode="strict")
-            name = "reproject_adaptive"
-        else:
-            out, footprint = reproject_exact((image, frame_wcs), tile_wcs, shape_out=shape)
-            name = "reproject_exact"
+
+    def project(values):
+        with quiet_astropy():
+            if settings.method == "interp":
+                return reproject_interp((values, frame_wcs), tile_wcs, shape_out=shape,
+                                        order=KERNELS[settings.order].spline_order), \
+                    "reproject_interp"
+            if settings.method == "adaptive":
+                return reproject_adaptive((values, frame_wcs), tile_wcs, shape_out=shape,
+                                          conserve_flux=False, boundary_mode="strict"), \
+                    "reproject_adaptive"
+            return reproject_exact((values, frame_wcs), tile_wcs, shape_out=shape), \
+                "reproject_exact"
+
+    (out, footprint), name = project(image)
     out = np.asarray(out, dtype=np.float32)
     footprint = np.asarray(footprint, dtype=np.float32)
     footprint[~np.isfinite(out)] = 0
-    return out, footprint, name, 0.0
+    out_var = power = None
+    if variance is not None:
+        (out_var, _), _ = project(variance)
+        out_var = np.asarray(out_var, dtype=np.float32)
+        out_var[~np.isfinite(out)] = np.nan
+        power = np.ones_like(out_var)
+    return out, out_var, power, footprint, name, 0.0

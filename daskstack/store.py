@@ -6,13 +6,20 @@ Layout (``OUT/store.zarr``)::
                                grid fingerprint, per-filter frame lists, per-frame
                                records (exptime, sky, flux ratio ...), register options
     <filter>/data              (n_frames, ny, nx) float32, NaN where the frame gives nothing
+    <filter>/variance          (n_frames, ny, nx) float32, each frame's variance resampled
+                               with its data (`daskstack.register`), NaN where data is NaN
+    <filter>/kernel_power      (n_frames, ny, nx) float16, sum of the squared resampling
+                               weights (variance / kernel_power = the input noise: the
+                               inverse-variance weights of a coadd)
     <filter>/footprint         (n_frames, ny, nx) float32, 0..1 coverage of each frame; only
                                for flux-conserving reprojection (adaptive/exact), where
                                coverage is fractional: for interpolation it is exactly
                                "data is finite", and storing it would double the I/O
-    coadd/<key>/image, weight  (ny, nx) float32: a coadd and its weights, written by the
-                               combine (``<key>``: filter, then ``_<method>`` for the
-                               second and further methods), streamed from here to FITS
+    coadd/<key>/image, ERR, WEIGHT, NFRAMES, EXPMAP
+                               (ny, nx) float32: a coadd and its noise and coverage
+                               (`COADD_PLANES`), written by the combine (``<key>``:
+                               filter, then ``_<method>`` for the second and further
+                               methods), streamed from here to FITS
 
 Chunks are ``(1, tile, tile)``: each registration task writes whole chunks of its own
 frame, so concurrent writers never touch the same chunk (a chunk spanning the stack
@@ -35,11 +42,11 @@ from zarr.codecs import BloscCodec
 from .errors import DaskstackError
 from .grid import Grid
 
-__all__ = ["FrameInfo", "StackStore", "StoreError", "clear_frame", "coadd_key",
+__all__ = ["COADD_PLANES", "FrameInfo", "StackStore", "StoreError", "clear_frame", "coadd_key",
            "create_coadd_arrays", "create_store", "filter_key", "open_coadd_arrays",
            "open_store", "read_plane", "update_frames", "write_tiles"]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: a variance beside the data
 # noisy float32 hardly compresses: a fast codec (lz4 + bit shuffle) still saves ~25%
 COMPRESSOR = BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle")
 
@@ -111,6 +118,13 @@ class StackStore:
         footprint = group.get(f"{key}/footprint")
         return group[f"{key}/data"], footprint
 
+    def variance(self, filter_name: str):
+        """(variance, kernel_power) zarr arrays of one filter (None, None in a store
+        written before them)."""
+        group = self.group()
+        key = filter_key(filter_name)
+        return group.get(f"{key}/variance"), group.get(f"{key}/kernel_power")
+
     def index_of(self, name: str) -> tuple[str, int]:
         for filter_name, names in self.filters.items():
             if name in names:
@@ -132,7 +146,8 @@ def create_store(path, grid: Grid, frames: dict[str, FrameInfo], filters: dict[s
         existing = None
     if (existing is not None and existing.grid.fingerprint == grid.fingerprint
             and existing.tile == tile and existing.filters == filters
-            and all((existing.arrays(f)[1] is not None) == footprint for f in filters)):
+            and all((existing.arrays(f)[1] is not None) == footprint
+                    and existing.variance(f)[1] is not None for f in filters)):
         existing.frames.update(frames)
         existing.params = params or {}
         _write_attrs(existing)
@@ -143,9 +158,11 @@ def create_store(path, grid: Grid, frames: dict[str, FrameInfo], filters: dict[s
         key = filter_key(filter_name)
         shape = (len(names), ny, nx)
         chunks = (1, min(tile, ny), min(tile, nx))
-        group.create_array(f"{key}/data", shape=shape, chunks=chunks, dtype="float32",
-                           fill_value=np.nan, dimension_names=("frame", "y", "x"),
-                           compressors=COMPRESSOR)
+        for name, dtype in (("data", "float32"), ("variance", "float32"),
+                            ("kernel_power", "float16")):
+            group.create_array(f"{key}/{name}", shape=shape, chunks=chunks, dtype=dtype,
+                               fill_value=np.nan, dimension_names=("frame", "y", "x"),
+                               compressors=COMPRESSOR)
         if footprint:
             group.create_array(f"{key}/footprint", shape=shape, chunks=chunks,
                                dtype="float32", fill_value=0.0,
@@ -199,21 +216,27 @@ def coadd_key(filter_name: str, method: str = "") -> str:
     return filter_key(filter_name) + (f"_{method}" if method else "")
 
 
-def create_coadd_arrays(store: StackStore, key: str, block: int):
-    """New (image, weight) arrays ``coadd/<key>/`` on the grid, chunked ``(block, block)``
-    as the combine writes them; an earlier coadd of the same key is replaced."""
+# the planes of a coadd (names as its FITS extensions, `daskstack._write`) -> fill value
+COADD_PLANES = {"image": np.nan, "ERR": np.nan, "WEIGHT": 0.0, "NFRAMES": 0.0,
+                "EXPMAP": 0.0}
+
+
+def create_coadd_arrays(store: StackStore, key: str, block: int) -> dict:
+    """New arrays ``coadd/<key>/<plane>`` of `COADD_PLANES` on the grid, chunked
+    ``(block, block)`` as the combine writes them; an earlier coadd of the same key is
+    replaced. Returns ``{plane: array}``."""
     group = store.group("r+")
     ny, nx = store.grid.shape
-    return tuple(group.create_array(f"coadd/{key}/{name}", shape=(ny, nx),
-                                    chunks=(block, block), dtype="float32",
-                                    fill_value=fill, overwrite=True)
-                 for name, fill in (("image", np.nan), ("weight", 0.0)))
+    return {name: group.create_array(f"coadd/{key}/{name}", shape=(ny, nx),
+                                     chunks=(block, block), dtype="float32",
+                                     fill_value=fill, overwrite=True)
+            for name, fill in COADD_PLANES.items()}
 
 
-def open_coadd_arrays(store_path: str, key: str):
-    """The (image, weight) arrays of coadd ``key`` (read only; a worker opens by path)."""
+def open_coadd_arrays(store_path: str, key: str) -> dict:
+    """``{plane: array}`` of coadd ``key`` (read only; a worker opens by path)."""
     group = zarr.open_group(store_path, mode="r")
-    return group[f"coadd/{key}/image"], group[f"coadd/{key}/weight"]
+    return {name: group[f"coadd/{key}/{name}"] for name in COADD_PLANES}
 
 
 def read_plane(store_path: str, filter_name: str, index: int) -> np.ndarray:
@@ -225,16 +248,19 @@ def read_plane(store_path: str, filter_name: str, index: int) -> np.ndarray:
 def write_tiles(store_path: str, filter_name: str, index: int, tiles) -> int:
     """Write one frame's registered tiles into its slice of the stack; returns tiles written.
 
-    ``tiles`` yields ``(y0, x0, data, footprint)``. Runs on a worker: it opens the
-    store by path, so only the path travels through the graph.
+    ``tiles`` yields ``(y0, x0, data, footprint, variance, kernel_power)``. Runs on a worker: it opens
+    the store by path, so only the path travels through the graph.
     """
     group = zarr.open_group(store_path, mode="r+")
     key = filter_key(filter_name)
     data_array, foot_array = group[f"{key}/data"], group.get(f"{key}/footprint")
+    var_array, power_array = group[f"{key}/variance"], group[f"{key}/kernel_power"]
     count = 0
-    for y0, x0, data, footprint in tiles:
+    for y0, x0, data, footprint, variance, power in tiles:
         ny, nx = data.shape
         data_array[index, y0:y0 + ny, x0:x0 + nx] = data
+        var_array[index, y0:y0 + ny, x0:x0 + nx] = variance
+        power_array[index, y0:y0 + ny, x0:x0 + nx] = power
         if foot_array is not None:
             foot_array[index, y0:y0 + ny, x0:x0 + nx] = footprint
         count += 1
@@ -247,7 +273,8 @@ def clear_frame(store_path: str, filter_name: str, index: int, tiles) -> None:
     only the fill value are deleted, not written, so this costs no space."""
     group = zarr.open_group(store_path, mode="r+")
     key = filter_key(filter_name)
-    arrays = [(group[f"{key}/data"], np.nan), (group.get(f"{key}/footprint"), 0.0)]
+    arrays = [(group[f"{key}/data"], np.nan), (group.get(f"{key}/variance"), np.nan),
+              (group.get(f"{key}/kernel_power"), np.nan), (group.get(f"{key}/footprint"), 0.0)]
     for array, empty in arrays:
         if array is None:
             continue

@@ -78,8 +78,8 @@ def test_block_size_follows_the_memory_factor():
     for methods in (["mean"], ["sigclip"], ["weighted"], ["mean", "weighted"]):
         block = _combine_tile(1024, 200, (4096, 4096), budget, methods=methods)
         factor = max(COMBINE_METHODS[m].memory_factor for m in methods)
-        assert block == 128 or 200 * block * block * 4 * factor <= budget
-    sizes = [_combine_tile(1024, 60, (4096, 4096), budget, methods=[m])
+        assert block == 128 or 200 * block * block * 8 * factor <= budget
+    sizes = [_combine_tile(1024, 60, (4096, 4096), 2 * budget, methods=[m])
              for m in ("mean", "sigclip", "weighted")]
     assert sizes[0] >= sizes[1] >= sizes[2] and sizes[0] > sizes[2]
     with pytest.raises(KeyError):

@@ -512,8 +512,8 @@ def test_not_enough_disk_space_is_reported_before_work(batch, dask_client, tmp_p
                         lambda path: real(path)._replace(free=100_000))
     out = tmp_path / "out"
     with pytest.raises(RunError, match=r"out: not enough disk space for the planned store: "
-                                       r"the store and coadds need up to 0\.00 GiB, 0\.00 GiB "
-                                       r"free"):
+                                       r"the store and coadds need up to 0\.0\d GiB, 0\.00 "
+                                       r"GiB free"):
         run(_one_good(batch), str(cat), out, client=dask_client)
     assert _no_work_done(out)
 

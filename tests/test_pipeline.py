@@ -62,7 +62,31 @@ def test_run_layout_and_manifest(sim_run, sim_field):
         header = hdul[0].header
         assert header["NCOMBINE"] == 3
         assert header["FILTER"] == "rp"
-        assert "WEIGHT" in hdul and hdul["WEIGHT"].data.max() == 3
+        assert "WEIGHT" in hdul and hdul["NFRAMES"].data.max() == 3
+
+
+def test_coadd_carries_its_noise(sim_run, sim_field):
+    """ERR, WEIGHT = 1/ERR**2, NFRAMES and EXPMAP beside the coadd; the ERR of the sky
+    is its measured scatter; NOISECOR names the kernel's correlation."""
+    from daskstack._stats import sky_level
+    from daskstack.register import noise_correlation
+
+    with fits.open(sim_run.out_dir / "coadd_rp.fits") as hdul:
+        image, err, weight = (hdul[n].data.astype(float) for n in (0, "ERR", "WEIGHT"))
+        nframes, expmap = hdul["NFRAMES"].data, hdul["EXPMAP"].data
+        header = hdul[0].header
+        assert hdul["ERR"].header["BUNIT"] == header["BUNIT"]
+        assert hdul["EXPMAP"].header["BUNIT"] == "s"
+    assert header["NOISECOR"] == pytest.approx(noise_correlation("bilinear"), abs=1e-3)
+    full = nframes == 3
+    ok = full & np.isfinite(err)
+    np.testing.assert_allclose(weight[ok], 1 / err[ok] ** 2, rtol=1e-4)
+    assert np.all(weight[~np.isfinite(image)] == 0)
+    exptimes = [read_meta(f).exptime for f in sim_field.frames if read_meta(f).filter == "rp"]
+    assert np.allclose(expmap[full], sum(exptimes))
+    level, scatter = sky_level(image, ~ok)
+    sky = ok & (np.abs(image - level) < 3 * scatter)
+    assert np.median(err[sky]) == pytest.approx(scatter, rel=0.1)
 
 
 def test_per_frame_wcs_matches_truth(sim_run, sim_field):

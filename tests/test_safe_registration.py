@@ -72,7 +72,7 @@ def test_failed_registration_leaves_no_pixel(exact_field, tmp_path, monkeypatch)
     other = np.asarray(data[1])
     coadd = fits.getdata(result.coadds["rp"])
     assert np.array_equal(np.isfinite(coadd), np.isfinite(other))
-    assert np.nanmax(fits.getdata(result.coadds["rp"], "WEIGHT")) == 1
+    assert np.nanmax(fits.getdata(result.coadds["rp"], "NFRAMES")) == 1
     assert result.n_solved == 4 and result.n_combined == 3 and result.n_failed == 1
     assert result.exit_code == EXIT_PARTIAL
 
