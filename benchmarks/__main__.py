@@ -1,8 +1,9 @@
 """Entry point: ``python -m benchmarks run --suite quick|standard|full``, ``python -m
 benchmarks report RESULTS.json``, the astrometry evidence (``detect-sweep``,
-``astrometry-real``, ``false-alarms``, ``fast-path``; see `benchmarks.astrometry_evidence`)
-and ``python -m benchmarks report-scale`` (the run report's time and size against the
-number of frames; `benchmarks.report_scale`), run from the repository root."""
+``astrometry-real``, ``false-alarms``, ``fast-path``; see `benchmarks.astrometry_evidence`),
+``thin-frames`` (`benchmarks.thin_frames`) and ``python -m benchmarks report-scale`` (the
+run report's time and size against the number of frames; `benchmarks.report_scale`), run
+from the repository root."""
 
 from __future__ import annotations
 
@@ -67,6 +68,8 @@ def main(argv=None) -> int:
         "false-alarms": "solve the real frames against scrambled, random and other-field "
                         "catalogs",
         "fast-path": "registration fast path against reproject_interp, 4096x4096 with SIP",
+        "thin-frames": "synthetic thin frames (4-8 stars among 50 cosmic rays and hot pixels) "
+                       "solved with the geometry of the night's solved exposures",
     }
     for name, text in evidence.items():
         cmd = sub.add_parser(name, help=text)
@@ -75,6 +78,11 @@ def main(argv=None) -> int:
                          help="the PDS 110 frames (default: ../shared/data/lco-pds110)")
         if name == "false-alarms":
             cmd.add_argument("--trials", type=int, default=68, help="trials per catalog kind")
+            cmd.add_argument("--workers", type=int, default=1, help="processes for the trials")
+        if name == "thin-frames":
+            cmd.add_argument("--nights", type=int, default=20, help="synthetic nights")
+            cmd.add_argument("--per-night", type=int, default=10,
+                             help="trials of each kind (thin, other-field, no-stars) per night")
             cmd.add_argument("--workers", type=int, default=1, help="processes for the trials")
     args = parser.parse_args(argv)
 
@@ -93,6 +101,11 @@ def main(argv=None) -> int:
         elif args.command == "false-alarms":
             ev.false_alarms(real_dir, args.out, trials_per_kind=args.trials,
                             workers=args.workers)
+        elif args.command == "thin-frames":
+            from .thin_frames import thin_frames
+
+            thin_frames(args.out, nights=args.nights, per_night=args.per_night,
+                        workers=args.workers)
         else:
             ev.fast_path(args.out)
         return 0

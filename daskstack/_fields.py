@@ -3,7 +3,8 @@
 A batch may hold many targets. Frames are grouped once, early, by where they point
 (`_fields`), so that one catalog query serves every frame of a field
 (`_field_catalog`); frames too thin to solve alone are paired with the other exposures
-of the same pointing, filter and camera (`_companion_groups`). Plain functions of
+of the same pointing, filter and camera (`_companion_groups`), and with the solved
+exposures of the same camera and night (`_night_groups`). Plain functions of
 `FrameMeta` records (header information, no pixels); `daskstack._pipeline` calls them
 on the client.
 """
@@ -93,19 +94,57 @@ def _companion_groups(records, catalog_of):
                and r.name in catalog_of and r.result is not None and r.result.n_detections]
     out = []
     for record in pending:
-        m = record.meta
-        if m.ra is None or m.dec is None:
-            continue
-        partners = [
-            p for p in records
-            if p is not record and p.meta is not None and p.meta.filter == m.filter
-            and p.meta.instrument == m.instrument and p.meta.ra is not None
-            and p.meta.dec is not None
-            and separation_deg(m.ra, m.dec, p.meta.ra, p.meta.dec) < COMPANION_RADIUS_DEG
-        ]
+        partners = _pointing_partners(record, records)
         if partners:
             out.append((record, partners))
     return out
+
+
+def _pointing_partners(record, records):
+    """The other exposures of ``record``'s pointing, filter and camera."""
+    m = record.meta
+    return [p for p in records if p is not record and p.meta is not None
+            and p.meta.filter == m.filter and p.meta.instrument == m.instrument
+            and _same_pointing(m, p.meta)]
+
+
+NIGHT_DAYS = 0.5  # exposures of one camera taken this close in time: one night
+NIGHT_SOURCES_MAX = 6  # solved exposures of the pointing whose detections are used
+
+
+def _same_camera_night(a: FrameMeta, b: FrameMeta) -> bool:
+    """Same instrument on the same telescope, same frame size, within `NIGHT_DAYS`."""
+    return (a.instrument == b.instrument and a.telescope == b.telescope
+            and tuple(a.shape) == tuple(b.shape) and a.mjd is not None and b.mjd is not None
+            and abs(a.mjd - b.mjd) < NIGHT_DAYS)
+
+
+def _night_groups(records, catalog_of):
+    """Failed frames that the solved exposures of the same camera and night may help
+    solve (`daskstack.astrometry.solve_constrained`): ``(record, solved, night, thin)``
+    each, with the solved records of the camera that night (their geometry), those of
+    the same pointing nearest in time (their detections: up to `NIGHT_SOURCES_MAX`)
+    and the other exposures of the pointing and filter (the frame's companions)."""
+    pending = [r for r in records if r.status == "failed" and r.meta is not None
+               and r.name in catalog_of and r.result is not None and r.result.n_detections]
+    solved = [r for r in records if r.meta is not None and r.result is not None
+              and r.result.status == "ok" and r.result.method != "header"]
+    out = []
+    for record in pending:
+        m = record.meta
+        geometry = [s for s in solved if _same_camera_night(m, s.meta)]
+        if not geometry:
+            continue
+        near = [s for s in geometry if _same_pointing(m, s.meta)]
+        near.sort(key=lambda s: abs(s.meta.mjd - m.mjd))
+        out.append((record, geometry, near[:NIGHT_SOURCES_MAX],
+                    _pointing_partners(record, records)))
+    return out
+
+
+def _same_pointing(a: FrameMeta, b: FrameMeta) -> bool:
+    return (a.ra is not None and a.dec is not None and b.ra is not None and b.dec is not None
+            and separation_deg(a.ra, a.dec, b.ra, b.dec) < COMPANION_RADIUS_DEG)
 
 
 def separation_deg(ra1, dec1, ra2, dec2):

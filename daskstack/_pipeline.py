@@ -44,7 +44,14 @@ from astropy.table import Table
 from . import catalogs, combine, qa
 from . import store as store_mod
 from ._exitcodes import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL, outcome
-from ._fields import _companion_groups, _field_catalog, _field_radius_deg, _fields
+from ._fields import (
+    _companion_groups,
+    _field_catalog,
+    _field_radius_deg,
+    _fields,
+    _frame_centre,
+    _night_groups,
+)
 from ._rundir import (
     ERRORS_FILE,
     EXCLUDED,
@@ -172,6 +179,27 @@ def _solve_task(meta: FrameMeta, catalog: Table, settings: Settings, companions=
         if companions is not None:  # exposures that could not be read give None
             companions = [c for c in companions if c is not None] or None
         return solve_frame(frame, catalog, settings, companions=companions)
+    except FrameError as err:
+        return failure(meta, err.reason)
+    except Exception as err:  # a bug: reported apart (errors.log), the batch goes on
+        return InternalError.from_exception("solving", err)
+
+
+def _constrained_task(meta: FrameMeta, catalog: Table, settings: Settings, prior,
+                      companions, night_detections, night_wcs_headers):
+    """Solve a thin frame with its camera's geometry that night (`solve_constrained`);
+    the solved exposures' detections, mapped by their WCS, add the night's stars."""
+    from .astrometry import night_sources, solve_constrained
+
+    try:
+        frame = read_frame(meta.path)
+        companions = [c for c in companions if c is not None] or None
+        pairs = [(d, wcs_from_text(h, d.shape)) for d, h in
+                 zip(night_detections, night_wcs_headers, strict=True) if d is not None]
+        night = night_sources([d for d, _ in pairs], [w for _, w in pairs],
+                              radius_arcsec=2.0 * prior.scale_arcsec) if pairs else None
+        return solve_constrained(frame, catalog, prior, settings, companions=companions,
+                                 night=night)
     except FrameError as err:
         return failure(meta, err.reason)
     except Exception as err:  # a bug: reported apart (errors.log), the batch goes on
@@ -364,11 +392,47 @@ def _solve_frames(client, records: list[FrameRecord], out_dir: Path, settings: S
 
     if retry:
         _gather_as_completed(client, retry, "solve+companions", progress, on_retry)
+    _solve_constrained(client, records, catalog_of, settings, progress, on_retry)
     for r in records:
         if r.meta is not None and r.result is None:
             r.result = failure(r.meta, "not solved")
     if manifest is not None:
         write_manifest(records, manifest)
+
+
+def _solve_constrained(client, records, catalog_of, settings, progress, on_result) -> None:
+    """Third chance for the frames still failed: the scale, rotation and distortion of
+    their camera's solved exposures that night, only the shift searched
+    (`daskstack.astrometry.solve_constrained`); ``method='constrained'`` when it works."""
+    from .astrometry import geometry_prior
+
+    detections = {}  # one detection task per frame, shared by every group that uses it
+
+    def detected(record):
+        if record.name not in detections:
+            detections[record.name] = client.submit(_detect_task, record.meta, settings,
+                                                    pure=False)
+        return detections[record.name]
+
+    tasks = {}
+    for record, geometry, near, thin in _night_groups(records, catalog_of):
+        solved = []
+        for s in geometry:
+            centre = _frame_centre(s.meta)
+            if centre is not None:
+                solved.append((s.name, wcs_from_text(s.result.wcs_header, s.meta.shape),
+                               (centre.ra.deg, centre.dec.deg)))
+        try:
+            prior = geometry_prior(solved, record.meta.shape)
+        except ValueError as err:
+            log.info("%s: no constrained solve: %s", record.name, err)
+            continue
+        tasks[record.name] = client.submit(
+            _constrained_task, record.meta, catalog_of[record.name], settings, prior,
+            [detected(p) for p in thin], [detected(s) for s in near],
+            [s.result.wcs_header for s in near], pure=False)
+    if tasks:
+        _gather_as_completed(client, tasks, "solve+night", progress, on_result)
 
 
 def _accept_solution(record: FrameRecord, result: SolveResult, output_log: OutputLog,

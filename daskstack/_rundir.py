@@ -75,6 +75,7 @@ MANIFEST_COLUMNS = [
     ("flux_ratio", float), ("pixel_scale_arcsec", float), ("exptime", float),
     ("date_obs", str), ("mjd", float), ("telescope", str), ("instrument", str),
     ("registered", bool), ("t_solve", float), ("t_register", float), ("warnings", str),
+    ("method", str),  # the evidence that gave the WCS (SolveResult.method); "" if none
 ]
 OUTPUTS_FILE = "outputs.ecsv"  # name, sha256, bytes of every .wcs and coadd written
 TEMPORARY = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp")  # names made by _io.atomic_path
@@ -176,6 +177,7 @@ class FrameRecord:
             value = getattr(res, key, None) if res is not None else None
             row[key] = value if value is not None else (0 if key.startswith("n_") else np.nan)
         row["t_solve"] = getattr(res, "elapsed", np.nan) if res is not None else np.nan
+        row["method"] = res.method if res is not None and res.status == "ok" else ""
         return row
 
 

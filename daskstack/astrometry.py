@@ -36,12 +36,24 @@ from .catalogs import propagate_proper_motion
 from .config import Settings
 from .detect import Detections, detect_sources
 from .frames import Frame, FrameError, quiet_astropy
-from .match import MatchError, TriangleIndex, find_transform, nn_match
+from .match import (
+    MatchError,
+    TriangleIndex,
+    find_shift,
+    find_transform,
+    fit_shift_rotation,
+    format_probability,
+    nn_match,
+)
 
 __all__ = [
+    "GeometryPrior",
     "SolveResult",
     "companion_filter",
     "fit_tan_sip",
+    "geometry_prior",
+    "night_sources",
+    "solve_constrained",
     "solve_frame",
     "updated_header",
     "write_wcs_file",
@@ -83,7 +95,10 @@ class SolveResult:
     flux_ratio: float = float("nan")
     match_false_alarm_log10: float = float("nan")
     elapsed: float = 0.0
-    method: str = "solve"  # 'solve' | 'header'
+    # which evidence gave the WCS: 'pattern' (the frame's own stars), 'companions' (only
+    # those confirmed by other exposures of the pointing), 'constrained' (the camera's
+    # geometry from the night's solved exposures, `solve_constrained`), 'header'
+    method: str = "pattern"
 
     @property
     def ok(self) -> bool:
@@ -437,6 +452,7 @@ def solve_frame(frame: Frame, catalog: Table, settings: Settings | None = None,
         else:
             result.background, result.noise = sky_level(frame.data, frame.mask)
         return _header_only(frame, detections, catalog, settings, result, t0)
+    result.method = "companions" if companions else "pattern"
     det = detections if detections is not None else detect_sources(frame, settings.detect)
     result.n_detections = len(det)
     result.fwhm_px, result.background, result.noise = det.fwhm, det.background, det.noise
@@ -711,6 +727,324 @@ def _qa_failure(result, model, scale, ss) -> str:
     return ""
 
 
+# -- thin frames: the camera's geometry from the night's solved exposures -------------------
+ROTATION_FLOOR_DEG = 0.01  # rotation searched at least this far (one solved exposure: no spread)
+
+
+@dataclass
+class GeometryPrior:
+    """A camera's geometry on one night, from its solved exposures (small, picklable).
+
+    ``cd`` (deg/px, the mean CD) and the SIP ``sip_a`` / ``sip_b`` (``{(i, j): coeff}``,
+    the mean over the exposures fitted to the highest order; empty for TAN) fix the pixel scale, rotation and
+    distortion about the frame centre; ``rotation_spread_deg`` and ``scale_spread``
+    are their standard deviations over the exposures. ``pointing_offset_arcsec``
+    (east, north) is the mean of (solved centre - start centre) of the exposures, the
+    telescope's pointing error that night, and ``pointing_spread_arcsec`` its scatter.
+    """
+
+    shape: tuple[int, int]
+    cd: np.ndarray
+    sip_order: int = 0
+    sip_a: dict = field(default_factory=dict)
+    sip_b: dict = field(default_factory=dict)
+    rotation_spread_deg: float = 0.0
+    scale_spread: float = 0.0
+    pointing_offset_arcsec: tuple[float, float] = (0.0, 0.0)
+    pointing_spread_arcsec: float = 0.0
+    n_exposures: int = 0
+    names: tuple[str, ...] = ()
+
+    @property
+    def scale_arcsec(self) -> float:
+        return float(math.sqrt(abs(np.linalg.det(self.cd))) * 3600.0)
+
+    @property
+    def rotation_range_deg(self) -> float:
+        """How far the rotation of a frame of this camera may be from ``cd``'s."""
+        return max(3.0 * self.rotation_spread_deg, ROTATION_FLOOR_DEG)
+
+
+def _sip_dict(coeffs) -> dict:
+    return {(i, j): float(coeffs[i, j]) for i in range(coeffs.shape[0])
+            for j in range(coeffs.shape[1]) if i + j >= 2 and coeffs[i, j] != 0}
+
+
+def geometry_prior(solved, shape) -> GeometryPrior:
+    """The `GeometryPrior` of the solved exposures ``solved``: ``(name, wcs, start_centre)``
+    each (``wcs`` fitted, ``start_centre`` the (ra, dec) its solve started from), all of
+    one camera and night with frames of ``shape`` (ny, nx). Exposures of the other
+    parity than the majority, or whose CRPIX is not the frame centre, are not used.
+    Raises ValueError when none is usable."""
+    ny, nx = shape
+    centre = ((nx - 1) / 2.0, (ny - 1) / 2.0)
+    rows = []
+    for name, wcs, start in solved:
+        if wcs is None or not np.allclose(np.asarray(wcs.wcs.crpix) - 1.0, centre, atol=0.51):
+            continue
+        cd = np.asarray(wcs.pixel_scale_matrix, float)
+        with quiet_astropy():
+            ra, dec = wcs.all_pix2world([centre], 0)[0]
+        xi, eta, _ = _project(np.array([ra]), np.array([dec]), *start)
+        rows.append((name, wcs, cd, float(xi[0]) * 3600.0, float(eta[0]) * 3600.0))
+    if not rows:
+        raise ValueError("no solved exposure of this camera with its reference pixel at the "
+                         "frame centre")
+    parity = np.sign([np.linalg.det(r[2]) for r in rows])
+    major = 1.0 if (parity > 0).sum() > len(parity) / 2 else -1.0
+    rows = [r for r, p in zip(rows, parity, strict=True) if p == major]
+    cds = np.array([r[2] for r in rows])
+    # the position angle of +y (as SolveResult.rotation_deg) and the scale of each
+    angles = np.degrees(np.arctan2(cds[:, 0, 1], cds[:, 1, 1]))
+    mean_angle = math.degrees(np.angle(np.mean(np.exp(1j * np.radians(angles)))))
+    spread = (float(np.std((angles - mean_angle + 180.0) % 360.0 - 180.0, ddof=1))
+              if len(rows) > 1 else 0.0)
+    scales = np.sqrt(np.abs(np.linalg.det(cds)))
+    offsets = np.array([[r[3], r[4]] for r in rows])
+    mean_offset = offsets.mean(0)
+    # the distortion: the mean of the SIP polynomials of the exposures fitted to the highest
+    # order (all about the frame centre, so their coefficients average as the mappings do)
+    order = max(r[1].sip.a_order if r[1].sip is not None else 0 for r in rows)
+    with_sip = [r[1].sip for r in rows if r[1].sip is not None and r[1].sip.a_order == order]
+    sip_a: dict = {}
+    sip_b: dict = {}
+    for sip in with_sip:
+        for target, coeffs in ((sip_a, sip.a), (sip_b, sip.b)):
+            for key, value in _sip_dict(coeffs).items():
+                target[key] = target.get(key, 0.0) + value / len(with_sip)
+    return GeometryPrior(
+        shape=(int(ny), int(nx)), cd=cds.mean(0), sip_order=order, sip_a=sip_a, sip_b=sip_b,
+        rotation_spread_deg=spread,
+        scale_spread=float(np.std(scales, ddof=1) / scales.mean()) if len(rows) > 1 else 0.0,
+        pointing_offset_arcsec=(float(mean_offset[0]), float(mean_offset[1])),
+        pointing_spread_arcsec=(float(np.sqrt(((offsets - mean_offset) ** 2).sum(1).mean()))
+                                if len(rows) > 1 else 0.0),
+        n_exposures=len(rows), names=tuple(r[0] for r in rows))
+
+
+def night_sources(detections, wcss, radius_arcsec: float, min_count: int = 2):
+    """Sky positions (ra, dec arrays, deg) of the sources that the solved exposures of a
+    night saw in at least ``min_count`` of them (``min(min_count, len(wcss))``): stars,
+    whatever the catalog holds (a cosmic ray is in one exposure only). ``detections``
+    and ``wcss`` pair each exposure's `Detections` with its fitted WCS; positions are
+    averaged over the exposures that saw them."""
+    pairs = [(d, w) for d, w in zip(detections, wcss, strict=True)
+             if d is not None and w is not None and len(d)]
+    if not pairs:
+        return np.zeros(0), np.zeros(0)
+    need = max(1, min(min_count, len(pairs)))
+    with quiet_astropy():
+        ra0, dec0 = pairs[0][1].wcs.crval
+        sky = [w.all_pix2world(d.xy, 0) for d, w in pairs]
+    sums = np.zeros((0, 2))
+    counts = np.zeros(0, int)
+    for radec in sky:
+        xi, eta, _ = _project(radec[:, 0], radec[:, 1], ra0, dec0)
+        pts = np.column_stack([xi, eta]) * 3600.0
+        if len(sums):
+            si, ci, _ = nn_match(pts, cKDTree(sums / counts[:, None]), radius_arcsec)
+            sums[ci] += pts[si]
+            counts[ci] += 1
+            new = np.setdiff1d(np.arange(len(pts)), si)
+        else:
+            new = np.arange(len(pts))
+        sums = np.vstack([sums, pts[new]])
+        counts = np.concatenate([counts, np.ones(len(new), int)])
+    keep = counts >= need
+    mean = sums[keep] / counts[keep, None] / 3600.0
+    return _deproject(mean[:, 0], mean[:, 1], ra0, dec0)
+
+
+def _rotated(cd: np.ndarray, theta_rad: float) -> np.ndarray:
+    c, s = math.cos(theta_rad), math.sin(theta_rad)
+    return np.array([[c, -s], [s, c]]) @ cd
+
+
+def solve_constrained(frame: Frame, catalog: Table, prior: GeometryPrior,
+                      settings: Settings | None = None, companions=None,
+                      detections: Detections | None = None, night=None) -> SolveResult:
+    """Solve a thin frame with the geometry of its camera's solved exposures that night.
+
+    Scale, rotation and distortion come from ``prior`` (`geometry_prior`); only the
+    shift, and a rotation within ``prior.rotation_range_deg``, are searched
+    (`daskstack.match.find_shift`): first within 10" + 3x the pointing scatter of the
+    night's exposures (at most, and with fewer than three exposures,
+    ``companion_max_shift_arcsec``) of where the night's pointing error puts the frame, then
+    within ``search_radius_arcmin`` of the start; both searches count in the
+    false-alarm probability, as do the two unconstrained attempts made before
+    (``n_searches`` = 3 x 2). The references are the catalog stars and ``night``
+    ((ra, dec) of `night_sources`: stars the solved exposures saw, also those the
+    catalog lacks); with ``companions`` (detections of other exposures of the same
+    pointing and filter) only the detections they confirm are matched.
+
+    Returns a `SolveResult` with ``method='constrained'``: ``ok`` with a TAN(-SIP) WCS
+    (the prior's CD rotated by the fitted angle, its SIP, the fitted CRVAL), or
+    ``failed`` with the reason (too few matches, not significant, RMS too large).
+    """
+    settings = settings or Settings()
+    ss = settings.solve
+    t0 = time.perf_counter()
+    meta = frame.meta
+    result = SolveResult(name=meta.name, path=meta.path, filter=meta.filter,
+                         method="constrained")
+    ny, nx = frame.data.shape
+    if tuple(prior.shape) != (ny, nx):
+        return _fail(result, f"frame shape {ny}x{nx} differs from the camera's solved "
+                             f"exposures ({prior.shape[0]}x{prior.shape[1]})", t0)
+    det = detections if detections is not None else detect_sources(frame, settings.detect)
+    result.n_detections = len(det)
+    result.fwhm_px, result.background, result.noise = det.fwhm, det.background, det.noise
+    if len(det) < ss.constrained_min_matches:
+        return _fail(result, f"too few stars detected ({len(det)} < "
+                             f"{ss.constrained_min_matches})", t0)
+    _, start, _ = _start(frame)
+    if start is None:
+        return _fail(result, "no header WCS and no RA/DEC keywords to start from", t0)
+    xy = det.xy
+    use = np.arange(len(xy))
+    scale = prior.scale_arcsec
+    if companions:
+        use = companion_filter(det, companions, ss.companion_fraction,
+                               ss.companion_max_shift_arcsec / scale)
+        if len(use) < ss.constrained_min_matches:
+            return _fail(result, f"too few detections confirmed by companion exposures "
+                                 f"({len(use)} of {len(xy)})", t0)
+    # where the night's pointing error puts the frame: the centre of the projection
+    offset = np.array(prior.pointing_offset_arcsec)
+    ra_c, dec_c = _deproject(np.array([offset[0] / 3600.0]), np.array([offset[1] / 3600.0]),
+                             *start)
+    crval = (float(ra_c[0]), float(dec_c[0]))
+    crpix0 = ((nx - 1) / 2.0, (ny - 1) / 2.0)
+    fwhm = det.fwhm if np.isfinite(det.fwhm) else 3.0
+    # the geometry is known: the match radius need only cover the centroid scatter of
+    # faint stars and what the prior's geometry misses (a smaller radius is fewer chances)
+    radius_px = (ss.match_radius_arcsec / scale if ss.match_radius_arcsec > 0
+                 else max(0.35 * fwhm, 1.0))
+    # the first search: where the night's pointing error puts the frame, as far as the
+    # exposures scatter about it (measured from three or more; else the dither allowed)
+    near_arcsec = (min(3.0 * prior.pointing_spread_arcsec + 10.0, ss.companion_max_shift_arcsec)
+                   if prior.n_exposures >= 3 else ss.companion_max_shift_arcsec)
+    near_px = near_arcsec / scale
+    wide_px = (ss.search_radius_arcmin * 60.0 + float(np.hypot(*offset))) / scale
+    searches = [near_px] + ([wide_px] if wide_px > near_px else [])
+
+    # references: catalog stars, then the night's own stars the catalog lacks
+    ra, dec, mag = _catalog_arrays(catalog)
+    if settings.catalog.propagate_pm and meta.epoch is not None and \
+            "ref_epoch" in catalog.colnames:
+        ra, dec, mag = _catalog_arrays(propagate_proper_motion(catalog, meta.epoch))
+    n_cat = len(ra)
+    if night is not None and len(night[0]):
+        nra, ndec = (np.asarray(v, float) for v in night)
+        cxi, ceta, _ = _project(ra, dec, *crval)
+        nxi, neta, _ = _project(nra, ndec, *crval)
+        d, _ = cKDTree(np.column_stack([cxi, ceta]) * 3600.0).query(
+            np.column_stack([nxi, neta]) * 3600.0, distance_upper_bound=2 * radius_px * scale)
+        extra = ~np.isfinite(d)
+        ra, dec = np.concatenate([ra, nra[extra]]), np.concatenate([dec, ndec[extra]])
+        mag = np.concatenate([mag, np.full(int(extra.sum()), np.nan)])
+    half_diag_px = 0.5 * math.hypot(nx, ny)
+    model = _Model(crval, crpix0, prior.cd.copy(), prior.sip_order, dict(prior.sip_a),
+                   dict(prior.sip_b))
+
+    def plane(model):
+        """Detections and references in the tangent plane of ``model``, in pixels."""
+        dxi, deta = model.pix_to_std(xy[use, 0], xy[use, 1])
+        rxi, reta, cosc = _project(ra, dec, *model.crval)
+        k = 3600.0 / scale
+        return np.column_stack([dxi, deta]) * k, np.column_stack([rxi, reta]) * k, cosc > 0
+
+    # weights: centroid variance from S/N plus the floor, as in `solve_frame`'s fit
+    snr = np.asarray(det.table["snr"], float)[use]
+    weights = 1.0 / ((fwhm / (2.3548 * np.maximum(snr, 1.0))) ** 2 + ss.centroid_floor_px**2)
+    src, ref, front = plane(model)
+    region = front & (np.hypot(*ref.T) <= half_diag_px + wide_px + radius_px)
+    ridx = np.nonzero(region)[0]
+    result.n_catalog = int((ridx < n_cat).sum())
+    if len(ridx) < ss.constrained_min_matches:
+        return _fail(result, f"too few reference stars around the field ({len(ridx)} < "
+                             f"{ss.constrained_min_matches})", t0)
+    # the references are complete over the area they were taken from
+    n_searches = 3 * len(searches)
+    match, last_err = None, None
+    for max_offset in searches:
+        in_area = np.hypot(*ref[ridx].T) <= half_diag_px + max_offset + radius_px
+        area = math.pi * (half_diag_px + max_offset + radius_px) ** 2
+        try:
+            match = find_shift(src, ref[ridx[in_area]], max_offset=max_offset,
+                               match_radius=radius_px,
+                               max_rotation_deg=prior.rotation_range_deg,
+                               min_matches=ss.constrained_min_matches,
+                               max_false_alarm=ss.max_false_alarm, n_searches=n_searches,
+                               density_area=area, weights=weights)
+            match.ref_idx = ridx[in_area][match.ref_idx]
+            break
+        except MatchError as err:
+            if last_err is None or (err.best is not None and (
+                    last_err.best is None or err.best.n_matches > last_err.best.n_matches)):
+                last_err = err
+    if match is None:
+        return _fail(result, f"constrained search: {last_err.reason}", t0)
+    result.match_false_alarm_log10 = match.log10_false_alarm
+
+    # the shift and rotation found, refined in the sky: CRVAL moves, CD turns
+    theta = math.radians(match.meta["rotation_deg"])
+    max_rot = math.radians(prior.rotation_range_deg)
+    t = match.transform.offset * scale / 3600.0
+    new = _deproject(np.array([t[0]]), np.array([t[1]]), *model.crval)
+    model.crval = (float(new[0][0]), float(new[1][0]))
+    model.cd = _rotated(prior.cd, theta)
+    si = rj = np.zeros(0, int)
+    dist = np.zeros(0)
+    for _ in range(4):
+        src, ref, _front = plane(model)
+        si, rj, dist = nn_match(src, cKDTree(ref[ridx]), radius_px)
+        if len(si) < 2:
+            break
+        # a star hit by a cosmic ray, or a chance neighbour, must not pull the few others
+        keep = clip_residuals(dist, ss.clip_sigma, radius_px / 3.0)
+        if keep.sum() >= 2:
+            si, rj = si[keep], rj[keep]
+        step = fit_shift_rotation(src[si], ref[ridx][rj], max_rot - abs(theta), weights[si])
+        dtheta = math.atan2(step.matrix[1, 0], step.matrix[0, 0])
+        # ref = R src + t about this CRVAL: move CRVAL to where t points, turn CD by dtheta
+        t = step.offset * scale / 3600.0
+        new = _deproject(np.array([t[0]]), np.array([t[1]]), *model.crval)
+        model.crval = (float(new[0][0]), float(new[1][0]))
+        theta += dtheta
+        model.cd = _rotated(prior.cd, theta)
+    src, ref, _front = plane(model)
+    si, rj, dist = nn_match(src, cKDTree(ref[ridx]), radius_px)
+    n_fit = len(si)
+    rms = float(np.sqrt(np.mean(dist**2))) * scale if n_fit else float("nan")
+    result.n_matches = n_fit
+    result.rms_arcsec = rms
+    result.rms_px = rms / scale
+    result.sip_order = prior.sip_order if prior.sip_order >= 2 else 0
+    result.pixel_scale_arcsec = scale
+    result.rotation_deg = float(np.degrees(np.arctan2(model.cd[0, 1], model.cd[1, 1])) % 360)
+    result.flipped = bool(np.linalg.det(model.cd) > 0)
+    flux = np.asarray(det.table["flux"], float)[use[si]]
+    cmag = mag[ridx[rj]]
+    okm = np.isfinite(cmag) & (flux > 0)
+    if okm.sum():
+        result.flux_ratio = float(np.median(flux[okm] / 10 ** (-0.4 * cmag[okm])))
+    if n_fit < ss.constrained_min_matches:
+        return _fail(result, f"constrained search: matches lost while refining ({n_fit} < "
+                             f"{ss.constrained_min_matches})", t0)
+    if rms > ss.max_rms_arcsec:
+        return _fail(result, f"rms {rms:.2f} arcsec > {ss.max_rms_arcsec:g}", t0)
+    result.wcs_header = model.to_wcs((ny, nx)).to_header(relax=True).tostring()
+    result.status = "ok"
+    result.reason = ""
+    result.elapsed = time.perf_counter() - t0
+    log.info("%s: solved with the geometry of %d exposure(s), %d matches (%d catalog), "
+             "rms %.3f arcsec, false-alarm probability %s", result.name, prior.n_exposures,
+             n_fit, int((ridx[rj] < n_cat).sum()), rms,
+             format_probability(match.log10_false_alarm))
+    return result
+
+
 # -- output -------------------------------------------------------------------------------
 _QA_CARDS = (
     ("n_matches", "DSNMATCH", "matched catalog stars"),
@@ -726,7 +1060,7 @@ _QA_CARDS = (
 
 def _qa_cards(result: SolveResult):
     cards = [("DSSTATUS", result.status, "daskstack astrometry status"),
-             ("DSMETHOD", result.method, "solve: fitted; header: header WCS kept")]
+             ("DSMETHOD", result.method, "pattern/companions/constrained: fitted; header")]
     for attr, key, comment in _QA_CARDS:
         value = getattr(result, attr)
         if isinstance(value, float) and not math.isfinite(value):

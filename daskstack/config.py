@@ -126,6 +126,9 @@ class SolveSettings:
     centroid_floor_px: float = 0.03  # fit weights 1/(sigma_centroid^2 + floor^2)
     companion_fraction: float = 0.6  # companions: a source must be in this fraction of them
     companion_max_shift_arcsec: float = 30.0  # companions: largest dither between exposures
+    # thin frames solved with the geometry of the night's solved exposures: fewer matches
+    # suffice because only the shift is searched (the false-alarm test still applies)
+    constrained_min_matches: int = 4
 
     def wcs_source(self, catalog: str) -> str:
         """Where the frames' WCS comes from, 'solve' or 'header', given the catalog
@@ -340,6 +343,8 @@ class Settings:
             raise SettingsError("solve.max_skew must be > 0")
         if not self.solve.companion_max_shift_arcsec > 0:
             raise SettingsError("solve.companion_max_shift_arcsec must be > 0")
+        if self.solve.constrained_min_matches < 3:
+            raise SettingsError("solve.constrained_min_matches must be >= 3")
         if self.solve.sip_order not in (0, 2, 3, 4):
             raise SettingsError("solve.sip_order must be 0 (TAN only), 2, 3 or 4")
         if self.register.tile < 64:

@@ -57,7 +57,9 @@ __all__ = [
     "MatchResult",
     "Transform",
     "TriangleIndex",
+    "find_shift",
     "find_transform",
+    "fit_shift_rotation",
     "format_probability",
     "fit_similarity",
     "nn_match",
@@ -641,3 +643,133 @@ def find_transform(src, ref, *, scale_range=(0.95, 1.05), allow_flip: bool = Tru
             f"{format_probability(best.log10_false_alarm)})", best
         )
     return best
+
+
+# -- constrained search: the geometry known, only the shift (and a small rotation) ----------
+def fit_shift_rotation(src, ref, max_rotation_rad: float = 0.0, weights=None) -> Transform:
+    """Weighted least-squares ``ref = R(theta) @ src + t`` with the scale fixed at 1 and
+    ``|theta| <= max_rotation_rad`` (0: a pure shift). The rotation is about the origin
+    of ``src`` (the frame centre), as that of a camera whose geometry is known."""
+    src = np.asarray(src, float).reshape(-1, 2)
+    ref = np.asarray(ref, float).reshape(-1, 2)
+    w = np.ones(len(src)) if weights is None else np.asarray(weights, float)
+    w = w / w.sum()
+    ms, mr = (w[:, None] * src).sum(0), (w[:, None] * ref).sum(0)
+    theta = 0.0
+    if max_rotation_rad > 0 and len(src) >= 2:
+        zs = (src[:, 0] - ms[0]) + 1j * (src[:, 1] - ms[1])
+        zr = (ref[:, 0] - mr[0]) + 1j * (ref[:, 1] - mr[1])
+        cross = (w * zr * np.conj(zs)).sum()
+        if abs(cross) > 0:
+            theta = float(np.clip(np.angle(cross), -max_rotation_rad, max_rotation_rad))
+    c, s = math.cos(theta), math.sin(theta)
+    m = np.array([[c, -s], [s, c]])
+    return Transform(m, mr - m @ ms)
+
+
+def _best_offset(src, ref_tree, centre, max_offset, radius):
+    """The offset ``t`` (``|t - centre| <= max_offset``) that brings most points of
+    ``src`` within ``radius`` of a reference: a vote over all pairwise offsets, each
+    offset scored by the number of offsets within ``radius`` of it. Returns
+    ``(t, votes)`` or ``(None, 0)``."""
+    near = ref_tree.query_ball_point(src + centre, max_offset + radius)
+    counts = np.fromiter((len(js) for js in near), int, len(src))
+    if counts.sum() == 0:
+        return None, 0
+    si = np.repeat(np.arange(len(src)), counts)
+    rj = np.fromiter((j for js in near for j in js), int, int(counts.sum()))
+    offs = ref_tree.data[rj] - src[si]
+    votes = cKDTree(offs).query_ball_point(offs, radius, return_length=True)
+    k = int(np.argmax(votes))
+    return offs[k], int(votes[k])
+
+
+def find_shift(src, ref, *, max_offset: float, match_radius: float, centre=(0.0, 0.0),
+               max_rotation_deg: float = 0.0, min_matches: int = 4,
+               max_false_alarm: float = 1e-4, n_searches: int = 1,
+               density_area: float | None = None, weights=None) -> MatchResult:
+    """Find ``ref = R(theta) @ src + t`` when the geometry of ``src`` is already known.
+
+    ``src`` are detections already mapped by the camera's known scale, rotation and
+    distortion into the units of ``ref`` (tangent plane / pixel scale), relative to the
+    frame centre; what is left is the shift ``t`` (within ``max_offset`` of
+    ``centre``) and a rotation ``|theta| <= max_rotation_deg`` (the spread of the
+    camera's solved exposures). Method: for each rotation of a grid whose step moves
+    the frame's corners by ``match_radius / 2``, every pairwise offset
+    ``ref_j - R src_i`` votes, the offset with the most votes within ``match_radius``
+    wins; the best is refined by nearest-neighbour matching and a fit of the shift
+    (and rotation, within its range).
+
+    Significance, counted for this smaller search: ``lambda`` chance matches as in
+    `find_transform` (detections x reference density x match area); the trials are
+    the shift area over the match area times the rotations resolvable within the range
+    (``2 range x extent / match_radius``), times ``n_searches`` (Bonferroni over the
+    constrained searches made on the frame). ``density_area``: the area (ref units^2)
+    over which ``ref`` is complete (default: the bounding box of the mapped ``src``).
+    ``weights`` (per ``src`` point, e.g. inverse centroid variances) weight the refinement.
+
+    Raises `MatchError` (too few matches, not significant) like `find_transform`.
+    """
+    src = np.asarray(src, float).reshape(-1, 2)
+    ref = np.asarray(ref, float).reshape(-1, 2)
+    centre = np.asarray(centre, float).reshape(2)
+    if len(src) < 2:
+        raise MatchError(f"too few detections to match ({len(src)} < 2)")
+    if len(ref) < 2:
+        raise MatchError(f"too few reference stars to match ({len(ref)} < 2)")
+    tree = cKDTree(ref)
+    extent = max(float(np.hypot(*src.T).max()), match_radius)
+    max_rot = math.radians(max(max_rotation_deg, 0.0))
+    step = 0.5 * match_radius / extent
+    n_rot = 2 * math.ceil(max_rot / step) + 1 if max_rot > 0 else 1
+    best_t, best_votes, best_theta = None, 0, 0.0
+    for theta in np.linspace(-max_rot, max_rot, n_rot):
+        c, s = math.cos(theta), math.sin(theta)
+        rotated = src @ np.array([[c, -s], [s, c]]).T
+        t, votes = _best_offset(rotated, tree, centre, max_offset, match_radius)
+        if t is not None and votes > best_votes:
+            best_t, best_votes, best_theta = t, votes, theta
+    if best_t is None or best_votes < 2:
+        raise MatchError(f"no consistent shift within {max_offset:.0f} px")
+    c, s = math.cos(best_theta), math.sin(best_theta)
+    t = Transform(np.array([[c, -s], [s, c]]), best_t)
+    si = ri = np.zeros(0, int)
+    for _ in range(5):
+        si, ri, _d = nn_match(t(src), tree, match_radius)
+        if len(si) < 2:
+            break
+        new = fit_shift_rotation(src[si], ref[ri], max_rot if len(si) >= 3 else 0.0,
+                                 None if weights is None else np.asarray(weights)[si])
+        if np.linalg.norm(new.offset - centre) > max_offset + match_radius:
+            break
+        t = new
+    si, ri, d = nn_match(t(src), tree, match_radius)
+    rms = float(np.sqrt(np.mean(d**2))) if len(d) else float("nan")
+    result = MatchResult(t, si, ri, rms, match_radius)
+    # significance of the best of all shifts and rotations tried
+    r = match_radius
+    if density_area is None:
+        pts = t(src)
+        lo, hi = pts.min(0), pts.max(0)
+        inside = int(((ref >= lo) & (ref <= hi)).all(1).sum())
+        density_area = max(float((hi - lo).prod()), np.pi * r * r)
+    else:
+        inside = len(ref)
+    lam = len(src) * max(inside, 1) / density_area * np.pi * r * r
+    trials = max(max_offset**2 / r**2, 1.0)
+    trials *= max(2.0 * max_rot * extent / r, 1.0)
+    trials *= max(int(n_searches), 1)
+    n = result.n_matches
+    logsf = stats.poisson.logsf(n - 1, lam) if n > 0 else 0.0
+    log10_expected = float((logsf + math.log(trials)) / math.log(10))
+    result.n_expected = float(lam)
+    result.log10_false_alarm = _log10_probability_of_any(log10_expected)
+    result.meta.update(log10_expected_false_matches=log10_expected, n_trials=float(trials),
+                       rotation_deg=math.degrees(math.atan2(t.matrix[1, 0], t.matrix[0, 0])))
+    if n < min_matches:
+        raise MatchError(f"too few matched stars ({n} < {min_matches})", result)
+    if result.log10_false_alarm > math.log10(max_false_alarm):
+        raise MatchError(
+            f"shift not significant ({n} matches, {lam:.2g} expected by chance, "
+            f"false-alarm probability {format_probability(result.log10_false_alarm)})", result)
+    return result

@@ -96,7 +96,7 @@ def test_auto_with_a_catalog_solves_every_frame(lco_frames, lco_dir, dask_client
     best solved frame of the deepest filter."""
     result = run([str(p) for p in lco_frames], str(lco_dir / "refcat-pds110.ecsv"), tmp_path,
                  client=dask_client)
-    assert all(r.result.method == "solve" for r in result.frames)
+    assert all(r.result.method == "pattern" for r in result.frames)
     solved = [r for r in result.frames if r.result.ok]
     assert {r.name for r in solved} >= set(U_BAND)
     assert result.exit_code == (EXIT_OK if len(solved) == len(lco_frames) else EXIT_PARTIAL)
