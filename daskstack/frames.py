@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -320,8 +319,34 @@ def pixel_unit(header: fits.Header) -> str:
 
 
 _MAGIC = (b"SIMPLE  =", b"\x1f\x8b", b"BZh", b"PK\x03\x04")  # FITS, gzip, bzip2, zip
-_TRUNCATED = re.compile(r"actual file length \((\d+)\) is smaller than the expected size "
-                        r"\((\d+)\)")
+
+
+def _check_complete(path, hdul: fits.HDUList) -> None:
+    """FrameError unless the file ends where its last HDU does (zero padding allowed).
+
+    Read from the file's layout, not from astropy's warnings: `warnings.catch_warnings`
+    is process-global, so on a worker with several threads one thread would record (and
+    fail on) the warning that another thread's corrupt file raised.
+    """
+    # `HDUList.fileinfo` would render every header (and fail on a corrupt card): the
+    # offsets astropy itself checks truncation against are read directly
+    size = getattr(getattr(hdul, "_file", None), "size", 0) or 0  # 0: compressed stream
+    ends = [hdu._data_offset + hdu._data_size for hdu in hdul
+            if isinstance(getattr(hdu, "_data_offset", None), int)
+            and isinstance(getattr(hdu, "_data_size", None), int)]
+    expected = max(ends, default=0)
+    if not size or not expected:
+        return
+    if size < expected:
+        raise FrameError(path, f"truncated FITS file ({size} bytes, its headers describe "
+                               f"{expected})")
+    if size > expected:
+        with open(path, "rb") as handle:
+            handle.seek(expected)
+            extra = handle.read(2880 * 4)
+        if extra.strip(b"\0"):  # not padding: a header astropy could not parse
+            raise FrameError(path, f"corrupt or truncated FITS header after HDU "
+                                   f"#{len(hdul) - 1}")
 
 
 @contextlib.contextmanager
@@ -343,22 +368,13 @@ def _open(path):
         raise FrameError(path, "empty file (0 bytes)")
     if not head.startswith(_MAGIC):
         raise FrameError(path, "not a FITS file (does not start with SIMPLE)")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    with quiet_astropy():  # astropy only warns about truncation: checked below instead
         try:
             hdul = fits.open(path, memmap=False, lazy_load_hdus=False)
         except Exception as err:  # astropy raises many types for corrupt files
             raise FrameError(path, f"not a readable FITS file ({_short(err)})") from None
     try:
-        for warning in caught:
-            text = str(warning.message)
-            match = _TRUNCATED.search(text)
-            if match:
-                raise FrameError(path, f"truncated FITS file ({match.group(1)} bytes, its "
-                                       f"headers describe {match.group(2)})")
-            if text.startswith("Error validating header for HDU"):
-                raise FrameError(path, f"corrupt or truncated FITS header after HDU "
-                                       f"#{len(hdul) - 1}")
+        _check_complete(path, hdul)
         yield hdul
     finally:
         hdul.close()

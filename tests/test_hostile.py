@@ -25,7 +25,7 @@ from daskstack import _rundir as rundir
 from daskstack import catalogs as catalogs_mod
 from daskstack._pipeline import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL, RunError, run
 from daskstack.config import Settings
-from daskstack.frames import frame_name, read_meta
+from daskstack.frames import FrameError, frame_name, read_meta
 from daskstack.simulate import (
     lco_header,
     make_catalog,
@@ -608,3 +608,38 @@ def test_cli_exit_codes(batch, dask_client, tmp_path):
     assert "FAILED cube.fits: image has 3 dimensions, expected 2" in failed.output
     for res in (partial, failed):
         assert TOKEN not in res.output
+
+
+def test_a_corrupt_file_read_beside_good_ones_in_threads_fails_alone(tmp_path):
+    """A worker runs several tasks in threads: a corrupt file's complaint (astropy warns
+    about truncation and unreadable headers) must fail that file only, never a good frame
+    read at the same moment (a process-global warnings capture used to catch the other
+    thread's warning)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    good = tmp_path / "good.fits"
+    hdul = fits.HDUList([fits.PrimaryHDU(), fits.ImageHDU(np.ones((64, 64), np.float32))])
+    hdul.writeto(good)
+    raw = good.read_bytes()
+    truncated = tmp_path / "truncated.fits"
+    truncated.write_bytes(raw[:2880 + 1000])  # inside the extension's header
+    short = tmp_path / "short.fits"
+    short.write_bytes(raw[:-2000])  # inside the data
+    paths = [good, truncated, good, short] * 50
+
+    def outcome(path):
+        try:
+            read_meta(path)
+            return "ok"
+        except FrameError as err:
+            return err.reason
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(outcome, paths))
+    for path, result in zip(paths, results, strict=True):
+        if path == good:
+            assert result == "ok"
+        elif path == truncated:
+            assert result.startswith("corrupt or truncated FITS header after HDU #0"), result
+        else:
+            assert result.startswith("truncated FITS file"), result
