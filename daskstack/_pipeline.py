@@ -80,12 +80,13 @@ from ._rundir import (
 from ._stats import sky_level
 from ._write import coadd_header, coadd_planes, write_coadd_fits, write_difference
 from .astrometry import SolveResult, solve_frame, write_wcs_file
+from .detect import frame_cosmic_rays
 from .combine import COMBINE_METHODS, _combine_tile, _or_nan, _scales
 from .config import Settings
 from .frames import FrameError, FrameMeta, frame_name, read_frame, read_meta, unusable_reason
 from .grid import Grid, make_grid
 from .noise import frame_noise_model
-from .register import register_frame
+from .register import register_frame, subtract_sky
 
 __all__ = [
     "EXIT_FAILED",
@@ -232,11 +233,18 @@ def _register_task(meta: FrameMeta, wcs_header: str, grid: Grid, store_path: str
     try:
         frame = read_frame(meta.path)
         wcs = wcs_from_text(wcs_header, frame.data.shape)
-        variance, _ = frame_noise_model(frame, gain=settings.register.gain,
-                                        rdnoise=settings.register.rdnoise)
+        rs = settings.register
+        variance, noise = frame_noise_model(frame, gain=rs.gain, rdnoise=rs.rdnoise)
+        if rs.clean_cosmics:
+            hits = frame_cosmic_rays(frame, noise["gain"], noise["rdnoise"])
+            frame = dataclasses.replace(frame, mask=frame.mask | hits)
+            variance[hits] = np.nan
+        # the sky the chosen model removes before resampling (the noise model above keeps
+        # its Poisson noise; the sky level measured below is the frame's own)
+        data = subtract_sky(frame.data, frame.mask, rs.background, rs.background_mesh)
         tiles = ((t.y0, t.x0, t.data, t.footprint, t.variance, t.kernel_power)
-                 for t in register_frame(frame.data, frame.mask, wcs, grid, settings.register,
-                                         conserve_flux=settings.register.conserve_flux,
+                 for t in register_frame(data, frame.mask, wcs, grid, rs,
+                                         conserve_flux=rs.conserve_flux,
                                          seed=index, variance=variance))
         count = store_mod.write_tiles(store_path, filter_name, index, tiles)
         # a frame taken with its header WCS was never detected on (``measure_sky``): measure
@@ -733,7 +741,8 @@ def _combine_store(client, store_path: Path, out_dir: Path, settings: Settings,
             data, variance, power = data[keep], variance[keep], power[keep]
             foot = None if foot is None else foot[keep]
         infos = [stack.frames[names[i]] for i in keep]
-        scales = _scales(cs, infos)
+        # the sky model the frames were registered with (stores before it: 'constant')
+        scales = _scales(cs, infos, registered_background(stack))
         key = store_mod.filter_key(filter_name)
         sources, targets, paths = [], [], []
         # several methods share one read of each slab: one graph, one compute
@@ -751,7 +760,9 @@ def _combine_store(client, store_path: Path, out_dir: Path, settings: Settings,
                 cenfunc=cs.cenfunc, nlow=cs.nlow, nhigh=cs.nhigh, scales=scales.scales,
                 offsets=scales.offsets, variance=variance, kernel_power=power,
                 exptime=[_or_nan(f.exptime) for f in infos],
-                reject=cs.weighted_reject if spec.rejection is None else "none")
+                reject=cs.weighted_reject if spec.rejection is None else "none",
+                pair_sigma=cs.pair_sigma, pair_fraction=cs.pair_fraction,
+                sky_levels=scales.levels)
             node = store_mod.coadd_key(filter_name, "" if n_method == 0 else method)
             planes = coadd_planes(result)
             arrays = store_mod.create_coadd_arrays(stack, node, block)
@@ -977,6 +988,12 @@ def _announce_store_size(records, grid: Grid, settings: Settings, progress) -> N
     notice = getattr(progress, "notice", None)
     if notice is not None:
         notice(text)
+
+
+def registered_background(stack) -> str:
+    """The sky model (`register.BACKGROUNDS`) the frames of ``stack`` were registered
+    with: 'constant' for stores written before there was a choice."""
+    return (stack.params.get("register") or {}).get("background", "constant")
 
 
 def _check_workers_see_inputs(records: list[FrameRecord]) -> None:

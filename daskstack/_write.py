@@ -100,6 +100,15 @@ def coadd_header(stack, filter_name, names, infos, cs, scales, frame_weights=Non
         header["RESAMPLE"] = (register.get("order", "bilinear")
                               if register.get("method", "interp") == "interp"
                               else register.get("method"), "resampling kernel")
+    # the sky removed (register.BACKGROUNDS) and the cosmic-ray cleaning of the inputs
+    background = register.get("background", "constant")
+    if background == "constant" and not cs.subtract_background:
+        background = "none"
+    header["BKGSUB"] = (background, "sky removed: constant per frame, 2d mesh, none")
+    if background == "2d":
+        header["BKGMESH"] = (register.get("background_mesh"), "[px] 2-D sky mesh box")
+    header["CRCLEAN"] = (bool(register.get("clean_cosmics", False)),
+                         "inputs cleaned by L.A.Cosmic (astroscrappy)")
     catalog = stack.params.get("catalog")
     if catalog:
         header["REFCAT"] = (catalog, "reference catalog of the astrometry")

@@ -170,6 +170,17 @@ STAGE_OPTIONS = {
         ("--rdnoise", "register.rdnoise", dict(type=float,
          help="Read noise in e- for the noise model, overriding the header (RDNOISE, "
               "READNOIS, RON ...; without any: from the sky scatter); < 0 = the header's.")),
+        ("--background", "register.background", dict(
+         help="The sky: constant (one level per frame, removed when combining unless "
+              "--keep-background); 2d (a smooth mesh, --background-mesh pixels a box, "
+              "removed from each frame before resampling: a sky gradient leaves no step "
+              "where frames end); none (kept, as --keep-background).")),
+        ("--background-mesh", "register.background_mesh", dict(type=int, metavar="PIXELS",
+         help="--background 2d: box size of the background mesh.")),
+        ("--clean-cosmics/--no-clean-cosmics", "register.clean_cosmics", dict(default=None,
+         help="Find cosmic rays in each frame with L.A.Cosmic (astroscrappy; the frame's "
+              "gain, read noise and saturation) before resampling; hits get no weight. For "
+              "single frames and small stacks.")),
         ("--tile", "register.tile", dict(type=int,
          help="Output tile size in pixels (zarr chunk).")),
         ("--fast-mapping/--exact-mapping", "register.fast_mapping", dict(default=None,
@@ -200,7 +211,15 @@ STAGE_OPTIONS = {
          help="Also write OUT/difference/<frame>.fits: each frame, scaled as in the coadd, "
               "minus the coadd (brings out variable stars and transients).")),
         ("--subtract-background/--keep-background", "combine.subtract_background",
-         dict(default=None, help="Remove each frame's sky level before combining.")),
+         dict(default=None, help="Remove each frame's sky level before combining "
+              "(--background constant).")),
+        ("--pair-sigma", "combine.pair_sigma", dict(type=float, metavar="K",
+         help="Where only two frames cover a pixel (cosmic rays), reject the higher value "
+              "when it exceeds the other by K sigma of the noise model (plus "
+              "--pair-fraction of the lower's signal); every method but minmax; 0: off.")),
+        ("--pair-fraction", "combine.pair_fraction", dict(type=float,
+         help="Two frames: how much higher than the lower value's signal (star) a value "
+              "may be, as a fraction, for resampling and seeing differences.")),
     ],
     "run": [
         ("--keep-store/--no-keep-store", "register.keep_store", dict(default=None,

@@ -75,6 +75,29 @@ tests); a new rejection or estimator one function in its table.
     variance``), the minimum-variance combination for photometry; given per-frame
     inverse-variance weights (`inverse_variance_weights`) instead, one number a frame.
 
+Two frames: cosmic rays
+-----------------------
+Where only two values cover a pixel, no rejection that compares a value with the
+others' spread can work (each is one spread from their mean), so a cosmic ray in one of
+two frames would pass into the coadd at half its height. Each method's row names a
+rule for those pixels (`CombineMethod.two_frames`, a key of `TWO_FRAME_REJECTIONS`),
+applied before its own rejection: 'pair' (every method but 'minmax', whose ``nhigh``
+already drops the higher of two) takes each scaled value above the sky level left in its
+frame (``e = value - sky``; the sky is 0 where it was subtracted) and rejects the higher
+
+    e_high - e_low > pair_sigma * sqrt(var_high + var_low) + pair_fraction * max(e_low, 0)
+
+with the variances of the noise model (scaled like the values, so frames of other depth
+or exposure are compared in their own noise). A star is in both frames: the lower value
+holds its signal, and the second term allows the two to differ by that fraction of it,
+for sub-pixel resampling and seeing differences (a higher value may be 1 + fraction
+times the lower's signal). A cosmic ray on sky has a lower value near the sky: it goes
+when it is ``pair_sigma`` sigma above it. ``pair_sigma = 0`` turns the rule off; without
+``variance`` it does nothing. Frames of very different seeing (a star's wings more than
+1 + fraction times brighter in the broader frame) lose wing values to the rule: raise
+``pair_fraction`` or turn it off for such pairs. Rejected values still count in the
+``exposure`` map, as every rejection's do.
+
 Noise
 -----
 Given the stack's ``variance``, each method also returns the variance of its result
@@ -106,6 +129,7 @@ __all__ = [
     "REJECTIONS",
     "REJECTS",
     "SCALES",
+    "TWO_FRAME_REJECTIONS",
     "CombineMethod",
     "CombineResult",
     "FrameScales",
@@ -133,6 +157,9 @@ class FrameScales(NamedTuple):
     scales: np.ndarray
     offsets: np.ndarray
     units: str
+    # the sky level each frame keeps after ``data * scales + offsets`` (0 where it was
+    # subtracted), or None where the frames' sky levels are not known
+    levels: np.ndarray | None = None
 
     def unit(self, input_unit: str = "electron") -> str:
         """A BUNIT string for the coadd of frames in ``input_unit``."""
@@ -226,7 +253,10 @@ def frame_scales(
         offsets = np.median(level) - level
     else:
         offsets = np.zeros(n)
-    return FrameScales(scales, offsets, units)
+    levels = None
+    if sky is not None and np.size(sky) == n:
+        levels = np.nan_to_num(np.asarray(sky, np.float64).reshape(n)) * scales + offsets
+    return FrameScales(scales, offsets, units, levels)
 
 
 def electrons_per_unit(unit: str, gain) -> np.ndarray:
@@ -321,11 +351,12 @@ def _range_mean_std(values, inside, count, need_std=True):
 
 def _combine_block(
     data, weights=None, variance=None, kernel_power=None, *, rejection, estimator, sigma, iters, cenfunc, nlow,
-    nhigh, scales, offsets, frame_weights, exptime,
+    nhigh, scales, offsets, frame_weights, exptime, two_frames="none", pair_sigma=0.0,
+    pair_fraction=0.0, sky_levels=None,
 ):
     """Combine one chunk ``(n_frames, ty, tx)`` -> ``(5, ty, tx)`` float32: image, weight,
     number of values used, variance (NaN without ``variance``), exposure (s)
-    (``rejection`` then ``estimator``)."""
+    (``two_frames`` where two values cover a pixel, ``rejection``, then ``estimator``)."""
     n = data.shape[0]
     values = np.asarray(data, dtype=np.float32)
     s = np.ones(n, np.float32) if scales is None else scales.astype(np.float32)
@@ -343,10 +374,14 @@ def _combine_block(
         variance = np.asarray(variance, dtype=np.float32) * (s * s)[:, None, None]
         with np.errstate(invalid="ignore"):
             valid &= variance > 0  # NaN (no weight) and 0 both leave the value out
-        variance[~valid] = np.nan
-    values[~valid] = np.nan
     exposure = (np.tensordot(np.asarray(exptime, np.float32), valid, axes=1)
                 if exptime is not None else np.zeros(values.shape[1:], np.float32))
+    valid = TWO_FRAME_REJECTIONS[two_frames](values, valid, variance, pair_sigma=pair_sigma,
+                                             pair_fraction=pair_fraction,
+                                             sky_levels=sky_levels)
+    if variance is not None:
+        variance[~valid] = np.nan
+    values[~valid] = np.nan
 
     per_value_w = None
     if estimator == "weighted":
@@ -479,6 +514,39 @@ def _median_variance(sorted_v, inside, count):
     return variance
 
 
+# Two-frame rules: (values, valid, variance or None, **options) -> valid, with the values
+# rejected where exactly two frames cover a pixel (see "Two frames" in the module docstring).
+def _pair_none(values, valid, variance, **_):
+    return valid
+
+
+def _pair_outlier(values, valid, variance, *, pair_sigma, pair_fraction, sky_levels, **_):
+    """Reject the higher of two values that differ by more than the noise model allows."""
+    if variance is None or not pair_sigma > 0:
+        return valid
+    ys, xs = np.nonzero(valid.sum(axis=0) == 2)
+    if ys.size == 0:
+        return valid
+    ok = valid[:, ys, xs]
+    # each value above its own frame's sky: frames whose sky was kept differ by it
+    excess = values[:, ys, xs]
+    if sky_levels is not None:
+        excess = excess - sky_levels.astype(np.float32)[:, None]
+    high = np.argmax(np.where(ok, excess, -np.inf), axis=0)
+    low = np.argmin(np.where(ok, excess, np.inf), axis=0)
+    column = np.arange(ys.size)
+    e_high, e_low = excess[high, column], excess[low, column]
+    var = variance[:, ys, xs]
+    allowed = (np.float32(pair_sigma) * np.sqrt(var[high, column] + var[low, column])
+               + np.float32(pair_fraction) * np.maximum(e_low, 0))
+    out = e_high - e_low > allowed
+    valid = valid.copy()
+    valid[high[out], ys[out], xs[out]] = False
+    return valid
+
+
+TWO_FRAME_REJECTIONS = {"none": _pair_none, "pair": _pair_outlier}
+
 REJECTIONS = {"none": _reject_none, "sigclip": _reject_sigclip, "minmax": _reject_minmax}
 ESTIMATORS = {"mean": _estimate_mean, "median": _estimate_median, "weighted": _estimate_mean}
 REJECTS = tuple(REJECTIONS)
@@ -539,12 +607,15 @@ class CombineMethod:
         docstring); the combine's block size keeps the product within a budget.
     cards : ``settings -> [(keyword, value, comment), ...]``: the coadd header cards
         that record the method's parameters.
+    two_frames : key of `TWO_FRAME_REJECTIONS`: the rule where only two frames cover a
+        pixel, applied before ``rejection``.
     """
 
     rejection: str | None
     estimator: str
     memory_factor: float
     cards: Callable = _no_cards
+    two_frames: str = "pair"
 
 
 # A new method is one entry here (plus its tests); the names are what --combine takes.
@@ -552,7 +623,8 @@ COMBINE_METHODS = {
     "mean": CombineMethod("none", "mean", 2.3),
     "median": CombineMethod("none", "median", 2.3),
     "sigclip": CombineMethod("sigclip", "mean", 4.0, _sigclip_cards),
-    "minmax": CombineMethod("minmax", "mean", 2.3),
+    # its nhigh already drops the higher of two values
+    "minmax": CombineMethod("minmax", "mean", 2.3, two_frames="none"),
     "weighted": CombineMethod(None, "weighted", 8.0),
 }
 METHODS = tuple(COMBINE_METHODS)
@@ -561,7 +633,13 @@ METHODS = tuple(COMBINE_METHODS)
 def header_cards(method: str, settings) -> list:
     """The coadd header cards ``[(keyword, value, comment)]`` of ``method`` with the
     combine ``settings`` (`daskstack.config.CombineSettings`)."""
-    return COMBINE_METHODS[method].cards(settings)
+    spec = COMBINE_METHODS[method]
+    cards = spec.cards(settings)
+    if spec.two_frames == "pair":
+        cards = cards + [
+            ("PAIRSIG", settings.pair_sigma, "2 frames: higher rejected beyond (0: off)"),
+            ("PAIRFRAC", settings.pair_fraction, "2 frames: + this fraction of lower signal")]
+    return cards
 
 
 def _combine_tile(tile: int, n_frames: int, shape, budget_bytes: int = 384 * 2**20,
@@ -578,23 +656,29 @@ def _combine_tile(tile: int, n_frames: int, shape, budget_bytes: int = 384 * 2**
 
 
 # -- per-frame scales of a store's frames ----------------------------------------------------
-def _scales(cs, infos):
-    """Per-frame scales/offsets of the store's `FrameInfo` records ``infos``; a clear
+def _scales(cs, infos, background: str = "constant"):
+    """Per-frame scales/offsets of the store's `FrameInfo` records ``infos``, registered
+    with the sky model ``background`` (a key of `daskstack.register.BACKGROUNDS`); a clear
     error names the frame whose record lacks a value."""
+    from .register import BACKGROUNDS
+
+    model = BACKGROUNDS[background]
+    subtract = cs.subtract_background and model.combine_subtracts
+
     def values(key):
         out = np.array([_or_nan(getattr(f, key)) for f in infos])
         bad = [f.file for f, v in zip(infos, out, strict=True) if not np.isfinite(v)]
-        if bad and (cs.scale in _NEEDS.get(key, ()) or (key == "background"
-                                                       and cs.subtract_background)):
+        if bad and (cs.scale in _NEEDS.get(key, ()) or (key == "background" and subtract)):
             raise RunError(f"--scale {cs.scale}: no {key} known for {Path(bad[0]).name}")
         return out
 
     exptime, sky, ratio = values("exptime"), values("background"), values("flux_ratio")
+    if model.sky_map is not None:  # registration removed each frame's sky: none is left
+        sky = np.zeros(len(infos))
     if cs.scale == "photometric":
         ratio = ratio / np.median(ratio)  # the coadd is in the units of a typical frame
     return frame_scales(cs.scale, exptime=exptime, sky=sky, flux_ratio=ratio,
-                        subtract_background=cs.subtract_background,
-                        n_frames=len(infos))
+                        subtract_background=subtract, n_frames=len(infos))
 
 
 def difference_image(frame: np.ndarray, coadd: np.ndarray, scale: float,
@@ -703,6 +787,9 @@ def combine_stack(
     variance=None,
     kernel_power=None,
     exptime=None,
+    pair_sigma: float = 4.0,
+    pair_fraction: float = 0.5,
+    sky_levels=None,
 ) -> CombineResult:
     """Combine a registered stack ``(n_frames, ny, nx)`` into one image, lazily.
 
@@ -728,6 +815,12 @@ def combine_stack(
         ``kernel_power``), or None (= 1): 'weighted' weights by ``kernel_power /
         variance``, the inverse variance of the input pixels.
     exptime : per-frame exposure times (s) for the ``exposure`` map, or None.
+    pair_sigma, pair_fraction : where two values cover a pixel, the higher is rejected
+        beyond ``pair_sigma`` sigma of the noise (needs ``variance``) plus
+        ``pair_fraction`` of the lower's signal ("Two frames" in the module docstring);
+        for the methods whose row says so (all but 'minmax'). ``pair_sigma=0``: off.
+    sky_levels : per-frame sky level left in the values after scaling and offsets
+        (``data * scales + offsets`` of the sky), or None (= 0: sky subtracted).
 
     Returns a `CombineResult` of dask arrays; nothing is computed. Chunks along the
     sky axes are those of ``data``.
@@ -749,6 +842,8 @@ def combine_stack(
         raise ValueError("nlow and nhigh must be integers >= 0")
     if np.ndim(data) != 3:
         raise ValueError(f"data must be (n_frames, ny, nx), got shape {np.shape(data)}")
+    if not pair_sigma >= 0 or not pair_fraction >= 0:
+        raise ValueError("pair_sigma and pair_fraction must be >= 0")
 
     if not isinstance(data, da.Array):
         data = da.from_array(np.asarray(data), chunks=(-1, "auto", "auto"))
@@ -787,6 +882,11 @@ def combine_stack(
         frame_weights=frame_weights,
         exptime=None if exptime is None else np.nan_to_num(
             np.asarray(exptime, dtype=np.float64)).reshape(n),
+        two_frames=spec.two_frames,
+        pair_sigma=float(pair_sigma),
+        pair_fraction=float(pair_fraction),
+        sky_levels=None if sky_levels is None else np.nan_to_num(_small(
+            "sky_levels", np.nan_to_num(np.asarray(sky_levels, np.float64)), n)),
     )
     stacked = da.map_blocks(
         _combine_block,

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .combine import COMBINE_METHODS, REJECTIONS
 from .errors import DaskstackError
-from .register import KERNELS
+from .register import BACKGROUNDS, KERNELS
 
 __all__ = [
     "CatalogSettings",
@@ -162,6 +162,13 @@ class RegisterSettings:
     # GAIN or an alternative keyword) and read noise (e-; < 0 = the header's RDNOISE ...)
     gain: float = 0.0
     rdnoise: float = -1.0
+    # the sky (register.BACKGROUNDS): "constant" = one level per frame, removed by the
+    # combine unless combine.subtract_background is false; "2d" = a smooth mesh
+    # (background_mesh pixels a box) removed from each frame before resampling; "none"
+    background: str = field(default="constant", metadata=_choices(BACKGROUNDS))
+    background_mesh: int = 128
+    # L.A.Cosmic (astroscrappy) on each frame before resampling: hits get no weight
+    clean_cosmics: bool = False
     # False: remove store.zarr once the coadds are written (it is ~ the inputs' size
     # uncompressed; `daskstack combine` needs it, the same run with it kept rebuilds it)
     keep_store: bool = True
@@ -184,6 +191,11 @@ class CombineSettings:
     # method="weighted": reject outliers first
     weighted_reject: str = field(default="none", metadata=_choices(REJECTIONS))
     difference: bool = False  # also write each frame minus the coadd (variable sources)
+    # where only two frames cover a pixel, the higher value is rejected when it exceeds
+    # the other by pair_sigma x their noise plus pair_fraction x the lower's signal
+    # (combine.TWO_FRAME_REJECTIONS: every method but minmax); pair_sigma 0: off
+    pair_sigma: float = 4.0
+    pair_fraction: float = 0.5
 
     @property
     def methods(self) -> list[str]:
@@ -313,6 +325,7 @@ class Settings:
             ("solve", "search_radius_arcmin"), ("solve", "min_matches"),
             ("solve", "max_rms_arcsec"), ("solve", "clip_sigma"),
             ("register", "tile"), ("register", "mapping_tolerance_px"),
+            ("register", "background_mesh"),
             ("combine", "sigma"), ("combine", "iters"), ("cluster", "cores"),
             ("cluster", "worker_timeout"),
         ]
@@ -324,6 +337,7 @@ class Settings:
             ("detect", "edge_pixels"), ("catalog", "retries"), ("solve", "match_radius_arcsec"),
             ("grid", "pixel_scale_arcsec"),
             ("combine", "nlow"), ("combine", "nhigh"), ("cluster", "n_workers"),
+            ("combine", "pair_sigma"), ("combine", "pair_fraction"),
             ("select", "min_matches"),
             ("cluster", "minimum_jobs"),
         ]
@@ -349,6 +363,12 @@ class Settings:
             raise SettingsError("solve.sip_order must be 0 (TAN only), 2, 3 or 4")
         if self.register.tile < 64:
             raise SettingsError("register.tile must be at least 64 pixels")
+        if self.register.background_mesh < 16:
+            raise SettingsError("register.background_mesh must be at least 16 pixels")
+        if self.register.background == "2d" and not self.combine.subtract_background:
+            raise SettingsError("register.background = '2d' removes the sky; "
+                                "combine.subtract_background = false (--keep-background) "
+                                "asks to keep it: choose one (--background none keeps it)")
         if self.cluster.maximum_jobs < self.cluster.minimum_jobs:
             raise SettingsError("cluster.maximum_jobs must be >= cluster.minimum_jobs")
         if self.grid.method not in ("reference", "optimal") and not Path(self.grid.method).exists():

@@ -58,7 +58,8 @@ from scipy.spatial import cKDTree
 from .config import DetectSettings
 from .frames import Frame
 
-__all__ = ["Detections", "detect_sources", "measure_sources"]
+__all__ = ["Detections", "background_map", "cosmic_ray_mask", "detect_sources", "frame_cosmic_rays",
+           "measure_sources"]
 
 log = logging.getLogger(__name__)
 
@@ -150,11 +151,14 @@ def _bin2(data: np.ndarray, mask: np.ndarray):
     return binned, bmask
 
 
-def _interp_matrix(n_out: int, n_mesh: int, box: float) -> np.ndarray:
-    """(n_out, n_mesh) bilinear weights from mesh centres ((k + 0.5) box) to pixels."""
+def _interp_matrix(n_out: int, n_mesh: int, box: float, extrapolate: bool = False
+                   ) -> np.ndarray:
+    """(n_out, n_mesh) bilinear weights from mesh centres ((k + 0.5) box) to pixels;
+    beyond the outermost centres constant, or with ``extrapolate`` linear."""
     pos = (np.arange(n_out) + 0.5) / box - 0.5
-    pos = np.clip(pos, 0, n_mesh - 1)
-    lo = np.minimum(np.floor(pos).astype(int), max(n_mesh - 2, 0))
+    if not extrapolate:
+        pos = np.clip(pos, 0, n_mesh - 1)
+    lo = np.clip(np.floor(pos).astype(int), 0, max(n_mesh - 2, 0))
     frac = pos - lo
     w = np.zeros((n_out, n_mesh), np.float32)
     rows = np.arange(n_out)
@@ -205,14 +209,21 @@ def _clipped_stats(values: np.ndarray, sigma: float = 3.0, iters: int = 5):
     return med, std, hi - lo
 
 
-def _background(data: np.ndarray, mask: np.ndarray, box: int):
-    """Sky and sky RMS maps: sigma-clipped median / std on a coarse mesh, bilinear.
+def background_map(data: np.ndarray, mask: np.ndarray, box: int, *,
+                   extrapolate: bool = False):
+    """Sky and sky RMS maps of a frame: sigma-clipped median / std on a coarse mesh of
+    ``box`` x ``box`` pixels, bilinear between the box centres; beyond the outermost
+    centres (the frame's outer half boxes) constant, or with ``extrapolate`` linear, so
+    that a sky gradient is followed to the frame's edges (a constant there is off by
+    half a box of the gradient, which shows as a step where the frame ends in a coadd).
 
+    The one 2-D background of the package: detection uses it, and registration removes
+    it from each frame with ``--background 2d`` (`daskstack.register.BACKGROUNDS`).
     As ``photutils.background.Background2D`` with a median estimator, std RMS,
     ``exclude_percentile=50`` and a 3 x 3 median filter of the mesh, but vectorised
     over all boxes and on a 2 x 2 strided subsample of each box (>= 256 pixels per
     box), with the mesh interpolated by two small matrix products: ~10x faster on a
-    4096 x 4096 frame.
+    4096 x 4096 frame. ``mask``: True = bad pixel, left out.
     """
     ny, nx = data.shape
     box = int(max(16, min(box, ny // 2 if ny >= 32 else ny, nx // 2 if nx >= 32 else nx)))
@@ -244,11 +255,57 @@ def _background(data: np.ndarray, mask: np.ndarray, box: int):
         size = (min(3, nby), min(3, nbx))
         med = ndimage.median_filter(med, size=size, mode="nearest")
         std = ndimage.median_filter(std, size=size, mode="nearest")
-    wy = _interp_matrix(ny, nby, by)
-    wx = _interp_matrix(nx, nbx, bx)
+    wy = _interp_matrix(ny, nby, by, extrapolate)
+    wx = _interp_matrix(nx, nbx, bx, extrapolate)
     bkg = wy @ med.astype(np.float32) @ wx.T
     rms = wy @ std.astype(np.float32) @ wx.T
     return bkg.astype(np.float32), rms.astype(np.float32)
+
+
+def cosmic_ray_mask(data: np.ndarray, mask: np.ndarray | None, *, electrons_per_unit: float,
+                    rdnoise_e: float, saturation: float = np.inf, sigclip: float = 4.5,
+                    objlim: float = 5.0) -> np.ndarray:
+    """Cosmic-ray hits of one frame (True = hit) by L.A.Cosmic (van Dokkum 2001), as
+    ``astroscrappy.detect_cosmics`` implements it.
+
+    data : the frame with its sky (L.A.Cosmic's noise model is Poisson noise of the
+        median-filtered frame plus read noise).
+    mask : True = bad pixel, ignored (never reported as a hit).
+    electrons_per_unit, rdnoise_e : the frame's gain (1 for frames in electrons) and read
+        noise, as the noise model takes them (`daskstack.noise`).
+    saturation : the level (data units) at which pixels stop counting; saturated stars
+        are protected from being taken for hits.
+    sigclip, objlim : L.A.Cosmic's detection limit (sigma of the Laplacian) and its
+        contrast limit between a hit and the fine structure of a star (5: stars of a
+        PSF down to ~2 px FWHM are safe).
+    """
+    import astroscrappy
+
+    data = np.asarray(data, dtype=np.float32)
+    bad = ~np.isfinite(data) if mask is None else (np.asarray(mask, bool) | ~np.isfinite(data))
+    # astroscrappy reads no NaN: fill bad pixels with the median, which it leaves alone
+    filled = np.where(bad, np.float32(np.median(data[~bad])) if (~bad).any() else 0, data)
+    satlevel = float(saturation) if np.isfinite(saturation) else float(np.finfo(np.float32).max)
+    hits, _ = astroscrappy.detect_cosmics(
+        filled, inmask=bad, gain=float(electrons_per_unit), readnoise=float(rdnoise_e),
+        satlevel=satlevel, sigclip=sigclip, objlim=objlim)
+    return np.asarray(hits, bool) & ~bad
+
+
+def frame_cosmic_rays(frame: Frame, gain: float, rdnoise_e: float) -> np.ndarray:
+    """`cosmic_ray_mask` of a frame with its own numbers: ``gain`` (e-/ADU; frames in
+    electrons need none) and ``rdnoise_e`` as its noise model took them
+    (`daskstack.noise.frame_noise_model`'s record), its saturation (`FrameMeta.
+    linear_limit`)."""
+    from .combine import electrons_per_unit
+
+    meta = frame.meta
+    hits = cosmic_ray_mask(frame.data, frame.mask,
+                           electrons_per_unit=float(electrons_per_unit(
+                               meta.bunit or "adu", [gain or 1.0])[0]),
+                           rdnoise_e=rdnoise_e, saturation=meta.linear_limit)
+    log.info("%s: %d pixels hit by cosmic rays (L.A.Cosmic)", meta.name, int(hits.sum()))
+    return hits
 
 
 # Second moment <r^2> of a 2-D Gaussian of width sigma truncated at radius R, divided by R^2,
@@ -479,7 +536,7 @@ def detect_sources(frame: Frame, settings: DetectSettings | None = None) -> Dete
     else:
         work, wmask = np.where(mask, 0.0, data).astype(np.float32), mask
     box = max(16, settings.background_box // binning)
-    bkg, rms = _background(work, wmask, box)
+    bkg, rms = background_map(work, wmask, box)
     stride = max(1, min(bkg.shape) // 256)
     sky = float(np.median(bkg[::stride, ::stride]))
     noise_binned = float(np.median(rms[::stride, ::stride]))

@@ -665,6 +665,7 @@ def render_frame(
     transparency: float = 1.0,
     rng=None,
     n_cosmic_rays: int = 0,
+    cosmic_ray_hits=(),
     bad_columns=0,
     hot_pixels=0,
     satellite_trail=False,
@@ -684,7 +685,8 @@ def render_frame(
     (first moment) is the star's position. Sky: ``sky`` ADU/pixel
     times ``1 + gx (x/nx - 1/2) + gy (y/ny - 1/2)`` with ``sky_gradient`` =
     (gx, gy) or a float gx. Noise (if ``noise``): Poisson + read noise; then
-    cosmic rays (not in the BPM), hot pixels and ``bad_columns`` (garbage
+    cosmic rays (``n_cosmic_rays`` random ones, and ``cosmic_ray_hits``: (row, col,
+    electrons) at known pixels; not in the BPM), hot pixels and ``bad_columns`` (garbage
     values, flagged 1 in the BPM), an optional ``satellite_trail`` (True or a
     peak in electrons; not in the BPM); clipped at ``saturate`` ADU, and the
     clipped pixels flagged 2 in the BPM (as LCO's pipeline does).
@@ -761,6 +763,9 @@ def render_frame(
         for rows, cols, energy in _cosmic_rays(n_cosmic_rays, (ny, nx), rng):
             image[rows, cols] += energy
             cr_list.append((rows, cols))
+    for row, col, electrons in cosmic_ray_hits:
+        image[int(row), int(col)] += np.float32(electrons)
+        cr_list.append((np.array([int(row)]), np.array([int(col)])))
 
     trail = None
     if satellite_trail is not None and satellite_trail is not False:
@@ -1081,7 +1086,10 @@ def simulate_field(
     frames that get a trail. ``frame_overrides``: ``{frame index: {...}}`` to degrade
     chosen frames: ``fwhm_px`` (bad seeing), ``transparency`` (clouds), ``sky_factor``
     (a brighter sky, e.g. moonlight or clouds lit from below), ``psf`` and
-    ``psf_angle_deg`` (e.g. "trailed": a tracking jump), ``zeropoint``; the truth table records
+    ``psf_angle_deg`` (e.g. "trailed": a tracking jump), ``zeropoint``, ``dither_arcsec``
+    ((east, north) instead of the random dither), ``sky_gradient`` ((gx, gy) as for
+    `render_frame`, instead of ``sky_gradient`` in a random direction), ``cosmic_ray_hits``
+    ([(row, col, electrons), ...]: hits at known pixels); the truth table records
     what each frame got. ``executor``: anything with ``map`` (a
     concurrent.futures executor) to render frames in parallel.
     Deterministic for a given ``seed``.
@@ -1145,6 +1153,9 @@ def simulate_field(
         sky_factor = float(degrade.pop("sky_factor", 1.0))
         frame_psf = degrade.pop("psf", psf)
         frame_psf_angle = float(degrade.pop("psf_angle_deg", psf_angle_deg))
+        frame_dither = degrade.pop("dither_arcsec", None)
+        frame_gradient = degrade.pop("sky_gradient", None)
+        hits = [tuple(h) for h in degrade.pop("cosmic_ray_hits", ())]
         if degrade:
             raise ValueError(f"frame_overrides[{i}]: unknown keys {sorted(degrade)}")
         if sky is None:
@@ -1157,6 +1168,10 @@ def simulate_field(
         grad_angle = rng.uniform(0, 2 * math.pi)
         gradient = (sky_gradient * math.cos(grad_angle), sky_gradient * math.sin(grad_angle))
         dither = rng.uniform(-dither_arcsec, dither_arcsec, 2)
+        if frame_gradient is not None:
+            gradient = tuple(float(g) for g in frame_gradient)
+        if frame_dither is not None:
+            dither = np.asarray(frame_dither, dtype=float)
         perr_angle = rng.uniform(0, 2 * math.pi)
         perr = (pointing_error_arcmin * 60.0 * math.sin(perr_angle),
                 pointing_error_arcmin * 60.0 * math.cos(perr_angle))
@@ -1198,7 +1213,8 @@ def simulate_field(
                            psf_angle_deg=frame_psf_angle, sky=sky_adu,
                            sky_gradient=gradient, gain=gain, rdnoise=rdnoise, saturate=saturate,
                            exptime=texp, zeropoint=zp, transparency=transp,
-                           n_cosmic_rays=n_cr, bad_columns=detector_columns,
+                           n_cosmic_rays=n_cr, cosmic_ray_hits=hits,
+                           bad_columns=detector_columns,
                            hot_pixels=detector_hot,
                            satellite_trail=i in trail_frames),
         })

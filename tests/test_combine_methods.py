@@ -35,6 +35,7 @@ def test_every_method_is_a_known_rejection_and_estimator():
     for name, spec in COMBINE_METHODS.items():
         assert spec.rejection is None or spec.rejection in REJECTIONS, name
         assert spec.estimator in ESTIMATORS, name
+        assert spec.two_frames in combine.TWO_FRAME_REJECTIONS, name
         assert spec.memory_factor >= 1, name
 
 
@@ -54,7 +55,8 @@ def test_a_new_method_is_one_table_entry(monkeypatch):
     np.testing.assert_allclose(image, expected, rtol=2e-6, atol=1e-4)
     np.testing.assert_array_equal(nused, clipped.count(axis=0))
     cards = header_cards("clipmedian", CombineSettings(sigma=2.5, iters=4))
-    assert [(k, v) for k, v, _ in cards] == [("CLIPSIG", 2.5), ("CLIPITER", 4)]
+    assert [(k, v) for k, v, _ in cards] == [("CLIPSIG", 2.5), ("CLIPITER", 4),
+                                             ("PAIRSIG", 4.0), ("PAIRFRAC", 0.5)]
     settings = Settings()
     # the settings accept it: same table
     settings = settings.replace("combine", method="mean,clipmedian")
@@ -66,10 +68,12 @@ def test_a_new_method_is_one_table_entry(monkeypatch):
 
 def test_header_cards_from_the_table():
     cs = CombineSettings(sigma=2.0, iters=5)
-    assert [k for k, _, _ in header_cards("sigclip", cs)] == ["CLIPSIG", "CLIPITER"]
+    pair = ["PAIRSIG", "PAIRFRAC"]  # the two-frame rule of every method but minmax
+    assert [k for k, _, _ in header_cards("sigclip", cs)] == ["CLIPSIG", "CLIPITER", *pair]
     assert header_cards("sigclip", cs)[0][1] == 2.0
-    for method in ("mean", "median", "minmax", "weighted"):
-        assert header_cards(method, cs) == []
+    for method in ("mean", "median", "weighted"):
+        assert [k for k, _, _ in header_cards(method, cs)] == pair
+    assert header_cards("minmax", cs) == []
 
 
 def test_block_size_follows_the_memory_factor():

@@ -1,0 +1,250 @@
+"""Cosmic rays with few frames and a 2-D sky (issue 15, items 5 and 6), on synthetic truth.
+
+- Two frames, a cosmic ray in one: the two-frame rule of the combine table takes it out
+  of the coadd, and the stars (in both frames) keep their flux within 1 % of truth.
+- ``--clean-cosmics``: L.A.Cosmic on a single frame masks the injected hits, not stars.
+- ``--background 2d``: frames with a 5 % sky gradient, dithered by a third of a frame,
+  leave no step above 0.1 sigma of the sky where they end in the coadd (a constant sky
+  per frame leaves a clear one).
+"""
+
+import dask
+import numpy as np
+import pytest
+from astropy.io import fits
+from astropy.table import Table
+from astropy.wcs import WCS
+from scipy.stats import norm
+
+from daskstack._pipeline import combine_store_path, register_files
+from daskstack.combine import combine_stack
+from daskstack.config import Settings
+from daskstack.detect import cosmic_ray_mask
+from daskstack.photometry import aperture_photometry
+from daskstack.simulate import (
+    make_catalog,
+    render_frame,
+    simulate_field,
+    star_positions,
+    true_frame_wcs,
+)
+
+# -- the two-frame rule, on arrays -----------------------------------------------------------
+
+
+def test_pair_rule_rejects_a_hit_in_either_of_two_scaled_frames_and_nothing_else():
+    """Frames of 30 s and 90 s scaled to e-/s: noise alone is rejected no more than its
+    Gaussian tail beyond 4 sigma of the values' own (scaled) variances; a hit is, in whichever frame it falls; with the
+    rule off, or for minmax (its own rule), the hit is averaged in."""
+    rng = np.random.default_rng(7)
+    shape = (200, 200)
+    exptime = np.array([30.0, 90.0])
+    sky_rate, rdnoise = 5.0, 8.0
+    variance = (sky_rate * exptime + rdnoise**2)[:, None, None] * np.ones((2,) + shape)
+    data = (sky_rate * exptime)[:, None, None] + rng.normal(0, np.sqrt(variance))
+    hits = [(0, 50, 60), (1, 120, 30), (1, 10, 190)]
+    for frame, y, x in hits:
+        data[frame, y, x] += 40 * np.sqrt(variance[frame, y, x])
+    data, variance = data.astype(np.float32), variance.astype(np.float32)
+    scales = 1 / exptime
+    offsets = -sky_rate * np.ones(2)  # sky subtracted: levels 0
+
+    def coadd(method, **options):
+        res = combine_stack(data, method=method, scales=scales, offsets=offsets,
+                            variance=variance, **options)
+        return dask.compute(res.image, res.nused, res.variance, scheduler="sync")
+
+    noise = np.sqrt(np.median(variance[1]) / exptime[1] ** 2)
+    # pure noise beyond 4 sigma either way: 2 * 3.2e-5 of the pixels, ~2.5 here
+    false_alarms = 2 * norm.sf(4.0) * data[0].size
+    for method in ("mean", "weighted", "median", "sigclip"):
+        image, nused, var = coadd(method)
+        assert (nused == 1).sum() - len(hits) <= false_alarms + 5 * np.sqrt(false_alarms)
+        for frame, y, x in hits:
+            assert nused[y, x] == 1
+            assert abs(image[y, x]) < 5 * np.sqrt(var[y, x]), method
+        off, nused_off, _ = coadd(method, pair_sigma=0)
+        assert (nused_off == 2).all()
+        assert all(off[y, x] > 10 * noise for _, y, x in hits), method
+    image, nused, _ = coadd("minmax", nlow=0, nhigh=1)
+    assert (nused == 1).all()  # minmax drops the higher of two itself, once
+
+
+def test_pair_rule_keeps_a_star_seen_in_both_frames():
+    """The same star, 30 % brighter at its peak in one frame (sharper seeing, or the
+    resampling's phase): within ``pair_fraction`` of the lower value's signal, kept;
+    each value is taken above its own frame's sky level (kept here, and unequal)."""
+    yy, xx = np.mgrid[:41, :41]
+    profile = np.exp(-((xx - 20) ** 2 + (yy - 20) ** 2) / (2 * 1.5**2))
+    sky = np.array([200.0, 800.0])  # kept (no sky subtraction): the levels say where it is
+    data = np.stack([sky[0] + 50000 * profile * 1.3, sky[1] + 50000 * profile])
+    variance = data + 49.0
+    res = combine_stack(data.astype(np.float32), method="mean", variance=variance,
+                        sky_levels=sky)
+    image, nused = dask.compute(res.image, res.nused, scheduler="sync")
+    assert (nused == 2).all()
+    # without the levels the frame with the brighter sky would lose its sky pixels
+    res = combine_stack(data.astype(np.float32), method="mean", variance=variance)
+    assert res.nused.compute(scheduler="sync")[0, 0] == 1
+    # a peak 60 % brighter than the other's signal is more than pair_fraction allows
+    brighter = data.copy()
+    brighter[0] = sky[0] + 50000 * profile * 1.6
+    res = combine_stack(brighter.astype(np.float32), method="mean", variance=brighter + 49,
+                        sky_levels=sky)
+    assert (res.nused.compute(scheduler="sync")[20, 20]) == 1
+
+
+# -- two frames through the pipeline ----------------------------------------------------------
+SHAPE = (256, 256)
+# (row, col, electrons) in the second frame, away from the brightest stars
+HITS = [(40, 200, 4000.0), (128, 60, 2500.0), (210, 150, 6000.0), (90, 90, 1500.0)]
+
+
+def _pair_field(directory, hits):
+    """Two frames of one field, the second dithered by a few pixels (a fraction too) and
+    hit by cosmic rays at known pixels; no other defects, seeing alike. The hits are added
+    after the noise: the same field without them has the same noise, pixel for pixel."""
+    return simulate_field(
+        directory, n_frames=2, shape=SHAPE, filters=("rp",), seed=21,
+        pointing_error_arcmin=0, rotation_error_deg=0, cosmic_rays=False, bad_columns=0,
+        hot_pixels=0, fwhm_range=(3.0, 3.3), transparency_range=(1.0, 1.0), sky_gradient=0.0,
+        mag_range=(11.0, 14.5), density_per_sq_deg=30000,
+        frame_overrides={0: {"dither_arcsec": (0.0, 0.0)},
+                         1: {"dither_arcsec": (2.3, -1.6), "cosmic_ray_hits": hits}})
+
+
+def _register(field, client, out):
+    settings = Settings().replace("register", tile=128)
+    register_files([str(p) for p in field.frames], out, settings, wcs_source="header",
+                   client=client)
+    return out
+
+
+@pytest.fixture(scope="module")
+def pair_field(tmp_path_factory):
+    return _pair_field(tmp_path_factory.mktemp("pair") / "inputs", HITS)
+
+
+@pytest.fixture(scope="module")
+def pair_store(pair_field, dask_client, tmp_path_factory):
+    return _register(pair_field, dask_client, tmp_path_factory.mktemp("pair-run"))
+
+
+@pytest.fixture(scope="module")
+def clean_store(dask_client, tmp_path_factory):
+    """The same two frames without the hits."""
+    field = _pair_field(tmp_path_factory.mktemp("pair-clean") / "inputs", [])
+    return _register(field, dask_client, tmp_path_factory.mktemp("pair-clean-run"))
+
+
+def _coadd(store, client, name, **combine):
+    settings = Settings().replace("combine", scale="none", **combine)
+    paths = combine_store_path(store / "store.zarr", store / name, settings, client=client)
+    with fits.open(paths["rp"]) as hdul:
+        return (hdul[0].data.astype(np.float64), hdul["ERR"].data.astype(np.float64),
+                hdul[0].header)
+
+
+def _hit_positions(pair_field, grid_wcs):
+    truth = Table.read(pair_field.truth)
+    frame_wcs = WCS(fits.getheader(pair_field.truth_wcs[truth["name"][1]]))
+    rows, cols = np.array([h[0] for h in HITS]), np.array([h[1] for h in HITS])
+    sky = frame_wcs.pixel_to_world(cols, rows)
+    x, y = grid_wcs.world_to_pixel(sky)
+    return np.asarray(x), np.asarray(y)
+
+
+@pytest.mark.parametrize("method", ["mean", "weighted"])
+def test_two_frames_cosmic_ray_absent_and_stars_within_one_percent(
+        pair_field, pair_store, clean_store, dask_client, method):
+    image, err, header = _coadd(pair_store, dask_client, f"{method}-pair", method=method)
+    unprotected, _, _ = _coadd(pair_store, dask_client, f"{method}-off", method=method,
+                               pair_sigma=0.0)
+    clean, _, _ = _coadd(clean_store, dask_client, f"{method}-clean", method=method)
+    assert header["PAIRSIG"] == 4.0 and header["BKGSUB"] == "constant"
+    grid_wcs = WCS(header).celestial
+    x, y = _hit_positions(pair_field, grid_wcs)
+    for xi, yi in zip(x, y, strict=True):
+        box = np.s_[int(round(yi)) - 1:int(round(yi)) + 2, int(round(xi)) - 1:int(round(xi)) + 2]
+        # with the rule off the hit is there, at half its height (two frames averaged);
+        # with it, the coadd is that of the frames without the hit: one frame's value
+        # where the hit was against the mean of two, so within their noise, and on a
+        # star (a hit may fall on one) within the two frames' resampling difference
+        assert np.nanmax((unprotected - clean)[box] / err[box]) > 20
+        assert np.all(np.abs(image - clean)[box] < 5 * err[box] + 0.1 * np.abs(clean[box]))
+    elsewhere = np.ones(image.shape, bool)
+    for xi, yi in zip(x, y, strict=True):
+        elsewhere[int(round(yi)) - 3:int(round(yi)) + 4, int(round(xi)) - 3:int(round(xi)) + 4] = 0
+    # elsewhere the same (but for the frames' sky levels and the store's rounding of the
+    # tiles, which the hits moved a little)
+    np.testing.assert_allclose(image[elsewhere], clean[elsewhere], atol=0.05 * np.nanmedian(err))
+
+    # truth: the same apertures on each frame rendered without noise, averaged
+    truth = Table.read(pair_field.truth)
+    catalog = Table.read(pair_field.catalog)
+    radius = 3.0 * float(np.max(truth["fwhm_px"]))
+    sx, sy, index = star_positions(catalog, grid_wcs, float(truth["epoch"][0]), shape=SHAPE)
+    inside = (sx > radius + 12) & (sx < SHAPE[1] - radius - 13) & (sy > radius + 12) & (
+        sy < SHAPE[0] - radius - 13)
+    true_flux = np.mean([_noiseless_aperture_flux(pair_field, row, catalog, index[inside],
+                                                  radius) for row in truth], axis=0)
+    phot = aperture_photometry(image, sx[inside], sy[inside], radius, variance=err**2)
+    flux, flux_err = np.asarray(phot["flux"]), np.asarray(phot["flux_err"])
+    precise = (flux_err < 0.003 * flux) & (np.asarray(phot["flags"]) == 0)
+    assert precise.sum() >= 3
+    assert np.all(np.abs(flux[precise] / true_flux[precise] - 1) < 0.01)
+    # the rule took nothing from the stars: without hits, the same fluxes as without it
+    clean_off, _, _ = _coadd(clean_store, dask_client, f"{method}-clean-off", method=method,
+                             pair_sigma=0.0)
+    with_rule, without = (np.asarray(aperture_photometry(a, sx[inside], sy[inside], radius)[
+        "flux"]) for a in (clean, clean_off))
+    np.testing.assert_allclose(with_rule[precise], without[precise], rtol=1e-3)
+
+
+def _noiseless_aperture_flux(field, row, catalog, index, radius):
+    """Aperture fluxes (sky annulus subtracted) of the catalog stars ``index`` in the
+    frame of truth ``row`` rendered without noise, at their true positions in it."""
+    wcs = WCS(fits.getheader(field.truth_wcs[row["name"]]))
+    image, _, info = render_frame(
+        catalog[index], wcs, SHAPE, epoch=float(row["epoch"]), fwhm_px=float(row["fwhm_px"]),
+        moffat_beta=float(row["moffat_beta"]), sky=float(row["sky"]),
+        rdnoise=float(row["rdnoise"]), exptime=float(row["exptime"]),
+        zeropoint=float(row["zeropoint"]), transparency=float(row["transparency"]),
+        noise=False)
+    order = np.argsort(info["index"])  # rendered stars, back in the order of ``index``
+    assert len(order) == len(index)
+    phot = aperture_photometry(image, info["x"][order], info["y"][order], radius)
+    return np.asarray(phot["flux"])
+
+
+# -- L.A.Cosmic on a single frame -------------------------------------------------------------
+@pytest.fixture(scope="module")
+def single_frame():
+    shape = (300, 300)
+    wcs = true_frame_wcs((150.0, 2.0), shape, 0.389)
+    catalog = make_catalog((150.0, 2.0), 0.03, density_per_sq_deg=30000,
+                           mag_range=(12.0, 20.0), seed=1)
+    rng = np.random.default_rng(3)
+    hits = [(30, 40, 3000.0), (150, 200, 1200.0), (260, 100, 8000.0), (75, 250, 2000.0)]
+    data, bpm, info = render_frame(catalog, wcs, shape, sky=300.0, fwhm_px=3.0, rng=rng,
+                                   n_cosmic_rays=25, cosmic_ray_hits=hits)
+    hit = np.zeros(shape, bool)
+    for rows, cols in info["cosmic_rays"]:
+        hit[rows, cols] = True
+    return data, bpm, info, hit
+
+
+def test_lacosmic_masks_the_hits_not_the_stars(single_frame):
+    data, bpm, info, hit = single_frame
+    found = cosmic_ray_mask(data, bpm > 0, electrons_per_unit=1.0, rdnoise_e=7.0,
+                            saturation=120000.0)
+    assert (found & hit).sum() >= 0.9 * hit.sum()
+    # what else it flags is the hits' own halo (L.A.Cosmic grows each hit by a pixel), and
+    # a rare noise spike on the sky
+    from scipy.ndimage import binary_dilation
+
+    assert (found & ~binary_dilation(hit, iterations=1)).sum() <= 1e-4 * hit.size
+    yy, xx = np.mgrid[:data.shape[0], :data.shape[1]]
+    for x, y in zip(info["x"], info["y"], strict=True):
+        core = (xx - x) ** 2 + (yy - y) ** 2 < 3.0**2
+        assert not (found & core & ~hit).any(), (x, y)
