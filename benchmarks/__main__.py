@@ -1,7 +1,8 @@
 """Entry point: ``python -m benchmarks run --suite quick|standard|full``, ``python -m
 benchmarks report RESULTS.json``, the astrometry evidence (``detect-sweep``,
 ``astrometry-real``, ``false-alarms``, ``fast-path``; see `benchmarks.astrometry_evidence`),
-``thin-frames`` (`benchmarks.thin_frames`) and ``python -m benchmarks report-scale`` (the
+``thin-frames`` (`benchmarks.thin_frames`), ``lanczos-swarp`` (`benchmarks.lanczos_swarp`)
+and ``python -m benchmarks report-scale`` (the
 run report's time and size against the number of frames; `benchmarks.report_scale`), run
 from the repository root."""
 
@@ -55,6 +56,14 @@ def main(argv=None) -> int:
     run.add_argument("--baseline", metavar="REV", default=None,
                      help="also run daskstack at git revision REV (2 workers), interleaved "
                           "with this one: the before/after of a change, as per-round ratios")
+    lanczos = sub.add_parser("lanczos-swarp", help="daskstack's lanczos3 (and bilinear) "
+                             "coadds against SWarp's LANCZOS3 on the benchmark frames")
+    lanczos.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    lanczos.add_argument("--real-dir", type=Path, default=None,
+                         help="the PDS 110 frames (default: ../shared/data/lco-pds110)")
+    lanczos.add_argument("--n-synthetic", type=int, default=4,
+                         help="synthetic frames (0: the real frames only)")
+    lanczos.add_argument("--size", type=int, default=4096, help="synthetic frame size")
     rep = sub.add_parser("report", help="rewrite the markdown table and plot from a JSON file")
     rep.add_argument("results", type=Path)
     sub.add_parser("report-scale", help="the run report's time and size for 100 and 500 "
@@ -110,6 +119,12 @@ def main(argv=None) -> int:
             ev.fast_path(args.out)
         return 0
 
+    if args.command == "lanczos-swarp":
+        from .lanczos_swarp import lanczos_swarp
+
+        lanczos_swarp(args.out, args.real_dir, n_synthetic=args.n_synthetic, size=args.size,
+                      command="python -m benchmarks " + " ".join(argv))
+        return 0
     if args.command == "report":
         from .report import write_report
 

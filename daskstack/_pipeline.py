@@ -80,9 +80,9 @@ from ._rundir import (
 from ._stats import sky_level
 from ._write import coadd_header, coadd_planes, write_coadd_fits, write_difference
 from .astrometry import SolveResult, solve_frame, write_wcs_file
-from .detect import frame_cosmic_rays
 from .combine import COMBINE_METHODS, _combine_tile, _or_nan, _scales
 from .config import Settings
+from .detect import frame_cosmic_rays
 from .frames import FrameError, FrameMeta, frame_name, read_frame, read_meta, unusable_reason
 from .grid import Grid, make_grid
 from .noise import frame_noise_model

@@ -60,7 +60,7 @@ def test_pair_rule_rejects_a_hit_in_either_of_two_scaled_frames_and_nothing_else
     for method in ("mean", "weighted", "median", "sigclip"):
         image, nused, var = coadd(method)
         assert (nused == 1).sum() - len(hits) <= false_alarms + 5 * np.sqrt(false_alarms)
-        for frame, y, x in hits:
+        for _, y, x in hits:
             assert nused[y, x] == 1
             assert abs(image[y, x]) < 5 * np.sqrt(var[y, x]), method
         off, nused_off, _ = coadd(method, pair_sigma=0)
