@@ -226,8 +226,9 @@ def frame_scales(
 
     Returns
     -------
-    FrameScales(scales, offsets, units): float64 arrays of length n_frames and the
-    units convention above.
+    FrameScales(scales, offsets, units, levels): float64 arrays of length n_frames, the
+    units convention above, and the sky level each frame keeps after scaling (0 when
+    subtracted; None without ``sky``), which the two-frame rule compares values above.
     """
     if scale not in SCALES:
         raise ValueError(f"scale = {scale!r} is not one of {', '.join(map(repr, SCALES))}")

@@ -94,6 +94,33 @@ def test_pair_rule_keeps_a_star_seen_in_both_frames():
     assert (res.nused.compute(scheduler="sync")[20, 20]) == 1
 
 
+def test_sky_levels_left_after_scaling_for_each_sky_model():
+    """The level each frame keeps (what the two-frame rule compares values above): 0
+    when subtracted, the matched median for 'background', the scaled sky otherwise;
+    frames registered with the 2-D sky removed keep none and are offset by nothing."""
+    from types import SimpleNamespace
+
+    from daskstack.combine import _scales, frame_scales
+    from daskstack.config import CombineSettings
+
+    sky = [10.0, 20.0, 40.0]
+    np.testing.assert_allclose(frame_scales("background", sky=sky).levels, 20.0)
+    np.testing.assert_allclose(frame_scales("none", sky=sky, subtract_background=True).levels,
+                               0.0)
+    np.testing.assert_allclose(frame_scales("exptime", exptime=[2.0, 4.0, 8.0],
+                                            sky=sky).levels, [5.0, 5.0, 5.0])
+    infos = [SimpleNamespace(exptime=2.0, background=b, flux_ratio=None, file=f"f{b}")
+             for b in sky]
+    constant = _scales(CombineSettings(scale="none"), infos, "constant")
+    np.testing.assert_allclose(constant.offsets, [-10.0, -20.0, -40.0])
+    for background in ("2d", "none"):
+        kept = _scales(CombineSettings(scale="none"), infos, background)
+        np.testing.assert_allclose(kept.offsets, 0.0)
+    np.testing.assert_allclose(_scales(CombineSettings(scale="none"), infos, "2d").levels, 0.0)
+    np.testing.assert_allclose(_scales(CombineSettings(scale="none"), infos, "none").levels,
+                               sky)
+
+
 # -- two frames through the pipeline ----------------------------------------------------------
 SHAPE = (256, 256)
 # (row, col, electrons) in the second frame, away from the brightest stars
