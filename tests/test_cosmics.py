@@ -384,3 +384,26 @@ def test_a_sky_gradient_leaves_no_step_where_frames_end(gradient_field, dask_cli
         assert max(ratio) < 0.1, steps
     else:  # one level per frame leaves each frame's gradient: a clear step
         assert max(ratio) > 0.25, steps
+
+
+# -- the options -----------------------------------------------------------------------------
+def test_options_in_the_help_and_checked():
+    from click.testing import CliRunner
+
+    from daskstack.cli import main
+    from daskstack.config import SettingsError
+
+    text = CliRunner().invoke(main, ["run", "--help"], terminal_width=200).output
+    for option in ("--background [constant|2d|none]", "--background-mesh PIXELS",
+                   "--clean-cosmics", "--pair-sigma K", "--pair-fraction"):
+        assert option in text, option
+    combine_help = CliRunner().invoke(main, ["combine", "--help"]).output
+    # the sky is removed when registering: combine cannot change it
+    assert "--pair-sigma" in combine_help and "--background [" not in combine_help
+    with pytest.raises(SettingsError, match="keep-background"):
+        Settings().replace("register", background="2d").replace(
+            "combine", subtract_background=False).validate()
+    with pytest.raises(SettingsError, match="background_mesh"):
+        Settings().replace("register", background_mesh=8).validate()
+    with pytest.raises(SettingsError, match="pair_sigma"):
+        Settings().replace("combine", pair_sigma=-1).validate()
