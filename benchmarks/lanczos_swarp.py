@@ -20,7 +20,7 @@ in units of the sky noise of daskstack's coadd (`compare.sky_noise`: the median 
 128 x 128 boxes of the sigma-clipped standard deviation). Star FWHM: a circular Gaussian
 fitted (photutils ``fit_fwhm``, 9 x 9 px) at the same positions in each coadd (bright,
 isolated, unsaturated stars found by DAOStarFinder in the bilinear coadd), after
-removing the sky (`daskstack.detect.background_map`); the median over the stars.
+removing the sky (`daskstack.sky.background_map`); the median over the stars.
 Writes ``benchmarks/results/lanczos-swarp-<YYYYMMDD>.json`` and ``.md``; the run
 directories go under ``benchmarks/results/runs/lanczos-swarp`` (not committed).
 """
@@ -99,7 +99,7 @@ def star_fwhm(images: dict, reference: str, common: np.ndarray, noise: float) ->
     from photutils.psf import fit_fwhm
     from scipy.spatial import cKDTree
 
-    from daskstack.detect import background_map
+    from daskstack.sky import background_map
 
     subtracted = {}
     for name, image in images.items():

@@ -86,7 +86,8 @@ from .detect import frame_cosmic_rays
 from .frames import FrameError, FrameMeta, frame_name, read_frame, read_meta, unusable_reason
 from .grid import Grid, make_grid
 from .noise import frame_noise_model
-from .register import register_frame, subtract_sky
+from .register import register_frame
+from .sky import subtract_sky
 
 __all__ = [
     "EXIT_FAILED",
@@ -991,7 +992,7 @@ def _announce_store_size(records, grid: Grid, settings: Settings, progress) -> N
 
 
 def registered_background(stack) -> str:
-    """The sky model (`register.BACKGROUNDS`) the frames of ``stack`` were registered
+    """The sky model (`sky.BACKGROUNDS`) the frames of ``stack`` were registered
     with: 'constant' for stores written before there was a choice."""
     return (stack.params.get("register") or {}).get("background", "constant")
 

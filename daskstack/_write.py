@@ -100,7 +100,7 @@ def coadd_header(stack, filter_name, names, infos, cs, scales, frame_weights=Non
         header["RESAMPLE"] = (register.get("order", "bilinear")
                               if register.get("method", "interp") == "interp"
                               else register.get("method"), "resampling kernel")
-    # the sky removed (register.BACKGROUNDS) and the cosmic-ray cleaning of the inputs
+    # the sky removed (sky.BACKGROUNDS) and the cosmic-ray cleaning of the inputs
     background = register.get("background", "constant")
     if background == "constant" and not cs.subtract_background:
         background = "none"

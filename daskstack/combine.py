@@ -659,9 +659,9 @@ def _combine_tile(tile: int, n_frames: int, shape, budget_bytes: int = 384 * 2**
 # -- per-frame scales of a store's frames ----------------------------------------------------
 def _scales(cs, infos, background: str = "constant"):
     """Per-frame scales/offsets of the store's `FrameInfo` records ``infos``, registered
-    with the sky model ``background`` (a key of `daskstack.register.BACKGROUNDS`); a clear
+    with the sky model ``background`` (a key of `daskstack.sky.BACKGROUNDS`); a clear
     error names the frame whose record lacks a value."""
-    from .register import BACKGROUNDS
+    from .sky import BACKGROUNDS
 
     model = BACKGROUNDS[background]
     subtract = cs.subtract_background and model.combine_subtracts

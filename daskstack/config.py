@@ -14,7 +14,8 @@ from pathlib import Path
 
 from .combine import COMBINE_METHODS, REJECTIONS
 from .errors import DaskstackError
-from .register import BACKGROUNDS, KERNELS
+from .register import KERNELS
+from .sky import BACKGROUNDS
 
 __all__ = [
     "CatalogSettings",
@@ -162,7 +163,7 @@ class RegisterSettings:
     # GAIN or an alternative keyword) and read noise (e-; < 0 = the header's RDNOISE ...)
     gain: float = 0.0
     rdnoise: float = -1.0
-    # the sky (register.BACKGROUNDS): "constant" = one level per frame, removed by the
+    # the sky (sky.BACKGROUNDS): "constant" = one level per frame, removed by the
     # combine unless combine.subtract_background is false; "2d" = a smooth mesh
     # (background_mesh pixels a box) removed from each frame before resampling; "none"
     background: str = field(default="constant", metadata=_choices(BACKGROUNDS))

@@ -30,7 +30,7 @@ The steps, all cheap enough for a 4096 x 4096 frame in about half a second:
    (positions are then measured on the full-resolution pixels).
 2. A vectorised mesh background (sigma-clipped median and standard deviation per
    box, as ``photutils.background.Background2D``, 3 x 3 median filter of the mesh,
-   bilinear interpolation) gives the sky and its RMS.
+   bilinear interpolation; `daskstack.sky.background_map`) gives the sky and its RMS.
 3. The sky-subtracted image is smoothed with a small Gaussian and local maxima above
    ``threshold_sigma`` times the smoothed noise are candidates.
 4. Every candidate is measured in a cutout: peak, aperture flux, photocentre,
@@ -57,8 +57,9 @@ from scipy.spatial import cKDTree
 
 from .config import DetectSettings
 from .frames import Frame
+from .sky import background_map
 
-__all__ = ["Detections", "background_map", "cosmic_ray_mask", "detect_sources", "frame_cosmic_rays",
+__all__ = ["Detections", "cosmic_ray_mask", "detect_sources", "frame_cosmic_rays",
            "measure_sources"]
 
 log = logging.getLogger(__name__)
@@ -149,117 +150,6 @@ def _bin2(data: np.ndarray, mask: np.ndarray):
         binned = total / np.maximum(count, 1).astype(np.float32)
     binned[bmask] = 0.0
     return binned, bmask
-
-
-def _interp_matrix(n_out: int, n_mesh: int, box: float, extrapolate: bool = False
-                   ) -> np.ndarray:
-    """(n_out, n_mesh) bilinear weights from mesh centres ((k + 0.5) box) to pixels;
-    beyond the outermost centres constant, or with ``extrapolate`` linear."""
-    pos = (np.arange(n_out) + 0.5) / box - 0.5
-    if not extrapolate:
-        pos = np.clip(pos, 0, n_mesh - 1)
-    lo = np.clip(np.floor(pos).astype(int), 0, max(n_mesh - 2, 0))
-    frac = pos - lo
-    w = np.zeros((n_out, n_mesh), np.float32)
-    rows = np.arange(n_out)
-    w[rows, lo] += (1 - frac).astype(np.float32)
-    if n_mesh > 1:
-        w[rows, lo + 1] += frac.astype(np.float32)
-    else:
-        w[:, 0] = 1.0
-    return w
-
-
-def _clipped_stats(values: np.ndarray, sigma: float = 3.0, iters: int = 5):
-    """Sigma-clipped median and standard deviation of each row (NaN = excluded).
-
-    One sort per row, then every clipping iteration is a contiguous range of the
-    sorted row (cumulative sums give its mean and variance): no Python loop per row.
-    Returns (median, std, n_used).
-    """
-    v = np.sort(values, axis=1)
-    nrow, ncol = v.shape
-    n_valid = np.isfinite(v).sum(axis=1)
-    vf = np.where(np.isfinite(v), v, 0.0).astype(np.float64)
-    c1 = np.concatenate([np.zeros((nrow, 1)), np.cumsum(vf, axis=1)], axis=1)
-    c2 = np.concatenate([np.zeros((nrow, 1)), np.cumsum(vf * vf, axis=1)], axis=1)
-    rows = np.arange(nrow)
-    lo = np.zeros(nrow, int)
-    hi = n_valid.copy()
-    for _ in range(iters):
-        n = np.maximum(hi - lo, 1)
-        mid_a = np.clip(lo + (n - 1) // 2, 0, ncol - 1)
-        mid_b = np.clip(lo + n // 2, 0, ncol - 1)
-        med = 0.5 * (vf[rows, mid_a] + vf[rows, mid_b])
-        mean = (c1[rows, hi] - c1[rows, lo]) / n
-        var = np.maximum((c2[rows, hi] - c2[rows, lo]) / n - mean**2, 0.0)
-        std = np.sqrt(var)
-        new_lo = (v < (med - sigma * std)[:, None]).sum(axis=1)
-        new_hi = (v <= (med + sigma * std)[:, None]).sum(axis=1)
-        if np.array_equal(new_lo, lo) and np.array_equal(new_hi, hi):
-            break
-        ok = new_hi - new_lo >= 3
-        lo = np.where(ok, new_lo, lo)
-        hi = np.where(ok, new_hi, hi)
-    n = np.maximum(hi - lo, 1)
-    med = 0.5 * (vf[rows, np.clip(lo + (n - 1) // 2, 0, ncol - 1)]
-                 + vf[rows, np.clip(lo + n // 2, 0, ncol - 1)])
-    mean = (c1[rows, hi] - c1[rows, lo]) / n
-    std = np.sqrt(np.maximum((c2[rows, hi] - c2[rows, lo]) / n - mean**2, 0.0))
-    return med, std, hi - lo
-
-
-def background_map(data: np.ndarray, mask: np.ndarray, box: int, *,
-                   extrapolate: bool = False):
-    """Sky and sky RMS maps of a frame: sigma-clipped median / std on a coarse mesh of
-    ``box`` x ``box`` pixels, bilinear between the box centres; beyond the outermost
-    centres (the frame's outer half boxes) constant, or with ``extrapolate`` linear, so
-    that a sky gradient is followed to the frame's edges (a constant there is off by
-    half a box of the gradient, which shows as a step where the frame ends in a coadd).
-
-    The one 2-D background of the package: detection uses it, and registration removes
-    it from each frame with ``--background 2d`` (`daskstack.register.BACKGROUNDS`).
-    As ``photutils.background.Background2D`` with a median estimator, std RMS,
-    ``exclude_percentile=50`` and a 3 x 3 median filter of the mesh, but vectorised
-    over all boxes and on a 2 x 2 strided subsample of each box (>= 256 pixels per
-    box), with the mesh interpolated by two small matrix products: ~10x faster on a
-    4096 x 4096 frame. ``mask``: True = bad pixel, left out.
-    """
-    ny, nx = data.shape
-    box = int(max(16, min(box, ny // 2 if ny >= 32 else ny, nx // 2 if nx >= 32 else nx)))
-    nby, nbx = max(1, ny // box), max(1, nx // box)
-    by, bx = ny // nby, nx // nbx
-    step = 2 if by * bx >= 1024 else 1
-    blocks = data[:nby * by, :nbx * bx].reshape(nby, by, nbx, bx)[:, ::step, :, ::step]
-    bmask = mask[:nby * by, :nbx * bx].reshape(nby, by, nbx, bx)[:, ::step, :, ::step]
-    vals = np.where(bmask, np.nan, blocks).astype(np.float32)
-    vals = vals.transpose(0, 2, 1, 3).reshape(nby * nbx, -1)
-    med, std, n_used = _clipped_stats(vals)
-    good_frac = np.isfinite(vals).mean(axis=1)
-    bad_box = (good_frac < 0.5) | (n_used < 3)
-    if bad_box.all():
-        good = data[~mask]
-        if good.size == 0:
-            raise ValueError("no unmasked pixels for the background")
-        m = float(np.median(good))
-        r = float(1.4826 * np.median(np.abs(good - m)))
-        return np.full(data.shape, m, np.float32), np.full(data.shape, r, np.float32)
-    med = med.reshape(nby, nbx)
-    std = std.reshape(nby, nbx)
-    bad_box = bad_box.reshape(nby, nbx)
-    if bad_box.any():  # excluded boxes: the nearest good box
-        _, (iy, ix) = ndimage.distance_transform_edt(bad_box, return_indices=True)
-        med = med[iy, ix]
-        std = std[iy, ix]
-    if nby >= 3 or nbx >= 3:
-        size = (min(3, nby), min(3, nbx))
-        med = ndimage.median_filter(med, size=size, mode="nearest")
-        std = ndimage.median_filter(std, size=size, mode="nearest")
-    wy = _interp_matrix(ny, nby, by, extrapolate)
-    wx = _interp_matrix(nx, nbx, bx, extrapolate)
-    bkg = wy @ med.astype(np.float32) @ wx.T
-    rms = wy @ std.astype(np.float32) @ wx.T
-    return bkg.astype(np.float32), rms.astype(np.float32)
 
 
 def cosmic_ray_mask(data: np.ndarray, mask: np.ndarray | None, *, electrons_per_unit: float,

@@ -51,9 +51,7 @@ from .frames import quiet_astropy
 from .grid import Grid
 
 __all__ = [
-    "BACKGROUNDS",
     "KERNELS",
-    "Background",
     "Kernel",
     "RegisteredTile",
     "exact_mapping",
@@ -61,7 +59,6 @@ __all__ = [
     "mesh_mapping",
     "noise_correlation",
     "register_frame",
-    "subtract_sky",
 ]
 
 log = logging.getLogger(__name__)
@@ -124,49 +121,6 @@ KERNELS = {
     "lanczos2": Kernel(2, _lanczos(2)),
     "lanczos3": Kernel(3, _lanczos(3)),
 }
-
-
-@dataclass(frozen=True)
-class Background:
-    """How a frame's sky is removed (``--background NAME``).
-
-    sky_map : ``(data, mask, mesh_px) -> sky`` that registration subtracts from the frame
-        before resampling it (its noise model is made from the frame with its sky), or
-        None: the frame is registered with its sky.
-    combine_subtracts : the combine removes one level per frame, the frame's measured
-        sky (``--subtract-background``, the default; ``--keep-background`` keeps it).
-    """
-
-    sky_map: Callable | None
-    combine_subtracts: bool
-
-
-def _mesh_sky(data, mask, mesh_px):
-    from .detect import background_map
-
-    # linear beyond the outermost mesh centres: a gradient is followed to the frame's
-    # edges, where frames dithered against each other end inside the coadd
-    sky, _ = background_map(data, mask, mesh_px, extrapolate=True)
-    return sky
-
-
-# The choices of --background. A new sky model is one entry (plus its tests).
-BACKGROUNDS = {
-    "constant": Background(None, True),  # one level per frame, removed by the combine
-    "2d": Background(_mesh_sky, False),  # a smooth mesh per frame, removed before resampling
-    "none": Background(None, False),  # the sky stays (as --keep-background)
-}
-
-
-def subtract_sky(data: np.ndarray, mask: np.ndarray | None, background: str,
-                 mesh_px: int) -> np.ndarray:
-    """``data`` without the sky that ``background`` (a key of `BACKGROUNDS`) removes
-    before registration (``data`` itself when it removes none there)."""
-    model = BACKGROUNDS[background]
-    if model.sky_map is None:
-        return data
-    bad = ~np.isfinite(data) if mask is None else (np.asarray(mask, bool) | ~np.isfinite(data))
-    return (data - model.sky_map(np.where(bad, 0, data), bad, mesh_px)).astype(np.float32)
 
 
 def _taps(kernel: Kernel, position: np.ndarray, size: int):
