@@ -173,12 +173,32 @@ def _catalog_task(catalog: Table) -> Table:
     return catalog
 
 
+def _with_zero_point(frame, result: SolveResult, catalog: Table, settings: Settings,
+                     detections=None) -> SolveResult:
+    """The solved frame's zero point (`daskstack.photcal`) into its result, measured from
+    the pixels and detections already in memory: no frame is read twice."""
+    from .photcal import calibrate_frame
+
+    if result.ok and settings.photometry.zero_points:
+        zp = calibrate_frame(frame, result.wcs, catalog, result.fwhm_px,
+                             detections=detections, settings=settings)
+        result.zp, result.zp_err, result.n_zp = zp.zp, zp.zp_err, zp.n_zp
+        result.zp_band, result.zp_reason = zp.band, zp.reason
+        result.airmass, result.zp_stars = zp.airmass, zp.stars
+    return result
+
+
 def _solve_task(meta: FrameMeta, catalog: Table, settings: Settings, companions=None):
+    from .detect import detect_sources
+
     try:
         frame = read_frame(meta.path)
         if companions is not None:  # exposures that could not be read give None
             companions = [c for c in companions if c is not None] or None
-        return solve_frame(frame, catalog, settings, companions=companions)
+        detections = detect_sources(frame, settings.detect)
+        result = solve_frame(frame, catalog, settings, companions=companions,
+                             detections=detections)
+        return _with_zero_point(frame, result, catalog, settings, detections)
     except FrameError as err:
         return failure(meta, err.reason)
     except Exception as err:  # a bug: reported apart (errors.log), the batch goes on
@@ -198,8 +218,9 @@ def _constrained_task(meta: FrameMeta, catalog: Table, settings: Settings, prior
                  zip(night_detections, night_wcs_headers, strict=True) if d is not None]
         night = night_sources([d for d, _ in pairs], [w for _, w in pairs],
                               radius_arcsec=2.0 * prior.scale_arcsec) if pairs else None
-        return solve_constrained(frame, catalog, prior, settings, companions=companions,
-                                 night=night)
+        result = solve_constrained(frame, catalog, prior, settings, companions=companions,
+                                   night=night)
+        return _with_zero_point(frame, result, catalog, settings)
     except FrameError as err:
         return failure(meta, err.reason)
     except Exception as err:  # a bug: reported apart (errors.log), the batch goes on
@@ -396,8 +417,31 @@ def _solve_frames(client, records: list[FrameRecord], out_dir: Path, settings: S
     for r in records:
         if r.meta is not None and r.result is None:
             r.result = failure(r.meta, "not solved")
+    _fit_zero_points(records, settings)
     if manifest is not None:
         write_manifest(records, manifest)
+
+
+def _fit_zero_points(records: list[FrameRecord], settings: Settings) -> None:
+    """The zero points of the frames solved now, fitted with one colour term per filter,
+    camera and night (`daskstack.photcal.fit_zero_points`; the QA's groups of comparable
+    frames) from the stars each frame's task measured."""
+    from .photcal import fit_zero_points
+
+    if not settings.photometry.colour_term:
+        return
+    groups: dict[str, list[FrameRecord]] = {}
+    for r in records:
+        if r.result is not None and r.result.ok and r.result.zp_stars is not None:
+            groups.setdefault(qa.frame_group(r.row()), []).append(r)
+    for group, members in groups.items():
+        fits = fit_zero_points([r.result.zp_stars for r in members], members[0].result.zp_band,
+                               settings.photometry)
+        for r, zp in zip(members, fits, strict=True):
+            r.result.zp, r.result.zp_err, r.result.n_zp = zp.zp, zp.zp_err, zp.n_zp
+            r.result.zp_reason = zp.reason
+        log.info("%s: colour term %.3f (g-r) from %d frame(s)", group, fits[0].colour_term,
+                 len(members))
 
 
 def _solve_constrained(client, records, catalog_of, settings, progress, on_result) -> None:
@@ -523,6 +567,9 @@ def _register_frames(client, records: list[FrameRecord], grid: Grid, store_path:
     frame_info = {r.name: r.info() for r in solved}
     params = {"register": dataclasses.asdict(settings.register),
               "catalog": catalog_label(settings)}
+    if catalog_label(settings):  # the system of the frames' zero points (coadd PHOTSYS)
+        params["photsys"] = catalogs.photometric_system(settings.catalog.source,
+                                                        settings.catalog)
     if reference:
         params["reference_frame"] = reference
     try:  # read before create_store, which resets the params of a store it reuses

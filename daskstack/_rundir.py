@@ -76,6 +76,9 @@ MANIFEST_COLUMNS = [
     ("date_obs", str), ("mjd", float), ("telescope", str), ("instrument", str),
     ("registered", bool), ("t_solve", float), ("t_register", float), ("warnings", str),
     ("method", str),  # the evidence that gave the WCS (SolveResult.method); "" if none
+    # the zero point (daskstack.photcal): its catalog band, or why there is none
+    ("zp", float), ("zp_err", float), ("n_zp", int), ("zp_band", str), ("zp_reason", str),
+    ("airmass", float), ("site", str),
 ]
 OUTPUTS_FILE = "outputs.ecsv"  # name, sha256, bytes of every .wcs and coadd written
 TEMPORARY = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp")  # names made by _io.atomic_path
@@ -158,7 +161,7 @@ class FrameRecord:
             n_matches=int(res.n_matches), rms_arcsec=_finite(res.rms_arcsec),
             elongation=_finite(res.elongation), site=meta.site,
             telescope=meta.telescope, instrument=meta.instrument, object=meta.object,
-            bunit=meta.bunit)
+            bunit=meta.bunit, zp=float(res.zp), zp_err=float(res.zp_err), n_zp=int(res.n_zp))
 
     def row(self) -> dict:
         row = {"file": self.file, "name": self.name, "status": self.status,
@@ -172,8 +175,12 @@ class FrameRecord:
         row["telescope"] = meta.telescope if meta else ""
         row["instrument"] = meta.instrument if meta else ""
         row["warnings"] = "; ".join(getattr(meta, "warnings", ()) or ()) if meta else ""
+        row["site"] = meta.site if meta else ""
+        row["zp_band"] = res.zp_band if res is not None else ""
+        row["zp_reason"] = res.zp_reason if res is not None else ""
         for key in ("n_detections", "n_matches", "rms_arcsec", "rms_px", "fwhm_px",
-                    "elongation", "background", "noise", "flux_ratio", "pixel_scale_arcsec"):
+                    "elongation", "background", "noise", "flux_ratio", "pixel_scale_arcsec",
+                    "zp", "zp_err", "n_zp", "airmass"):
             value = getattr(res, key, None) if res is not None else None
             row[key] = value if value is not None else (0 if key.startswith("n_") else np.nan)
         row["t_solve"] = getattr(res, "elapsed", np.nan) if res is not None else np.nan

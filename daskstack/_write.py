@@ -103,6 +103,14 @@ def coadd_header(stack, filter_name, names, infos, cs, scales, frame_weights=Non
     catalog = stack.params.get("catalog")
     if catalog:
         header["REFCAT"] = (catalog, "reference catalog of the astrometry")
+    if np.isfinite(scales.magzp):  # every frame brought to this zero point (photcal)
+        from .photcal import filter_band
+
+        header["MAGZP"] = (round(scales.magzp, 4), "[mag] mag = MAGZP - 2.5 log10(value)")
+        header["MAGZPERR"] = (round(scales.magzp_err, 4), "[mag] error of MAGZP")
+        header["PHOTSYS"] = (stack.params.get("photsys") or "unknown",
+                             "photometric system of MAGZP")
+        header["MAGBAND"] = (filter_band(filter_name) or "", "catalog band of MAGZP")
     header["CREATOR"] = (f"daskstack {__version__}", "software that made this file")
     header["DATE"] = (datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S"),
                       "[UTC] date this file was written")

@@ -115,6 +115,13 @@ STAGE_OPTIONS = {
          help="A catalog file's column names where the usual ones (ra, RAJ2000, "
               "phot_g_mean_mag ...) are not found, e.g. ra=RA_DEG,dec=DEC_DEG,mag=Gmag "
               "(also pmra, pmdec, ref_epoch).")),
+        ("--catalog-band", "catalog.mag_band", dict(
+         help="The band ({choices}) a catalog file's mag column is in, for the frames' "
+              "zero points (its own <band>_mag columns need no option); without it, a "
+              "file calibrates only the bands it has as <band>_mag.")),
+        ("--zero-points/--no-zero-points", "photometry.zero_points", dict(default=None,
+         help="Measure each solved frame's magnitude zero point against the catalog's "
+              "band for its filter (manifest zp, zp_err, n_zp).")),
     ],
     # the solver's own limits; in `run` and `combine` these options are quality cuts
     # (group "select"): a frame is then excluded from the coadds, not failed
@@ -186,8 +193,9 @@ STAGE_OPTIONS = {
               "coadd_<filter>.fits, the others coadd_<filter>_<method>.fits.")),
         ("--scale", "combine.scale", dict(
          help="Per-frame scaling before combining: none; exptime (coadd in e-/s); "
-              "background (match sky levels); photometric (flux of matched catalog "
-              "stars).")),
+              "background (match sky levels); photometric (every frame brought to one "
+              "zero point, MAGZP in the header; where a frame has none, the flux of "
+              "matched catalog stars).")),
         ("--sigma", "combine.sigma", dict(type=float, help="Sigma-clipping threshold.")),
         ("--iters", "combine.iters", dict(type=int, help="Sigma-clipping iterations.")),
         ("--cenfunc", "combine.cenfunc", dict(help="Centre for sigma clipping.")),

@@ -16,12 +16,15 @@ records it in its header, ``register.KERNELS`` gives it per kernel).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 from astropy.stats import SigmaClip
 from astropy.table import Table
 from photutils.aperture import ApertureStats, CircularAnnulus, CircularAperture
 
-__all__ = ["PHOT_FLAG_EDGE", "PHOT_FLAG_MASKED", "PHOT_FLAG_NO_SKY", "aperture_photometry"]
+__all__ = ["PHOT_FLAG_EDGE", "PHOT_FLAG_MASKED", "PHOT_FLAG_NO_SKY", "ApertureCorrection",
+           "aperture_correction", "aperture_photometry"]
 
 PHOT_FLAG_MASKED = 1  # a pixel of the aperture is masked, saturated or without variance
 PHOT_FLAG_EDGE = 2  # the aperture leaves the image
@@ -119,3 +122,62 @@ def aperture_photometry(data: np.ndarray, x, y, radius: float, *,
     out["area"] = area
     out["flags"] = flags
     return out
+
+
+@dataclass(frozen=True)
+class ApertureCorrection:
+    """Magnitude to add to a small-aperture magnitude for the star's total flux:
+    ``mag_total = mag_small + correction`` (<= 0), with its error and the stars used."""
+
+    correction: float = 0.0
+    error: float = float("nan")
+    n_stars: int = 0
+
+
+def aperture_correction(data: np.ndarray, x, y, radius: float, big_radius: float, *,
+                        variance: np.ndarray | None = None, mask: np.ndarray | None = None,
+                        min_snr: float = 20.0, max_stars: int = 40,
+                        clip_sigma: float = 3.0) -> ApertureCorrection:
+    """The aperture correction of a frame from its bright stars at ``(x, y)``.
+
+    Each star is measured (`aperture_photometry`) in ``radius`` and in ``big_radius``
+    (large enough to hold all but a negligible part of the light: the sky annulus is
+    beyond it); the correction is the clipped mean of ``-2.5 log10(big / small)`` over the
+    unflagged stars with S/N > ``min_snr`` in the big aperture (the brightest
+    ``max_stars``), weighted by that S/N squared (the big aperture's noise dominates),
+    its error the formal one, scaled up where the stars scatter more. Give isolated stars: a
+    neighbour inside the big aperture biases it. No usable star: correction 0, error
+    NaN, ``n_stars`` 0 (the caller decides).
+    """
+    big = aperture_photometry(data, x, y, big_radius, variance=variance, mask=mask)
+    good = (big["flags"] == 0) & (np.asarray(big["flux"]) > min_snr * np.asarray(big["flux_err"]))
+    if not good.any():
+        return ApertureCorrection()
+    index = np.nonzero(good)[0]
+    index = index[np.argsort(-np.asarray(big["flux"])[index])][:max_stars]
+    small = aperture_photometry(data, np.asarray(x, float)[index], np.asarray(y, float)[index],
+                                radius, variance=variance, mask=mask,
+                                annulus=(big_radius + 4.0, big_radius + 10.0))
+    big_flux, big_err = np.asarray(big["flux"])[index], np.asarray(big["flux_err"])[index]
+    small_flux = np.asarray(small["flux"])
+    ratio = big_flux / small_flux
+    ok = (small["flags"] == 0) & (ratio > 0) & np.isfinite(ratio)
+    if not ok.any():
+        return ApertureCorrection()
+    delta = -2.5 * np.log10(ratio[ok])
+    # the big aperture's sky noise dominates each star's error: weight by it
+    weight = (big_flux[ok] / big_err[ok]) ** 2
+    kept = np.ones(delta.size, bool)
+    for _ in range(5):
+        mean = float(np.average(delta[kept], weights=weight[kept]))
+        pull = (delta - mean) * np.sqrt(weight) / 1.0857
+        scale = max(1.0, float(1.4826 * np.median(np.abs(pull[kept]))))
+        now = np.abs(pull) <= clip_sigma * scale
+        if np.array_equal(now, kept) or now.sum() < 1:
+            break
+        kept = now
+    mean = float(np.average(delta[kept], weights=weight[kept]))
+    chi2 = float(np.sum(weight[kept] * (delta[kept] - mean) ** 2) / 1.0857**2
+                 / max(kept.sum() - 1, 1)) if kept.sum() > 1 else 1.0
+    error = 1.0857 * np.sqrt(max(chi2, 1.0) / np.sum(weight[kept]))
+    return ApertureCorrection(mean, float(error), int(kept.sum()))

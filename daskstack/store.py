@@ -87,6 +87,11 @@ class FrameInfo:
     instrument: str | None = None
     object: str | None = None
     bunit: str | None = None
+    # magnitude zero point (daskstack.photcal): mag = zp - 2.5 log10(flux in the frame's
+    # pixel units per second of exposure), in the catalog band of the filter; NaN = none
+    zp: float = float("nan")
+    zp_err: float = float("nan")
+    n_zp: int = 0
 
     def to_dict(self) -> dict:
         """JSON-ready, for the store's attributes."""
