@@ -116,7 +116,7 @@ STAGE_OPTIONS = {
               "phot_g_mean_mag ...) are not found, e.g. ra=RA_DEG,dec=DEC_DEG,mag=Gmag "
               "(also pmra, pmdec, ref_epoch).")),
         ("--catalog-band", "catalog.mag_band", dict(
-         help="The band ({choices}) a catalog file's mag column is in, for the frames' "
+         help="The band a catalog file's mag column is in, for the frames' "
               "zero points (its own <band>_mag columns need no option); without it, a "
               "file calibrates only the bands it has as <band>_mag.")),
         ("--zero-points/--no-zero-points", "photometry.zero_points", dict(default=None,

@@ -118,7 +118,7 @@ class ZeroPoint:
 def measure_frame_stars(data: np.ndarray, mask: np.ndarray, wcs: WCS, catalog: Table,
                         band: str, exptime: float, fwhm_px: float, *,
                         detections: Table | None = None, variance: np.ndarray | None = None,
-                        epoch: float | None = None,
+                        epoch: float | None = None, correlation: float = 1.0,
                         settings: PhotometrySettings | None = None
                         ) -> tuple[FrameStars | None, str]:
     """The calibration stars of one frame (see the module notes), or None and why not.
@@ -126,6 +126,8 @@ def measure_frame_stars(data: np.ndarray, mask: np.ndarray, wcs: WCS, catalog: T
     ``detections``: the frame's clean detections (`daskstack.detect.Detections.table`,
     columns ``x``, ``y``); without them every catalog star free of masked pixels and
     catalog neighbours is used. ``epoch``: decimal year to move the catalog to.
+    ``correlation``: of the pixels' noise, as `aperture_photometry` takes it (a coadd's
+    NOISECOR; 1 for a frame as observed).
     """
     settings = settings or PhotometrySettings()
     column = f"{band}_mag"
@@ -186,7 +188,7 @@ def measure_frame_stars(data: np.ndarray, mask: np.ndarray, wcs: WCS, catalog: T
     if correction.n_stars < 2:
         return None, f"no aperture correction: {correction.n_stars} bright isolated star(s)"
     phot = aperture_photometry(data, x[index], y[index], radius, variance=variance, mask=mask,
-                               annulus=annulus)
+                               annulus=annulus, correlation=correlation)
     flux, flux_err = np.asarray(phot["flux"], float), np.asarray(phot["flux_err"], float)
     ok = (phot["flags"] == 0) & (flux > 5.0 * flux_err)
     if ok.sum() < settings.min_stars:

@@ -6,12 +6,13 @@ computation on arrays (photutils' apertures do the pixel geometry, exact overlap
 
 The local sky is the sigma-clipped median of an annulus; the flux error is
 
-    flux_err**2 = correlation * sum(variance in the aperture) + area**2 * sky_err**2
+    flux_err**2 = correlation * (sum(variance in the aperture) + area**2 * sky_err**2)
 
-with ``sky_err`` the annulus' clipped standard deviation over the square root of its
-pixel count, and ``correlation`` the factor by which resampling made an aperture's
+with ``sky_err`` the error of the annulus' clipped median (sqrt(pi/2) x its clipped
+standard deviation over the square root of its pixel count), and ``correlation`` the factor by which resampling made an aperture's
 variance exceed the sum of its pixels' variances (1 for a frame as observed; a coadd
-records it in its header, ``register.KERNELS`` gives it per kernel).
+records it in its header, ``register.KERNELS`` gives it per kernel): the annulus' mean
+is a sum over correlated pixels too.
 """
 
 from __future__ import annotations
@@ -107,8 +108,9 @@ def aperture_photometry(data: np.ndarray, x, y, radius: float, *,
     bad_weight, _ = apertures.do_photometry(bad.astype(float))
     flags[np.atleast_1d(bad_weight) > 1e-6] |= PHOT_FLAG_MASKED
     flux = np.atleast_1d(sums) - sky * area
-    sky_err = sky_std / np.sqrt(np.maximum(n_sky, 1.0))
-    sky_term = (area * sky_err) ** 2
+    # the error of a median: sqrt(pi/2) that of a mean of the same pixels
+    sky_err = np.sqrt(np.pi / 2) * sky_std / np.sqrt(np.maximum(n_sky, 1.0))
+    sky_term = correlation * (area * sky_err) ** 2
     if variance is not None:
         var_sum, _ = apertures.do_photometry(np.where(bad, 0.0, variance))
         flux_err = np.sqrt(correlation * np.atleast_1d(var_sum) + sky_term)
@@ -142,10 +144,10 @@ def aperture_correction(data: np.ndarray, x, y, radius: float, big_radius: float
 
     Each star is measured (`aperture_photometry`) in ``radius`` and in ``big_radius``
     (large enough to hold all but a negligible part of the light: the sky annulus is
-    beyond it); the correction is the clipped mean of ``-2.5 log10(big / small)`` over the
-    unflagged stars with S/N > ``min_snr`` in the big aperture (the brightest
-    ``max_stars``), weighted by that S/N squared (the big aperture's noise dominates),
-    its error the formal one, scaled up where the stars scatter more. Give isolated stars: a
+    beyond it); the correction is the clipped, weighted median of ``-2.5 log10(big /
+    small)`` over the unflagged stars with S/N > ``min_snr`` in the big aperture (the
+    brightest ``max_stars``), weighted by that S/N squared (the big aperture's noise
+    dominates), its error the formal one, scaled up where the stars scatter more. Give isolated stars: a
     neighbour inside the big aperture biases it. No usable star: correction 0, error
     NaN, ``n_stars`` 0 (the caller decides).
     """
@@ -179,5 +181,11 @@ def aperture_correction(data: np.ndarray, x, y, radius: float, big_radius: float
     mean = float(np.average(delta[kept], weights=weight[kept]))
     chi2 = float(np.sum(weight[kept] * (delta[kept] - mean) ** 2) / 1.0857**2
                  / max(kept.sum() - 1, 1)) if kept.sum() > 1 else 1.0
-    error = 1.0857 * np.sqrt(max(chi2, 1.0) / np.sum(weight[kept]))
-    return ApertureCorrection(mean, float(error), int(kept.sum()))
+    # the weighted median: a neighbour fainter than the catalog's limit only ever adds light
+    # to the big aperture, and the median does not follow such one-sided outliers (its
+    # error: sqrt(pi/2) that of the mean)
+    order = np.argsort(delta[kept])
+    cumulative = np.cumsum(weight[kept][order])
+    median = float(delta[kept][order][np.searchsorted(cumulative, 0.5 * cumulative[-1])])
+    error = 1.2533 * 1.0857 * np.sqrt(max(chi2, 1.0) / np.sum(weight[kept]))
+    return ApertureCorrection(median, float(error), int(kept.sum()))

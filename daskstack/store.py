@@ -104,6 +104,16 @@ class FrameInfo:
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in known})
 
+    def __eq__(self, other) -> bool:
+        """Field by field, NaN equal to NaN (an unknown zero point stays unknown through
+        the store's JSON)."""
+        if not isinstance(other, FrameInfo):
+            return NotImplemented
+        return all(a == b or (isinstance(a, float) and isinstance(b, float) and a != a
+                              and b != b)
+                   for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other),
+                                   strict=True))
+
 
 @dataclass
 class StackStore:
