@@ -70,6 +70,8 @@ FILTER_BANDS = {
 COLOUR = ("g", "r")  # the colour index of the colour term: g - r
 NEIGHBOUR_DMAG = 4.0  # a catalog neighbour brighter than this much fainter disturbs
 ALONE_DMAG = 6.0  # ... the aperture correction's stars (0.4 % of the light)
+FALLBACK_FWHM = (4.0, 3.0)  # smaller aperture-correction radii, tried in turn
+FALLBACK_ERROR = 0.01  # mag, for the light beyond them
 MAG_PER_FLUX = 2.5 / np.log(10.0)  # d(mag) / (d(flux) / flux)
 
 
@@ -183,10 +185,22 @@ def measure_frame_stars(data: np.ndarray, mask: np.ndarray, wcs: WCS, catalog: T
         return None, (f"too few isolated, unsaturated catalog stars with a {band} magnitude "
                       f"({len(index)} < {settings.min_stars})")
     bright = index[alone[index]]
-    correction = aperture_correction(data, x[bright], y[bright], radius, big, variance=variance,
-                                     mask=mask, clip_sigma=settings.clip_sigma)
-    if correction.n_stars < 2:
-        return None, f"no aperture correction: {correction.n_stars} bright isolated star(s)"
+    # too few isolated bright stars that far out (a small or crowded frame): a smaller
+    # radius, whose missing light (~1 % for LCO-like wings at 3-4 FWHM) is added as error
+    for step, reach_fwhm in enumerate(sorted({settings.correction_fwhm, *FALLBACK_FWHM},
+                                             reverse=True)):
+        if reach_fwhm > settings.correction_fwhm or reach_fwhm <= settings.aperture_fwhm:
+            continue
+        big = reach_fwhm * fwhm_px
+        correction = aperture_correction(data, x[bright], y[bright], radius, big,
+                                         variance=variance, mask=mask,
+                                         clip_sigma=settings.clip_sigma)
+        if correction.n_stars >= 2:
+            break
+    if correction.n_stars < 1:
+        return None, "no aperture correction: no bright isolated star"
+    correction_error = float(np.hypot(correction.error, FALLBACK_ERROR if step else 0.0))
+    annulus = (big + 4.0, big + 10.0)
     phot = aperture_photometry(data, x[index], y[index], radius, variance=variance, mask=mask,
                                annulus=annulus, correlation=correlation)
     flux, flux_err = np.asarray(phot["flux"], float), np.asarray(phot["flux_err"], float)
@@ -202,7 +216,7 @@ def measure_frame_stars(data: np.ndarray, mask: np.ndarray, wcs: WCS, catalog: T
     colour = (_values(stars, f"{COLOUR[0]}_mag") - _values(stars, f"{COLOUR[1]}_mag")
               if all(f"{b}_mag" in stars.colnames for b in COLOUR)
               else np.full(len(stars), np.nan))[index]
-    return FrameStars(m_inst, band_mag[index], error, colour, float(correction.error)), ""
+    return FrameStars(m_inst, band_mag[index], error, colour, correction_error), ""
 
 
 def calibrate_frame(frame, wcs: WCS, catalog: Table, fwhm_px: float, *, detections=None,

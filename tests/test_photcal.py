@@ -315,3 +315,30 @@ def test_coadd_on_one_zero_point_measures_true_magnitudes(calibrated_run):
                        sigma=5.0)
     assert pulls.count() >= 80 and pulls.mask.sum() <= 2
     assert 0.9 < np.std(pulls.compressed()) < 1.1
+
+
+# -- the real frames ---------------------------------------------------------------------
+def test_real_frames_zero_points_agree_within_their_errors(lco_dir, lco_frames, dask_client,
+                                                           tmp_path):
+    """The PDS 110 r' frames against the shared catalog, whose `mag` is LCO's
+    instrumental r (zero point 25, arbitrary), declared as the r band: the zero points
+    are then on that instrumental system, not a standard one, and say how consistently
+    the three r' exposures are measured. The g' frame has no g band to calibrate on."""
+    from daskstack._pipeline import solve_files
+    from daskstack._rundir import read_manifest
+
+    frames = [p for p in lco_frames if any(f"-{n}-" in p.name for n in (1156, 1159, 1160, 1161))]
+    solve_files([str(p) for p in frames], str(lco_dir / "refcat-pds110.ecsv"), tmp_path,
+                Settings().replace("catalog", mag_band="r"), client=dask_client)
+    manifest = read_manifest(tmp_path / "solve.ecsv")
+    rp = manifest[manifest["filter"] == "rp"]
+    assert len(rp) == 3 and np.all(rp["n_zp"] >= 30)
+    zp, err = np.asarray(rp["zp"], float), np.asarray(rp["zp_err"], float)
+    assert np.all(err < 0.02)
+    mean = np.average(zp, weights=err**-2)
+    chi2 = float(np.sum(((zp - mean) / err) ** 2))
+    assert chi2 / (len(zp) - 1) < 3.0, (zp, err)
+    gp = manifest[manifest["filter"] == "gp"][0]
+    assert np.isnan(gp["zp"]) and "no g-band magnitudes" in gp["zp_reason"]
+    assert "declared" in gp["zp_reason"]
+    assert np.all(np.abs(manifest["airmass"] - 1.52) < 0.02)  # from the headers
