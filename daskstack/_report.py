@@ -13,7 +13,9 @@ What the learn.astropy tutorial checks by eye for two frames, drawn where it is 
 * per run (``report/``): each coadd and its weight map, a two-colour overlay of the
   reference frame and an aligned frame from the store, the colour composite when three
   filters are present, and the QA of every frame night by night with each group's
-  median and MAD bands (``summary.png``); ``suggested-exclude.txt``, the frames flagged
+  median and MAD bands (``summary.png``), each frame's zero point against time and
+  airmass, per filter and site (``zero_points.png``, where frames have zero points);
+  ``suggested-exclude.txt``, the frames flagged
   by `daskstack.qa` in the format ``--exclude-file`` reads;
 * ``report/index.html``: one static page (inline CSS and a small inline script, relative
   links only, no network) with the run's parameters, the coadd previews, the flagged
@@ -66,6 +68,7 @@ __all__ = [
     "run_safely",
     "run_settings",
     "summary_plots",
+    "zero_point_plots",
     "two_colour_overlay",
     "write_report",
 ]
@@ -812,6 +815,50 @@ def summary_plots(table: Table, png, outliers: dict[str, list[str]] | None = Non
             "groups": sorted({str(g) for g in groups[usable]})}
 
 
+def zero_point_plots(table: Table, png) -> dict | None:
+    """Each frame's zero point (`daskstack.photcal`) with its error, against the time of
+    the exposure and against airmass: colour per filter, marker per site (extinction is
+    the slope against airmass, clouds the frames below their filter's line). None when
+    no frame has a zero point."""
+    zp = _column(table, "zp")
+    has = np.isfinite(zp)
+    if not has.any():
+        return None
+    err = _column(table, "zp_err")
+    mjd = _column(table, "mjd")
+    airmass = _column(table, "airmass")
+    filters = np.array([_text(f) for f in table["filter"]])
+    sites = np.array([_text(s) or "?" for s in table["site"]]) if "site" in table.colnames \
+        else np.full(len(table), "?")
+    palette = ["tab:blue", "tab:green", "tab:orange", "tab:purple", "tab:brown", "tab:olive"]
+    colours = {f: palette[i % len(palette)] for i, f in enumerate(
+        sorted(set(filters[has]), key=_wavelength))}
+    markers = {site: "osD^vP*X"[i % 8] for i, site in enumerate(sorted(set(sites[has])))}
+    start = np.nanmin(mjd[has]) if np.isfinite(mjd[has]).any() else 0.0
+    hours = (mjd - start) * 24.0
+    fig = _figure(13, 4.2)
+    axes = fig.subplots(1, 2, sharey=True)
+    for ax, x, label in ((axes[0], hours, f"hours since MJD {start:.4f}"),
+                         (axes[1], airmass, "airmass")):
+        for filt, colour in colours.items():
+            for site, marker in markers.items():
+                sel = has & (filters == filt) & (sites == site) & np.isfinite(x)
+                if sel.any():
+                    ax.errorbar(x[sel], zp[sel], yerr=np.nan_to_num(err[sel]), fmt=marker,
+                                color=colour, ms=5, capsize=2, label=f"{filt} / {site}")
+        ax.set_xlabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("zero point (mag of 1 unit / s)")
+    axes[0].legend(fontsize=8)
+    n_without = int((~has & (np.array([_text(s) for s in table["status"]]) != "failed")).sum())
+    fig.suptitle(f"zero points of {int(has.sum())} frames (colour: filter, marker: site); "
+                 f"{n_without} solved frame(s) without one (see the table)", fontsize=10,
+                 x=0.02, ha="left")
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    _save(fig, Path(png))
+    return {"image": Path(png).name, "n_frames": int(has.sum())}
+
+
 def thumbnail(image: np.ndarray, size: int = THUMBNAIL) -> bytes:
     """A small JPEG (bytes) of an image: binned to at most ``size`` px a side, asinh
     stretched; a few kB whatever the frame's size."""
@@ -1172,6 +1219,7 @@ def write_report(run_dir, run_plots: dict | None = None, *, title: str | None = 
     write_suggested_exclude(run_dir, outliers)
     if summary is None:
         summary = run_safely(summary_plots, table, out / "summary.png", outliers)
+    zero_points = run_safely(zero_point_plots, table, out / "zero_points.png")
     run_plots = run_plots or {}
     thumbnails = thumbnails or {}
     rows = manifest_qa(table)
@@ -1240,6 +1288,10 @@ def write_report(run_dir, run_plots: dict | None = None, *, title: str | None = 
         body.append('<div class="gallery">' + _img(["summary.png"], "summary plots",
                     "QA of every frame, night by night, with each group's median and "
                     "robust-sigma bands; flagged frames ringed red", wide=True) + "</div>")
+    if zero_points and "error" not in zero_points:
+        body.append('<div class="gallery" id="zero-points">' + _img(
+            ["zero_points.png"], "zero points", "each frame's zero point against time and "
+            "airmass, per filter and site (manifest zp, zp_err)", wide=True) + "</div>")
     body.append(f'<p>{len(outliers)} frame(s) flagged (more than {OUTLIER_SIGMA:g} robust '
                 f"sigmas from their group's median, on the bad side): listed in "
                 f'<a href="{_href(SUGGESTED_EXCLUDE)}">{SUGGESTED_EXCLUDE}</a>, which '

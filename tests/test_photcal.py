@@ -342,3 +342,15 @@ def test_real_frames_zero_points_agree_within_their_errors(lco_dir, lco_frames, 
     assert np.isnan(gp["zp"]) and "no g-band magnitudes" in gp["zp_reason"]
     assert "declared" in gp["zp_reason"]
     assert np.all(np.abs(manifest["airmass"] - 1.52) < 0.02)  # from the headers
+
+
+def test_report_draws_zero_points_against_time_and_airmass(calibrated_run, tmp_path):
+    from daskstack._report import zero_point_plots
+    from daskstack._rundir import read_manifest
+
+    _, result = calibrated_run
+    table = read_manifest(result.manifest)
+    info = zero_point_plots(table, tmp_path / "zero_points.png")
+    assert info["n_frames"] == 6 and (tmp_path / "zero_points.png").stat().st_size > 1000
+    assert zero_point_plots(table[table["filter"] == "up"], tmp_path / "none.png") is None
+    assert not (tmp_path / "none.png").exists()
