@@ -185,6 +185,8 @@ def _with_zero_point(frame, result: SolveResult, catalog: Table, settings: Setti
         result.zp, result.zp_err, result.n_zp = zp.zp, zp.zp_err, zp.n_zp
         result.zp_band, result.zp_reason = zp.band, zp.reason
         result.airmass, result.zp_stars = zp.airmass, zp.stars
+    elif result.ok:
+        result.zp_reason = "not measured (--no-zero-points)"
     return result
 
 
@@ -351,7 +353,9 @@ def _solve_frames(client, records: list[FrameRecord], out_dir: Path, settings: S
                 continue
             _accept_solution(r, SolveResult(
                 name=r.meta.name, path=r.meta.path, filter=r.meta.filter, status="ok",
-                wcs_header=r.meta.wcs_header, method="header"), output_log)
+                wcs_header=r.meta.wcs_header, method="header",
+                zp_reason="not measured: the header WCS was used, no catalog stars matched"),
+                output_log)
         if manifest is not None:
             write_manifest(records, manifest)
         return
