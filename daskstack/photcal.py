@@ -299,8 +299,6 @@ def fit_zero_points(frames: list[FrameStars], band: str,
         np.ptp(colour[has_colour]) > 0.2
     use = np.isfinite(delta) & (has_colour if fit_colour else True)
     n_frames = len(frames)
-    zp = np.full(n_frames, np.nan)
-    slope, slope_var = 0.0, 0.0
     for _ in range(6):
         zp, slope, slope_var, mean_colour, wsum = _solve(delta, weight, colour, frame_of,
                                                          use, n_frames, fit_colour)
@@ -311,6 +309,11 @@ def fit_zero_points(frames: list[FrameStars], band: str,
         if np.array_equal(keep, use):
             break
         use = keep
+    else:  # the last clipping changed the stars: the fit of those that are left
+        zp, slope, slope_var, mean_colour, wsum = _solve(delta, weight, colour, frame_of,
+                                                         use, n_frames, fit_colour)
+        model = zp[frame_of] + (slope * np.nan_to_num(colour) if fit_colour else 0.0)
+        resid = (delta - model) * np.sqrt(weight)
     chi2 = _reduced_chi2(resid[use], int(use.sum()), n_frames + int(fit_colour))
     out = []
     for k, stars in enumerate(frames):

@@ -357,3 +357,31 @@ def test_report_draws_zero_points_against_time_and_airmass(calibrated_run, tmp_p
     assert info["n_frames"] == 6 and (tmp_path / "zero_points.png").stat().st_size > 1000
     assert zero_point_plots(table[table["filter"] == "up"], tmp_path / "none.png") is None
     assert not (tmp_path / "none.png").exists()
+
+
+def test_fit_zero_points_with_one_colour_term_and_an_outlier():
+    from daskstack.photcal import FrameStars, fit_zero_points
+
+    rng = np.random.default_rng(2)
+    truth_zp, truth_term = [23.10, 22.95, 23.02], 0.07
+    frames = []
+    for zp in truth_zp:
+        colour = rng.uniform(0.2, 1.4, 60)
+        m_cat = rng.uniform(14, 18, 60)
+        error = np.full(60, 0.01)
+        m_inst = m_cat - zp - truth_term * colour + rng.normal(0, 0.01, 60)
+        m_inst[0] += 0.5  # a variable star, or a blend
+        frames.append(FrameStars(m_inst, m_cat, error, colour, correction_error=0.002))
+    fits_ = fit_zero_points(frames, "r")
+    for fit, zp in zip(fits_, truth_zp, strict=True):
+        assert abs(fit.zp - zp) < 3 * fit.zp_err and fit.zp_err < 0.005
+        assert 57 <= fit.n_zp <= 59  # the outlier clipped (and at most a 3-sigma star)
+        assert fit.colour_term == pytest.approx(truth_term, abs=0.005)
+    # without colours (or turned off): one frame's mean, the colour term left in it
+    alone = fit_zero_points(frames[:1], "r", colour_term=False)[0]
+    assert alone.colour_term == 0.0
+    assert alone.zp == pytest.approx(truth_zp[0] + truth_term * np.mean(frames[0].colour),
+                                     abs=0.01)
+    few = FrameStars(frames[0].m_inst[:2], frames[0].m_cat[:2], frames[0].error[:2],
+                     frames[0].colour[:2])
+    assert "too few catalog stars" in fit_zero_points([few], "r")[0].reason
