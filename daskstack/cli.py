@@ -28,6 +28,7 @@ from ._exitcodes import (
     EXIT_USAGE,
     outcome,
 )
+from ._io import is_url
 from .config import Settings, SettingsError, option_choices, option_default
 
 __all__ = ["STAGE_OPTIONS", "SettingsOption", "main", "stage_options"]
@@ -347,6 +348,9 @@ def _check_inputs(frames) -> list[str]:
         _fail("no input frames given")
     out = []
     for item in map(str, frames):
+        if is_url(item):
+            out += _expand_url(item)
+            continue
         path = Path(item)
         if path.is_dir():
             found = sorted(str(p) for p in path.iterdir() if p.is_file()
@@ -363,6 +367,39 @@ def _check_inputs(frames) -> list[str]:
         else:
             out.append(item)
     return out
+
+
+def _expand_url(item: str) -> list[str]:
+    """The frames a URL names, as `_check_inputs` does for paths: an object-store prefix
+    gives its FITS objects, a pattern (``s3://bucket/night/*.fits.fz``) is expanded by
+    the store's own listing. An ``http(s)://`` URL is one frame (a web server lists
+    nothing, and '?' there begins a query, not a pattern)."""
+    import glob
+
+    from ._io import as_path
+
+    if item.startswith(("http://", "https://")):
+        return [item]
+    try:
+        path = as_path(item)
+        if glob.has_magic(item):
+            found = sorted(path.fs.unstrip_protocol(p) for p in path.fs.glob(path.path))
+            if not found:
+                _fail(f"{item}: no object matches this pattern")
+            return found
+        if path.is_dir():
+            found = sorted(str(p) for p in path.iterdir()
+                           if p.name.lower().endswith(DIRECTORY_SUFFIXES))
+            if not found:
+                _fail(f"{item}: holds no FITS objects "
+                      f"({', '.join('*' + s for s in DIRECTORY_SUFFIXES)})")
+            return found
+    except ImportError as err:  # fsspec names the package this scheme needs
+        _fail(f"{item}: {err}")
+    except Exception as err:  # each store and SDK raises its own types
+        _fail(f"{item}: cannot list ({type(err).__name__}: {err}); check the URL and the "
+              "store's credentials (AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL, a profile ...)")
+    return [item]
 
 
 def _failure_lines(records, shown: int = 3) -> list[str]:
