@@ -46,6 +46,11 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
 
     for noisy in ("distributed", "tornado", "asyncio", "bokeh"):
         logging.getLogger(noisy).setLevel(max(level, logging.ERROR))
+    # object-store clients: their debug logs show request headers (the access key id
+    # in Authorization), which never go to a log
+    for client in ("botocore", "aiobotocore", "boto3", "s3transfer", "s3fs", "gcsfs",
+                   "fsspec", "urllib3", "aiohttp"):
+        logging.getLogger(client).setLevel(max(level, logging.WARNING))
 
 
 class ProgressBar:
