@@ -851,6 +851,9 @@ def run(inputs, catalog: str, out_dir, settings: Settings | None = None, *, clie
     inputs = dedupe(inputs)
     if not inputs:
         raise RunError("no input frames")
+    if report and local_path(out_dir) is None:
+        raise RunError(f"--report: the report is written to local run directories only; "
+                       f"{out_dir} is an object store (run without --report)")
     check_before_work(inputs, catalog, settings)
     resumed = check_run_dir(out_dir, run_signature(inputs, catalog, settings), overwrite)
     if client is None:

@@ -45,7 +45,7 @@ from astropy.table import Table
 
 from . import qa
 from ._fields import separation_deg
-from ._io import atomic_path, atomic_write_text
+from ._io import as_path, atomic_path, atomic_write_text
 from ._rundir import EXCLUDED, read_manifest, run_settings
 from ._stats import clip_residuals
 from .match import nn_match
@@ -539,8 +539,8 @@ def coadd_preview(coadd_path, png, weight_png=None, max_size: int = MAX_DISPLAY)
     _show(ax, image, shape)
     ax.set_title(f"coadd {filt}: {header.get('NCOMBINE', '?')} frames, "
                  f"{header.get('COMBINE', '')}, {header.get('EXPTIME', 0):.0f} s", fontsize=10)
-    _save(fig, Path(png))
-    info = {"filter": filt, "image": Path(png).name, "shape": list(shape),
+    _save(fig, as_path(png))
+    info = {"filter": filt, "image": as_path(png).name, "shape": list(shape),
             "ncombine": header.get("NCOMBINE"), "binning": factor}
     if weight_png is not None:
         try:
@@ -564,8 +564,8 @@ def coadd_preview(coadd_path, png, weight_png=None, max_size: int = MAX_DISPLAY)
             fig.suptitle(f"{filt}: sky scatter / ERR = {noise[0]:.3f} (1 when the noise is as "
                          f"predicted); median ERR {noise[1]:.4g}", fontsize=10)
             info["noise_over_err"], info["median_err"] = noise
-        _save(fig, Path(weight_png))
-        info["weight"] = Path(weight_png).name
+        _save(fig, as_path(weight_png))
+        info["weight"] = as_path(weight_png).name
     return info
 
 
@@ -631,8 +631,8 @@ def colour_composite(coadds: dict[str, str], png, max_size: int = MAX_DISPLAY) -
     ax.imshow(rgb, origin="lower", extent=_extent(shape), interpolation="nearest")
     ax.set_title(f"colour composite: R={chosen[2]}  G={chosen[1]}  B={chosen[0]}",
                  fontsize=10)
-    _save(fig, Path(png))
-    return {"image": Path(png).name, "filters": {"red": chosen[2], "green": chosen[1],
+    _save(fig, as_path(png))
+    return {"image": as_path(png).name, "filters": {"red": chosen[2], "green": chosen[1],
                                                  "blue": chosen[0]}}
 
 
@@ -671,8 +671,8 @@ def two_colour_overlay(store_path, png, reference: str = "", aligned: str = "",
     ax = fig.add_axes([0.08, 0.06, 0.9, 0.86])
     ax.imshow(rgb, origin="lower", extent=_extent(shape), interpolation="nearest")
     ax.set_title(f"magenta: {reference} (reference)\ngreen: {aligned} (aligned)", fontsize=10)
-    _save(fig, Path(png))
-    return {"image": Path(png).name, "reference": reference, "aligned": aligned}
+    _save(fig, as_path(png))
+    return {"image": as_path(png).name, "reference": reference, "aligned": aligned}
 
 
 def _column(table: Table, name: str) -> np.ndarray:
@@ -807,8 +807,8 @@ def summary_plots(table: Table, png, outliers: dict[str, list[str]] | None = Non
                  f"{int((usable & flagged).sum())} flagged (red rings); bands: group median "
                  f"+-1 and +-{OUTLIER_SIGMA:g} robust sigma", fontsize=10, x=0.02, ha="left")
     fig.tight_layout(rect=(0, 0, 1, 0.97))
-    _save(fig, Path(png))
-    return {"image": Path(png).name, "outliers": sorted(outliers),
+    _save(fig, as_path(png))
+    return {"image": as_path(png).name, "outliers": sorted(outliers),
             "groups": sorted({str(g) for g in groups[usable]})}
 
 

@@ -216,7 +216,8 @@ STAGE_OPTIONS = {
     "cluster": [
         ("--scheduler", "cluster.scheduler", dict(
          help="Address of an existing Dask scheduler (tcp://host:8786). Workers must see "
-              "the input and output paths (shared filesystem).")),
+              "the input and output paths (shared filesystem), or have them as URLs "
+              "(s3://...).")),
         ("--workers", "cluster.n_workers", dict(type=int,
          help="LocalCluster worker processes (0: one per core).")),
         ("--threads", "cluster.threads_per_worker", dict(type=int,

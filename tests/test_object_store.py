@@ -99,7 +99,7 @@ def test_run_on_an_object_store_with_remote_workers(s3, field, tmp_path):
     for path in field.frames[:N_FIRST]:
         fs.put_file(str(path), f"frames/{path.name}")
     command = [sys.executable, "-m", "daskstack.cli", "run", "s3://frames/*.fits.fz",
-               "--wcs", "header", "--out", "s3://runs/r1", "-vv"]
+               "--wcs", "header", "--out", "s3://runs/r1", "--difference", "-vv"]
     logs = []
 
     with dask_processes_in(tmp_path, env=env, scratch=tmp_path / "scratch") as (address, _):
@@ -134,6 +134,7 @@ def test_run_on_an_object_store_with_remote_workers(s3, field, tmp_path):
         assert len(manifest) == len(field.frames)
         assert set(manifest["status"]) == {"ok"} and all(manifest["registered"])
         assert all(str(f).startswith("s3://frames/") for f in manifest["file"])
+        assert len(fs.ls("runs/r1/difference")) == len(field.frames)  # written by workers
         with _fits(fs, "runs/r1/coadd_rp.fits") as coadd:
             reference = coadd[0].header["REFFRAME"]
         once = run_local(field.frames, tmp_path / "local12",
