@@ -796,8 +796,7 @@ def _write_differences(client, stack, filter_name, names, indices, scales, coadd
                        out_dir, wrote) -> None:
     """``OUT/difference/<frame>.fits`` for every combined frame: one task each."""
     directory = out_dir / "difference"
-    if local_path(directory) is not None:  # an object store has no directories to make
-        directory.mkdir(exist_ok=True)
+    _make_directory(directory)
     header = stack.grid.header
     futures = {}
     for name, index, scale, offset in zip(names, indices, scales.scales, scales.offsets,
@@ -851,9 +850,6 @@ def run(inputs, catalog: str, out_dir, settings: Settings | None = None, *, clie
     inputs = dedupe(inputs)
     if not inputs:
         raise RunError("no input frames")
-    if report and local_path(out_dir) is None:
-        raise RunError(f"--report: the report is written to local run directories only; "
-                       f"{out_dir} is an object store (run without --report)")
     check_before_work(inputs, catalog, settings)
     resumed = check_run_dir(out_dir, run_signature(inputs, catalog, settings), overwrite)
     if client is None:

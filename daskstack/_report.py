@@ -230,11 +230,12 @@ def load_wcs_file(path):
 
     from .frames import quiet_astropy
 
-    if not path or not Path(path).exists():
+    if not path or not as_path(path).exists():
         return None
     with quiet_astropy():
         try:
-            wcs = WCS(fits.getheader(path), relax=True)
+            with as_path(path).open("rb") as handle:  # a file or an object
+                wcs = WCS(fits.getheader(handle), relax=True)
         except (OSError, ValueError):
             return None
     return wcs if wcs.has_celestial else None
@@ -318,7 +319,7 @@ def frame_figures(frame_path, start_wcs, solved_wcs, catalog, settings, out_dir,
     from .detect import detect_sources
     from .frames import FrameError, frame_name, header_wcs, read_frame
 
-    out_dir = Path(out_dir)
+    out_dir = as_path(out_dir)
     name = name or frame_name(frame_path)
     plots = FramePlots(name=name, status=status, reason=reason)
     if isinstance(solved_wcs, (str, Path)):
@@ -470,7 +471,7 @@ def frame_figures(frame_path, start_wcs, solved_wcs, catalog, settings, out_dir,
 
 
 def _save_json(plots: FramePlots, out_dir: Path) -> None:
-    atomic_write_text(Path(out_dir) / f"{plots.name}.json",
+    atomic_write_text(as_path(out_dir) / f"{plots.name}.json",
                       json.dumps(plots.to_dict(), indent=1, default=_json_default))
 
 
@@ -494,7 +495,7 @@ def frame_task(frame_path: str, wcs_path: str | None, catalog, settings, out_dir
         plots = FramePlots(name=name, status=status, reason=reason,
                            error=f"pictures failed: {type(err).__name__}: {err}")
         try:
-            _save_json(plots, Path(out_dir))
+            _save_json(plots, as_path(out_dir))
         except OSError:
             pass
         return plots
@@ -503,7 +504,7 @@ def frame_task(frame_path: str, wcs_path: str | None, catalog, settings, out_dir
 def load_frame_plots(frames_dir) -> dict[str, FramePlots]:
     """The per-frame records saved beside the pictures (``frames/<name>.json``)."""
     out = {}
-    for path in sorted(Path(frames_dir).glob("*.json")):
+    for path in sorted(as_path(frames_dir).glob("*.json")):
         try:
             values = json.loads(path.read_text())
             plots = FramePlots(**{k: v for k, v in values.items()
@@ -520,7 +521,8 @@ def load_frame_plots(frames_dir) -> dict[str, FramePlots]:
 def _read_fits_binned(path, hdu, max_size=MAX_DISPLAY):
     from .frames import quiet_astropy
 
-    with quiet_astropy(), fits.open(path, memmap=True) as hdul:
+    # a URL's text: astropy opens it through fsspec itself
+    with quiet_astropy(), fits.open(str(path), memmap=True) as hdul:
         data = hdul[hdu].data
         header = hdul[hdu].header.copy()
         image, factor = _binned_rows(lambda y0, y1: data[y0:y1], data.shape, max_size)
@@ -531,7 +533,7 @@ def _read_fits_binned(path, hdu, max_size=MAX_DISPLAY):
 def coadd_preview(coadd_path, png, weight_png=None, max_size: int = MAX_DISPLAY) -> dict:
     """PNG previews of one coadd (asinh stretch) and of its noise and coverage (ERR and
     EXPMAP extensions, with the sky scatter measured in units of the ERR)."""
-    coadd_path = Path(coadd_path)
+    coadd_path = as_path(coadd_path)
     image, factor, shape, header = _read_fits_binned(coadd_path, 0, max_size)
     filt = str(header.get("FILTER", coadd_path.stem.removeprefix("coadd_")))
     fig = _figure(8.5, 8.5 * shape[0] / shape[1] + 0.6)
@@ -863,7 +865,7 @@ def thumbnails_task(store_path: str | None, items: list[tuple[str, str | None, s
 
 def run_figure_jobs(run_dir, reference: str = "") -> list[tuple]:
     """``(kind, function, args)`` for every per-run picture (run as Dask tasks or inline)."""
-    run_dir = Path(run_dir)
+    run_dir = as_path(run_dir)
     out = run_dir / REPORT_DIR
     jobs = []
     coadds = {}
@@ -1074,7 +1076,7 @@ def frames_needing_pictures(table: Table, outliers: dict[str, list[str]]) -> lis
 def write_suggested_exclude(run_dir, outliers: dict[str, list[str]]) -> Path:
     """``RUN_DIR/report/suggested-exclude.txt``: the flagged frames, one a line with why
     as a comment, in the format ``--exclude-file`` reads."""
-    run_dir = Path(run_dir)
+    run_dir = as_path(run_dir)
     path = run_dir / REPORT_DIR / SUGGESTED_EXCLUDE
     heading = (f"daskstack report: {len(outliers)} frame(s) flagged as outliers of their "
                "group (filter / telescope-instrument / night).\n"
@@ -1158,7 +1160,7 @@ def write_report(run_dir, run_plots: dict | None = None, *, title: str | None = 
     ``summary``: what `summary_plots` returned for this manifest (else drawn here).
     Written atomically; every link is relative; no script, font or style is fetched.
     """
-    run_dir = Path(run_dir)
+    run_dir = as_path(run_dir)
     out = run_dir / REPORT_DIR
     frames_dir = out / FRAMES_DIR
     out.mkdir(parents=True, exist_ok=True)

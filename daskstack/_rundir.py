@@ -356,6 +356,9 @@ def check_run_dir(out_dir: Path, signature: dict, overwrite: bool) -> bool:
                 message += ("Only combine settings differ: combine the store again with "
                             f"'daskstack combine {out_dir}' and the new combine options "
                             "(no solving or registering again); or ")
+            if any(what == "inputs" and before for what, before, _ in differences):
+                message += ("to leave frames out of the coadds, give the same inputs and "
+                            "--exclude them (they stay in the store); or ")
             message += "use --overwrite to replace it, or choose another --out"
             raise DifferentRunError(message, differences)
         for child in ("store.zarr",):

@@ -768,8 +768,10 @@ def register(frames, out_dir, wcs_source, config_file, verbose, quiet, overrides
 
 def _store_and_run_dir(path) -> tuple[Path, Path]:
     """``(store, run directory)`` from either a run directory (holding store.zarr) or
-    the store itself (its directory is then the run directory)."""
-    path = Path(path)
+    the store itself (its directory is then the run directory); either may be a URL."""
+    from ._io import as_path
+
+    path = as_path(path)
     if (path / "store.zarr").is_dir():
         return path / "store.zarr", path
     if (path / "manifest.ecsv").exists() or (path / "run.json").exists():
@@ -805,7 +807,7 @@ def combine(store_path, out_dir, overwrite, config_file, verbose, quiet, overrid
     _setup_logging(verbose, quiet)
     settings = _settings(config_file, overrides)
     store, run_dir = _store_and_run_dir(store_path)
-    out = Path(out_dir) if out_dir else run_dir
+    out = out_dir or run_dir
     written = []
     try:
         with _interruptible():
@@ -821,8 +823,7 @@ def combine(store_path, out_dir, overwrite, config_file, verbose, quiet, overrid
 
 
 @main.command("report")
-@click.argument("run_dir", metavar="RUN_DIR_OR_STORE",
-                type=click.Path(exists=True, file_okay=False))
+@click.argument("run_dir", metavar="RUN_DIR_OR_STORE", type=click.Path(file_okay=False))
 @click.option("--frames/--no-frames", "frames", default=True, show_default=True,
               help="Draw the full-size pictures of failed and flagged frames again "
                    "(--no-frames: only the thumbnails, the per-run pictures and the page; "

@@ -95,7 +95,11 @@ def test_run_on_an_object_store_with_remote_workers(s3, field, tmp_path):
     home, client_dir = tmp_path / "home", tmp_path / "client"
     home.mkdir()
     client_dir.mkdir()
-    env = {**env, "HOME": str(home)}
+    import matplotlib
+
+    # HOME empty, to see what lands there; matplotlib's font cache (a library's, not the
+    # run's, and slow to build) where this process has it
+    env = {**env, "HOME": str(home), "MPLCONFIGDIR": matplotlib.get_cachedir()}
     for path in field.frames[:N_FIRST]:
         fs.put_file(str(path), f"frames/{path.name}")
     command = [sys.executable, "-m", "daskstack.cli", "run", "s3://frames/*.fits.fz",
@@ -103,9 +107,9 @@ def test_run_on_an_object_store_with_remote_workers(s3, field, tmp_path):
     logs = []
 
     with dask_processes_in(tmp_path, env=env, scratch=tmp_path / "scratch") as (address, _):
-        def run_s3():
-            done = subprocess.run([*command, "--scheduler", address], cwd=client_dir, env=env,
-                                  capture_output=True, text=True, timeout=300)
+        def run_s3(*more):
+            done = subprocess.run([*command, "--scheduler", address, *more], cwd=client_dir,
+                                  env=env, capture_output=True, text=True, timeout=300)
             logs.append(done.stdout + done.stderr)
             assert done.returncode == EXIT_OK, done.stdout + done.stderr
 
@@ -126,7 +130,7 @@ def test_run_on_an_object_store_with_remote_workers(s3, field, tmp_path):
         # tonight: six more uploaded, the same command
         for path in field.frames[N_FIRST:]:
             fs.put_file(str(path), f"frames/{path.name}")
-        run_s3()
+        run_s3("--report")  # pictures drawn by the workers, the page by the client
         after = _objects(fs, "runs/r1")
         assert {key: after.get(key) for key in before} == before  # not solved or registered
         assert sum(k.endswith(".wcs") for k in after) == len(field.frames)
@@ -135,11 +139,29 @@ def test_run_on_an_object_store_with_remote_workers(s3, field, tmp_path):
         assert set(manifest["status"]) == {"ok"} and all(manifest["registered"])
         assert all(str(f).startswith("s3://frames/") for f in manifest["file"])
         assert len(fs.ls("runs/r1/difference")) == len(field.frames)  # written by workers
+        page = fs.cat_file("runs/r1/report/index.html").decode()
+        assert all(f.name.removesuffix(".fits.fz") in page for f in field.frames)
+        assert fs.exists("runs/r1/report/coadd_rp.png")
         with _fits(fs, "runs/r1/coadd_rp.fits") as coadd:
             reference = coadd[0].header["REFFRAME"]
         once = run_local(field.frames, tmp_path / "local12",
                          Settings().replace("grid", reference=reference))
         _assert_same_coadds(fs, "runs/r1", once.coadds)
+
+        # combine again from the store on the object store, one frame left out
+        left_out = field.frames[0].name.removesuffix(".fits.fz")
+        done = subprocess.run(
+            [sys.executable, "-m", "daskstack.cli", "combine", "s3://runs/r1", "--exclude",
+             left_out, "--scheduler", address, "-vv"], cwd=client_dir, env=env,
+            capture_output=True, text=True, timeout=300)
+        logs.append(done.stdout + done.stderr)
+        assert done.returncode == EXIT_OK, done.stdout + done.stderr
+        manifest = read_manifest("s3://runs/r1/manifest.ecsv")
+        assert dict(zip(manifest["name"], manifest["status"], strict=True))[left_out] == \
+            "excluded"
+        filter_name = dict(zip(manifest["name"], manifest["filter"], strict=True))[left_out]
+        with _fits(fs, f"runs/r1/coadd_{filter_name}.fits") as coadd:
+            assert coadd[0].header["EXCL001"] == left_out
 
     # nothing of the run on the local disk: client and workers' working directories
     # and the home directory are as empty as they were given (Dask's own scratch space
@@ -157,3 +179,31 @@ def test_run_on_an_object_store_with_remote_workers(s3, field, tmp_path):
             assert secret.encode() not in blob, key
         for text in dask_logs + [text.encode() for text in logs]:
             assert secret.encode() not in text
+
+
+def test_frames_are_read_from_http_urls(field, httpserver):
+    """A frame served over HTTP (127.0.0.1) reads as the same file on disk does; a URL
+    that serves nothing is a bad frame, named, not a crash."""
+    from daskstack.cli import _check_inputs
+    from daskstack.frames import FrameError, read_frame, read_meta
+
+    path = field.frames[0]
+    httpserver.expect_request(f"/frames/{path.name}").respond_with_data(path.read_bytes())
+    url = httpserver.url_for(f"/frames/{path.name}")
+    assert _check_inputs([url]) == [url]  # one frame: '?' in a URL begins a query
+    meta = read_meta(url)
+    assert (meta.path, meta.name) == (url, read_meta(path).name)
+    got, expected = read_frame(url), read_frame(path)
+    np.testing.assert_array_equal(got.data, expected.data)
+    np.testing.assert_array_equal(got.mask, expected.mask)
+    with pytest.raises(FrameError, match="missing.fits.fz: file does not exist"):
+        read_meta(httpserver.url_for("/frames/missing.fits.fz"))
+
+
+def test_what_is_a_url():
+    from daskstack._io import as_path, is_url
+
+    assert is_url("s3://bucket/run") and is_url("gs://b/x.fits") and is_url("https://h/a")
+    assert not is_url("run1") and not is_url("/data/run") and not is_url("C:/data")
+    assert not is_url("file:///data/run") and str(as_path("file:///data/run")) == "/data/run"
+    assert str(as_path("s3://bucket/run") / "store.zarr") == "s3://bucket/run/store.zarr"
