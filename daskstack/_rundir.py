@@ -564,9 +564,8 @@ def dedupe(inputs) -> list[str]:
     headers are read (`dedupe_exposures`)."""
     seen, unique = {}, []
     for path in inputs:
-        if is_url(path):  # a URL is absolute already: every worker reads it as it is
-            path = str(path)
-        key = path if is_url(path) else str(Path(path).resolve())
+        # a URL is absolute already: every worker reads it as it is
+        key = str(path) if is_url(path) else str(Path(path).resolve())
         if key in seen:
             log.warning("%s: given more than once; used once", Path(path).name)
             continue
@@ -577,7 +576,7 @@ def dedupe(inputs) -> list[str]:
             continue
         seen[key] = name
         # absolute: workers (another host, another working directory) open it by path
-        unique.append(path if is_url(path) else str(Path(path).absolute()))
+        unique.append(key if is_url(path) else str(Path(path).absolute()))
     return unique
 
 

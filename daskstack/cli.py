@@ -530,6 +530,9 @@ def run(frames, catalog, out_dir, overwrite, report, lco_frames, lco_query, lco_
     if not catalog and settings.solve.wcs == "solve":
         _fail("--catalog is required to solve the frames' WCS (or use --wcs header)")
     not_downloaded = []
+    if (lco_frames or lco_query) and is_url(out_dir):
+        _fail("--lco-frames/--lco-query download into OUT/frames/ on this machine: give a "
+              "local --out, or 'daskstack download' the frames and give their URLs")
     if lco_frames or lco_query:
         downloaded, not_downloaded = _lco_download(lco_frames, lco_query, lco_limit,
                                                    archive_url, Path(out_dir) / "frames")
