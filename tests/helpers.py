@@ -95,3 +95,28 @@ def dask_processes_in(directory: Path, env: dict | None = None, scratch: Path | 
     finally:
         for proc in reversed(procs):
             kill_group(proc, signal.SIGTERM)
+
+
+def registered_pixels(store_path) -> dict[str, dict[str, np.ndarray]]:
+    """``{frame name: {plane: its (ny, nx) slice}}`` of every frame in a store (local or
+    URL), decoded: compared before and after frames are added, whatever the chunk
+    layout."""
+    from daskstack.store import filter_key, open_store
+
+    stack = open_store(store_path)
+    group = stack.group()
+    out = {}
+    for filter_name, names in stack.filters.items():
+        key = filter_key(filter_name)
+        planes = {plane: group[f"{key}/{plane}"][...]
+                  for plane in ("data", "variance", "kernel_power")}
+        for index, name in enumerate(names):
+            out[name] = {plane: values[index] for plane, values in planes.items()}
+    return out
+
+
+def assert_same_pixels(before: dict, after: dict) -> None:
+    """Every frame of ``before`` (`registered_pixels`) has the same pixels in ``after``."""
+    for name, planes in before.items():
+        for plane, values in planes.items():
+            np.testing.assert_array_equal(after[name][plane], values, err_msg=f"{name} {plane}")

@@ -23,7 +23,7 @@ from daskstack._pipeline import EXIT_OK, run
 from daskstack._rundir import read_manifest
 from daskstack.config import Settings
 
-from .helpers import dask_processes_in
+from .helpers import assert_same_pixels, dask_processes_in, registered_pixels
 
 N_FIRST = 6
 PLANES = ("PRIMARY", "ERR", "WEIGHT", "NFRAMES", "EXPMAP")
@@ -78,12 +78,16 @@ def _assert_same_coadds(fs, run_key, local_coadds) -> None:
                                            err_msg=f"{filter_name} {plane}")
 
 
-def _objects(fs, prefix) -> dict[str, tuple]:
-    """(size, ETag, LastModified) of every .wcs object and registered-stack chunk."""
+def _wcs_objects(fs, prefix) -> dict[str, tuple]:
+    """(size, ETag, LastModified) of every .wcs object."""
     fs.invalidate_cache()  # listed before the run wrote
     return {key: (info["size"], info["ETag"], info["LastModified"])
-            for key, info in fs.find(prefix, detail=True).items()
-            if key.endswith(".wcs") or ("/c/" in key and "/coadd/" not in key)}
+            for key, info in fs.find(prefix, detail=True).items() if key.endswith(".wcs")}
+
+
+def _register_times(manifest) -> dict[str, float]:
+    return dict(zip(map(str, manifest["name"]), map(float, manifest["t_register"]),
+                    strict=True))
 
 
 def _files_under(*directories) -> list[str]:
@@ -124,17 +128,22 @@ def test_run_on_an_object_store_with_remote_workers(s3, field, tmp_path):
         run_s3()
         local = run_local(field.frames[:N_FIRST], tmp_path / "local6")
         _assert_same_coadds(fs, "runs/r1", local.coadds)
-        before = _objects(fs, "runs/r1")
-        assert sum(k.endswith(".wcs") for k in before) == N_FIRST
+        before = _wcs_objects(fs, "runs/r1")
+        pixels = registered_pixels("s3://runs/r1/store.zarr")
+        assert len(before) == len(pixels) == N_FIRST
+        timings = _register_times(read_manifest("s3://runs/r1/manifest.ecsv"))
 
         # tonight: six more uploaded, the same command
         for path in field.frames[N_FIRST:]:
             fs.put_file(str(path), f"frames/{path.name}")
         run_s3("--report")  # pictures drawn by the workers, the page by the client
-        after = _objects(fs, "runs/r1")
-        assert {key: after.get(key) for key in before} == before  # not solved or registered
-        assert sum(k.endswith(".wcs") for k in after) == len(field.frames)
+        after = _wcs_objects(fs, "runs/r1")
+        assert {key: after.get(key) for key in before} == before  # not solved again
+        assert len(after) == len(field.frames)
+        assert_same_pixels(pixels, registered_pixels("s3://runs/r1/store.zarr"))
         manifest = read_manifest("s3://runs/r1/manifest.ecsv")
+        # the registration time of each frame, measured when it was registered: kept
+        assert {n: t for n, t in _register_times(manifest).items() if n in timings} == timings
         assert len(manifest) == len(field.frames)
         assert set(manifest["status"]) == {"ok"} and all(manifest["registered"])
         assert all(str(f).startswith("s3://frames/") for f in manifest["file"])
