@@ -47,7 +47,7 @@ from astropy.table import Table
 
 from . import qa
 from ._fields import separation_deg
-from ._io import atomic_path, atomic_write_text
+from ._io import as_path, atomic_path, atomic_write_text
 from ._rundir import EXCLUDED, read_manifest, run_settings
 from ._stats import clip_residuals
 from .match import nn_match
@@ -233,11 +233,12 @@ def load_wcs_file(path):
 
     from .frames import quiet_astropy
 
-    if not path or not Path(path).exists():
+    if not path or not as_path(path).exists():
         return None
     with quiet_astropy():
         try:
-            wcs = WCS(fits.getheader(path), relax=True)
+            with as_path(path).open("rb") as handle:  # a file or an object
+                wcs = WCS(fits.getheader(handle), relax=True)
         except (OSError, ValueError):
             return None
     return wcs if wcs.has_celestial else None
@@ -321,7 +322,7 @@ def frame_figures(frame_path, start_wcs, solved_wcs, catalog, settings, out_dir,
     from .detect import detect_sources
     from .frames import FrameError, frame_name, header_wcs, read_frame
 
-    out_dir = Path(out_dir)
+    out_dir = as_path(out_dir)
     name = name or frame_name(frame_path)
     plots = FramePlots(name=name, status=status, reason=reason)
     if isinstance(solved_wcs, (str, Path)):
@@ -473,7 +474,7 @@ def frame_figures(frame_path, start_wcs, solved_wcs, catalog, settings, out_dir,
 
 
 def _save_json(plots: FramePlots, out_dir: Path) -> None:
-    atomic_write_text(Path(out_dir) / f"{plots.name}.json",
+    atomic_write_text(as_path(out_dir) / f"{plots.name}.json",
                       json.dumps(plots.to_dict(), indent=1, default=_json_default))
 
 
@@ -497,7 +498,7 @@ def frame_task(frame_path: str, wcs_path: str | None, catalog, settings, out_dir
         plots = FramePlots(name=name, status=status, reason=reason,
                            error=f"pictures failed: {type(err).__name__}: {err}")
         try:
-            _save_json(plots, Path(out_dir))
+            _save_json(plots, as_path(out_dir))
         except OSError:
             pass
         return plots
@@ -506,7 +507,7 @@ def frame_task(frame_path: str, wcs_path: str | None, catalog, settings, out_dir
 def load_frame_plots(frames_dir) -> dict[str, FramePlots]:
     """The per-frame records saved beside the pictures (``frames/<name>.json``)."""
     out = {}
-    for path in sorted(Path(frames_dir).glob("*.json")):
+    for path in sorted(as_path(frames_dir).glob("*.json")):
         try:
             values = json.loads(path.read_text())
             plots = FramePlots(**{k: v for k, v in values.items()
@@ -523,7 +524,8 @@ def load_frame_plots(frames_dir) -> dict[str, FramePlots]:
 def _read_fits_binned(path, hdu, max_size=MAX_DISPLAY):
     from .frames import quiet_astropy
 
-    with quiet_astropy(), fits.open(path, memmap=True) as hdul:
+    # a URL's text: astropy opens it through fsspec itself
+    with quiet_astropy(), fits.open(str(path), memmap=True) as hdul:
         data = hdul[hdu].data
         header = hdul[hdu].header.copy()
         image, factor = _binned_rows(lambda y0, y1: data[y0:y1], data.shape, max_size)
@@ -534,7 +536,7 @@ def _read_fits_binned(path, hdu, max_size=MAX_DISPLAY):
 def coadd_preview(coadd_path, png, weight_png=None, max_size: int = MAX_DISPLAY) -> dict:
     """PNG previews of one coadd (asinh stretch) and of its noise and coverage (ERR and
     EXPMAP extensions, with the sky scatter measured in units of the ERR)."""
-    coadd_path = Path(coadd_path)
+    coadd_path = as_path(coadd_path)
     image, factor, shape, header = _read_fits_binned(coadd_path, 0, max_size)
     filt = str(header.get("FILTER", coadd_path.stem.removeprefix("coadd_")))
     fig = _figure(8.5, 8.5 * shape[0] / shape[1] + 0.6)
@@ -542,8 +544,8 @@ def coadd_preview(coadd_path, png, weight_png=None, max_size: int = MAX_DISPLAY)
     _show(ax, image, shape)
     ax.set_title(f"coadd {filt}: {header.get('NCOMBINE', '?')} frames, "
                  f"{header.get('COMBINE', '')}, {header.get('EXPTIME', 0):.0f} s", fontsize=10)
-    _save(fig, Path(png))
-    info = {"filter": filt, "image": Path(png).name, "shape": list(shape),
+    _save(fig, as_path(png))
+    info = {"filter": filt, "image": as_path(png).name, "shape": list(shape),
             "ncombine": header.get("NCOMBINE"), "binning": factor}
     if weight_png is not None:
         try:
@@ -567,8 +569,8 @@ def coadd_preview(coadd_path, png, weight_png=None, max_size: int = MAX_DISPLAY)
             fig.suptitle(f"{filt}: sky scatter / ERR = {noise[0]:.3f} (1 when the noise is as "
                          f"predicted); median ERR {noise[1]:.4g}", fontsize=10)
             info["noise_over_err"], info["median_err"] = noise
-        _save(fig, Path(weight_png))
-        info["weight"] = Path(weight_png).name
+        _save(fig, as_path(weight_png))
+        info["weight"] = as_path(weight_png).name
     return info
 
 
@@ -634,8 +636,8 @@ def colour_composite(coadds: dict[str, str], png, max_size: int = MAX_DISPLAY) -
     ax.imshow(rgb, origin="lower", extent=_extent(shape), interpolation="nearest")
     ax.set_title(f"colour composite: R={chosen[2]}  G={chosen[1]}  B={chosen[0]}",
                  fontsize=10)
-    _save(fig, Path(png))
-    return {"image": Path(png).name, "filters": {"red": chosen[2], "green": chosen[1],
+    _save(fig, as_path(png))
+    return {"image": as_path(png).name, "filters": {"red": chosen[2], "green": chosen[1],
                                                  "blue": chosen[0]}}
 
 
@@ -676,8 +678,8 @@ def two_colour_overlay(store_path, png, reference: str = "", aligned: str = "",
     ax = fig.add_axes([0.08, 0.06, 0.9, 0.86])
     ax.imshow(rgb, origin="lower", extent=_extent(shape), interpolation="nearest")
     ax.set_title(f"magenta: {reference} (reference)\ngreen: {aligned} (aligned)", fontsize=10)
-    _save(fig, Path(png))
-    return {"image": Path(png).name, "reference": reference, "aligned": aligned}
+    _save(fig, as_path(png))
+    return {"image": as_path(png).name, "reference": reference, "aligned": aligned}
 
 
 def _column(table: Table, name: str) -> np.ndarray:
@@ -812,8 +814,8 @@ def summary_plots(table: Table, png, outliers: dict[str, list[str]] | None = Non
                  f"{int((usable & flagged).sum())} flagged (red rings); bands: group median "
                  f"+-1 and +-{OUTLIER_SIGMA:g} robust sigma", fontsize=10, x=0.02, ha="left")
     fig.tight_layout(rect=(0, 0, 1, 0.97))
-    _save(fig, Path(png))
-    return {"image": Path(png).name, "outliers": sorted(outliers),
+    _save(fig, as_path(png))
+    return {"image": as_path(png).name, "outliers": sorted(outliers),
             "groups": sorted({str(g) for g in groups[usable]})}
 
 
@@ -910,7 +912,7 @@ def thumbnails_task(store_path: str | None, items: list[tuple[str, str | None, s
 
 def run_figure_jobs(run_dir, reference: str = "") -> list[tuple]:
     """``(kind, function, args)`` for every per-run picture (run as Dask tasks or inline)."""
-    run_dir = Path(run_dir)
+    run_dir = as_path(run_dir)
     out = run_dir / REPORT_DIR
     jobs = []
     coadds = {}
@@ -1121,7 +1123,7 @@ def frames_needing_pictures(table: Table, outliers: dict[str, list[str]]) -> lis
 def write_suggested_exclude(run_dir, outliers: dict[str, list[str]]) -> Path:
     """``RUN_DIR/report/suggested-exclude.txt``: the flagged frames, one a line with why
     as a comment, in the format ``--exclude-file`` reads."""
-    run_dir = Path(run_dir)
+    run_dir = as_path(run_dir)
     path = run_dir / REPORT_DIR / SUGGESTED_EXCLUDE
     heading = (f"daskstack report: {len(outliers)} frame(s) flagged as outliers of their "
                "group (filter / telescope-instrument / night).\n"
@@ -1205,7 +1207,7 @@ def write_report(run_dir, run_plots: dict | None = None, *, title: str | None = 
     ``summary``: what `summary_plots` returned for this manifest (else drawn here).
     Written atomically; every link is relative; no script, font or style is fetched.
     """
-    run_dir = Path(run_dir)
+    run_dir = as_path(run_dir)
     out = run_dir / REPORT_DIR
     frames_dir = out / FRAMES_DIR
     out.mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,7 @@ from astropy.time import Time
 
 from . import combine
 from . import store as store_mod
-from ._io import atomic_path
+from ._io import as_path, atomic_path
 from .combine import header_cards
 from .register import noise_correlation
 
@@ -158,9 +158,9 @@ def write_difference(store_path: str, filter_name: str, index: int, scale: float
     coadd ``coadd_key``, minus that coadd (`combine.difference_image`)."""
     frame = store_mod.read_plane(store_path, filter_name, index)
     coadd = store_mod.open_coadd_arrays(store_path, coadd_key)["image"][...]
-    write_image_fits(Path(path), [(header, combine.difference_image(frame, coadd, scale,
-                                                                    offset))])
-    return Path(path)
+    write_image_fits(as_path(path), [(header, combine.difference_image(frame, coadd, scale,
+                                                                       offset))])
+    return as_path(path)
 
 
 def coadd_planes(result) -> dict:
