@@ -158,7 +158,7 @@ class FrameRecord:
             n_matches=int(res.n_matches), rms_arcsec=_finite(res.rms_arcsec),
             elongation=_finite(res.elongation), site=meta.site,
             telescope=meta.telescope, instrument=meta.instrument, object=meta.object,
-            bunit=meta.bunit)
+            bunit=meta.bunit, airmass=meta.airmass)
 
     def row(self) -> dict:
         row = {"file": self.file, "name": self.name, "status": self.status,
