@@ -1201,11 +1201,11 @@ def lightcurve_store_path(store_path, targets, names=(), settings: Settings | No
                 stop = min(start + LIGHTCURVE_BLOCK, len(names_))
                 block_fwhm = np.full(stop - start, np.nan)
                 block_scale = np.ones(stop - start)
-                inside = rows[(index >= start) & (index < stop)]
-                if not len(inside):
+                inside = (index >= start) & (index < stop)
+                if not inside.any():
                     continue
-                block_fwhm[index[inside] - start] = fwhm[inside]
-                block_scale[index[inside] - start] = scale[inside]
+                block_fwhm[index[inside] - start] = fwhm[rows[inside]]
+                block_scale[index[inside] - start] = scale[rows[inside]]
                 futures[(filter_name, start)] = client.submit(
                     _lightcurve_task, str(store_path), filter_name, start, stop, boxes, every,
                     block_fwhm, block_scale, resampled, max_fwhm, pure=False)

@@ -81,15 +81,15 @@ LC_FLAG_NO_COMPARISON = 16  # no usable comparison star in this frame: no diff_m
 LC_FLAG_NO_DATA = 32  # the frame does not cover the target: no flux
 
 APERTURE_FWHM = 1.5  # aperture radius / FWHM: near the best S/N for faint stars
-TOTAL_FWHM = 4.0  # radius / FWHM holding ~99% of a Moffat (beta 2.5) star's light
+TOTAL_FWHM = 3.0  # radius / FWHM of the "total" flux: 97.7% of a Moffat (beta 2.5) star
 SKY_FWHM = (4.5, 7.0)  # sky annulus radii / FWHM
-DEFAULT_FWHM_ARCSEC = 2.0  # for choosing isolated stars before any FWHM is known
+DEFAULT_FWHM_ARCSEC = 2.5  # for choosing isolated stars before any FWHM is known
 ISOLATION_FWHM = 5.0  # a comparison has no comparable catalog star this close
 ISOLATION_DMAG = 3.0  # neighbours fainter than this (mag) do not matter
 N_NEAREST = 40
 N_CANDIDATES = 15
 N_COMPARISON = 6
-N_FWHM_STARS = 3  # the brightest candidates measure a frame's FWHM where none is known
+N_FWHM_STARS = 7  # the brightest unsaturated candidates measure a frame's FWHM where none is known
 FWHM_FIT_BOX = 4  # half-size (px) of the core fitted for the FWHM
 MIN_CLEAN_FRACTION = 0.8
 VARIABLE_CHI2 = 5.0  # a candidate whose reduced chi-square against the others exceeds
@@ -292,19 +292,23 @@ def measure_block(cubes, boxes: list[Box], stars: list[Star], fwhm, *, scale=1.0
 
 
 def _measured_fwhm(planes, stars) -> float:
-    """A frame's FWHM (grid px) from its `N_FWHM_STARS` brightest catalog stars in the
-    boxes: the median of circular Gaussian fits to their cores (`gaussian_fwhm`; a
+    """A frame's FWHM (grid px) from its `N_FWHM_STARS` brightest unsaturated catalog
+    stars in the boxes: the median of circular Gaussian fits to their cores (`gaussian_fwhm`; a
     moment-based width grows with the aperture in a Moffat star's wings)."""
     order = sorted((i for i in range(len(stars)) if np.isfinite(stars[i].mag)),
-                   key=lambda i: stars[i].mag)[:N_FWHM_STARS]
+                   key=lambda i: stars[i].mag)
+    box_of = {i: k for k, (box, *_) in enumerate(planes) for i in box.stars}
+    skies = [float(np.nanmedian(data)) if np.isfinite(data).any() else np.nan
+             for _, data, _, _ in planes]
     values = []
-    for box, data, _, _ in planes:
-        sky = float(np.nanmedian(data)) if np.isfinite(data).any() else np.nan
-        for i in (i for i in box.stars if i in order):
-            values.append(gaussian_fwhm(data - sky, stars[i].x - box.x0, stars[i].y - box.y0))
-    values = np.asarray(values, float)
-    values = values[np.isfinite(values)]
-    return float(np.median(values)) if len(values) else float("nan")
+    for i in order:  # brightest first; saturated ones (NaN cores) give NaN
+        box, data, _, _ = planes[box_of[i]]
+        value = gaussian_fwhm(data - skies[box_of[i]], stars[i].x - box.x0, stars[i].y - box.y0)
+        if np.isfinite(value):
+            values.append(value)
+            if len(values) == N_FWHM_STARS:
+                break
+    return float(np.median(values)) if values else float("nan")
 
 
 def gaussian_fwhm(image, x: float, y: float, half: int = FWHM_FIT_BOX) -> float:
@@ -494,19 +498,31 @@ def light_curves(frames: Table, phot: dict, n_targets: int, candidates: list[lis
 
 def _aperture_corrections(flux, flux_err, total, total_err, clean):
     """Per frame, total / aperture flux and its error: each comparison's ratio over its
-    median across the frames (the ratio differs a little from star to star, by the
-    faint neighbours the larger aperture takes in), averaged as the ensemble is
-    (`_ensemble`), times the median of those medians; frames with no comparison get the
-    filter's median (error: its scatter)."""
+    median across the frames (the ratio differs from star to star by the faint
+    neighbours the larger aperture takes in), the median of those over the comparisons
+    (one comparison whose neighbour's light comes and goes with the seeing must not
+    drag the others), times the median of the comparisons' medians; its error the
+    larger of the scatter's (1.25 MAD / sqrt(n)) and the formal one. Frames with no
+    comparison get the filter's median (error: its scatter)."""
     with np.errstate(all="ignore"):
         ratio = np.where(clean & np.isfinite(total) & (flux > 0), total / flux, np.nan)
         # the total aperture holds the aperture: its error is what the ring adds
         ring_err = np.sqrt(np.maximum(total_err**2 - flux_err**2, 0.0))
         sigma = ratio * np.hypot(ring_err / np.abs(total), flux_err / flux)
-        good = np.isfinite(ratio) & (sigma > 0)
-        level = np.nanmedian(np.nanmedian(np.where(good, ratio, np.nan), axis=0))
-    mean, err, _ = _ensemble(ratio, sigma, good)
-    corr, err = mean * level, err * level
+        per_star = np.nanmedian(ratio, axis=0)
+        level = np.nanmedian(per_star)
+        norm, norm_err = ratio / per_star, sigma / per_star
+    corr = np.full(len(ratio), np.nan)
+    err = np.full(len(ratio), np.nan)
+    for i, (values, errors) in enumerate(zip(norm, norm_err, strict=True)):
+        good = np.isfinite(values) & (errors > 0)
+        if not good.any():
+            continue
+        formal = 1.0 / math.sqrt(np.sum(1.0 / errors[good] ** 2))
+        scatter = (1.2533 * mad_sigma(values[good]) / math.sqrt(good.sum())
+                   if good.sum() > 2 else 0.0)
+        corr[i] = np.median(values[good]) * level
+        err[i] = max(formal, scatter) * level
     if np.isfinite(corr).any():
         missing = ~np.isfinite(corr)
         corr[missing] = np.nanmedian(corr)
