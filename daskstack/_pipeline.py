@@ -1126,7 +1126,8 @@ def _lightcurve_task(store_path: str, filter_name: str, start: int, stop: int, b
 
 
 def lightcurve_store_path(store_path, targets, names=(), settings: Settings | None = None, *,
-                          client=None, progress: ProgressCallback | None = None,
+                          catalog: str = "", client=None,
+                          progress: ProgressCallback | None = None,
                           out_dir=None) -> dict[str, Path]:
     """Light curves of sky positions from a store: forced aperture photometry on every
     registered frame (`daskstack.lightcurve`), calibrated with each frame's zero point,
@@ -1138,7 +1139,8 @@ def lightcurve_store_path(store_path, targets, names=(), settings: Settings | No
     run directory, the store's parent, unless ``out_dir``); returns ``{name: ecsv}``.
     One task per block of `LIGHTCURVE_BLOCK` frames of a filter, reading only the store
     chunks around the stars. ``settings``: the run's (default: its ``run.json``), for
-    the catalog and the cluster.
+    the catalog and the cluster; ``catalog``: where to choose the comparison stars
+    instead of the run's catalog (a file or a service name, as for `run`).
     """
     from . import lightcurve as lc
 
@@ -1149,6 +1151,8 @@ def lightcurve_store_path(store_path, targets, names=(), settings: Settings | No
     out_dir = Path(out_dir).absolute() if out_dir else run_dir
     if settings is None:
         settings = run_settings(run_dir) if (run_dir / "run.json").exists() else Settings()
+    if catalog:
+        settings = settings.replace("catalog", source=str(catalog))
     targets = list(targets)
     if not targets:
         raise RunError("no target given: --target \"RA DEC\"")

@@ -837,17 +837,20 @@ def report_command(run_dir, frames, pictures, all_pictures, verbose, quiet, over
 @click.option("--target-name", "names", multiple=True, metavar="NAME",
               help="Names of the targets, in the order given (file names: default from "
                    "the coordinates); repeatable.")
+@click.option("--catalog", default="",
+              help="Catalog to choose the comparison stars from (a file, or gaia / "
+                   "gaia-tap; default: the run's).")
 @stage_options("cluster", only=("--workers", "--scheduler"))
 @click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
 @click.option("-q", "--quiet", is_flag=True, help="Only errors; no progress.")
-def lightcurve(run_dir, targets, names, verbose, quiet, overrides):
+def lightcurve(run_dir, targets, names, catalog, verbose, quiet, overrides):
     """Light curves of sky positions from the registered frames (RUN_DIR or its store).
 
     Forced aperture photometry at each --target on every registered frame (a small box
     around each star read from RUN_DIR/store.zarr, never whole frames), calibrated with
     each frame's zero point (frames without one: flux, no mag, flag 8), and differential
-    against comparison stars chosen from the run's catalog (bright, isolated,
-    unsaturated, near the target). Writes RUN_DIR/lightcurves/<name>.ecsv (mjd, frame,
+    against comparison stars chosen from the run's catalog or --catalog (bright,
+    isolated, unsaturated, near the target). Writes RUN_DIR/lightcurves/<name>.ecsv (mjd, frame,
     filter, site, flux, flux_err, mag, mag_err, zp, zp_err, airmass, fwhm, flags, then
     diff_mag, diff_mag_err, n_comp, aper_corr; one row per frame) and <name>.png;
     `daskstack report` then shows them.
@@ -866,7 +869,7 @@ def lightcurve(run_dir, targets, names, verbose, quiet, overrides):
         _fail(str(err))
     try:
         with _interruptible():
-            written = lightcurve_store_path(store, targets, names, settings,
+            written = lightcurve_store_path(store, targets, names, settings, catalog=catalog,
                                             progress=ProgressBar(not quiet))
     except (LightcurveError, RunError, ClusterError) as err:
         _fail(str(err))
