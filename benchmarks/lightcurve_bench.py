@@ -49,7 +49,6 @@ EXPTIME, ZEROPOINT, SKY, RDNOISE = 30.0, 23.5, 400.0, 7.0
 
 def build_store(directory: Path, n_frames: int, seed: int = 3) -> tuple[Path, Path, tuple]:
     """A store of ``n_frames`` frames and its catalog; returns (store, catalog, target)."""
-    from astropy.table import Table
 
     from daskstack import store as store_mod
     from daskstack.grid import Grid
