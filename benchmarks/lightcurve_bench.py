@@ -23,21 +23,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
-import json
 import math
 import os
 import re
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
 from . import measure
-from .runner import _machine, _provenance
+from .runner import run_per_n
 
 CENTER = (150.1, 2.2)
 SHAPE = (512, 512)
@@ -184,26 +180,7 @@ def main(argv=None) -> int:
                         help="keep the stores in this directory")
     args = parser.parse_args(argv)
     command = "python -m benchmarks lightcurve " + " ".join(argv or sys.argv[2:])
-    machine = _machine()
-    workdir = args.keep or Path(tempfile.mkdtemp(prefix="lightcurve-bench-"))
-    workdir.mkdir(parents=True, exist_ok=True)
-    try:
-        results = []
-        for n in args.n:
-            print(f"lightcurve: {n} frames ...", flush=True)
-            results.append(measure_one(n, workdir, args.workers))
-            print(json.dumps({k: v for k, v in results[-1].items() if k != "process"},
-                             default=str), flush=True)
-    finally:
-        if args.keep is None:
-            shutil.rmtree(workdir, ignore_errors=True)
-    date = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d")
-    result = {"benchmark": "lightcurve", "date": date, "machine": machine,
-              "provenance": _provenance(command), "results": results}
-    args.out.mkdir(parents=True, exist_ok=True)
-    json_path = args.out / f"lightcurve-{date}.json"
-    json_path.write_text(json.dumps(result, indent=1, default=str))
-    md_path = json_path.with_suffix(".md")
-    md_path.write_text(_markdown(result))
-    print(md_path.read_text())
+    run_per_n("lightcurve", args.n, lambda n, workdir: measure_one(n, workdir, args.workers),
+              out_dir=args.out, keep=args.keep, command=command, markdown=_markdown,
+              not_printed=("process",))
     return 0

@@ -1219,16 +1219,17 @@ def _lightcurves_html(run_dir: Path) -> str:
             continue
         diff = np.asarray(table["diff_mag"], float)
         err = np.asarray(table["diff_mag_err"], float)
-        scatter = [mad_sigma(diff[(np.asarray(table["filter"]).astype(str) == f)
-                                  & np.isfinite(diff)])
-                   for f in sorted(set(np.asarray(table["filter"]).astype(str)))
-                   if np.isfinite(diff[np.asarray(table["filter"]).astype(str) == f]).sum() > 1]
+        filters = np.asarray(table["filter"]).astype(str)
+        # per filter (each has its own zero of diff_mag), the median of those
+        scatter = [mad_sigma(values) for values in
+                   (diff[(filters == f) & np.isfinite(diff)] for f in sorted(set(filters)))
+                   if len(values) > 1]
         comparisons = table.meta.get("comparisons") or {}
         n_comp = ", ".join(f"{f}: {len(v.get('used', []))}" for f, v in comparisons.items())
         parts.append(
             f'<tr><td><a href="{_href("..", "lightcurves", path.name)}">{_e(path.stem)}</a>'
             f"</td><td>{_fmt(table.meta.get('ra'), 5)}</td><td>{_fmt(table.meta.get('dec'), 5)}"
-            f"</td><td>{len(table)}</td><td>{_e(', '.join(sorted(set(map(str, table['filter'])))))}"
+            f"</td><td>{len(table)}</td><td>{_e(', '.join(sorted(set(filters))))}"
             f"</td><td>{_e(n_comp)}</td><td>{_fmt(np.median(scatter) if scatter else None, 4)}"
             f"</td><td>{_fmt(np.nanmedian(err) if np.isfinite(err).any() else None, 4)}</td>"
             f"<td>{int(np.isfinite(np.asarray(table['mag'], float)).sum())} of {len(table)}"
