@@ -240,6 +240,9 @@ def test_real_frames_comparison_stars_are_flat(lco_frames, lco_dir, dask_client,
     for path in paths.values():
         table = Table.read(path, format="ascii.ecsv")
         assert sorted(set(table["filter"])) == ["gp", "rp", "zs"]
+        # the header's AIRMASS (1.51-1.53 that night) and SITEID
+        assert np.all((table["airmass"] > 1.5) & (table["airmass"] < 1.54))
+        assert set(table["site"]) == {"ogg"}
         for filter_name in ("gp", "rp", "zs"):
             rows = table[table["filter"] == filter_name]
             diff, err = np.asarray(rows["diff_mag"]), np.asarray(rows["diff_mag_err"])
