@@ -18,9 +18,9 @@ Phases, each a fan-out of small tasks over a `distributed.Client`::
 The public functions take inputs and `Settings` (never changed: a run derives its own)
 and an optional ``client`` (without one, a cluster is started from ``settings.cluster``):
 `run` (every phase), `solve_files`, `register_files`, `combine_store_path` (one stage at
-a time), `lightcurve_store_path` (forced photometry from the store) and `make_report`. Each phase is a private helper on a client and the frames'
-`FrameRecord` list; the stages' computation lives in their modules, the tasks here only
-wrap it.
+a time), `lightcurve_store_path` (forced photometry from the store) and `make_report`.
+Each phase is a private helper on a client and the frames' `FrameRecord` list; the
+stages' computation lives in their modules, the tasks here only wrap it.
 
 Tasks carry paths and small records, never pixel arrays: workers open the files
 themselves, so the graph grows with the number of frames, not with their size.

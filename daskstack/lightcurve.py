@@ -25,8 +25,8 @@ Differential photometry: per filter, each comparison star's flux per second is
 normalised by its median over the frames; the ensemble of a frame is the
 inverse-variance weighted mean of its comparisons' normalised fluxes (a comparison
 missing from a frame then does not shift the ensemble), and the differential magnitude
-is ``-2.5 log10(flux / exptime / ensemble)``: what the target's instrumental magnitude would
-be at the filter's median transparency.
+is ``-2.5 log10(flux / exptime / ensemble)``: what the target's instrumental magnitude
+would be at the filter's median transparency.
 
 Comparison stars: from the run's catalog, isolated (no catalog star within
 `ISOLATION_FWHM` x FWHM brighter than `ISOLATION_DMAG` magnitudes fainter), the
@@ -51,6 +51,7 @@ from .errors import DaskstackError
 from .photometry import PHOT_FLAG_EDGE, PHOT_FLAG_MASKED, PHOT_FLAG_NO_SKY, aperture_photometry
 
 __all__ = [
+    "DIFF_COLUMNS",
     "LC_COLUMNS",
     "LC_FLAG_NO_COMPARISON",
     "LC_FLAG_NO_DATA",
@@ -71,7 +72,7 @@ __all__ = [
 # the columns of RUN/lightcurves/<name>.ecsv, in order; differential columns follow
 LC_COLUMNS = ("mjd", "frame", "filter", "site", "flux", "flux_err", "mag", "mag_err", "zp",
               "zp_err", "airmass", "fwhm", "flags")
-DIFF_COLUMNS = ("diff_mag", "diff_mag_err", "n_comp", "aper_corr")
+DIFF_COLUMNS = ("diff_mag", "diff_mag_err", "n_comp", "aper_corr")  # after LC_COLUMNS
 PHOT_ARRAYS = ("flux", "flux_err", "total", "total_err")  # per frame and star, from measure_block
 
 # flags: photometry's (1 masked or saturated pixel in the aperture, 2 aperture leaves the
