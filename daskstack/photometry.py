@@ -6,15 +6,18 @@ computation on arrays (photutils' apertures do the pixel geometry, exact overlap
 
 The local sky is the sigma-clipped median of an annulus; the flux error is
 
-    flux_err**2 = correlation * sum(variance in the aperture) + area**2 * sky_err**2
+    flux_err**2 = correlation * (sum(variance in the aperture) + area**2 * sky_err**2)
 
-with ``sky_err`` the annulus' clipped standard deviation over the square root of its
-pixel count, and ``correlation`` the factor by which resampling made an aperture's
+with ``sky_err`` the error of the annulus' clipped median (sqrt(pi/2) x its clipped
+standard deviation over the square root of its pixel count), and ``correlation`` the factor by which resampling made an aperture's
 variance exceed the sum of its pixels' variances (1 for a frame as observed; a coadd
-records it in its header, ``register.KERNELS`` gives it per kernel).
+records it in its header, ``register.KERNELS`` gives it per kernel): the annulus' mean
+is a sum over correlated pixels too.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 from astropy.table import Table
@@ -22,7 +25,8 @@ from photutils.aperture import CircularAperture
 
 from ._stats import clipped_rows
 
-__all__ = ["PHOT_FLAG_EDGE", "PHOT_FLAG_MASKED", "PHOT_FLAG_NO_SKY", "aperture_photometry"]
+__all__ = ["PHOT_FLAG_EDGE", "PHOT_FLAG_MASKED", "PHOT_FLAG_NO_SKY", "ApertureCorrection",
+           "aperture_correction", "aperture_photometry"]
 
 PHOT_FLAG_MASKED = 1  # a pixel of the aperture is masked, saturated or without variance
 PHOT_FLAG_EDGE = 2  # the aperture leaves the image
@@ -88,7 +92,8 @@ def aperture_photometry(data: np.ndarray, x, y, radius, *,
     clean = np.where(bad, 0.0, data)
     sky, sky_std, n_sky = _annulus_sky(data, bad, x, y, r_in, r_out)
     no_sky = ~(n_sky >= MIN_SKY_PIXELS) | ~np.isfinite(sky)
-    sky_err = sky_std / np.sqrt(np.maximum(n_sky, 1.0))
+    # the error of a median: sqrt(pi/2) that of a mean of the same pixels
+    sky_err = np.sqrt(np.pi / 2) * sky_std / np.sqrt(np.maximum(n_sky, 1.0))
     columns = {name: np.full((n, len(radii)), np.nan) for name in ("flux", "flux_err", "area")}
     flags = np.zeros((n, len(radii)), np.int32)
     for k, r in enumerate(radii):
@@ -102,7 +107,7 @@ def aperture_photometry(data: np.ndarray, x, y, radius, *,
         bad_weight, _ = apertures.do_photometry(bad.astype(float))
         flags[np.atleast_1d(bad_weight) > 1e-6, k] |= PHOT_FLAG_MASKED
         flux = np.atleast_1d(sums) - sky * area
-        sky_term = (area * sky_err) ** 2
+        sky_term = correlation * (area * sky_err) ** 2
         if variance is not None:
             var_sum, _ = apertures.do_photometry(np.where(bad, 0.0, variance))
             flux_err = np.sqrt(correlation * np.atleast_1d(var_sum) + sky_term)
@@ -139,3 +144,68 @@ def _annulus_sky(data, bad, x, y, r_in: float, r_out: float):
     median, std, _ = clipped_rows(values)
     empty = count == 0
     return np.where(empty, np.nan, median), np.where(empty, np.nan, std), count
+
+
+@dataclass(frozen=True)
+class ApertureCorrection:
+    """Magnitude to add to a small-aperture magnitude for the star's total flux:
+    ``mag_total = mag_small + correction`` (<= 0), with its error and the stars used."""
+
+    correction: float = 0.0
+    error: float = float("nan")
+    n_stars: int = 0
+
+
+def aperture_correction(data: np.ndarray, x, y, radius: float, big_radius: float, *,
+                        variance: np.ndarray | None = None, mask: np.ndarray | None = None,
+                        min_snr: float = 20.0, max_stars: int = 40,
+                        clip_sigma: float = 3.0) -> ApertureCorrection:
+    """The aperture correction of a frame from its bright stars at ``(x, y)``.
+
+    Each star is measured (`aperture_photometry`) in ``radius`` and in ``big_radius``
+    (large enough to hold all but a negligible part of the light: the sky annulus is
+    beyond it); the correction is the clipped, weighted median of ``-2.5 log10(big /
+    small)`` over the unflagged stars with S/N > ``min_snr`` in the big aperture (the
+    brightest ``max_stars``), weighted by that S/N squared (the big aperture's noise
+    dominates), its error the formal one, scaled up where the stars scatter more. Give isolated stars: a
+    neighbour inside the big aperture biases it. No usable star: correction 0, error
+    NaN, ``n_stars`` 0 (the caller decides).
+    """
+    big = aperture_photometry(data, x, y, big_radius, variance=variance, mask=mask)
+    good = (big["flags"] == 0) & (np.asarray(big["flux"]) > min_snr * np.asarray(big["flux_err"]))
+    if not good.any():
+        return ApertureCorrection()
+    index = np.nonzero(good)[0]
+    index = index[np.argsort(-np.asarray(big["flux"])[index])][:max_stars]
+    small = aperture_photometry(data, np.asarray(x, float)[index], np.asarray(y, float)[index],
+                                radius, variance=variance, mask=mask,
+                                annulus=(big_radius + 4.0, big_radius + 10.0))
+    big_flux, big_err = np.asarray(big["flux"])[index], np.asarray(big["flux_err"])[index]
+    small_flux = np.asarray(small["flux"])
+    ratio = big_flux / small_flux
+    ok = (small["flags"] == 0) & (ratio > 0) & np.isfinite(ratio)
+    if not ok.any():
+        return ApertureCorrection()
+    delta = -2.5 * np.log10(ratio[ok])
+    # the big aperture's sky noise dominates each star's error: weight by it
+    weight = (big_flux[ok] / big_err[ok]) ** 2
+    kept = np.ones(delta.size, bool)
+    for _ in range(5):
+        mean = float(np.average(delta[kept], weights=weight[kept]))
+        pull = (delta - mean) * np.sqrt(weight) / 1.0857
+        scale = max(1.0, float(1.4826 * np.median(np.abs(pull[kept]))))
+        now = np.abs(pull) <= clip_sigma * scale
+        if np.array_equal(now, kept) or now.sum() < 1:
+            break
+        kept = now
+    mean = float(np.average(delta[kept], weights=weight[kept]))
+    chi2 = float(np.sum(weight[kept] * (delta[kept] - mean) ** 2) / 1.0857**2
+                 / max(kept.sum() - 1, 1)) if kept.sum() > 1 else 1.0
+    # the weighted median: a neighbour fainter than the catalog's limit only ever adds light
+    # to the big aperture, and the median does not follow such one-sided outliers (its
+    # error: sqrt(pi/2) that of the mean)
+    order = np.argsort(delta[kept])
+    cumulative = np.cumsum(weight[kept][order])
+    median = float(delta[kept][order][np.searchsorted(cumulative, 0.5 * cumulative[-1])])
+    error = 1.2533 * 1.0857 * np.sqrt(max(chi2, 1.0) / np.sum(weight[kept]))
+    return ApertureCorrection(median, float(error), int(kept.sum()))

@@ -18,7 +18,10 @@ Conventions
 * Pixel values are ADU (counts) = electrons / gain, as in LCO files (whose
   GAIN is ~1, i.e. electrons). ``sky`` is in ADU per pixel.
 * Photometric model: a star of magnitude ``m`` (the catalog's
-  ``phot_g_mean_mag``, in every filter: the simulated stars have no colours)
+  ``phot_g_mean_mag``, in every filter, unless the stars have colours: then the
+  magnitude in the filter's band, ``<band>_mag``, moved by the colour term,
+  ``m = m_band - colour_term * (g - r)``, and the zero point lowered by the
+  extinction, ``k * airmass``)
   gives ``exptime * transparency * 10**(-0.4 * (m - zeropoint))`` electrons,
   all of them inside its stamp (the Moffat profile is truncated where it falls
   well below the noise and renormalised), before saturation.
@@ -194,6 +197,7 @@ def make_catalog(
     high_pm_fraction: float = 0.0,
     max_pm_mas: float = 1000.0,
     n_stars: int | None = None,
+    colours: bool = False,
 ) -> Table:
     """A Gaia DR3-like catalog of random stars in a cone.
 
@@ -204,7 +208,10 @@ def make_catalog(
     within ``mag_range``; the number of stars is Poisson with mean
     ``density_per_sq_deg`` x area (or exactly ``n_stars``). Ordinary stars get
     proper motions of a few mas/yr; a fraction ``high_pm_fraction`` get between
-    0.3 and 1 times ``max_pm_mas`` in a random direction.
+    0.3 and 1 times ``max_pm_mas`` in a random direction. With ``colours``, true
+    magnitudes in the bands g, r, i, z too (``<band>_mag``, ``_err`` 0: the truth):
+    ``r_mag = phot_g_mean_mag``, g - r uniform in 0.2-1.4 (main-sequence-like),
+    r - i = 0.45 (g - r) - 0.05 and i - z = 0.3 (g - r) - 0.05.
     """
     rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, 1])
     ra0, dec0 = float(center[0]), float(center[1])
@@ -245,6 +252,15 @@ def make_catalog(
     table["pmdec"] = pmdec * (u.mas / u.yr)
     table["parallax"] = parallax * u.mas
     table["ref_epoch"] = np.full(n, float(epoch)) * u.yr
+    if colours:
+        # a stream of its own: the positions and magnitudes stay those without colours
+        g_r = np.random.default_rng([int(seed) & 0xFFFFFFFF, 7]).uniform(0.2, 1.4, n)
+        r_mag = mag.astype(np.float32).astype(float)
+        i_mag = r_mag - (0.45 * g_r - 0.05)
+        for band, values in (("g", r_mag + g_r), ("r", r_mag), ("i", i_mag),
+                             ("z", i_mag - (0.3 * g_r - 0.05))):
+            table[f"{band}_mag"] = values * u.mag
+            table[f"{band}_mag_err"] = np.zeros(n) * u.mag
     table.meta["comments"] = ["simulated Gaia DR3-like catalog (daskstack.simulate)"]
     table.meta.update({"center_ra": ra0, "center_dec": dec0, "radius_deg": float(radius_deg),
                        "seed": int(seed)})
@@ -663,6 +679,8 @@ def render_frame(
     exptime: float = 60.0,
     zeropoint: float = 23.5,
     transparency: float = 1.0,
+    band: str | None = None,
+    colour_term: float = 0.0,
     rng=None,
     n_cosmic_rays: int = 0,
     bad_columns=0,
@@ -678,7 +696,9 @@ def render_frame(
 
     Stars: the catalog propagated to ``epoch`` (decimal year, ISO date or Time;
     None = the catalog positions), placed at ``wcs.all_world2pix`` (0-based),
-    with ``exptime * transparency * 10**(-0.4 (mag - zeropoint))`` electrons in
+    with ``exptime * transparency * 10**(-0.4 (mag - zeropoint))`` electrons
+    (``mag``: the catalog's ``<band>_mag - colour_term * (g_mag - r_mag)`` with a
+    ``band``, else its ``phot_g_mean_mag``) in
     a Moffat profile (``fwhm_px``, ``moffat_beta``), or the sum of Moffat components of
     ``psf`` (a name of `PSF_SHAPES`: "moffat", "asymmetric", "comatic", "trailed", or
     components as for `psf_components`, oriented by ``psf_angle_deg``) whose photocentre
@@ -721,7 +741,11 @@ def render_frame(
     max_r = int(min(max_stamp_radius, max(ny, nx)))
     r_min = max(3, int(math.ceil(3.0 * fwhm_px)))
     x, y, index = star_positions(catalog, wcs, epoch, shape=(ny, nx), margin=float(max_r))
-    mag = _column(catalog, ("phot_g_mean_mag", "mag"))[index] if len(index) else np.empty(0)
+    if band is not None:
+        mag = (_column(catalog, (f"{band}_mag",)) - float(colour_term)
+               * (_column(catalog, ("g_mag",)) - _column(catalog, ("r_mag",))))[index]
+    else:
+        mag = _column(catalog, ("phot_g_mean_mag", "mag"))[index] if len(index) else np.empty(0)
     flux_e = float(exptime) * float(transparency) * 10.0 ** (-0.4 * (mag - float(zeropoint)))
     if flux_factor is not None and len(index):  # variable stars: per catalog row
         flux_e = flux_e * np.asarray(flux_factor, float)[index]
@@ -1051,6 +1075,10 @@ def simulate_field(
     sky=None,
     sky_gradient: float = 0.05,
     transparency_range=(0.85, 1.0),
+    colours: bool = False,
+    colour_term=None,
+    extinction=None,
+    airmass_range=(1.0, 1.0),
     gain: float = 1.0,
     rdnoise: float = 7.0,
     saturate: float = 120000.0,
@@ -1096,8 +1124,20 @@ def simulate_field(
     level needs ~0.002, or the wings cut where a frame's noise says change the light in
     the core from frame to frame). ``executor``: anything with ``map`` (a
     concurrent.futures executor) to render frames in parallel.
+    Photometry: with ``colours`` the catalog has true g, r, i, z magnitudes (`make_catalog`)
+    and each frame shows the magnitudes of its filter's band (``rp`` -> r ...; a filter
+    whose band the catalog lacks, u', shows ``phot_g_mean_mag``) with ``colour_term``
+    (a number or {filter: value}: catalog mag = instrumental + zp + colour_term (g - r));
+    ``extinction`` (mag per airmass, a number or {filter: value}) lowers each frame's zero
+    point by ``extinction * airmass``, the airmass running linearly over ``airmass_range``
+    from the first frame to the last (header AIRMASS). The truth table's ``zp_true`` is
+    the zero point `daskstack.photcal` measures: the magnitude at g - r = 0 of one pixel
+    unit (ADU) per second, ``zeropoint - extinction * airmass + 2.5 log10(transparency /
+    gain)``.
     Deterministic for a given ``seed``.
     """
+    from .photcal import filter_band
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     ny, nx = int(shape[0]), int(shape[1])
@@ -1116,7 +1156,7 @@ def simulate_field(
         catalog = make_catalog((ra0, dec0), radius_arcsec / 3600.0,
                                density_per_sq_deg=density_per_sq_deg, mag_range=mag_range,
                                seed=seed, epoch=catalog_epoch, high_pm_fraction=high_pm_fraction,
-                               max_pm_mas=max_pm_mas)
+                               max_pm_mas=max_pm_mas, colours=colours)
     elif not isinstance(catalog, Table):
         catalog = Table.read(catalog)
     catalog_path = out_dir / "catalog.ecsv"
@@ -1154,6 +1194,12 @@ def simulate_field(
         fwhm = float(degrade.pop("fwhm_px", fwhm))
         transp = float(degrade.pop("transparency", transp))
         zp = float(degrade.pop("zeropoint", zp))
+        airmass = float(airmass_range[0]) + (float(airmass_range[1]) - float(airmass_range[0])) \
+            * i / max(int(n_frames) - 1, 1)
+        k_ext = _per_filter(extinction, filt, {}, 0.0)
+        frame_colour_term = _per_filter(colour_term, filt, {}, 0.0)
+        band = filter_band(filt) if colours else None
+        band = band if band is not None and f"{band}_mag" in catalog.colnames else None
         sky_factor = float(degrade.pop("sky_factor", 1.0))
         frame_psf = degrade.pop("psf", psf)
         frame_psf_angle = float(degrade.pop("psf_angle_deg", psf_angle_deg))
@@ -1206,7 +1252,8 @@ def simulate_field(
                             scale_error=scale_error, rotate_180=rotate_180, site=site,
                             telescope=telescope, instrument=instrument, gain=gain,
                             rdnoise=rdnoise, saturate=saturate, pixscale=pixscale,
-                            fwhm_px=fwhm, object_name=object_name, framenum=framenum)
+                            fwhm_px=fwhm, object_name=object_name, framenum=framenum,
+                            extra={"AIRMASS": round(airmass, 4)})
         name = lco_frame_name(site, telescope, instrument, header["DAY-OBS"], framenum)
         path = out_dir / f"{name}.fits.fz"
         truth_path = truth_dir / f"{name}.wcs"
@@ -1218,7 +1265,8 @@ def simulate_field(
             "render": dict(epoch=epoch, fwhm_px=fwhm, moffat_beta=moffat_beta, psf=frame_psf,
                            psf_angle_deg=frame_psf_angle, sky=sky_adu,
                            sky_gradient=gradient, gain=gain, rdnoise=rdnoise, saturate=saturate,
-                           exptime=texp, zeropoint=zp, transparency=transp,
+                           exptime=texp, zeropoint=zp - k_ext * airmass,
+                           transparency=transp, band=band, colour_term=frame_colour_term,
                            n_cosmic_rays=n_cr, bad_columns=detector_columns,
                            hot_pixels=detector_hot,
                            satellite_trail=i in trail_frames, flux_factor=flux_factor,
@@ -1230,6 +1278,9 @@ def simulate_field(
             "psf": frame_psf if isinstance(frame_psf, str) else "custom",
             "sky": sky_adu, "sky_gradient_x": gradient[0],
             "sky_gradient_y": gradient[1], "transparency": transp, "zeropoint": zp,
+            "airmass": airmass, "extinction": k_ext * airmass, "band": band or "",
+            "colour_term": frame_colour_term,
+            "zp_true": zp - k_ext * airmass + 2.5 * math.log10(transp / gain),
             "gain": gain, "rdnoise": rdnoise, "saturate": saturate,
             "mjd": float(time.mjd), "date_obs": header["DATE-OBS"], "epoch": epoch,
             "ra_true": float(ra_true), "dec_true": float(dec_true),
