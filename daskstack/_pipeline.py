@@ -12,13 +12,15 @@ Phases, each a fan-out of small tasks over a `distributed.Client`::
     combine   per output block: scale, reject, combine       -> zarr -> FITS (streamed)
               (+ per frame: frame minus coadd, on request)
     report    per frame and per run: pictures, then one HTML page (on request)
+    lightcurve  per block of frames: small boxes around the targets read from the store,
+              aperture photometry                         -> light curves (on request)
 
 The public functions take inputs and `Settings` (never changed: a run derives its own)
 and an optional ``client`` (without one, a cluster is started from ``settings.cluster``):
 `run` (every phase), `solve_files`, `register_files`, `combine_store_path` (one stage at
-a time) and `make_report`. Each phase is a private helper on a client and the frames'
-`FrameRecord` list; the stages' computation lives in their modules, the tasks here only
-wrap it.
+a time), `lightcurve_store_path` (forced photometry from the store) and `make_report`.
+Each phase is a private helper on a client and the frames' `FrameRecord` list; the
+stages' computation lives in their modules, the tasks here only wrap it.
 
 Tasks carry paths and small records, never pixel arrays: workers open the files
 themselves, so the graph grows with the number of frames, not with their size.
@@ -98,6 +100,7 @@ __all__ = [
     "RunResult",
     "choose_grid",
     "combine_store_path",
+    "lightcurve_store_path",
     "make_report",
     "reference_frame",
     "register_files",
@@ -1221,6 +1224,232 @@ def combine_store_path(store_path, out_dir, settings: Settings | None = None, *,
     # the run's manifest (beside the store) says which frames this combine left out
     mark_excluded(store_path.parent / "manifest.ecsv", excluded)
     return outputs
+
+
+# --------------------------------------------------------------------------------------
+# Light curves: forced photometry from the store (daskstack.lightcurve computes)
+# --------------------------------------------------------------------------------------
+LIGHTCURVE_BLOCK = 64  # frames per task: a task per frame would cost more than its work
+LIGHTCURVE_DIR = "lightcurves"
+
+
+def _lightcurve_task(store_path: str, filter_name: str, start: int, stop: int, boxes, stars,
+                     fwhm, scale, resampled: bool, max_fwhm: float) -> dict:
+    """Photometry of every star on frames ``start:stop`` of a filter: only the boxes
+    around the stars are read."""
+    from .lightcurve import measure_block
+
+    cubes = [store_mod.read_box(store_path, filter_name, start, stop, b.y0, b.y1, b.x0, b.x1)
+             for b in boxes]
+    return measure_block(cubes, boxes, stars, fwhm, scale=scale, resampled=resampled,
+                         max_fwhm=max_fwhm)
+
+
+def lightcurve_store_path(store_path, targets, names=(), settings: Settings | None = None, *,
+                          catalog: str = "", client=None,
+                          progress: ProgressCallback | None = None,
+                          out_dir=None) -> dict[str, Path]:
+    """Light curves of sky positions from a store: forced aperture photometry on every
+    registered frame (`daskstack.lightcurve`), calibrated with each frame's zero point,
+    and differential against comparison stars of the run's catalog.
+
+    ``targets``: ``"RA DEC"`` strings (degrees or sexagesimal) or ``(ra, dec)`` degrees;
+    ``names``: their names, in order (the others are named from their coordinates).
+    Writes ``OUT/lightcurves/<name>.ecsv`` and ``<name>.png`` per target (``OUT``: the
+    run directory, the store's parent, unless ``out_dir``); returns ``{name: ecsv}``.
+    One task per block of `LIGHTCURVE_BLOCK` frames of a filter, reading only the store
+    chunks around the stars. ``settings``: the run's (default: its ``run.json``), for
+    the catalog and the cluster; ``catalog``: where to choose the comparison stars
+    instead of the run's catalog (a file or a service name, as for `run`).
+    """
+    from . import lightcurve as lc
+
+    store_path = Path(store_path).absolute()
+    _check_store_kept(store_path)
+    stack = store_mod.open_store(store_path)  # StoreError: not a daskstack store
+    run_dir = store_path.parent
+    out_dir = Path(out_dir).absolute() if out_dir else run_dir
+    if settings is None:
+        settings = run_settings(run_dir) if (run_dir / "run.json").exists() else Settings()
+    if catalog:
+        settings = settings.replace("catalog", source=str(catalog))
+    targets = list(targets)
+    if not targets:
+        raise RunError("no target given: --target \"RA DEC\"")
+    if len(names) > len(targets):
+        raise RunError(f"{len(names)} --target-name for {len(targets)} --target")
+    coords = [tuple(map(float, t)) if not isinstance(t, str) else lc.parse_target(t)
+              for t in targets]
+    labels = [lc.target_name(ra, dec, names[i] if i < len(names) else "")
+              for i, (ra, dec) in enumerate(coords)]
+    if len(set(labels)) < len(labels):
+        raise RunError(f"targets with the same name: {', '.join(labels)}")
+    wcs = stack.grid.wcs
+    ny, nx = stack.grid.shape
+    tx, ty = wcs.world_to_pixel_values([c[0] for c in coords], [c[1] for c in coords])
+    stars = [lc.Star(ra, dec, float(x), float(y)) for (ra, dec), x, y in
+             zip(coords, np.atleast_1d(tx), np.atleast_1d(ty), strict=True)]
+    for label, star in zip(labels, stars, strict=True):
+        if not (-0.5 <= star.x < nx - 0.5 and -0.5 <= star.y < ny - 0.5):
+            raise RunError(f"target {label} (RA {star.ra:.5f} Dec {star.dec:+.5f}) is not "
+                           f"on the grid of {store_path} ({nx}x{ny} px)")
+
+    frames, fwhm, scale = _lightcurve_frames(stack, run_dir)
+    if not len(frames):
+        raise RunError(f"{store_path}: no registered frame")
+    grid_scale = stack.grid.pixel_scale_arcsec
+    known = fwhm[np.isfinite(fwhm)]
+    # the boxes hold the sky annulus of the worst frame's seeing, up to 3x the typical
+    typical = (float(np.median(known)) if len(known)
+               else lc.DEFAULT_FWHM_ARCSEC / grid_scale)
+    box_fwhm = (float(min(np.max(known), 3 * typical)) if len(known)
+                else 2.5 * lc.DEFAULT_FWHM_ARCSEC / grid_scale)
+    half = lc.star_box_half(box_fwhm)
+    candidate_stars, candidates = _comparison_candidates(
+        stack, settings, run_dir, stars, isolation_px=lc.ISOLATION_FWHM * typical,
+        margin_px=lc.SKY_FWHM[1] * typical + 1.0, epoch_mjd=float(np.nanmedian(frames["mjd"])))
+    every = stars + candidate_stars
+    boxes = lc.reading_boxes(every, half, (ny, nx), (stack.tile, stack.tile))
+    method = (stack.params.get("register") or {}).get("method", "interp")
+    resampled = method == "interp"
+    max_fwhm = (half - 2) / lc.SKY_FWHM[1]
+
+    def work(client):
+        futures = {}
+        for filter_name, names_ in stack.filters.items():
+            rows = np.flatnonzero(frames["filter"] == filter_name)
+            if not len(rows):
+                continue
+            index = np.asarray(frames["index"])[rows]
+            for start in range(0, int(index.max()) + 1, LIGHTCURVE_BLOCK):
+                stop = min(start + LIGHTCURVE_BLOCK, len(names_))
+                block_fwhm = np.full(stop - start, np.nan)
+                block_scale = np.ones(stop - start)
+                inside = (index >= start) & (index < stop)
+                if not inside.any():
+                    continue
+                block_fwhm[index[inside] - start] = fwhm[rows[inside]]
+                block_scale[index[inside] - start] = scale[rows[inside]]
+                futures[(filter_name, start)] = client.submit(
+                    _lightcurve_task, str(store_path), filter_name, start, stop, boxes, every,
+                    block_fwhm, block_scale, resampled, max_fwhm, pure=False)
+        results = {}
+        _gather_as_completed(client, futures, "lightcurve", progress or _progress_none,
+                             results.__setitem__)
+        return results
+
+    results = _with_client(settings, out_dir, client, work, progress)
+    phot = {key: np.full((len(frames), len(every)), np.nan) for key in lc.PHOT_ARRAYS}
+    phot["flags"] = np.full((len(frames), len(every)), lc.LC_FLAG_NO_DATA, np.int32)
+    phot["fwhm"] = np.full(len(frames), np.nan)
+    for (filter_name, start), value in results.items():
+        if isinstance(value, BaseException):
+            raise RunError(f"light curves: frames {start}.. of {filter_name} could not be "
+                           f"measured: {value}") from value
+        rows = np.flatnonzero((frames["filter"] == filter_name)
+                              & (frames["index"] >= start)
+                              & (frames["index"] < start + LIGHTCURVE_BLOCK))
+        local = np.asarray(frames["index"])[rows] - start
+        for key in phot:
+            phot[key][rows] = value[key][local]
+    tables = lc.light_curves(frames, phot, len(stars), candidates, candidate_stars)
+    directory = out_dir / LIGHTCURVE_DIR
+    directory.mkdir(parents=True, exist_ok=True)
+    written = {}
+    from ._io import atomic_path
+    from ._report import lightcurve_figure
+
+    for label, star, table in zip(labels, stars, tables, strict=True):
+        table.sort("mjd")
+        table.meta.update({
+            "target": label, "ra": star.ra, "dec": star.dec, "x_grid": star.x,
+            "y_grid": star.y, "store": str(store_path),
+            "aperture": (f"radius {lc.APERTURE_FWHM:g} x each frame's FWHM (the fwhm column, "
+                         f"grid pixels); sky annulus {lc.SKY_FWHM[0]:g}-{lc.SKY_FWHM[1]:g} x "
+                         f"FWHM; flux corrected to {lc.TOTAL_FWHM:g} x FWHM (aper_corr)"),
+            "flags": {"1": "masked or saturated pixel in the aperture",
+                      "2": "aperture leaves the grid", "4": "no local sky",
+                      str(lc.LC_FLAG_NO_ZP): "no zero point: no mag",
+                      str(lc.LC_FLAG_NO_COMPARISON): "no comparison star: no diff_mag",
+                      str(lc.LC_FLAG_NO_DATA): "frame does not cover the target"}})
+        path = directory / f"{label}.ecsv"
+        with atomic_path(path) as tmp:
+            table.write(tmp, format="ascii.ecsv", overwrite=True)
+        lightcurve_figure(table, directory / f"{label}.png", title=label)
+        written[label] = path
+        log.info("light curve %s: %d frames -> %s", label, len(table), path)
+    return written
+
+
+def _lightcurve_frames(stack, run_dir: Path):
+    """The registered frames (a table: name, filter, index in the filter's stack, mjd,
+    site, exptime, zp, zp_err, airmass), each one's FWHM in grid pixels (NaN: not
+    measured) and its pixel size over the grid's (1 where the manifest does not say)."""
+    registered = _registered(stack)
+    manifest = read_manifest(run_dir / "manifest.ecsv")
+    frame_scale = {}
+    if manifest is not None and "pixel_scale_arcsec" in manifest.colnames:
+        frame_scale = {str(n): float(v) for n, v in
+                       zip(manifest["name"], manifest["pixel_scale_arcsec"], strict=True)
+                       if np.isfinite(v) and v > 0}
+    grid_scale = stack.grid.pixel_scale_arcsec
+    rows = []
+    for filter_name, names in stack.filters.items():
+        for index, name in enumerate(names):
+            if name not in registered:
+                continue
+            info = stack.frames.get(name) or store_mod.FrameInfo()
+            ratio = frame_scale.get(name, grid_scale) / grid_scale
+            rows.append({
+                "frame": name, "filter": filter_name, "index": index,
+                # mid-exposure: the time a light curve's point stands for
+                "mjd": _or_nan(info.mjd) + 0.5 * (info.exptime or 0.0) / 86400.0,
+                "site": info.site or "",
+                "exptime": _or_nan(info.exptime), "zp": _or_nan(info.zp),
+                "zp_err": _or_nan(info.zp_err), "airmass": _or_nan(info.airmass),
+                "fwhm": _or_nan(info.fwhm_px) * ratio, "scale": ratio})
+    if not rows:
+        return Table(), np.zeros(0), np.zeros(0)
+    table = Table(rows=rows)
+    return table, np.asarray(table["fwhm"], float), np.asarray(table["scale"], float)
+
+
+def _comparison_candidates(stack, settings: Settings, run_dir: Path, targets, *,
+                           isolation_px: float, margin_px: float, epoch_mjd: float):
+    """Comparison candidates from the run's catalog: ``(stars, per target: their
+    indices)``; none (with a warning) where the run had no catalog or it cannot be
+    read."""
+    from astropy.coordinates import SkyCoord
+    from astropy.time import Time
+
+    from . import lightcurve as lc
+
+    source = settings.catalog.source
+    if not source:
+        log.warning("the run has no catalog: no comparison stars, no differential "
+                    "photometry (diff_mag NaN)")
+        return [], [[] for _ in targets]
+    ny, nx = stack.grid.shape
+    wcs = stack.grid.wcs
+    ra0, dec0 = wcs.pixel_to_world_values((nx - 1) / 2, (ny - 1) / 2)
+    radius = 0.5 * math.hypot(nx, ny) * stack.grid.pixel_scale_arcsec / 3600.0
+    cache_dir = settings.catalog.cache_dir or str(run_dir / "catalog-cache")
+    epoch = float(Time(epoch_mjd, format="mjd").jyear) if np.isfinite(epoch_mjd) else None
+    try:
+        catalog = catalogs.reference_catalog(
+            source, SkyCoord(float(ra0), float(dec0), unit="deg"), radius,
+            dataclasses.replace(settings.catalog, cache_dir=cache_dir), epoch=epoch)
+    except catalogs.CatalogError as err:
+        log.warning("no comparison stars: catalog %s: %s", source, err)
+        return [], [[] for _ in targets]
+    x, y = wcs.world_to_pixel_values(np.asarray(catalog["ra"]), np.asarray(catalog["dec"]))
+    chosen = lc.choose_candidates(catalog, x, y, targets, (ny, nx),
+                                  isolation_px=isolation_px, margin_px=margin_px)
+    rows = sorted({i for per_target in chosen for i in per_target})
+    position = {row: k for k, row in enumerate(rows)}
+    stars = [lc.Star(float(catalog["ra"][i]), float(catalog["dec"][i]), float(x[i]),
+                     float(y[i]), float(catalog["mag"][i])) for i in rows]
+    return stars, [[position[i] for i in per_target] for per_target in chosen]
 
 
 # --------------------------------------------------------------------------------------

@@ -17,6 +17,9 @@ What the learn.astropy tutorial checks by eye for two frames, drawn where it is 
   airmass, per filter and site (``zero_points.png``, where frames have zero points);
   ``suggested-exclude.txt``, the frames flagged
   by `daskstack.qa` in the format ``--exclude-file`` reads;
+* per light curve (``lightcurves/<name>.png``, drawn by ``daskstack lightcurve``; the page
+  shows them when ``RUN/lightcurves`` exists): the differential and calibrated magnitudes
+  against time, per filter;
 * ``report/index.html``: one static page (inline CSS and a small inline script, relative
   links only, no network) with the run's parameters, the coadd previews, the flagged
   frames with why, and a table of every frame that sorts and filters, failed and flagged
@@ -49,7 +52,7 @@ from . import qa
 from ._fields import separation_deg
 from ._io import as_path, atomic_path, atomic_write_text
 from ._rundir import EXCLUDED, read_manifest, run_settings
-from ._stats import clip_residuals
+from ._stats import clip_residuals, mad_sigma
 from .match import nn_match
 
 __all__ = [
@@ -63,6 +66,7 @@ __all__ = [
     "find_outliers",
     "frame_figures",
     "frame_task",
+    "lightcurve_figure",
     "load_frame_plots",
     "run_figure_jobs",
     "run_safely",
@@ -910,6 +914,57 @@ def thumbnails_task(store_path: str | None, items: list[tuple[str, str | None, s
     return out
 
 
+def lightcurve_figure(table: Table, png, title: str = "") -> dict:
+    """A target's light curve (``daskstack lightcurve``'s table): above, the differential
+    magnitude of each filter about its median; below, the calibrated magnitude where the
+    frames have zero points, else the flux about its median; flagged points hollow."""
+    fig = _figure(9.0, 6.0)
+    top, bottom = fig.subplots(2, 1, sharex=True)
+    mjd = np.asarray(table["mjd"], float)
+    t0 = math.floor(np.nanmin(mjd)) if np.isfinite(mjd).any() else 0.0
+    filters = sorted(set(np.asarray(table["filter"]).astype(str)))
+    calibrated = np.isfinite(np.asarray(table["mag"], float)).any()
+    drawn = 0
+    for name in filters:
+        rows = np.asarray(table["filter"]).astype(str) == name
+        flagged = (np.asarray(table["flags"]) & 7) != 0
+        for ax, key, err_key, offset in (
+                (top, "diff_mag", "diff_mag_err", True),
+                (bottom, "mag" if calibrated else "flux",
+                 "mag_err" if calibrated else "flux_err", not calibrated)):
+            value = np.asarray(table[key], float)[rows]
+            err = np.asarray(table[err_key], float)[rows]
+            ok = np.isfinite(value)
+            if not ok.any():
+                continue
+            if offset:  # each filter about its median (fluxes: relative)
+                centre = np.median(value[ok])
+                value, err = ((value - centre, err) if key != "flux" else
+                              (value / centre, err / abs(centre)))
+            for bad, style in ((False, "o"), (True, "o")):
+                sel = ok & (flagged[rows] == bad)
+                if sel.any():
+                    bars = ax.errorbar(mjd[rows][sel] - t0, value[sel], yerr=err[sel],
+                                       fmt=style, ms=4, lw=0.8, mfc="none" if bad else None,
+                                       label=name if not bad and ax is top else None)
+                    drawn += int(sel.sum())
+                    if bad:
+                        bars[0].set_alpha(0.5)
+    top.set_ylabel("diff. mag - median")
+    top.invert_yaxis()
+    if calibrated:
+        bottom.set_ylabel("mag")
+        bottom.invert_yaxis()
+    else:
+        bottom.set_ylabel("flux / median (no zero point)")
+    bottom.set_xlabel(f"MJD - {t0:.0f}")
+    if filters:
+        top.legend(loc="best", fontsize=8)
+    fig.suptitle(title or str(table.meta.get("target", "")))
+    _save(fig, Path(png))
+    return {"points": drawn}
+
+
 def run_figure_jobs(run_dir, reference: str = "") -> list[tuple]:
     """``(kind, function, args)`` for every per-run picture (run as Dask tasks or inline)."""
     run_dir = as_path(run_dir)
@@ -1194,6 +1249,53 @@ def _frame_row(i: int, row: dict, cls: str, why: str, thumb, links: list[str],
             f'data-status="{_e(status)}" data-show="{show}">' + "".join(cells) + "</tr>")
 
 
+def _lightcurves_html(run_dir: Path) -> str:
+    """The light-curve section: each ``RUN/lightcurves/<name>.ecsv`` with its picture and
+    the scatter of its differential magnitudes ("" without light curves)."""
+    directory = run_dir / "lightcurves"
+    paths = sorted(directory.glob("*.ecsv")) if directory.is_dir() else []
+    if not paths:
+        return ""
+    parts = ["<h2>Light curves</h2>", '<table class="lightcurves"><thead><tr><th>target</th>'
+             "<th>RA</th><th>Dec</th><th>frames</th><th>filters</th><th>comparison stars"
+             "</th><th>diff. mag scatter (robust)</th><th>median diff. mag error</th>"
+             "<th>calibrated</th></tr></thead><tbody>"]
+    pictures = []
+    for path in paths:
+        try:
+            table = Table.read(path, format="ascii.ecsv")
+        except (OSError, ValueError) as err:
+            parts.append(f'<tr><td>{_e(path.stem)}</td><td colspan="8" class="bad">'
+                         f"unreadable: {_e(err)}</td></tr>")
+            continue
+        diff = np.asarray(table["diff_mag"], float)
+        err = np.asarray(table["diff_mag_err"], float)
+        filters = np.asarray(table["filter"]).astype(str)
+        # per filter (each has its own zero of diff_mag), the median of those
+        scatter = [mad_sigma(values) for values in
+                   (diff[(filters == f) & np.isfinite(diff)] for f in sorted(set(filters)))
+                   if len(values) > 1]
+        comparisons = table.meta.get("comparisons") or {}
+        n_comp = ", ".join(f"{f}: {len(v.get('used', []))}" for f, v in comparisons.items())
+        parts.append(
+            f'<tr><td><a href="{_href("..", "lightcurves", path.name)}">{_e(path.stem)}</a>'
+            f"</td><td>{_fmt(table.meta.get('ra'), 5)}</td><td>{_fmt(table.meta.get('dec'), 5)}"
+            f"</td><td>{len(table)}</td><td>{_e(', '.join(sorted(set(filters))))}"
+            f"</td><td>{_e(n_comp)}</td><td>{_fmt(np.median(scatter) if scatter else None, 4)}"
+            f"</td><td>{_fmt(np.nanmedian(err) if np.isfinite(err).any() else None, 4)}</td>"
+            f"<td>{int(np.isfinite(np.asarray(table['mag'], float)).sum())} of {len(table)}"
+            "</td></tr>")
+        png = path.with_suffix(".png")
+        if png.exists():
+            pictures.append(_img(["..", "lightcurves", png.name], f"light curve {path.stem}",
+                                 f"{path.stem}: differential (per filter, about its median) "
+                                 "and calibrated magnitudes", wide=True))
+    parts.append("</tbody></table>")
+    if pictures:
+        parts.append('<div class="gallery">' + "".join(pictures) + "</div>")
+    return "\n".join(parts)
+
+
 def write_report(run_dir, run_plots: dict | None = None, *, title: str | None = None,
                  thumbnails: dict[str, bytes | str] | None = None,
                  summary: dict | None = None, max_attention: int = 24) -> Path:
@@ -1283,6 +1385,8 @@ def write_report(run_dir, run_plots: dict | None = None, *, title: str | None = 
     if extra:
         body.append("<h2>Alignment and colour</h2>")
         body.append('<div class="gallery">' + "".join(extra) + "</div>")
+
+    body.append(_lightcurves_html(run_dir))
 
     # across frames
     body.append("<h2>Across frames</h2>")

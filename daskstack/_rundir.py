@@ -161,7 +161,8 @@ class FrameRecord:
             n_matches=int(res.n_matches), rms_arcsec=_finite(res.rms_arcsec),
             elongation=_finite(res.elongation), site=meta.site,
             telescope=meta.telescope, instrument=meta.instrument, object=meta.object,
-            bunit=meta.bunit, zp=float(res.zp), zp_err=float(res.zp_err), n_zp=int(res.n_zp))
+            bunit=meta.bunit, zp=float(res.zp), zp_err=float(res.zp_err), n_zp=int(res.n_zp),
+            airmass=meta.airmass)
 
     def row(self) -> dict:
         row = {"file": self.file, "name": self.name, "status": self.status,

@@ -506,6 +506,7 @@ def main():
     daskstack register FRAMES... --out DIR               reproject into DIR/store.zarr
     daskstack combine DIR/store.zarr --combine median    combine again, no reprojection
     daskstack report DIR                 pictures of every frame, DIR/report/index.html
+    daskstack lightcurve DIR --target "RA DEC"   forced photometry from the store
     daskstack download ID... --out DIR   frames from the LCO archive
     """
 
@@ -899,6 +900,58 @@ def report_command(run_dir, frames, pictures, all_pictures, verbose, quiet, over
     if not quiet:
         click.echo(f"report: {path}")
         click.echo(f"suggested exclusions: {path.parent / 'suggested-exclude.txt'}")
+
+
+@main.command("lightcurve")
+@click.argument("run_dir", metavar="RUN_DIR_OR_STORE",
+                type=click.Path(exists=True, file_okay=False))
+@click.option("--target", "targets", multiple=True, required=True, metavar='"RA DEC"',
+              help='A sky position, degrees or sexagesimal (RA in hours): "80.879 -1.173" '
+                   'or "05:23:31 -01:10:24"; repeatable.')
+@click.option("--target-name", "names", multiple=True, metavar="NAME",
+              help="Names of the targets, in the order given (file names: default from "
+                   "the coordinates); repeatable.")
+@click.option("--catalog", default="",
+              help="Catalog to choose the comparison stars from (a file, or gaia / "
+                   "gaia-tap; default: the run's).")
+@stage_options("cluster", only=("--workers", "--scheduler"))
+@click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
+@click.option("-q", "--quiet", is_flag=True, help="Only errors; no progress.")
+def lightcurve(run_dir, targets, names, catalog, verbose, quiet, overrides):
+    """Light curves of sky positions from the registered frames (RUN_DIR or its store).
+
+    Forced aperture photometry at each --target on every registered frame (a small box
+    around each star read from RUN_DIR/store.zarr, never whole frames), calibrated with
+    each frame's zero point (frames without one: flux, no mag, flag 8), and differential
+    against comparison stars chosen from the run's catalog or --catalog (bright,
+    isolated, unsaturated, near the target). Writes RUN_DIR/lightcurves/<name>.ecsv (mjd, frame,
+    filter, site, flux, flux_err, mag, mag_err, zp, zp_err, airmass, fwhm, flags, then
+    diff_mag, diff_mag_err, n_comp, aper_corr; one row per frame) and <name>.png;
+    `daskstack report` then shows them.
+    """
+    from ._cluster import ClusterError
+    from ._pipeline import RunError, lightcurve_store_path
+    from ._rundir import run_settings
+    from .lightcurve import LightcurveError
+
+    _setup_logging(verbose, quiet)
+    store, run_path = _store_and_run_dir(run_dir)
+    try:
+        settings = (run_settings(run_path) if (run_path / "run.json").exists()
+                    else Settings()).update(overrides).validate()
+    except SettingsError as err:
+        _fail(str(err))
+    try:
+        with _interruptible():
+            written = lightcurve_store_path(store, targets, names, settings, catalog=catalog,
+                                            progress=ProgressBar(not quiet))
+    except (LightcurveError, RunError, ClusterError) as err:
+        _fail(str(err))
+    except ValueError as err:  # a store that is not daskstack's
+        _fail(str(err), code=EXIT_FAILED)
+    if not quiet:
+        for name, path in written.items():
+            click.echo(f"light curve [{name}]: {path}")
 
 
 @main.command("download")

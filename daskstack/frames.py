@@ -124,6 +124,7 @@ class FrameMeta:
     # the lowest of SATURATE and MAXLIN: above it a pixel's noise is not known (no weight),
     # though non-linear pixels still centroid well enough for the astrometry
     linear_limit: float = np.inf
+    airmass: float | None = None  # AIRMASS keyword (>= 1), None where absent or implausible
 
     @property
     def epoch(self) -> float | None:
@@ -294,7 +295,13 @@ def _meta_from_header(path, hdu_key, header: fits.Header, shape, has_error=False
         rdnoise_keyword=_first_key(header, RDNOISE_KEYS) if rdnoise is not None else "",
         has_error=has_error,
         linear_limit=min(levels) if levels else np.inf,
+        airmass=_airmass(header),
     )
+
+
+def _airmass(header: fits.Header) -> float | None:
+    value = _float_or_none(header.get("AIRMASS"))
+    return value if value is not None and 1.0 <= value < 100.0 else None
 
 
 def _first_key(header: fits.Header, keys) -> str:

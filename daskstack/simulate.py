@@ -691,6 +691,7 @@ def render_frame(
     poisson_threshold: float = 30.0,
     trunc_sigma: float = 0.05,
     max_stamp_radius: int = 128,
+    flux_factor=None,
 ):
     """Render a frame: returns ``(data float32 ADU, bpm uint8, info dict)``.
 
@@ -709,7 +710,9 @@ def render_frame(
     electrons) at known pixels; not in the BPM), hot pixels and ``bad_columns`` (garbage
     values, flagged 1 in the BPM), an optional ``satellite_trail`` (True or a
     peak in electrons; not in the BPM); clipped at ``saturate`` ADU, and the
-    clipped pixels flagged 2 in the BPM (as LCO's pipeline does).
+    clipped pixels flagged 2 in the BPM (as LCO's pipeline does). ``flux_factor``: per
+    catalog row, the star's flux in this frame over its catalog magnitude's (variable
+    stars; None = 1 for all).
 
     ``info``: ``x``, ``y``, ``flux`` (ADU), ``mag``, ``source_id``, ``index``
     (catalog row) of the rendered stars; ``saturated`` (per star: peak
@@ -746,6 +749,8 @@ def render_frame(
     else:
         mag = _column(catalog, ("phot_g_mean_mag", "mag"))[index] if len(index) else np.empty(0)
     flux_e = float(exptime) * float(transparency) * 10.0 ** (-0.4 * (mag - float(zeropoint)))
+    if flux_factor is not None and len(index):  # variable stars: per catalog row
+        flux_e = flux_e * np.asarray(flux_factor, float)[index]
     good = np.isfinite(flux_e) & np.isfinite(x) & np.isfinite(y)
     x, y, index, mag, flux_e = x[good], y[good], index[good], mag[good], flux_e[good]
     weights, cdx, cdy, widths = psf_components(psf, fwhm_px, psf_angle_deg)
@@ -1087,6 +1092,8 @@ def simulate_field(
     instrument: str = DEFAULT_INSTRUMENT,
     object_name: str = "SIMFIELD",
     first_framenum: int = 1,
+    variables=None,
+    trunc_sigma: float = 0.05,
     executor=None,
 ) -> SimulatedField:
     """Simulate ``n_frames`` LCO frames of one field into ``out_dir``.
@@ -1118,7 +1125,12 @@ def simulate_field(
     ((east, north) instead of the random dither), ``sky_gradient`` ((gx, gy) as for
     `render_frame`, instead of ``sky_gradient`` in a random direction), ``cosmic_ray_hits``
     ([(row, col, electrons), ...]: hits at known pixels); the truth table records
-    what each frame got. ``executor``: anything with ``map`` (a
+    what each frame got. ``variables``: ``{catalog row: function of MJD}``, variable
+    stars whose flux is the catalog magnitude's times the function's value at mid-exposure
+    (the truth table has it per frame, column ``flux_factor_<row>``). ``trunc_sigma``: as
+    for `render_frame` (smaller: stars' wings drawn further out; photometry at the 0.1%
+    level needs ~0.002, or the wings cut where a frame's noise says change the light in
+    the core from frame to frame). ``executor``: anything with ``map`` (a
     concurrent.futures executor) to render frames in parallel.
     Photometry: with ``colours`` the catalog has true g, r, i, z magnitudes (`make_catalog`)
     and each frame shows the magnitudes of its filter's band (``rp`` -> r ...; a filter
@@ -1231,6 +1243,15 @@ def simulate_field(
         else:
             n_cr = int(cosmic_rays)
         frame_seed = [int(seed) & 0xFFFFFFFF, 100 + i]
+        factors = {}
+        if variables:
+            mid_mjd = float(t_mjd) + 0.5 * texp / 86400.0
+            factors = {int(row): float(func(mid_mjd)) for row, func in variables.items()}
+            flux_factor = np.ones(len(catalog))
+            for row, value in factors.items():
+                flux_factor[row] = value
+        else:
+            flux_factor = None
 
         time = Time(t_mjd, format="mjd", scale="utc")
         t_mjd += (cadence_s if cadence_s is not None else texp + 30.0) / 86400.0
@@ -1264,7 +1285,8 @@ def simulate_field(
                            n_cosmic_rays=n_cr, cosmic_ray_hits=hits,
                            bad_columns=detector_columns,
                            hot_pixels=detector_hot,
-                           satellite_trail=i in trail_frames),
+                           satellite_trail=i in trail_frames, flux_factor=flux_factor,
+                           trunc_sigma=trunc_sigma),
         })
         rows.append({
             "name": name, "filter": filt, "exptime": texp, "fwhm_px": fwhm,
@@ -1284,6 +1306,7 @@ def simulate_field(
             "rotation_deg": float(rotation_deg), "rotation_error_deg": rot_err,
             "scale_error": float(scale_error), "rotate_180": bool(rotate_180),
             "flip": bool(flip), "sip": sip_coeffs is not None,
+            **{f"flux_factor_{row}": value for row, value in factors.items()},
         })
 
     mapper = executor.map if executor is not None else map

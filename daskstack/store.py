@@ -44,7 +44,7 @@ from .grid import Grid
 
 __all__ = ["COADD_PLANES", "FrameInfo", "StackStore", "StoreError", "clear_frame", "coadd_key",
            "create_coadd_arrays", "create_store", "extends", "filter_key", "open_coadd_arrays",
-           "open_store", "read_plane", "update_frames", "write_tiles"]
+           "open_store", "read_box", "read_plane", "update_frames", "write_tiles"]
 
 FORMAT_VERSION = 2  # 2: a variance beside the data
 # noisy float32 hardly compresses: a fast codec (lz4 + bit shuffle) still saves ~25%
@@ -92,6 +92,7 @@ class FrameInfo:
     zp: float = float("nan")
     zp_err: float = float("nan")
     n_zp: int = 0
+    airmass: float | None = None  # the header's AIRMASS (light curves)
 
     def to_dict(self) -> dict:
         """JSON-ready, for the store's attributes."""
@@ -294,6 +295,17 @@ def read_plane(store_path: str, filter_name: str, index: int) -> np.ndarray:
     """One registered frame's plane (ny, nx) of the stack (a worker opens by path)."""
     group = zarr.open_group(store_path, mode="r")
     return group[f"{filter_key(filter_name)}/data"][index]
+
+
+def read_box(store_path: str, filter_name: str, start: int, stop: int, y0: int, y1: int,
+             x0: int, x1: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(data, variance, kernel_power)`` of frames ``start:stop`` of a filter in the
+    region ``[y0:y1, x0:x1]``, each ``(stop - start, y1 - y0, x1 - x0)``: only the chunks
+    the region touches are read (a worker opens by path)."""
+    group = zarr.open_group(store_path, mode="r")
+    key = filter_key(filter_name)
+    return tuple(group[f"{key}/{plane}"][start:stop, y0:y1, x0:x1]
+                 for plane in ("data", "variance", "kernel_power"))
 
 
 def write_tiles(store_path: str, filter_name: str, index: int, tiles) -> int:
