@@ -276,6 +276,12 @@ def _interpolate(image: np.ndarray, x_in: np.ndarray, y_in: np.ndarray, order: s
         return out.reshape(x_in.shape), None, None
     if kernel.squared is not None:
         out_var, power = _resample_squared(variance, coords, kernel)
+        # a fraction within rounding of 1 puts the shifted position on the next pixel
+        # centre, whose NaN (at weight 0) then spreads where the data's did not: those
+        # few points tap by tap
+        redo = np.isnan(out_var) & np.isfinite(out)
+        if redo.any():
+            out_var[redo], power[redo] = _resample(variance, coords[:, redo], kernel, True)
     else:
         out_var, power = _resample(variance, coords, kernel, True)
     out_var[outside | ~np.isfinite(out)] = np.nan

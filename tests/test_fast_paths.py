@@ -77,6 +77,21 @@ def test_bilinear_variance_in_one_pass_equals_the_squared_taps():
     assert 0.25 <= fast_power[inside].min() and fast_power[inside].max() <= 1.0
 
 
+def test_one_pass_variance_is_finite_wherever_the_data_are():
+    """Positions a rounding error below a pixel centre, beside a NaN: the data's taps
+    leave the NaN out (weight 0 for it is never taken); so must the variance's."""
+    image = np.ones((6, 8), np.float32)
+    image[2, 5] = np.nan
+    variance = np.where(np.isnan(image), np.nan, 4.0).astype(np.float32)
+    below = np.nextafter(4.0, 0.0)
+    x_in = np.array([[below, 4.0, 3.5, 1.0]])
+    y_in = np.array([[2.0, np.nextafter(1.0, 0.0), 2.0, np.nextafter(2.0, 0.0)]])
+    data, out_var, power = register._interpolate(image, x_in, y_in, "bilinear", variance)
+    assert np.array_equal(np.isfinite(out_var), np.isfinite(data))
+    assert np.isfinite(data[0, 0])
+    np.testing.assert_allclose(out_var[np.isfinite(data)], 4.0 * power[np.isfinite(data)])
+
+
 def test_nearest_variance_is_the_data_pixel():
     rng = np.random.default_rng(6)
     shape = (30, 20)
