@@ -239,6 +239,23 @@ def describe(client) -> str:
 
 
 @contextlib.contextmanager
+def _environ(values: dict):
+    """``values`` in ``os.environ`` for the duration, the earlier ones restored after:
+    distributed lets the environment override its pre-spawn settings, and leaves its
+    own (an earlier cluster's) there."""
+    before = {key: os.environ.get(key) for key in values}
+    os.environ.update({key: str(value) for key, value in values.items()})
+    try:
+        yield
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@contextlib.contextmanager
 def open_client(settings, *, local_directory=None, announce=None):
     """Yield a `distributed.Client` for ``settings`` (a `ClusterSettings`).
 
@@ -274,7 +291,8 @@ def open_client(settings, *, local_directory=None, announce=None):
                            **WORKER_MALLOC_ENV}
                 try:
                     with _sigint_ignored_by_children(), dask.config.set(
-                            {"distributed.nanny.pre-spawn-environ": environ}):
+                            {"distributed.nanny.pre-spawn-environ": environ}), \
+                            _environ(WORKER_MALLOC_ENV):
                         cluster = LocalCluster(local_directory=local_directory,
                                                **local_cluster_kwargs(settings))
                 except (OSError, ValueError) as err:
