@@ -229,7 +229,7 @@ def calibrate_frame(frame, wcs: WCS, catalog: Table, fwhm_px: float, *, detectio
     from .noise import frame_noise_model
 
     settings = settings or Settings()
-    airmass = _header_float(frame.header, "AIRMASS")
+    airmass = frame.meta.airmass if frame.meta.airmass is not None else float("nan")
     band = filter_band(frame.meta.filter)
     if band is None:
         return ZeroPoint(reason=f"no catalog band for filter {frame.meta.filter!r}",
@@ -250,14 +250,6 @@ def calibrate_frame(frame, wcs: WCS, catalog: Table, fwhm_px: float, *, detectio
     result = frame_zero_point(stars, band, settings.photometry)
     result.stars, result.airmass = stars, airmass
     return result
-
-
-def _header_float(header, key: str) -> float:
-    try:
-        value = float(header.get(key, np.nan))
-    except (TypeError, ValueError):
-        return float("nan")
-    return value if np.isfinite(value) else float("nan")
 
 
 def _values(table: Table, column: str) -> np.ndarray:
