@@ -602,9 +602,12 @@ def _register_frames(client, records: list[FrameRecord], grid: Grid, store_path:
         if r.name not in names:
             names.append(r.name)
     frame_info = {r.name: r.info() for r in solved}
+    # chunks of the block the combine will read at this many frames (`chunk_layout`)
+    inner = {f: _combine_tile(settings.register.tile, len(names), grid.shape,
+                              methods=settings.combine.methods) for f, names in filters.items()}
     stack = store_mod.create_store(store_path, grid, frame_info, filters,
                                    tile=settings.register.tile, params=params,
-                                   footprint=settings.register.method != "interp")
+                                   footprint=settings.register.method != "interp", inner=inner)
     reused = kept and previous.params.get("register") == params["register"]
     registered_before = set(previous.params.get("registered", [])) if reused else set()
     stack.params["registered"] = sorted(registered_before & {r.name for r in solved})
@@ -808,24 +811,24 @@ def _combine_store(client, store_path: Path, out_dir: Path, settings: Settings,
         scales = _scales(cs, infos, registered_background(stack))
         key = store_mod.filter_key(filter_name)
         sources, targets, paths = [], [], []
-        # several methods share one read of each slab: one graph, one compute
+        # several methods share one read of each slab: one task per slab, one compute
         weights_of = {}
-        for n_method, method in enumerate(cs.methods):
-            spec = COMBINE_METHODS[method]
-            if spec.estimator == "weighted":
+        for method in cs.methods:
+            if COMBINE_METHODS[method].estimator == "weighted":
                 # per pixel, the weights are the inverse variances; these per-frame sky
                 # weights only give the header's effective GAIN
                 weights_of[method] = combine.inverse_variance_weights(
                     gain=[f.gain for f in infos], rdnoise=[f.rdnoise for f in infos],
                     sky=[_or_nan(f.background) for f in infos], scale=scales.scales)
-            result = combine.combine_stack(
-                data, foot, method=method, sigma=cs.sigma, iters=cs.iters,
-                cenfunc=cs.cenfunc, nlow=cs.nlow, nhigh=cs.nhigh, scales=scales.scales,
-                offsets=scales.offsets, variance=variance, kernel_power=power,
-                exptime=[_or_nan(f.exptime) for f in infos],
-                reject=cs.weighted_reject if spec.rejection is None else "none",
-                pair_sigma=cs.pair_sigma, pair_fraction=cs.pair_fraction,
-                sky_levels=scales.levels)
+        results = combine.combine_stacks(
+            data, foot, sigma=cs.sigma, iters=cs.iters, cenfunc=cs.cenfunc, nlow=cs.nlow,
+            nhigh=cs.nhigh, scales=scales.scales, offsets=scales.offsets, variance=variance,
+            kernel_power=power, exptime=[_or_nan(f.exptime) for f in infos],
+            pair_sigma=cs.pair_sigma, pair_fraction=cs.pair_fraction, sky_levels=scales.levels,
+            methods=[(method, {"reject": cs.weighted_reject
+                               if COMBINE_METHODS[method].rejection is None else "none"})
+                     for method in cs.methods])
+        for n_method, (method, result) in enumerate(zip(cs.methods, results, strict=True)):
             node = store_mod.coadd_key(filter_name, "" if n_method == 0 else method)
             planes = coadd_planes(result)
             arrays = store_mod.create_coadd_arrays(stack, node, block)

@@ -137,6 +137,7 @@ __all__ = [
     "CombineResult",
     "FrameScales",
     "combine_stack",
+    "combine_stacks",
     "difference_image",
     "effective_gain",
     "electrons_per_unit",
@@ -357,6 +358,27 @@ def _range_mean_std(values, inside, count, need_std=True):
     return mean, np.sqrt(var)
 
 
+STRIP_BYTES = 2**20  # input of one strip of a block: it and its temporaries stay in cache
+
+
+def _combine_in_strips(data, *planes, methods):
+    """`_combine_block` with each of ``methods`` (its keyword options) over strips of
+    rows of a block, each about `STRIP_BYTES` of input; ``(5 * len(methods), ty, tx)``.
+    Every pixel is combined on its own, so the result is the same, but the temporaries
+    of the sorts and sums (several times the input) stay small and hot in the cache
+    instead of being fresh, page-faulted arrays of the whole block's size, and the
+    methods read each strip while it is in the cache."""
+    n, ny, nx = data.shape
+    rows = max(1, STRIP_BYTES // max(1, 4 * n * nx))
+    out = np.empty((5 * len(methods), ny, nx), np.float32)
+    for y0 in range(0, ny, rows):
+        strip = np.s_[:, y0:y0 + rows]
+        parts = [None if p is None else p[strip] for p in planes]
+        for k, options in enumerate(methods):
+            out[5 * k:5 * k + 5, y0:y0 + rows] = _combine_block(data[strip], *parts, **options)
+    return out
+
+
 def _combine_block(
     data, weights=None, variance=None, kernel_power=None, *, rejection, estimator, sigma, iters, cenfunc, nlow,
     nhigh, scales, offsets, frame_weights, exptime, two_frames="none", pair_sigma=0.0,
@@ -409,6 +431,16 @@ def _combine_block(
     if rejection == "none" and estimator != "median":  # plain (weighted) mean: no sort
         count = valid.sum(axis=0)
         return _pack(*_mean_of(values, valid, count, per_value_w, variance), count, exposure)
+    if rejection == "none":
+        # the median of every valid value: only the values need sorting (the variance
+        # sums over the same values in any order), not an argsort that carries the
+        # variances along
+        count = valid.sum(axis=0)
+        image, weight, _ = _estimate_median(np.sort(values, axis=0), None, None,
+                                            np.zeros(count.shape, np.intp), count)
+        var = (np.full(count.shape, np.nan) if variance is None else
+               _median_variance(variance, valid, count))
+        return _pack(image, weight, var, count, exposure)
 
     # Sort each pixel's values (NaN last); every rejection keeps a contiguous range
     # [lo, hi) of the sorted values. Weights and variances travel with their values.
@@ -824,6 +856,7 @@ def combine_stack(
     pair_sigma: float = 4.0,
     pair_fraction: float = 0.5,
     sky_levels=None,
+    _plan: bool = False,
 ) -> CombineResult:
     """Combine a registered stack ``(n_frames, ny, nx)`` into one image, lazily.
 
@@ -922,14 +955,38 @@ def combine_stack(
         sky_levels=None if sky_levels is None else np.nan_to_num(_small(
             "sky_levels", np.nan_to_num(np.asarray(sky_levels, np.float64)), n)),
     )
+    if _plan:  # for combine_stacks: the inputs and the block options, no graph
+        return args, kwargs
+    return _lazy_results(args, [kwargs], f"combine-{method}")[0]
+
+
+def combine_stacks(data, weights=None, *, methods, **options) -> list[CombineResult]:
+    """Several `combine_stack` results of one stack from one task per block: each block
+    is read once and combined by every method in turn (several methods from separate
+    graphs would share the reading tasks, whose blocks then travel between workers).
+
+    methods : ``[(method, {option: value}), ...]``: each method with the options of its
+        own (e.g. ``reject``); ``options``: those of `combine_stack` common to all.
+    Returns one `CombineResult` per method, in order."""
+    plans = [combine_stack(data, weights, method=method, **{**options, **own}, _plan=True)
+             for method, own in methods]
+    args = plans[0][0]  # the same stack for every method
+    name = "combine-" + "-".join(method for method, _ in methods)
+    return _lazy_results(args, [kwargs for _, kwargs in plans], name)
+
+
+def _lazy_results(args, methods, token) -> list[CombineResult]:
+    """One map_blocks of `_combine_in_strips` over ``args``, split per method."""
+    data = args[0]
     stacked = da.map_blocks(
-        _combine_block,
+        _combine_in_strips,
         *args,
-        chunks=((5,),) + data.chunks[1:],
+        chunks=((5 * len(methods),),) + data.chunks[1:],
         dtype=np.float32,
-        token=f"combine-{method}",
+        token=token,
         meta=np.empty((0, 0, 0), np.float32),
-        **kwargs,
+        methods=methods,
     )
-    return CombineResult(stacked[0], stacked[1], stacked[2].astype(np.int32), stacked[3],
-                         stacked[4])
+    return [CombineResult(stacked[k], stacked[k + 1], stacked[k + 2].astype(np.int32),
+                          stacked[k + 3], stacked[k + 4])
+            for k in range(0, 5 * len(methods), 5)]

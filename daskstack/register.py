@@ -70,11 +70,16 @@ AREA_TOLERANCE = 0.01  # pixel-area ratios closer to 1 than this are taken as 1
 class Kernel:
     """A separable interpolation kernel: ``weight(distance_px)`` along each axis, nonzero
     within ``radius`` taps on each side. ``spline_order``: the ``map_coordinates``
-    order that interpolates the data (reproject's own), None for kernels applied here."""
+    order that interpolates the data (reproject's own), None for kernels applied here.
+    ``squared``: for a spline-order kernel of at most two taps an axis, ``position ->
+    (position', power)`` such that its own interpolation at ``position'`` times
+    ``power`` is the sum of the squared weights at ``position`` times the values (the
+    variance is then sampled by ``map_coordinates`` too, not tap by tap); None: taps."""
 
     radius: int
     weight: Callable[[np.ndarray], np.ndarray]
     spline_order: int | None = None
+    squared: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]] | None = None
 
 
 def _box(d):
@@ -83,6 +88,22 @@ def _box(d):
 
 def _triangle(d):
     return np.clip(1.0 - np.abs(d), 0.0, None)
+
+
+def _same_pixel(position):
+    """Nearest neighbour: the one weight is 1, so is its square."""
+    return position, np.ones_like(position)
+
+
+def _triangle_squared(position):
+    """Bilinear: weights ``1 - f`` and ``f`` at fraction ``f``; ``(1 - f)**2 a + f**2 b``
+    is ``power`` times the linear interpolation at fraction ``f**2 / power``, ``power =
+    (1 - f)**2 + f**2``."""
+    base = np.floor(position)
+    fraction = position - base
+    square = fraction * fraction
+    power = square + (1.0 - fraction) ** 2
+    return base + square / power, power
 
 
 def _lanczos(a: int):
@@ -114,8 +135,8 @@ def _cardinal_spline(order: int, radius: int):
 
 # The kernels --order takes. A new kernel is one entry (plus its tests).
 KERNELS = {
-    "nearest-neighbor": Kernel(1, _box, 0),
-    "bilinear": Kernel(1, _triangle, 1),
+    "nearest-neighbor": Kernel(1, _box, 0, _same_pixel),
+    "bilinear": Kernel(1, _triangle, 1, _triangle_squared),
     "biquadratic": Kernel(4, _cardinal_spline(2, 4), 2),
     "bicubic": Kernel(4, _cardinal_spline(3, 4), 3),
     "lanczos2": Kernel(2, _lanczos(2)),
@@ -253,10 +274,35 @@ def _interpolate(image: np.ndarray, x_in: np.ndarray, y_in: np.ndarray, order: s
     out[outside] = np.nan
     if variance is None:
         return out.reshape(x_in.shape), None, None
-    out_var, power = _resample(variance, coords, kernel, True)
+    if kernel.squared is not None:
+        out_var, power = _resample_squared(variance, coords, kernel)
+        # a fraction within rounding of 1 puts the shifted position on the next pixel
+        # centre, whose NaN (at weight 0) then spreads where the data's did not: those
+        # few points tap by tap
+        redo = np.isnan(out_var) & np.isfinite(out)
+        if redo.any():
+            out_var[redo], power[redo] = _resample(variance, coords[:, redo], kernel, True)
+    else:
+        out_var, power = _resample(variance, coords, kernel, True)
     out_var[outside | ~np.isfinite(out)] = np.nan
     return (out.reshape(x_in.shape), out_var.reshape(x_in.shape),
             power.reshape(x_in.shape))
+
+
+def _resample_squared(variance: np.ndarray, coords: np.ndarray, kernel: Kernel):
+    """`_resample` with ``squared`` for a kernel with `Kernel.squared`: one
+    ``map_coordinates`` pass at shifted positions (the same taps as the data's, so the
+    same NaN spreading) instead of a gather per tap in float64."""
+    shifted = np.empty_like(coords)
+    power = np.ones(coords.shape[1])
+    for axis in range(coords.shape[0]):
+        shifted[axis], axis_power = kernel.squared(coords[axis])
+        power *= axis_power
+    out = map_coordinates(variance, shifted, order=kernel.spline_order, cval=np.nan,
+                          mode="constant", prefilter=False)
+    power = power.astype(np.float32)
+    out *= power
+    return out, power
 
 
 def _resample(image: np.ndarray, coords: np.ndarray, kernel: Kernel, squared: bool):
@@ -403,8 +449,28 @@ def _register_tile(image, variance, frame_wcs, grid_wcs, y0, x0, shape, settings
     return _reproject_tile(image, variance, frame_wcs, grid_wcs, y0, x0, shape, settings)
 
 
+STRIP_POINTS = 65536  # output pixels sampled at once: their temporaries stay in cache
+
+
+def _interpolate_in_strips(image, x_in, y_in, order, variance):
+    """`_interpolate` over strips of rows of a tile: each output pixel is sampled on its
+    own, so the result is the same, but the float64 temporaries of a strip are reused
+    from the heap and stay in the cache (those of a whole tile are page-faulted)."""
+    ny, nx = x_in.shape
+    rows = max(1, STRIP_POINTS // max(nx, 1))
+    if ny <= rows:
+        return _interpolate(image, x_in, y_in, order, variance)
+    planes = [np.empty((ny, nx), np.float32) for _ in range(1 if variance is None else 3)]
+    for y0 in range(0, ny, rows):
+        strip = slice(y0, y0 + rows)
+        parts = _interpolate(image, x_in[strip], y_in[strip], order, variance)
+        for plane, part in zip(planes, parts[:len(planes)], strict=True):
+            plane[strip] = part
+    return (planes[0], None, None) if variance is None else tuple(planes)
+
+
 def _sampled_tile(image, variance, x_in, y_in, order, how, error):
-    out, out_var, power = _interpolate(image, x_in, y_in, order, variance)
+    out, out_var, power = _interpolate_in_strips(image, x_in, y_in, order, variance)
     return out, out_var, power, np.isfinite(out).astype(np.float32), how, error
 
 

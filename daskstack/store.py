@@ -24,7 +24,9 @@ Layout (``OUT/store.zarr``)::
 Chunks are ``(1, tile, tile)``: each registration task writes whole chunks of its own
 frame, so concurrent writers never touch the same chunk (a chunk spanning the stack
 axis would be read-modify-written by every frame's task at once). The combine step
-reads a tile's ``n_frames`` chunks into one block, so it still reads each tile once.
+reads a block's ``n_frames`` chunks at once. With many frames its block (kept within a
+memory budget) is smaller than a tile; then the tiles are zarr v3 shards of chunks of
+the block's side (`chunk_layout`), so the combine still reads each chunk once.
 The store describes itself: `open_store` gives back everything needed to combine
 again, with other options, without reprojecting.
 """
@@ -42,13 +44,16 @@ from zarr.codecs import BloscCodec
 from .errors import DaskstackError
 from .grid import Grid
 
-__all__ = ["COADD_PLANES", "FrameInfo", "StackStore", "StoreError", "clear_frame", "coadd_key",
-           "create_coadd_arrays", "create_store", "extends", "filter_key", "open_coadd_arrays",
-           "open_store", "read_box", "read_plane", "update_frames", "write_tiles"]
+__all__ = ["COADD_PLANES", "FrameInfo", "StackStore", "StoreError", "chunk_layout", "clear_frame",
+           "coadd_key", "create_coadd_arrays", "create_store", "extends", "filter_key",
+           "open_coadd_arrays", "open_store", "read_box", "read_plane", "update_frames",
+           "write_tiles"]
 
 FORMAT_VERSION = 2  # 2: a variance beside the data
-# noisy float32 hardly compresses: a fast codec (lz4 + bit shuffle) still saves ~25%
-COMPRESSOR = BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle")
+# noisy float32 hardly compresses: a fast codec (lz4 + byte shuffle) still saves ~25%
+# (bit shuffle saves 3% more of a frame but decodes ~10x slower: the combine reads every
+# plane of every frame, so decoding is what the store's codec costs)
+COMPRESSOR = BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
 
 
 class StoreError(DaskstackError, ValueError):
@@ -154,7 +159,7 @@ class StackStore:
 
 def create_store(path, grid: Grid, frames: dict[str, FrameInfo], filters: dict[str, list[str]],
                  *, tile: int, params: dict | None = None,
-                 footprint: bool = False) -> StackStore:
+                 footprint: bool = False, inner: dict[str, int] | None = None) -> StackStore:
     """Create (or reuse) the store for a run.
 
     An existing store on the same grid and tile is reused, so a resumed run keeps the
@@ -162,6 +167,8 @@ def create_store(path, grid: Grid, frames: dict[str, FrameInfo], filters: dict[s
     same filter, the frames added (tonight's, appended to the lists) get new slices at
     the end of the frame axis, and new filters new arrays; the frames already in it keep
     their index and their tiles. Anything else is replaced.
+    ``inner``: per filter, the side of the chunks the combine will read (its block, see
+    `chunk_layout`); default: the tile.
     """
     try:
         existing = open_store(path)
@@ -171,18 +178,36 @@ def create_store(path, grid: Grid, frames: dict[str, FrameInfo], filters: dict[s
             and existing.tile == tile and extends(existing.filters, filters)
             and all((existing.arrays(f)[1] is not None) == footprint
                     and existing.variance(f)[1] is not None for f in existing.filters)):
-        _append_frames(existing, filters, footprint)
+        _append_frames(existing, filters, footprint, inner)
         existing.frames.update(frames)
         existing.params = params or {}
         _write_attrs(existing)
         return existing
     group = zarr.open_group(str(path), mode="w")
     for filter_name, names in filters.items():
-        _create_frame_arrays(group, filter_name, len(names), grid, tile, footprint)
+        _create_frame_arrays(group, filter_name, len(names), grid, tile, footprint,
+                             (inner or {}).get(filter_name))
     store = StackStore(path=str(path), grid=grid, tile=tile, filters=filters, frames=frames,
                        params=params or {})
     _write_attrs(store)
     return store
+
+
+def chunk_layout(tile: int, shape, inner: int | None = None):
+    """``(chunks, shards)`` of a frame plane: one ``tile`` x ``tile`` unit per
+    registration write (a shard; written whole, by one task), made of ``inner`` x
+    ``inner`` chunks when ``inner`` divides it (shards None when it does not, or when
+    ``inner`` is the tile: plain chunks). The combine reads ``(frames, block, block)``
+    slabs, its block as small as a memory budget asks at that many frames; chunks of
+    that side are each read and decompressed once, where whole tiles would be read
+    (tile / block)**2 times."""
+    ny, nx = shape
+    outer = (1, min(tile, ny), min(tile, nx))
+    if not inner:
+        return outer, None
+    chunks = (1,) + tuple(inner if inner < side and side % inner == 0 else side
+                          for side in outer[1:])
+    return (outer, None) if chunks == outer else (chunks, outer)
 
 
 def extends(before: dict[str, list[str]], after: dict[str, list[str]]) -> bool:
@@ -192,24 +217,25 @@ def extends(before: dict[str, list[str]], after: dict[str, list[str]]) -> bool:
 
 
 def _create_frame_arrays(group: zarr.Group, filter_name: str, n_frames: int, grid: Grid,
-                         tile: int, footprint: bool) -> None:
+                         tile: int, footprint: bool, inner: int | None = None) -> None:
     """The (n_frames, ny, nx) arrays of one filter (`create_store` documents them)."""
     ny, nx = grid.shape
     key = filter_key(filter_name)
     shape = (n_frames, ny, nx)
-    chunks = (1, min(tile, ny), min(tile, nx))
+    chunks, shards = chunk_layout(tile, grid.shape, inner)
     for name, dtype in (("data", "float32"), ("variance", "float32"),
                         ("kernel_power", "float16")):
         group.create_array(f"{key}/{name}", shape=shape, chunks=chunks, dtype=dtype,
-                           fill_value=np.nan, dimension_names=("frame", "y", "x"),
-                           compressors=COMPRESSOR)
+                           shards=shards, fill_value=np.nan,
+                           dimension_names=("frame", "y", "x"), compressors=COMPRESSOR)
     if footprint:
         group.create_array(f"{key}/footprint", shape=shape, chunks=chunks,
-                           dtype="float32", fill_value=0.0,
+                           shards=shards, dtype="float32", fill_value=0.0,
                            dimension_names=("frame", "y", "x"), compressors=COMPRESSOR)
 
 
-def _append_frames(store: StackStore, filters: dict[str, list[str]], footprint: bool) -> None:
+def _append_frames(store: StackStore, filters: dict[str, list[str]], footprint: bool,
+                   inner: dict[str, int] | None = None) -> None:
     """Grow ``store`` to ``filters`` (which `extends` its lists): the frame axis of each
     filter's arrays resized (the chunks written stay as they are), new filters' arrays
     created. Client side, before any task writes."""
@@ -218,7 +244,7 @@ def _append_frames(store: StackStore, filters: dict[str, list[str]], footprint: 
         before = store.filters.get(filter_name)
         if before is None:
             _create_frame_arrays(group, filter_name, len(names), store.grid, store.tile,
-                                 footprint)
+                                 footprint, (inner or {}).get(filter_name))
         elif len(names) > len(before):
             for _, array in group[filter_key(filter_name)].arrays():
                 array.resize((len(names), *array.shape[1:]))
@@ -281,7 +307,8 @@ def create_coadd_arrays(store: StackStore, key: str, block: int) -> dict:
     ny, nx = store.grid.shape
     return {name: group.create_array(f"coadd/{key}/{name}", shape=(ny, nx),
                                      chunks=(block, block), dtype="float32",
-                                     fill_value=fill, overwrite=True)
+                                     fill_value=fill, overwrite=True,
+                                     compressors=COMPRESSOR)
             for name, fill in COADD_PLANES.items()}
 
 
@@ -342,7 +369,7 @@ def clear_frame(store_path: str, filter_name: str, index: int, tiles) -> None:
         if array is None:
             continue
         _, ny, nx = array.shape
-        _, tile_y, tile_x = array.chunks
+        _, tile_y, tile_x = array.shards or array.chunks
         for y0, x0 in tiles:
             # whole chunks: the tiles of a run are its chunks
             y0, x0 = y0 // tile_y * tile_y, x0 // tile_x * tile_x
