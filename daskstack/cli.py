@@ -201,6 +201,10 @@ STAGE_OPTIONS = {
               "minus the coadd (brings out variable stars and transients).")),
         ("--subtract-background/--keep-background", "combine.subtract_background",
          dict(default=None, help="Remove each frame's sky level before combining.")),
+        ("--match-background", "combine.match_background", dict(
+         help="Match the frames' sky levels across their overlaps (least squares over "
+              "the overlapping pairs) so that no seam shows: auto = in a mosaic "
+              "(pointings that overlap only partly, or --grid optimal).")),
     ],
     "run": [
         ("--keep-store/--no-keep-store", "register.keep_store", dict(default=None,
@@ -726,9 +730,13 @@ def register(frames, out_dir, wcs_source, config_file, verbose, quiet, overrides
 def _store_and_run_dir(path) -> tuple[Path, Path]:
     """``(store, run directory)`` from either a run directory (holding store.zarr) or
     the store itself (its directory is then the run directory)."""
+    from ._rundir import field_stores
+
     path = Path(path)
     if (path / "store.zarr").is_dir():
         return path / "store.zarr", path
+    if field_stores(path):  # a run of several fields: combine combines each field's store
+        return path, path
     if (path / "manifest.ecsv").exists() or (path / "run.json").exists():
         if any(path.glob("coadd_*.fits")):  # the store was dropped (--no-keep-store)
             return path / "store.zarr", path  # combine says how to get it back

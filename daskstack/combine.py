@@ -109,6 +109,9 @@ __all__ = [
     "CombineMethod",
     "CombineResult",
     "FrameScales",
+    "combine_frames",
+    "combine_options",
+    "combine_result",
     "combine_stack",
     "difference_image",
     "effective_gain",
@@ -732,33 +735,17 @@ def combine_stack(
     Returns a `CombineResult` of dask arrays; nothing is computed. Chunks along the
     sky axes are those of ``data``.
     """
-    if method not in COMBINE_METHODS:
-        raise ValueError(f"method = {method!r} is not one of {', '.join(map(repr, METHODS))}")
-    if reject not in REJECTIONS:
-        raise ValueError(f"reject = {reject!r} is not one of {', '.join(map(repr, REJECTS))}")
-    spec = COMBINE_METHODS[method]
-    if reject != "none" and spec.rejection is not None:
-        raise ValueError("reject applies to method='weighted' only")
-    if frame_weights is not None and spec.estimator != "weighted":
-        raise ValueError("frame_weights are used by method='weighted' only")
-    if cenfunc not in ("median", "mean"):
-        raise ValueError("cenfunc must be 'median' or 'mean'")
-    if not sigma > 0 or int(iters) != iters or iters < 1:
-        raise ValueError("sigma must be > 0 and iters an integer >= 1")
-    if int(nlow) != nlow or int(nhigh) != nhigh or nlow < 0 or nhigh < 0:
-        raise ValueError("nlow and nhigh must be integers >= 0")
     if np.ndim(data) != 3:
         raise ValueError(f"data must be (n_frames, ny, nx), got shape {np.shape(data)}")
-
     if not isinstance(data, da.Array):
         data = da.from_array(np.asarray(data), chunks=(-1, "auto", "auto"))
     n = data.shape[0]
     if data.numblocks[0] != 1:
         data = data.rechunk({0: -1})
-    if frame_weights is not None:
-        frame_weights = _small("frame_weights", frame_weights, n)
-        if np.any(frame_weights < 0):
-            raise ValueError("frame_weights must be >= 0")
+    kwargs = combine_options(
+        n, method=method, sigma=sigma, iters=iters, cenfunc=cenfunc, nlow=nlow, nhigh=nhigh,
+        scales=scales, offsets=offsets, frame_weights=frame_weights, reject=reject,
+        exptime=exptime)
 
     args = [data]
     for name, extra in (("weights", weights), ("variance", variance),
@@ -774,7 +761,50 @@ def combine_stack(
             extra = extra.rechunk(data.chunks)
         args.append(extra)
 
-    kwargs = dict(
+    stacked = da.map_blocks(
+        _combine_block,
+        *args,
+        chunks=((5,),) + data.chunks[1:],
+        dtype=np.float32,
+        token=f"combine-{method}",
+        meta=np.empty((0, 0, 0), np.float32),
+        **kwargs,
+    )
+    return combine_result(stacked)
+
+
+def combine_result(stacked) -> CombineResult:
+    """The `CombineResult` of a ``(5, ny, nx)`` dask array of packed blocks (the output
+    of `_combine_block` or `combine_frames`, block by block)."""
+    return CombineResult(stacked[0], stacked[1], stacked[2].astype(np.int32), stacked[3],
+                         stacked[4])
+
+
+def combine_options(n, *, method="sigclip", sigma=3.0, iters=3, cenfunc="median", nlow=1,
+                    nhigh=1, scales=None, offsets=None, frame_weights=None, reject="none",
+                    exptime=None) -> dict:
+    """The checked per-block options of a combine of ``n`` frames (arguments as for
+    `combine_stack`), for `combine_frames` or the blocks of `combine_stack`."""
+    if method not in COMBINE_METHODS:
+        raise ValueError(f"method = {method!r} is not one of {', '.join(map(repr, METHODS))}")
+    if reject not in REJECTIONS:
+        raise ValueError(f"reject = {reject!r} is not one of {', '.join(map(repr, REJECTS))}")
+    spec = COMBINE_METHODS[method]
+    if reject != "none" and spec.rejection is not None:
+        raise ValueError("reject applies to method='weighted' only")
+    if frame_weights is not None and spec.estimator != "weighted":
+        raise ValueError("frame_weights are used by method='weighted' only")
+    if cenfunc not in ("median", "mean"):
+        raise ValueError("cenfunc must be 'median' or 'mean'")
+    if not sigma > 0 or int(iters) != iters or iters < 1:
+        raise ValueError("sigma must be > 0 and iters an integer >= 1")
+    if int(nlow) != nlow or int(nhigh) != nhigh or nlow < 0 or nhigh < 0:
+        raise ValueError("nlow and nhigh must be integers >= 0")
+    if frame_weights is not None:
+        frame_weights = _small("frame_weights", frame_weights, n)
+        if np.any(frame_weights < 0):
+            raise ValueError("frame_weights must be >= 0")
+    return dict(
         rejection=reject if spec.rejection is None else spec.rejection,
         estimator=spec.estimator,
         sigma=float(sigma),
@@ -788,14 +818,23 @@ def combine_stack(
         exptime=None if exptime is None else np.nan_to_num(
             np.asarray(exptime, dtype=np.float64)).reshape(n),
     )
-    stacked = da.map_blocks(
-        _combine_block,
-        *args,
-        chunks=((5,),) + data.chunks[1:],
-        dtype=np.float32,
-        token=f"combine-{method}",
-        meta=np.empty((0, 0, 0), np.float32),
-        **kwargs,
-    )
-    return CombineResult(stacked[0], stacked[1], stacked[2].astype(np.int32), stacked[3],
-                         stacked[4])
+
+
+_PER_FRAME = ("scales", "offsets", "frame_weights", "exptime")
+
+
+def combine_frames(frames, data, weights=None, variance=None, kernel_power=None, *,
+                   options: dict) -> np.ndarray:
+    """One output block from only the frames ``frames`` (indices into the stack that
+    ``options`` = `combine_options` describes) whose values ``data`` etc. hold, shape
+    ``(len(frames), ty, tx)``: the same result as the block of `combine_stack` over every
+    frame, where the others give nothing there. ``(5, ty, tx)`` float32, packed as
+    `combine_result` reads it; a block no frame covers is empty (NaN, weight 0)."""
+    frames = np.asarray(frames, dtype=int)
+    if frames.size == 0:
+        shape = np.shape(data)[1:]
+        zero = np.zeros(shape)
+        return _pack(zero, zero, zero, np.zeros(shape, int), np.zeros(shape, np.float32))
+    subset = {k: (v[frames] if k in _PER_FRAME and v is not None else v)
+              for k, v in options.items()}
+    return _combine_block(data, weights, variance, kernel_power, **subset)

@@ -184,6 +184,10 @@ class CombineSettings:
     # method="weighted": reject outliers first
     weighted_reject: str = field(default="none", metadata=_choices(REJECTIONS))
     difference: bool = False  # also write each frame minus the coadd (variable sources)
+    # match the frames' sky levels across their overlaps (offsets by least squares,
+    # daskstack.skymatch): "auto" = in a mosaic (pointings that overlap only partly,
+    # or --grid optimal), "on" = always, "off" = never
+    match_background: str = field(default="auto", metadata=_choices("auto", "on", "off"))
 
     @property
     def methods(self) -> list[str]:
