@@ -234,6 +234,56 @@ def test_a_fixed_grid_keeps_one_field_and_drops_what_lies_outside(batch, dask_cl
 
 
 # --------------------------------------------------------------------------------------
+# The issue's mixed batch: the twelve real PDS 110 frames, two synthetic fields elsewhere
+# on the sky and a synthetic 3x3 mosaic, every frame solved against one catalog
+@pytest.fixture(scope="module")
+def mixed_run(lco_dir, lco_frames, tmp_path_factory, dask_client):
+    root = tmp_path_factory.mktemp("mixed")
+    side = 240  # enough catalog stars per frame to solve it
+    solvable = dict(EXACT, shape=(side, side), density_per_sq_deg=150000.0,
+                    pointing_error_arcmin=0.3)
+    fields = [simulate_field(root / name, n_frames=2, filters=("rp", "gp"), center=centre,
+                             seed=seed, object_name=name, first_framenum=seed * 10,
+                             epoch_year=2023.5 + seed * 0.003, **solvable)
+              for name, centre, seed in (("ALPHA", (150.1, 2.2), 1),
+                                         ("BETA", (200.0, -30.0), 2))]
+    step = (1 - OVERLAP) * side * PIXSCALE / 3600
+    for k in range(9):
+        iy, ix = divmod(k, 3)
+        dec = 10.0 + (iy - 1) * step
+        fields.append(simulate_field(
+            root / f"pointing{k}", n_frames=1, filters=("rp",), seed=100 + k,
+            center=(60.0 + (ix - 1) * step / np.cos(np.radians(dec)), dec),
+            object_name=MOSAIC, first_framenum=100 + k, epoch_year=2023.6 + k * 0.002,
+            sky=80.0 * (1 + 0.35 * k), **solvable))
+    tables = [Table.read(lco_dir / "refcat-pds110.ecsv")["ra", "dec", "mag"]]
+    for field in fields:
+        table = Table.read(field.catalog)
+        table.rename_column("phot_g_mean_mag", "mag")
+        tables.append(table["ra", "dec", "mag"])
+    catalog = root / "catalog.ecsv"
+    vstack(tables, metadata_conflicts="silent").write(catalog)
+    frames = [*lco_frames, *(p for field in fields for p in field.frames)]
+    return run(frames, str(catalog), root / "out", Settings(), client=dask_client)
+
+
+def test_real_and_synthetic_fields_in_one_batch(mixed_run):
+    out = mixed_run.out_dir
+    manifest = Table.read(out / "manifest.ecsv")
+    assert not [r for r in manifest if "overlap" in str(r["reason"])]
+    assert set(manifest["status"]) == {"ok"}, manifest["name", "status", "reason"]
+    assert set(mixed_run.coadds) == {"PDS_110/up", "PDS_110/gp", "PDS_110/rp", "PDS_110/zs",
+                                     "ALPHA/rp", "ALPHA/gp", "BETA/rp", "BETA/gp",
+                                     f"{MOSAIC_DIR}/rp"}
+    assert all(path.exists() for path in mixed_run.coadds.values())
+    assert set(manifest["field"]) == {"PDS_110", "ALPHA", "BETA", MOSAIC_DIR}
+    with fits.open(out / "PDS_110" / "coadd_rp.fits") as hdul:
+        assert hdul[0].header["NCOMBINE"] == 3 and hdul[0].header["OBJECT"] == "PDS 110"
+    store = out / MOSAIC_DIR / "store.zarr"
+    assert seam_in_sigma(store.parent / "coadd_rp.fits", store) < 0.1
+
+
+# --------------------------------------------------------------------------------------
 def _copy_with(src, dst, **cards):
     with fits.open(src) as hdul:
         for key, value in cards.items():
@@ -281,3 +331,82 @@ def test_guider_named_by_camera_or_product_name(tmp_path, batch):
         with pytest.raises(FrameError, match="guider frame") as err:
             read_meta(path)
         assert why in err.value.reason
+
+
+# --------------------------------------------------------------------------------------
+def test_download_of_several_targets_then_run(httpserver, batch, dask_client, tmp_path,
+                                              monkeypatch):
+    """An archive query spanning two targets (served on 127.0.0.1), then `run` on what it
+    fetched: one coadd per target and filter."""
+    from click.testing import CliRunner
+
+    from daskstack.cli import main
+    from tests.test_archive import frame_json, paginated_handler, url_for
+
+    monkeypatch.delenv("LCO_ARCHIVE_TOKEN", raising=False)
+    records = []
+    for frame_id, path in enumerate(batch["alpha"] + batch["beta"], start=5001):
+        body = path.read_bytes()
+        with fits.open(path) as hdul:
+            target, filt = hdul["SCI"].header["OBJECT"], hdul["SCI"].header["FILTER"]
+        record = frame_json(httpserver, frame_id, body, target_name=target, OBJECT=target,
+                            primary_optical_element=filt, FILTER=filt)
+        httpserver.expect_request(f"/files/{frame_id}.fits.fz").respond_with_data(body)
+        records.append(record)
+    seen: list[dict] = []
+    httpserver.expect_request("/frames/").respond_with_handler(paginated_handler(records, seen))
+    frames_dir = tmp_path / "frames"
+    result = CliRunner().invoke(main, ["download", "--proposal", "LCOEPO2014B-010",
+                                       "--rlevel", "91", "--out", str(frames_dir),
+                                       "--archive-url", url_for(httpserver, "/")])
+    assert result.exit_code == 0, result.output
+    assert seen[-1]["proposal_id"] == "LCOEPO2014B-010"
+    fetched = sorted(frames_dir.glob("*.fits.fz"))
+    assert len(fetched) == len(records)
+    out = run(fetched, "", tmp_path / "run", Settings(), client=dask_client)
+    assert out.exit_code == EXIT_OK
+    assert set(out.coadds) == {"ALPHA/rp", "ALPHA/gp", "BETA/rp", "BETA/gp"}
+    for key, path in out.coadds.items():
+        with fits.open(path) as hdul:
+            assert hdul[0].header["OBJECT"] == key.split("/")[0]
+            assert hdul[0].header["NCOMBINE"] == 2
+
+
+def test_output_fields_names_and_links():
+    """Unit: footprints that overlap chain into one field; the same OBJECT links frames
+    a few arcminutes apart; names are file-safe and unique."""
+    from daskstack._fields import output_fields
+    from daskstack.frames import FrameMeta
+
+    def meta(name, ra, dec, target):
+        return FrameMeta(path=name, name=name, shape=(100, 100), filter="rp", exptime=1.0,
+                         date_obs=None, mjd=None, gain=1.0, rdnoise=0.0, saturate=np.inf,
+                         pixscale=1.0, ra=ra, dec=dec, object=target)
+
+    side = 100 / 3600  # deg
+    metas = [meta("a1", 10.0, 0.0, "NGC 1/2"), meta("a2", 10.0 + 0.8 * side, 0.0, ""),
+             meta("a3", 10.0 + 1.6 * side, 0.0, "NGC 1/2"),  # chained through a2
+             meta("b1", 50.0, 0.0, "NGC 1/2"),  # same name, elsewhere: its own field
+             meta("c1", 10.0 + 0.1, 0.0, "NGC 1/2"),  # same name, 6' away: linked
+             meta("d1", 90.0, 0.0, "")]
+    fields = output_fields(metas, Settings())
+    assert fields == [("NGC_1_2", ["a1", "a2", "a3", "c1"]), ("NGC_1_2-2", ["b1"]),
+                      ("ra090.0000+00.0000", ["d1"])]
+    assert output_fields(metas, Settings().replace("grid", reference="a1")) == [
+        ("", [m.name for m in metas])]
+    assert output_fields(metas[:3], Settings()) == [("", ["a1", "a2", "a3"])]
+
+
+def test_sky_offsets_recovered_by_least_squares():
+    from daskstack.skymatch import overlap_differences, solve_offsets
+
+    rng = np.random.default_rng(3)
+    levels = np.array([0.0, 5.0, -3.0, 2.0])
+    stack = np.full((4, 60, 120), np.nan)
+    for i in range(4):  # a strip of frames, each overlapping the next by a third
+        stack[i, :, i * 20:i * 20 + 60] = levels[i] + rng.normal(0, 0.2, (60, 60))
+    pairs = overlap_differences(stack, [0, 1, 2, 3], stride=1)
+    assert {(i, j) for i, j, _, _ in pairs} == {(0, 1), (0, 2), (1, 2), (1, 3), (2, 3)}
+    corrections = solve_offsets(pairs, 4)
+    np.testing.assert_allclose(corrections, levels - levels.mean(), atol=0.05)
+    assert solve_offsets([], 3).tolist() == [0.0, 0.0, 0.0]
