@@ -1,7 +1,8 @@
 """Entry point: ``python -m benchmarks run --suite quick|standard|full``, ``python -m
 benchmarks report RESULTS.json``, the astrometry evidence (``detect-sweep``,
 ``astrometry-real``, ``false-alarms``, ``fast-path``; see `benchmarks.astrometry_evidence`),
-``thin-frames`` (`benchmarks.thin_frames`) and ``python -m benchmarks report-scale`` (the
+``thin-frames`` (`benchmarks.thin_frames`), ``mosaic`` (the combine of a mosaic:
+`benchmarks.mosaic`) and ``python -m benchmarks report-scale`` (the
 run report's time and size against the number of frames; `benchmarks.report_scale`), run
 from the repository root."""
 
@@ -19,6 +20,8 @@ DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["mosaic"]:
+        return _mosaic(argv[1:])
     if argv[:1] == ["report-scale"]:
         from .report_scale import main as report_scale
 
@@ -59,6 +62,8 @@ def main(argv=None) -> int:
     rep.add_argument("results", type=Path)
     sub.add_parser("report-scale", help="the run report's time and size for 100 and 500 "
                    "frames (python -m benchmarks report-scale --help)")
+    sub.add_parser("mosaic", help="the combine of a 10x10 mosaic of 1024x1024 frames: time "
+                   "against frames, memory (python -m benchmarks mosaic --help)")
     # the astrometry evidence (benchmarks/astrometry_evidence.py): one result file each
     evidence = {
         "detect-sweep": "isophote threshold x radius on the real frames; photutils' "
@@ -123,6 +128,27 @@ def main(argv=None) -> int:
               skip_astrometry=args.skip_astrometry, skip_real=args.skip_real,
               profile=args.profile, keep=args.keep, ns=args.n, command=argv,
               baseline=args.baseline)
+    return 0
+
+
+def _mosaic(argv) -> int:
+    from .mosaic import mosaic_benchmark
+
+    parser = argparse.ArgumentParser(prog="python -m benchmarks mosaic",
+                                     description="the combine of synthetic n x n mosaics")
+    parser.add_argument("--sides", type=int, nargs="+", default=[2, 3, 4, 10],
+                        help="mosaics of side x side frames (combine with per-block frame "
+                             "lists)")
+    parser.add_argument("--dense-sides", type=int, nargs="*", default=[2, 3, 4],
+                        help="also these, every block reading every frame")
+    parser.add_argument("--size", type=int, default=1024, help="frame side (px)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--work", type=Path, default=None,
+                        help="where the stores are written (default: a temporary directory)")
+    args = parser.parse_args(argv)
+    md = mosaic_benchmark(args.out, sides=args.sides, size=args.size,
+                          dense_sides=args.dense_sides, work=args.work)
+    print(md.read_text())
     return 0
 
 
