@@ -141,13 +141,16 @@ def _mosaic(argv) -> int:
                              "lists)")
     parser.add_argument("--dense-sides", type=int, nargs="*", default=[2, 3, 4],
                         help="also these, every block reading every frame")
+    parser.add_argument("--nomatch-sides", type=int, nargs="*", default=[],
+                        help="also these with per-block frame lists, sky matching off")
     parser.add_argument("--size", type=int, default=1024, help="frame side (px)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--work", type=Path, default=None,
                         help="where the stores are written (default: a temporary directory)")
     args = parser.parse_args(argv)
     md = mosaic_benchmark(args.out, sides=args.sides, size=args.size,
-                          dense_sides=args.dense_sides, work=args.work)
+                          dense_sides=args.dense_sides, work=args.work,
+                          nomatch_sides=args.nomatch_sides)
     print(md.read_text())
     return 0
 

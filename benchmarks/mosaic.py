@@ -9,8 +9,8 @@ into a daskstack store on one grid (the frames aligned with the grid: registrati
 not what is measured; each frame's tiles recorded as registration records them). Then
 ``daskstack combine`` (`daskstack._pipeline.combine_store_path`, sigclip, 2 workers of 1
 thread, sky levels matched: a mosaic) runs in its own measured process (`measure`): wall
-time, CPU time of the process tree, peak memory of the tree. ``dense`` runs are the same
-combine with every block reading every frame (as daskstack did before the per-block
+time, CPU time of the process tree, peak memory of the tree. ``sparse-nomatch`` runs skip the sky
+matching; ``dense`` runs are the same combine with every block reading every frame (as daskstack did before the per-block
 frame lists; sky matching off, since it needs those lists): its time grows with frames x
 grid, which is what the per-block lists remove. Writes
 ``benchmarks/results/mosaic-<YYYYMMDD-HHMMSS>.json`` (machine, load, commit, every run)
@@ -102,6 +102,7 @@ def combine_command(store: Path, out: Path, mode: str) -> None:
     settings = Settings()
     if mode == "dense":  # every block reads every frame, as before the per-block lists
         _pipeline._block_members = lambda *args: None
+    if mode in ("dense", "sparse-nomatch"):
         settings = settings.replace("combine", match_background="off")
     with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=":0",
                       processes=True) as cluster, Client(cluster) as client:
@@ -115,7 +116,7 @@ def combine_command(store: Path, out: Path, mode: str) -> None:
 
 
 def mosaic_benchmark(out_dir: Path, sides=(2, 3, 4, 10), size: int = 1024,
-                     dense_sides=(2, 3, 4), work=None) -> Path:
+                     dense_sides=(2, 3, 4), work=None, nomatch_sides=()) -> Path:
     import shutil
     import tempfile
 
@@ -127,7 +128,8 @@ def mosaic_benchmark(out_dir: Path, sides=(2, 3, 4, 10), size: int = 1024,
     root = Path(__file__).resolve().parents[1]
     env = dict(os.environ, PYTHONPATH=str(root))
     runs = []
-    plan = [(s, "sparse") for s in sides] + [(s, "dense") for s in dense_sides]
+    plan = ([(s, "sparse") for s in sides] + [(s, "sparse-nomatch") for s in nomatch_sides]
+            + [(s, "dense") for s in dense_sides])
     stores = {}
     for side, mode in plan:
         if side not in stores:
@@ -188,7 +190,8 @@ def _markdown(result: dict) -> str:
             f"{r['peak_rss_gib']:.2f} | {r['load_before'][0]:.1f} / "
             f"{r['load_after'][0]:.1f} |")
     lines += ["", "sparse: each output block reads only the frames that cover it (sky "
-              "levels matched); dense: every block reads every frame (sky matching off). "
+              "levels matched); sparse-nomatch: the same without sky matching; dense: "
+              "every block reads every frame (sky matching off). "
               "combine: the `combine_store_path` call alone (CPU: process time of the "
               "client and both workers); process: the whole measured command (cluster start "
               "and stop included; CPU: user + system of the process tree), whose peak RSS "

@@ -7,9 +7,14 @@ Phases, each a fan-out of small tasks over a `distributed.Client`::
     solve     per frame: read, detect, match, fit             -> SolveResult (WCS text + QA)
               again, with the detections of the other exposures of the same pointing,
               for frames too thin to solve alone
-    grid      client: one output grid from the solved WCSs
-    register  per frame: reproject tile by tile into zarr    -> tile count (+ sky level)
-    combine   per output block: scale, reject, combine       -> zarr -> FITS (streamed)
+    fields    client: the batch's fields (`output_fields`), each its own grid, store
+              and coadds (``OUT/<field>/`` when there are several)
+    grid      client: one output grid per field from its solved WCSs (a mosaic: the
+              optimal grid covering every pointing)
+    register  per frame: reproject tile by tile into zarr    -> the tiles it covers
+                                                                (+ sky level)
+    combine   per output block: read only the frames over it, scale (a mosaic: sky
+              levels matched over the overlaps), reject, combine -> zarr -> FITS
               (+ per frame: frame minus coadd, on request)
     report    per frame and per run: pictures, then one HTML page (on request)
 
