@@ -136,7 +136,7 @@ def _mosaic(argv) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m benchmarks mosaic",
                                      description="the combine of synthetic n x n mosaics")
-    parser.add_argument("--sides", type=int, nargs="+", default=[2, 3, 4, 10],
+    parser.add_argument("--sides", type=int, nargs="*", default=[2, 3, 4, 10],
                         help="mosaics of side x side frames (combine with per-block frame "
                              "lists)")
     parser.add_argument("--dense-sides", type=int, nargs="*", default=[2, 3, 4],
