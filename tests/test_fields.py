@@ -22,6 +22,8 @@ OVERLAP = 0.2  # the mosaic's pointings overlap by a fifth of a frame
 EXACT = dict(shape=(SIDE, SIDE), pixscale=PIXSCALE, pointing_error_arcmin=0.0,
              rotation_error_deg=0.0, dither_arcsec=0.0, cosmic_rays=False, bad_columns=0,
              hot_pixels=0, sky_gradient=0.0, fwhm_range=(3.0, 3.5))
+# store tiles smaller than the mosaic's grid: each frame covers some of them only
+TILED = Settings().replace("register", tile=128)
 MOSAIC = "Big Nebula"  # OBJECT of the mosaic; its field directory is its file-safe form
 MOSAIC_DIR = "Big_Nebula"
 
@@ -72,7 +74,7 @@ def header_run(batch, lco_frames, dask_client):
     nothing solved, so the test stays fast; the real frames' solving is
     tests/test_solve_real.py's)."""
     frames = [*lco_frames, *batch["alpha"], *batch["beta"], *batch["mosaic"]]
-    return run(frames, "", batch["root"] / "out", Settings(), client=dask_client)
+    return run(frames, "", batch["root"] / "out", TILED, client=dask_client)
 
 
 # the real u' frames, whose header says LCO could not solve their WCS (WCSERR = 4)
@@ -208,7 +210,7 @@ def test_fields_resume_combine_exclude_and_report(header_run, batch, lco_frames,
 
     out = header_run.out_dir
     frames = [*lco_frames, *batch["alpha"], *batch["beta"], *batch["mosaic"]]
-    again = run(frames, "", out, Settings(), client=dask_client)
+    again = run(frames, "", out, TILED, client=dask_client)
     assert again.coadds == header_run.coadds
     # nothing registered again: every frame's registration time is the first run's
     before = Table.read(out / "manifest.ecsv")
