@@ -648,6 +648,8 @@ def two_colour_overlay(store_path, png, reference: str = "", aligned: str = "",
         n for names in stack.filters.values() for n in names]
     if not registered:
         return None
+    if reference not in registered:  # the grid's own reference frame (REFFRAME), if any
+        reference = stack.params.get("reference_frame", "")
     if reference not in registered:
         reference = registered[0]
     if aligned not in registered or aligned == reference:

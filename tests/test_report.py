@@ -173,6 +173,10 @@ def test_run_pictures(sim_report, tmp_path):
         for name in (f"coadd_{key}.png", f"weight_{key}.png"):
             assert png_pixels(out / name)[..., :3].std() > 0.02
     assert png_pixels(out / "overlay.png")[..., :3].std() > 0.02
+    # the overlay's reference is the grid's reference frame, as the coadd's REFFRAME says
+    drawn = report.two_colour_overlay(run_dir / "store.zarr", tmp_path / "overlay.png")
+    refframe = fits.getheader(next(run_dir.glob("coadd_*.fits")))["REFFRAME"]
+    assert drawn["reference"] == refframe != drawn["aligned"]
     assert (out / "summary.png").exists()
     assert not (out / "colour.png").exists()  # two filters only
 
