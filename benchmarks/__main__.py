@@ -2,9 +2,10 @@
 benchmarks report RESULTS.json``, the astrometry evidence (``detect-sweep``,
 ``astrometry-real``, ``false-alarms``, ``fast-path``; see `benchmarks.astrometry_evidence`),
 ``thin-frames`` (`benchmarks.thin_frames`), ``mosaic`` (the combine of a mosaic:
-`benchmarks.mosaic`) and ``python -m benchmarks report-scale`` (the
-run report's time and size against the number of frames; `benchmarks.report_scale`), run
-from the repository root."""
+`benchmarks.mosaic`), ``python -m benchmarks report-scale`` (the
+run report's time and size against the number of frames; `benchmarks.report_scale`) and
+``python -m benchmarks lightcurve`` (light curves from stores of 250 and 1000 frames;
+`benchmarks.lightcurve_bench`), run from the repository root."""
 
 from __future__ import annotations
 
@@ -26,6 +27,10 @@ def main(argv=None) -> int:
         from .report_scale import main as report_scale
 
         return report_scale(argv[1:])
+    if argv[:1] == ["lightcurve"]:
+        from .lightcurve_bench import main as lightcurve
+
+        return lightcurve(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m benchmarks",
                                      description="daskstack benchmarks against the tutorial's "
                                                  "method, SWarp and reproject_and_coadd")
@@ -64,6 +69,8 @@ def main(argv=None) -> int:
                    "frames (python -m benchmarks report-scale --help)")
     sub.add_parser("mosaic", help="the combine of a 10x10 mosaic of 1024x1024 frames: time "
                    "against frames, memory (python -m benchmarks mosaic --help)")
+    sub.add_parser("lightcurve", help="daskstack lightcurve on stores of 250 and 1000 frames "
+                   "(python -m benchmarks lightcurve --help)")
     # the astrometry evidence (benchmarks/astrometry_evidence.py): one result file each
     evidence = {
         "detect-sweep": "isophote threshold x radius on the real frames; photutils' "

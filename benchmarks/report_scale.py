@@ -17,19 +17,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
-import json
 import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from . import measure
-from .runner import _machine, _provenance
+from .runner import run_per_n
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu",
@@ -187,26 +184,8 @@ def main(argv=None) -> int:
                         help="keep the frames and runs in this directory")
     args = parser.parse_args(argv)
     command = "python -m benchmarks report-scale " + " ".join(argv or sys.argv[2:])
-    machine = _machine()
-    workdir = args.keep or Path(tempfile.mkdtemp(prefix="report-scale-"))
-    workdir.mkdir(parents=True, exist_ok=True)
-    try:
-        results = []
-        for n in args.n:
-            print(f"report-scale: {n} frames ...", flush=True)
-            results.append(measure_one(n, args.size, workdir, args.workers))
-            print(json.dumps({k: v for k, v in results[-1].items()
-                              if k not in ("run", "report")}, default=str), flush=True)
-    finally:
-        if args.keep is None:
-            shutil.rmtree(workdir, ignore_errors=True)
-    date = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d")
-    result = {"benchmark": "report-scale", "date": date, "machine": machine,
-              "provenance": _provenance(command), "results": results}
-    args.out.mkdir(parents=True, exist_ok=True)
-    json_path = args.out / f"report-scale-{date}.json"
-    json_path.write_text(json.dumps(result, indent=1, default=str))
-    md_path = json_path.with_suffix(".md")
-    md_path.write_text(_markdown(result))
-    print(md_path.read_text())
+    run_per_n("report-scale", args.n,
+              lambda n, workdir: measure_one(n, args.size, workdir, args.workers),
+              out_dir=args.out, keep=args.keep, command=command, markdown=_markdown,
+              not_printed=("run", "report"))
     return 0

@@ -63,6 +63,40 @@ def _provenance(command: str) -> dict:
             "branch": git("rev-parse", "--abbrev-ref", "HEAD")}
 
 
+def run_per_n(benchmark: str, ns, measure_n, *, out_dir: Path, keep: Path | None,
+              command: str, markdown, not_printed=()) -> Path:
+    """``measure_n(n, workdir)`` for each frame count ``n`` in a scratch directory (kept in
+    ``keep`` when given); writes ``out_dir/<benchmark>-<date>.json`` (the results, the
+    machine, the command and commit) and ``.md`` (``markdown(result)``), prints the
+    markdown and returns its path."""
+    import datetime
+    import tempfile
+
+    machine = _machine()
+    workdir = keep or Path(tempfile.mkdtemp(prefix=f"{benchmark}-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        results = []
+        for n in ns:
+            log(f"{benchmark}: {n} frames ...")
+            results.append(measure_n(n, workdir))
+            log(json.dumps({k: v for k, v in results[-1].items() if k not in not_printed},
+                           default=str))
+    finally:
+        if keep is None:
+            shutil.rmtree(workdir, ignore_errors=True)
+    date = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d")
+    result = {"benchmark": benchmark, "date": date, "machine": machine,
+              "provenance": _provenance(command), "results": results}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path = out_dir / f"{benchmark}-{date}.json"
+    json_path.write_text(json.dumps(result, indent=1, default=str))
+    md_path = json_path.with_suffix(".md")
+    md_path.write_text(markdown(result))
+    print(md_path.read_text())
+    return md_path
+
+
 def new_record(contender, dataset) -> dict:
     return {"contender": contender, "dataset": dataset.name, "n_frames": len(dataset.frames),
             "frame_shape": list(dataset.frame_shape), "repeats": []}

@@ -22,7 +22,8 @@ may change between versions:
   `make_grid`, `register_frame`, `frame_scales`, `combine_stack`, `open_store`;
 - many frames on a Dask cluster (each takes inputs and `Settings`, and an optional
   ``client=``; without one a cluster is started from ``settings.cluster``): `run`,
-  `solve_files`, `register_files`, `combine_store_path`, `make_report`;
+  `solve_files`, `register_files`, `combine_store_path`, `lightcurve_store_path`,
+  `make_report`;
 - records and options: `Settings` (immutable: `Settings.replace`, `Settings.update`
   return new ones), `Frame`, `FrameMeta`, `Detections`, `SolveResult`, `Grid`,
   `FrameRecord` (one frame of a run), `FrameInfo` (its record in the store),
@@ -34,6 +35,7 @@ may change between versions:
 from ._pipeline import (
     RunResult,
     combine_store_path,
+    lightcurve_store_path,
     make_report,
     register_files,
     run,
@@ -68,6 +70,7 @@ __all__ = [
     "SolveResult",
     "combine_stack",
     "combine_store_path",
+    "lightcurve_store_path",
     "detect_sources",
     "frame_scales",
     "load_catalog",

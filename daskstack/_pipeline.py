@@ -17,13 +17,15 @@ Phases, each a fan-out of small tasks over a `distributed.Client`::
               levels matched over the overlaps), reject, combine -> zarr -> FITS
               (+ per frame: frame minus coadd, on request)
     report    per frame and per run: pictures, then one HTML page (on request)
+    lightcurve  per block of frames: small boxes around the targets read from the store,
+              aperture photometry                         -> light curves (on request)
 
 The public functions take inputs and `Settings` (never changed: a run derives its own)
 and an optional ``client`` (without one, a cluster is started from ``settings.cluster``):
 `run` (every phase), `solve_files`, `register_files`, `combine_store_path` (one stage at
-a time) and `make_report`. Each phase is a private helper on a client and the frames'
-`FrameRecord` list; the stages' computation lives in their modules, the tasks here only
-wrap it.
+a time), `lightcurve_store_path` (forced photometry from the store) and `make_report`.
+Each phase is a private helper on a client and the frames' `FrameRecord` list; the
+stages' computation lives in their modules, the tasks here only wrap it.
 
 Tasks carry paths and small records, never pixel arrays: workers open the files
 themselves, so the graph grows with the number of frames, not with their size.
@@ -37,7 +39,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -58,6 +60,7 @@ from ._fields import (
     _night_groups,
     output_fields,
 )
+from ._io import as_path, local_path, remove_tree
 from ._rundir import (
     ERRORS_FILE,
     EXCLUDED,
@@ -105,6 +108,7 @@ __all__ = [
     "RunResult",
     "choose_grid",
     "combine_store_path",
+    "lightcurve_store_path",
     "make_report",
     "reference_frame",
     "register_files",
@@ -184,12 +188,34 @@ def _catalog_task(catalog: Table) -> Table:
     return catalog
 
 
+def _with_zero_point(frame, result: SolveResult, catalog: Table, settings: Settings,
+                     detections=None) -> SolveResult:
+    """The solved frame's zero point (`daskstack.photcal`) into its result, measured from
+    the pixels and detections already in memory: no frame is read twice."""
+    from .photcal import calibrate_frame
+
+    if result.ok and settings.photometry.zero_points:
+        zp = calibrate_frame(frame, result.wcs, catalog, result.fwhm_px,
+                             detections=detections, settings=settings)
+        result.zp, result.zp_err, result.n_zp = zp.zp, zp.zp_err, zp.n_zp
+        result.zp_band, result.zp_reason = zp.band, zp.reason
+        result.airmass, result.zp_stars = zp.airmass, zp.stars
+    elif result.ok:
+        result.zp_reason = "not measured (--no-zero-points)"
+    return result
+
+
 def _solve_task(meta: FrameMeta, catalog: Table, settings: Settings, companions=None):
+    from .detect import detect_sources
+
     try:
         frame = read_frame(meta.path)
         if companions is not None:  # exposures that could not be read give None
             companions = [c for c in companions if c is not None] or None
-        return solve_frame(frame, catalog, settings, companions=companions)
+        detections = detect_sources(frame, settings.detect)
+        result = solve_frame(frame, catalog, settings, companions=companions,
+                             detections=detections)
+        return _with_zero_point(frame, result, catalog, settings, detections)
     except FrameError as err:
         return failure(meta, err.reason)
     except Exception as err:  # a bug: reported apart (errors.log), the batch goes on
@@ -209,8 +235,9 @@ def _constrained_task(meta: FrameMeta, catalog: Table, settings: Settings, prior
                  zip(night_detections, night_wcs_headers, strict=True) if d is not None]
         night = night_sources([d for d, _ in pairs], [w for _, w in pairs],
                               radius_arcsec=2.0 * prior.scale_arcsec) if pairs else None
-        return solve_constrained(frame, catalog, prior, settings, companions=companions,
-                                 night=night)
+        result = solve_constrained(frame, catalog, prior, settings, companions=companions,
+                                   night=night)
+        return _with_zero_point(frame, result, catalog, settings)
     except FrameError as err:
         return failure(meta, err.reason)
     except Exception as err:  # a bug: reported apart (errors.log), the batch goes on
@@ -346,13 +373,15 @@ def _solve_frames(client, records: list[FrameRecord], out_dir: Path, settings: S
                 continue
             _accept_solution(r, SolveResult(
                 name=r.meta.name, path=r.meta.path, filter=r.meta.filter, status="ok",
-                wcs_header=r.meta.wcs_header, method="header"), output_log)
+                wcs_header=r.meta.wcs_header, method="header",
+                zp_reason="not measured: the header WCS was used, no catalog stars matched"),
+                output_log)
         if manifest is not None:
             write_manifest(records, manifest)
         return
     if not todo:
         return
-    cache_dir = settings.catalog.cache_dir or str(out_dir / "catalog-cache")
+    cache_dir = settings.catalog.cache_dir or _catalog_cache(out_dir)
     field_radius = _field_radius_deg(settings)
     futures = {}
     catalog_of = {}  # frame name -> future of its field's catalog
@@ -412,8 +441,31 @@ def _solve_frames(client, records: list[FrameRecord], out_dir: Path, settings: S
     for r in records:
         if r.meta is not None and r.result is None:
             r.result = failure(r.meta, "not solved")
+    _fit_zero_points(records, settings)
     if manifest is not None:
         write_manifest(records, manifest)
+
+
+def _fit_zero_points(records: list[FrameRecord], settings: Settings) -> None:
+    """The zero points of the frames solved now, fitted with one colour term per filter,
+    camera and night (`daskstack.photcal.fit_zero_points`; the QA's groups of comparable
+    frames) from the stars each frame's task measured."""
+    from .photcal import fit_zero_points
+
+    if not settings.photometry.colour_term:
+        return
+    groups: dict[str, list[FrameRecord]] = {}
+    for r in records:
+        if r.result is not None and r.result.ok and r.result.zp_stars is not None:
+            groups.setdefault(qa.frame_group(r.row()), []).append(r)
+    for group, members in groups.items():
+        fits = fit_zero_points([r.result.zp_stars for r in members], members[0].result.zp_band,
+                               settings.photometry)
+        for r, zp in zip(members, fits, strict=True):
+            r.result.zp, r.result.zp_err, r.result.n_zp = zp.zp, zp.zp_err, zp.n_zp
+            r.result.zp_reason = zp.reason
+        log.info("%s: colour term %.3f (g-r) from %d frame(s)", group, fits[0].colour_term,
+                 len(members))
 
 
 def _solve_constrained(client, records, catalog_of, settings, progress, on_result) -> None:
@@ -538,12 +590,11 @@ def _register_frames(client, records: list[FrameRecord], grid: Grid, store_path:
             r.refusal = f"does not overlap the output grid ({settings.grid.method} grid)"
             log.warning("%s: %s", Path(r.file).name, r.reason)
     solved = [r for r in records if r.status == "ok"]
-    filters: dict[str, list[str]] = {}
-    for r in solved:
-        filters.setdefault(r.meta.filter, []).append(r.name)
-    frame_info = {r.name: r.info() for r in solved}
     params = {"register": dataclasses.asdict(settings.register),
               "catalog": catalog_label(settings)}
+    if catalog_label(settings):  # the system of the frames' zero points (coadd PHOTSYS)
+        params["photsys"] = catalogs.photometric_system(settings.catalog.source,
+                                                        settings.catalog)
     if reference:
         params["reference_frame"] = reference
     if mosaic:
@@ -552,12 +603,23 @@ def _register_frames(client, records: list[FrameRecord], grid: Grid, store_path:
         previous = store_mod.open_store(store_path)
     except store_mod.StoreError:
         previous = None
+    # the frames of a store of these frames, on this grid, keep their place (and their
+    # tiles); frames added to the run (tonight's) go after them
+    kept = (previous is not None and previous.grid.fingerprint == grid.fingerprint
+            and previous.tile == settings.register.tile
+            and {n for names in previous.filters.values() for n in names}
+            <= {r.name for r in records})
+    filters: dict[str, list[str]] = ({f: list(names) for f, names in previous.filters.items()}
+                                     if kept else {})
+    for r in solved:
+        names = filters.setdefault(r.meta.filter, [])
+        if r.name not in names:
+            names.append(r.name)
+    frame_info = {r.name: r.info() for r in solved}
     stack = store_mod.create_store(store_path, grid, frame_info, filters,
                                    tile=settings.register.tile, params=params,
                                    footprint=settings.register.method != "interp")
-    reused = (previous is not None and previous.grid.fingerprint == grid.fingerprint
-              and previous.tile == stack.tile and previous.filters == filters
-              and previous.params.get("register") == params["register"])
+    reused = kept and previous.params.get("register") == params["register"]
     registered_before = set(previous.params.get("registered", [])) if reused else set()
     stack.params["registered"] = sorted(registered_before & {r.name for r in solved})
     tiles_before = previous.params.get(FRAME_TILES, {}) if reused else {}
@@ -728,7 +790,7 @@ def _combine_store(client, store_path: Path, out_dir: Path, settings: Settings,
 
     def wrote(path):
         output_log.add(path)
-        written.append(Path(path))
+        written.append(as_path(path))
 
     _check_store_kept(store_path)
     stack = store_mod.open_store(store_path)
@@ -807,7 +869,7 @@ def _combine_store(client, store_path: Path, out_dir: Path, settings: Settings,
                                    weights_of.get(method), excluded=left_out)
             write_coadd_fits(path, header, arrays)
             wrote(path)
-            stack.params.setdefault(COADD_SETTINGS, {})[str(Path(path).resolve())] = (
+            stack.params.setdefault(COADD_SETTINGS, {})[str(as_path(path).resolve())] = (
                 _made_with(cs, method))
         store_mod.update_frames(stack, {})  # records the settings of the coadds
         outputs[filter_name] = paths[0][1]
@@ -928,7 +990,7 @@ def _write_differences(client, stack, filter_name, names, indices, scales, coadd
                        out_dir, wrote) -> None:
     """``OUT/difference/<frame>.fits`` for every combined frame: one task each."""
     directory = out_dir / "difference"
-    directory.mkdir(exist_ok=True)
+    _make_directory(directory)
     header = stack.grid.header
     futures = {}
     for name, index, scale, offset in zip(names, indices, scales.scales, scales.offsets,
@@ -940,7 +1002,7 @@ def _write_differences(client, stack, filter_name, names, indices, scales, coadd
             _difference_task, stack.path, filter_name, index, float(scale), float(offset),
             coadd_key, str(directory / f"{name}.fits"), frame_header.tostring(), pure=False)
     _gather_as_completed(client, futures, "difference", _progress_none,
-                         lambda name, path: wrote(Path(path))
+                         lambda name, path: wrote(as_path(path))
                          if isinstance(path, str) else log.warning(
                              "%s: no difference image (%s)", name, path))
 
@@ -978,17 +1040,45 @@ def run(inputs, catalog: str, out_dir, settings: Settings | None = None, *, clie
 
     settings = _for_catalog(settings or Settings(), catalog).validate()
     progress = progress or _progress_none
-    out_dir = Path(out_dir).absolute()  # workers write the store by this path
+    out_dir = run_location(out_dir)  # workers write the store by this path
     inputs = dedupe(inputs)
     if not inputs:
         raise RunError("no input frames")
     check_before_work(inputs, catalog, settings)
     resumed = check_run_dir(out_dir, run_signature(inputs, catalog, settings), overwrite)
     if client is None:
-        with open_client(settings.cluster, local_directory=str(out_dir / ".dask"),
+        with open_client(settings.cluster, local_directory=_dask_directory(out_dir),
                          announce=getattr(progress, "notice", None)) as own:
             return _run(own, inputs, out_dir, settings, progress, resumed, report)
     return _run(client, inputs, out_dir, settings, progress, resumed, report)
+
+
+def run_location(out_dir):
+    """The run directory as the workers reach it: an absolute local `Path`, or a URL
+    (``s3://bucket/run``: `_io.as_path`), where workers and client write directly."""
+    location = as_path(out_dir)
+    return location.absolute() if local_path(location) is not None else location
+
+
+def _make_directory(out_dir) -> None:
+    """Make a local output directory (an object store has none to make)."""
+    if local_path(out_dir) is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _dask_directory(out_dir) -> str | None:
+    """A local cluster's working directory: OUT/.dask; the system's temporary directory
+    (Dask's default) for a run directory on an object store."""
+    return str(out_dir / ".dask") if local_path(out_dir) is not None else None
+
+
+def _catalog_cache(out_dir) -> str:
+    """Where catalog queries are cached by default: OUT/catalog-cache, read and written
+    on the client; for a run directory on an object store, the local temporary
+    directory."""
+    if local_path(out_dir) is not None:
+        return str(out_dir / "catalog-cache")
+    return str(Path(tempfile.gettempdir()) / "daskstack-catalog-cache")
 
 
 def _for_catalog(settings: Settings, catalog: str) -> Settings:
@@ -1039,7 +1129,7 @@ def _run(client, inputs, out_dir, settings, progress, resumed, report=False) -> 
         # after the report, which draws from the store; outputs.ecsv never lists the
         # store, so it stays true; combine says how to get the store back
         for store_path in result.stores:
-            shutil.rmtree(store_path, ignore_errors=True)
+            remove_tree(store_path)
             log.info("removed %s (--no-keep-store)", store_path)
         result.store, result.stores = None, []
     return result
@@ -1047,8 +1137,9 @@ def _run(client, inputs, out_dir, settings, progress, resumed, report=False) -> 
 
 def _check_store_kept(store_path: Path) -> None:
     """A run directory whose store is gone: say why and how to get it back."""
-    store_path = Path(store_path)
-    if not store_path.exists() and (run_dir_of(store_path) / "run.json").exists():
+    store_path = as_path(store_path)
+    if not store_path.exists() and ((store_path.parent / "run.json").exists() or (
+            store_path.parent.parent / "run.json").exists()):  # a field's store: OUT/<field>/
         raise RunError(
             f"{store_path}: the registered stack was removed after the coadds were written "
             "(run with --no-keep-store); run the same 'daskstack run' command again with "
@@ -1086,8 +1177,14 @@ def _run_stages(client, inputs, out_dir, settings, progress, resumed) -> RunResu
         if not any(r.status == "ok" for r in members):
             continue
         directory = field_dir(out_dir, field_name)
-        directory.mkdir(parents=True, exist_ok=True)
-        grid, reference, mosaic = _field_grid(members, settings)
+        _make_directory(directory)
+        store_path = directory / "store.zarr"
+        kept = _kept_grid(store_path) if resumed else None
+        if kept is not None:  # frames added to a run: registered on the grid of its coadds
+            grid, reference = kept
+            mosaic = bool(store_mod.open_store(store_path).params.get(MOSAIC))
+        else:
+            grid, reference, mosaic = _field_grid(members, settings)
         if field_name:
             log.info("field %s: %d frames, %s grid %dx%d", field_name, len(members),
                      "mosaic" if mosaic else "reference", grid.shape[1], grid.shape[0])
@@ -1096,8 +1193,8 @@ def _run_stages(client, inputs, out_dir, settings, progress, resumed) -> RunResu
                                                          settings.register.tile),
                          f"for the {grid.shape[1]}x{grid.shape[0]} grid")
         _announce_store_size(members, grid, settings, progress)
-        stores[field_name] = directory / "store.zarr"
-        _register_frames(client, members, grid, stores[field_name], settings, progress,
+        stores[field_name] = store_path
+        _register_frames(client, members, grid, store_path, settings, progress,
                          manifest, reference=reference, errors=errors, manifest_records=records,
                          mosaic=mosaic)
     result.stores = list(stores.values())
@@ -1171,6 +1268,17 @@ def _is_mosaic(solved: list[FrameRecord], reference: str) -> bool:
     return not bool(np.all(inside))
 
 
+def _kept_grid(store_path) -> tuple[Grid, str] | None:
+    """(grid, reference frame) of the store a resumed run made; None without one. A run
+    to which frames were added keeps it: the frames registered are not moved, and a
+    new frame is registered where it overlaps it (one wholly off it fails)."""
+    try:
+        stack = store_mod.open_store(store_path)
+    except store_mod.StoreError:
+        return None
+    return stack.grid, stack.params.get("reference_frame", "")
+
+
 def _announce_store_size(records, grid: Grid, settings: Settings, progress) -> None:
     """Say before registering how large the store will be (logged and, in the command,
     shown with the progress)."""
@@ -1191,7 +1299,7 @@ def _check_workers_see_inputs(records: list[FrameRecord]) -> None:
     filesystem (a remote ``--scheduler`` or batch jobs); say so instead of failing each."""
     missing = [r for r in records if r.meta is None and "does not exist" in r.reason]
     if missing and len(missing) == len(records) and all(
-            Path(r.file).exists() for r in missing[:5]):
+            as_path(r.file).exists() for r in missing[:5]):
         raise RunError(
             f"the Dask workers cannot see the input files (e.g. {missing[0].file}), which "
             "exist here: put the inputs and --out on a filesystem the workers share")
@@ -1205,7 +1313,7 @@ def _with_client(settings: Settings, out_dir: Path, client, func, progress=None)
 
     if client is not None:
         return func(client)
-    with open_client(settings.cluster, local_directory=str(out_dir / ".dask"),
+    with open_client(settings.cluster, local_directory=_dask_directory(out_dir),
                      announce=getattr(progress, "notice", None)) as own:
         return func(own)
 
@@ -1214,11 +1322,11 @@ def solve_files(inputs, catalog: str, out_dir, settings: Settings | None = None,
                 client=None, progress: ProgressCallback | None = None) -> list[FrameRecord]:
     """Astrometry only: ``OUT/<name>.wcs`` per solved frame and ``OUT/solve.ecsv`` (QA)."""
     settings = (settings or Settings()).replace("catalog", source=catalog).validate()
-    out_dir = Path(out_dir)
+    out_dir = run_location(out_dir)
     progress = progress or _progress_none
     inputs = dedupe(inputs)
     check_before_work(inputs, catalog, settings)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    _make_directory(out_dir)
 
     def work(client):
         records = _inspect_frames(client, inputs, progress)
@@ -1236,8 +1344,8 @@ def register_files(inputs, out_dir, settings: Settings | None = None, *,
     """Reproject frames into ``OUT/store.zarr`` using ``OUT/<name>.wcs`` (from `solve_files`)
     or, with ``wcs_source='header'``, their header WCS."""
     settings = (settings or Settings()).validate()
-    out_dir = Path(out_dir).absolute()  # workers write the store by this path
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = run_location(out_dir)  # workers write the store by this path
+    _make_directory(out_dir)
     progress = progress or _progress_none
     inputs = dedupe(inputs)
     # which catalog solved the .wcs files is not known here
@@ -1295,11 +1403,13 @@ def combine_store_path(store_path, out_dir, settings: Settings | None = None, *,
     appended to ``written``."""
     settings = (settings or Settings()).validate()
     fields = field_stores(store_path)  # a run directory of several fields: each one's
+    out_dir = run_location(out_dir)
     if not fields:
-        fields = {"": Path(store_path)}
-        out_dirs = {"": Path(out_dir)}
+        fields = {"": run_location(store_path)}
+        out_dirs = {"": out_dir}
     else:
-        out_dirs = {f: Path(out_dir) / f for f in fields}
+        fields = {f: run_location(path) for f, path in fields.items()}
+        out_dirs = {f: out_dir / f for f in fields}
     stacks = {}
     for f, path in fields.items():
         _check_store_kept(path)  # before a cluster is started for nothing
@@ -1312,21 +1422,247 @@ def combine_store_path(store_path, out_dir, settings: Settings | None = None, *,
         excluded.update(frame_selection(stack, settings, run_names))
 
     def combine_all(client):
-        outputs, output_log = {}, OutputLog(Path(out_dir))
+        outputs, output_log = {}, OutputLog(out_dir)
         for f, path in fields.items():
-            out_dirs[f].mkdir(parents=True, exist_ok=True)
-            coadds = _combine_store(client, Path(path).absolute(), out_dirs[f], settings,
+            _make_directory(out_dirs[f])
+            coadds = _combine_store(client, path, out_dirs[f], settings,
                                     progress or _progress_none, output_log, written=written,
                                     excluded=excluded)
             outputs.update({coadd_name(f, k): p for k, p in coadds.items()})
         return outputs
 
-    outputs = _with_client(settings, Path(out_dir), client, combine_all, progress)
+    outputs = _with_client(settings, out_dir, client, combine_all, progress)
     # the run's manifest (beside the store, or above a field's) says which frames this
     # combine left out
     for f, path in fields.items():
         mark_excluded(run_dir_of(path) / "manifest.ecsv", excluded, only=set(stacks[f].frames))
     return outputs
+
+
+# --------------------------------------------------------------------------------------
+# Light curves: forced photometry from the store (daskstack.lightcurve computes)
+# --------------------------------------------------------------------------------------
+LIGHTCURVE_BLOCK = 64  # frames per task: a task per frame would cost more than its work
+LIGHTCURVE_DIR = "lightcurves"
+
+
+def _lightcurve_task(store_path: str, filter_name: str, start: int, stop: int, boxes, stars,
+                     fwhm, scale, resampled: bool, max_fwhm: float) -> dict:
+    """Photometry of every star on frames ``start:stop`` of a filter: only the boxes
+    around the stars are read."""
+    from .lightcurve import measure_block
+
+    cubes = [store_mod.read_box(store_path, filter_name, start, stop, b.y0, b.y1, b.x0, b.x1)
+             for b in boxes]
+    return measure_block(cubes, boxes, stars, fwhm, scale=scale, resampled=resampled,
+                         max_fwhm=max_fwhm)
+
+
+def lightcurve_store_path(store_path, targets, names=(), settings: Settings | None = None, *,
+                          catalog: str = "", client=None,
+                          progress: ProgressCallback | None = None,
+                          out_dir=None) -> dict[str, Path]:
+    """Light curves of sky positions from a store: forced aperture photometry on every
+    registered frame (`daskstack.lightcurve`), calibrated with each frame's zero point,
+    and differential against comparison stars of the run's catalog.
+
+    ``targets``: ``"RA DEC"`` strings (degrees or sexagesimal) or ``(ra, dec)`` degrees;
+    ``names``: their names, in order (the others are named from their coordinates).
+    Writes ``OUT/lightcurves/<name>.ecsv`` and ``<name>.png`` per target (``OUT``: the
+    run directory, the store's parent, unless ``out_dir``); returns ``{name: ecsv}``.
+    One task per block of `LIGHTCURVE_BLOCK` frames of a filter, reading only the store
+    chunks around the stars. ``settings``: the run's (default: its ``run.json``), for
+    the catalog and the cluster; ``catalog``: where to choose the comparison stars
+    instead of the run's catalog (a file or a service name, as for `run`).
+    """
+    from . import lightcurve as lc
+
+    store_path = Path(store_path).absolute()
+    _check_store_kept(store_path)
+    stack = store_mod.open_store(store_path)  # StoreError: not a daskstack store
+    run_dir = store_path.parent
+    out_dir = Path(out_dir).absolute() if out_dir else run_dir
+    if settings is None:
+        settings = run_settings(run_dir) if (run_dir / "run.json").exists() else Settings()
+    if catalog:
+        settings = settings.replace("catalog", source=str(catalog))
+    targets = list(targets)
+    if not targets:
+        raise RunError("no target given: --target \"RA DEC\"")
+    if len(names) > len(targets):
+        raise RunError(f"{len(names)} --target-name for {len(targets)} --target")
+    coords = [tuple(map(float, t)) if not isinstance(t, str) else lc.parse_target(t)
+              for t in targets]
+    labels = [lc.target_name(ra, dec, names[i] if i < len(names) else "")
+              for i, (ra, dec) in enumerate(coords)]
+    if len(set(labels)) < len(labels):
+        raise RunError(f"targets with the same name: {', '.join(labels)}")
+    wcs = stack.grid.wcs
+    ny, nx = stack.grid.shape
+    tx, ty = wcs.world_to_pixel_values([c[0] for c in coords], [c[1] for c in coords])
+    stars = [lc.Star(ra, dec, float(x), float(y)) for (ra, dec), x, y in
+             zip(coords, np.atleast_1d(tx), np.atleast_1d(ty), strict=True)]
+    for label, star in zip(labels, stars, strict=True):
+        if not (-0.5 <= star.x < nx - 0.5 and -0.5 <= star.y < ny - 0.5):
+            raise RunError(f"target {label} (RA {star.ra:.5f} Dec {star.dec:+.5f}) is not "
+                           f"on the grid of {store_path} ({nx}x{ny} px)")
+
+    frames, fwhm, scale = _lightcurve_frames(stack, run_dir)
+    if not len(frames):
+        raise RunError(f"{store_path}: no registered frame")
+    grid_scale = stack.grid.pixel_scale_arcsec
+    known = fwhm[np.isfinite(fwhm)]
+    # the boxes hold the sky annulus of the worst frame's seeing, up to 3x the typical
+    typical = (float(np.median(known)) if len(known)
+               else lc.DEFAULT_FWHM_ARCSEC / grid_scale)
+    box_fwhm = (float(min(np.max(known), 3 * typical)) if len(known)
+                else 2.5 * lc.DEFAULT_FWHM_ARCSEC / grid_scale)
+    half = lc.star_box_half(box_fwhm)
+    candidate_stars, candidates = _comparison_candidates(
+        stack, settings, run_dir, stars, isolation_px=lc.ISOLATION_FWHM * typical,
+        margin_px=lc.SKY_FWHM[1] * typical + 1.0, epoch_mjd=float(np.nanmedian(frames["mjd"])))
+    every = stars + candidate_stars
+    boxes = lc.reading_boxes(every, half, (ny, nx), (stack.tile, stack.tile))
+    method = (stack.params.get("register") or {}).get("method", "interp")
+    resampled = method == "interp"
+    max_fwhm = (half - 2) / lc.SKY_FWHM[1]
+
+    def work(client):
+        futures = {}
+        for filter_name, names_ in stack.filters.items():
+            rows = np.flatnonzero(frames["filter"] == filter_name)
+            if not len(rows):
+                continue
+            index = np.asarray(frames["index"])[rows]
+            for start in range(0, int(index.max()) + 1, LIGHTCURVE_BLOCK):
+                stop = min(start + LIGHTCURVE_BLOCK, len(names_))
+                block_fwhm = np.full(stop - start, np.nan)
+                block_scale = np.ones(stop - start)
+                inside = (index >= start) & (index < stop)
+                if not inside.any():
+                    continue
+                block_fwhm[index[inside] - start] = fwhm[rows[inside]]
+                block_scale[index[inside] - start] = scale[rows[inside]]
+                futures[(filter_name, start)] = client.submit(
+                    _lightcurve_task, str(store_path), filter_name, start, stop, boxes, every,
+                    block_fwhm, block_scale, resampled, max_fwhm, pure=False)
+        results = {}
+        _gather_as_completed(client, futures, "lightcurve", progress or _progress_none,
+                             results.__setitem__)
+        return results
+
+    results = _with_client(settings, out_dir, client, work, progress)
+    phot = {key: np.full((len(frames), len(every)), np.nan) for key in lc.PHOT_ARRAYS}
+    phot["flags"] = np.full((len(frames), len(every)), lc.LC_FLAG_NO_DATA, np.int32)
+    phot["fwhm"] = np.full(len(frames), np.nan)
+    for (filter_name, start), value in results.items():
+        if isinstance(value, BaseException):
+            raise RunError(f"light curves: frames {start}.. of {filter_name} could not be "
+                           f"measured: {value}") from value
+        rows = np.flatnonzero((frames["filter"] == filter_name)
+                              & (frames["index"] >= start)
+                              & (frames["index"] < start + LIGHTCURVE_BLOCK))
+        local = np.asarray(frames["index"])[rows] - start
+        for key in phot:
+            phot[key][rows] = value[key][local]
+    tables = lc.light_curves(frames, phot, len(stars), candidates, candidate_stars)
+    directory = out_dir / LIGHTCURVE_DIR
+    directory.mkdir(parents=True, exist_ok=True)
+    written = {}
+    from ._io import atomic_path
+    from ._report import lightcurve_figure
+
+    for label, star, table in zip(labels, stars, tables, strict=True):
+        table.sort("mjd")
+        table.meta.update({
+            "target": label, "ra": star.ra, "dec": star.dec, "x_grid": star.x,
+            "y_grid": star.y, "store": str(store_path),
+            "aperture": (f"radius {lc.APERTURE_FWHM:g} x each frame's FWHM (the fwhm column, "
+                         f"grid pixels); sky annulus {lc.SKY_FWHM[0]:g}-{lc.SKY_FWHM[1]:g} x "
+                         f"FWHM; flux corrected to {lc.TOTAL_FWHM:g} x FWHM (aper_corr)"),
+            "flags": {"1": "masked or saturated pixel in the aperture",
+                      "2": "aperture leaves the grid", "4": "no local sky",
+                      str(lc.LC_FLAG_NO_ZP): "no zero point: no mag",
+                      str(lc.LC_FLAG_NO_COMPARISON): "no comparison star: no diff_mag",
+                      str(lc.LC_FLAG_NO_DATA): "frame does not cover the target"}})
+        path = directory / f"{label}.ecsv"
+        with atomic_path(path) as tmp:
+            table.write(tmp, format="ascii.ecsv", overwrite=True)
+        lightcurve_figure(table, directory / f"{label}.png", title=label)
+        written[label] = path
+        log.info("light curve %s: %d frames -> %s", label, len(table), path)
+    return written
+
+
+def _lightcurve_frames(stack, run_dir: Path):
+    """The registered frames (a table: name, filter, index in the filter's stack, mjd,
+    site, exptime, zp, zp_err, airmass), each one's FWHM in grid pixels (NaN: not
+    measured) and its pixel size over the grid's (1 where the manifest does not say)."""
+    registered = _registered(stack)
+    manifest = read_manifest(run_dir / "manifest.ecsv")
+    frame_scale = {}
+    if manifest is not None and "pixel_scale_arcsec" in manifest.colnames:
+        frame_scale = {str(n): float(v) for n, v in
+                       zip(manifest["name"], manifest["pixel_scale_arcsec"], strict=True)
+                       if np.isfinite(v) and v > 0}
+    grid_scale = stack.grid.pixel_scale_arcsec
+    rows = []
+    for filter_name, names in stack.filters.items():
+        for index, name in enumerate(names):
+            if name not in registered:
+                continue
+            info = stack.frames.get(name) or store_mod.FrameInfo()
+            ratio = frame_scale.get(name, grid_scale) / grid_scale
+            rows.append({
+                "frame": name, "filter": filter_name, "index": index,
+                # mid-exposure: the time a light curve's point stands for
+                "mjd": _or_nan(info.mjd) + 0.5 * (info.exptime or 0.0) / 86400.0,
+                "site": info.site or "",
+                "exptime": _or_nan(info.exptime), "zp": _or_nan(info.zp),
+                "zp_err": _or_nan(info.zp_err), "airmass": _or_nan(info.airmass),
+                "fwhm": _or_nan(info.fwhm_px) * ratio, "scale": ratio})
+    if not rows:
+        return Table(), np.zeros(0), np.zeros(0)
+    table = Table(rows=rows)
+    return table, np.asarray(table["fwhm"], float), np.asarray(table["scale"], float)
+
+
+def _comparison_candidates(stack, settings: Settings, run_dir: Path, targets, *,
+                           isolation_px: float, margin_px: float, epoch_mjd: float):
+    """Comparison candidates from the run's catalog: ``(stars, per target: their
+    indices)``; none (with a warning) where the run had no catalog or it cannot be
+    read."""
+    from astropy.coordinates import SkyCoord
+    from astropy.time import Time
+
+    from . import lightcurve as lc
+
+    source = settings.catalog.source
+    if not source:
+        log.warning("the run has no catalog: no comparison stars, no differential "
+                    "photometry (diff_mag NaN)")
+        return [], [[] for _ in targets]
+    ny, nx = stack.grid.shape
+    wcs = stack.grid.wcs
+    ra0, dec0 = wcs.pixel_to_world_values((nx - 1) / 2, (ny - 1) / 2)
+    radius = 0.5 * math.hypot(nx, ny) * stack.grid.pixel_scale_arcsec / 3600.0
+    cache_dir = settings.catalog.cache_dir or str(run_dir / "catalog-cache")
+    epoch = float(Time(epoch_mjd, format="mjd").jyear) if np.isfinite(epoch_mjd) else None
+    try:
+        catalog = catalogs.reference_catalog(
+            source, SkyCoord(float(ra0), float(dec0), unit="deg"), radius,
+            dataclasses.replace(settings.catalog, cache_dir=cache_dir), epoch=epoch)
+    except catalogs.CatalogError as err:
+        log.warning("no comparison stars: catalog %s: %s", source, err)
+        return [], [[] for _ in targets]
+    x, y = wcs.world_to_pixel_values(np.asarray(catalog["ra"]), np.asarray(catalog["dec"]))
+    chosen = lc.choose_candidates(catalog, x, y, targets, (ny, nx),
+                                  isolation_px=isolation_px, margin_px=margin_px)
+    rows = sorted({i for per_target in chosen for i in per_target})
+    position = {row: k for k, row in enumerate(rows)}
+    stars = [lc.Star(float(catalog["ra"][i]), float(catalog["dec"][i]), float(x[i]),
+                     float(y[i]), float(catalog["mag"][i])) for i in rows]
+    return stars, [[position[i] for i in per_target] for per_target in chosen]
 
 
 # --------------------------------------------------------------------------------------
@@ -1348,7 +1684,7 @@ def make_report(run_dir, settings: Settings | None = None, *, client=None,
     ``settings``: those of the run (default: from its ``run.json``, `run_settings`);
     ``client``: where to draw (default: a cluster from ``settings.cluster``).
     """
-    run_dir = Path(run_dir).absolute()
+    run_dir = run_location(run_dir)
     if read_manifest(run_dir / "manifest.ecsv") is None:
         raise RunError(f"{run_dir}: no readable manifest.ecsv (not a daskstack run)")
     settings = settings or run_settings(run_dir)
@@ -1362,7 +1698,7 @@ def _make_report(client, run_dir, settings: Settings, *, frames: bool = True, pi
                  progress: ProgressCallback | None = None) -> Path:
     from . import _report as report_mod
 
-    run_dir = Path(run_dir).absolute()
+    run_dir = run_location(run_dir)
     progress = progress or _progress_none
     table = read_manifest(run_dir / "manifest.ecsv")
     if table is None:
@@ -1431,7 +1767,7 @@ def _report_catalogs(client, run_dir: Path, settings: Settings, files: list[str]
         return {}
     quick = dataclasses.replace(settings, catalog=dataclasses.replace(
         settings.catalog, retries=0, timeout=min(settings.catalog.timeout, 20.0)))
-    cache_dir = settings.catalog.cache_dir or str(run_dir / "catalog-cache")
+    cache_dir = settings.catalog.cache_dir or _catalog_cache(run_dir)
     metas = [r.meta for r in _inspect_frames(client, files, progress) if r.meta is not None]
     catalog_of = {}
     for members in _fields(metas, _field_radius_deg(settings)):

@@ -13,8 +13,13 @@ What the learn.astropy tutorial checks by eye for two frames, drawn where it is 
 * per run (``report/``): each coadd and its weight map, a two-colour overlay of the
   reference frame and an aligned frame from the store, the colour composite when three
   filters are present, and the QA of every frame night by night with each group's
-  median and MAD bands (``summary.png``); ``suggested-exclude.txt``, the frames flagged
+  median and MAD bands (``summary.png``), each frame's zero point against time and
+  airmass, per filter and site (``zero_points.png``, where frames have zero points);
+  ``suggested-exclude.txt``, the frames flagged
   by `daskstack.qa` in the format ``--exclude-file`` reads;
+* per light curve (``lightcurves/<name>.png``, drawn by ``daskstack lightcurve``; the page
+  shows them when ``RUN/lightcurves`` exists): the differential and calibrated magnitudes
+  against time, per filter;
 * ``report/index.html``: one static page (inline CSS and a small inline script, relative
   links only, no network) with the run's parameters, the coadd previews, the flagged
   frames with why, and a table of every frame that sorts and filters, failed and flagged
@@ -45,9 +50,9 @@ from astropy.table import Table
 
 from . import qa
 from ._fields import separation_deg
-from ._io import atomic_path, atomic_write_text
+from ._io import as_path, atomic_path, atomic_write_text
 from ._rundir import EXCLUDED, read_manifest, run_settings
-from ._stats import clip_residuals
+from ._stats import clip_residuals, mad_sigma
 from .match import nn_match
 
 __all__ = [
@@ -61,11 +66,13 @@ __all__ = [
     "find_outliers",
     "frame_figures",
     "frame_task",
+    "lightcurve_figure",
     "load_frame_plots",
     "run_figure_jobs",
     "run_safely",
     "run_settings",
     "summary_plots",
+    "zero_point_plots",
     "two_colour_overlay",
     "write_report",
 ]
@@ -230,11 +237,12 @@ def load_wcs_file(path):
 
     from .frames import quiet_astropy
 
-    if not path or not Path(path).exists():
+    if not path or not as_path(path).exists():
         return None
     with quiet_astropy():
         try:
-            wcs = WCS(fits.getheader(path), relax=True)
+            with as_path(path).open("rb") as handle:  # a file or an object
+                wcs = WCS(fits.getheader(handle), relax=True)
         except (OSError, ValueError):
             return None
     return wcs if wcs.has_celestial else None
@@ -318,7 +326,7 @@ def frame_figures(frame_path, start_wcs, solved_wcs, catalog, settings, out_dir,
     from .detect import detect_sources
     from .frames import FrameError, frame_name, header_wcs, read_frame
 
-    out_dir = Path(out_dir)
+    out_dir = as_path(out_dir)
     name = name or frame_name(frame_path)
     plots = FramePlots(name=name, status=status, reason=reason)
     if isinstance(solved_wcs, (str, Path)):
@@ -470,7 +478,7 @@ def frame_figures(frame_path, start_wcs, solved_wcs, catalog, settings, out_dir,
 
 
 def _save_json(plots: FramePlots, out_dir: Path) -> None:
-    atomic_write_text(Path(out_dir) / f"{plots.name}.json",
+    atomic_write_text(as_path(out_dir) / f"{plots.name}.json",
                       json.dumps(plots.to_dict(), indent=1, default=_json_default))
 
 
@@ -494,7 +502,7 @@ def frame_task(frame_path: str, wcs_path: str | None, catalog, settings, out_dir
         plots = FramePlots(name=name, status=status, reason=reason,
                            error=f"pictures failed: {type(err).__name__}: {err}")
         try:
-            _save_json(plots, Path(out_dir))
+            _save_json(plots, as_path(out_dir))
         except OSError:
             pass
         return plots
@@ -503,7 +511,7 @@ def frame_task(frame_path: str, wcs_path: str | None, catalog, settings, out_dir
 def load_frame_plots(frames_dir) -> dict[str, FramePlots]:
     """The per-frame records saved beside the pictures (``frames/<name>.json``)."""
     out = {}
-    for path in sorted(Path(frames_dir).glob("*.json")):
+    for path in sorted(as_path(frames_dir).glob("*.json")):
         try:
             values = json.loads(path.read_text())
             plots = FramePlots(**{k: v for k, v in values.items()
@@ -520,7 +528,8 @@ def load_frame_plots(frames_dir) -> dict[str, FramePlots]:
 def _read_fits_binned(path, hdu, max_size=MAX_DISPLAY):
     from .frames import quiet_astropy
 
-    with quiet_astropy(), fits.open(path, memmap=True) as hdul:
+    # a URL's text: astropy opens it through fsspec itself
+    with quiet_astropy(), fits.open(str(path), memmap=True) as hdul:
         data = hdul[hdu].data
         header = hdul[hdu].header.copy()
         image, factor = _binned_rows(lambda y0, y1: data[y0:y1], data.shape, max_size)
@@ -531,7 +540,7 @@ def _read_fits_binned(path, hdu, max_size=MAX_DISPLAY):
 def coadd_preview(coadd_path, png, weight_png=None, max_size: int = MAX_DISPLAY) -> dict:
     """PNG previews of one coadd (asinh stretch) and of its noise and coverage (ERR and
     EXPMAP extensions, with the sky scatter measured in units of the ERR)."""
-    coadd_path = Path(coadd_path)
+    coadd_path = as_path(coadd_path)
     image, factor, shape, header = _read_fits_binned(coadd_path, 0, max_size)
     filt = str(header.get("FILTER", coadd_path.stem.removeprefix("coadd_")))
     fig = _figure(8.5, 8.5 * shape[0] / shape[1] + 0.6)
@@ -539,8 +548,8 @@ def coadd_preview(coadd_path, png, weight_png=None, max_size: int = MAX_DISPLAY)
     _show(ax, image, shape)
     ax.set_title(f"coadd {filt}: {header.get('NCOMBINE', '?')} frames, "
                  f"{header.get('COMBINE', '')}, {header.get('EXPTIME', 0):.0f} s", fontsize=10)
-    _save(fig, Path(png))
-    info = {"filter": filt, "image": Path(png).name, "shape": list(shape),
+    _save(fig, as_path(png))
+    info = {"filter": filt, "image": as_path(png).name, "shape": list(shape),
             "ncombine": header.get("NCOMBINE"), "binning": factor}
     if weight_png is not None:
         try:
@@ -564,8 +573,8 @@ def coadd_preview(coadd_path, png, weight_png=None, max_size: int = MAX_DISPLAY)
             fig.suptitle(f"{filt}: sky scatter / ERR = {noise[0]:.3f} (1 when the noise is as "
                          f"predicted); median ERR {noise[1]:.4g}", fontsize=10)
             info["noise_over_err"], info["median_err"] = noise
-        _save(fig, Path(weight_png))
-        info["weight"] = Path(weight_png).name
+        _save(fig, as_path(weight_png))
+        info["weight"] = as_path(weight_png).name
     return info
 
 
@@ -631,8 +640,8 @@ def colour_composite(coadds: dict[str, str], png, max_size: int = MAX_DISPLAY) -
     ax.imshow(rgb, origin="lower", extent=_extent(shape), interpolation="nearest")
     ax.set_title(f"colour composite: R={chosen[2]}  G={chosen[1]}  B={chosen[0]}",
                  fontsize=10)
-    _save(fig, Path(png))
-    return {"image": Path(png).name, "filters": {"red": chosen[2], "green": chosen[1],
+    _save(fig, as_path(png))
+    return {"image": as_path(png).name, "filters": {"red": chosen[2], "green": chosen[1],
                                                  "blue": chosen[0]}}
 
 
@@ -673,8 +682,8 @@ def two_colour_overlay(store_path, png, reference: str = "", aligned: str = "",
     ax = fig.add_axes([0.08, 0.06, 0.9, 0.86])
     ax.imshow(rgb, origin="lower", extent=_extent(shape), interpolation="nearest")
     ax.set_title(f"magenta: {reference} (reference)\ngreen: {aligned} (aligned)", fontsize=10)
-    _save(fig, Path(png))
-    return {"image": Path(png).name, "reference": reference, "aligned": aligned}
+    _save(fig, as_path(png))
+    return {"image": as_path(png).name, "reference": reference, "aligned": aligned}
 
 
 def _column(table: Table, name: str) -> np.ndarray:
@@ -809,9 +818,53 @@ def summary_plots(table: Table, png, outliers: dict[str, list[str]] | None = Non
                  f"{int((usable & flagged).sum())} flagged (red rings); bands: group median "
                  f"+-1 and +-{OUTLIER_SIGMA:g} robust sigma", fontsize=10, x=0.02, ha="left")
     fig.tight_layout(rect=(0, 0, 1, 0.97))
-    _save(fig, Path(png))
-    return {"image": Path(png).name, "outliers": sorted(outliers),
+    _save(fig, as_path(png))
+    return {"image": as_path(png).name, "outliers": sorted(outliers),
             "groups": sorted({str(g) for g in groups[usable]})}
+
+
+def zero_point_plots(table: Table, png) -> dict | None:
+    """Each frame's zero point (`daskstack.photcal`) with its error, against the time of
+    the exposure and against airmass: colour per filter, marker per site (extinction is
+    the slope against airmass, clouds the frames below their filter's line). None when
+    no frame has a zero point."""
+    zp = _column(table, "zp")
+    has = np.isfinite(zp)
+    if not has.any():
+        return None
+    err = _column(table, "zp_err")
+    mjd = _column(table, "mjd")
+    airmass = _column(table, "airmass")
+    filters = np.array([_text(f) for f in table["filter"]])
+    sites = np.array([_text(s) or "?" for s in table["site"]]) if "site" in table.colnames \
+        else np.full(len(table), "?")
+    palette = ["tab:blue", "tab:green", "tab:orange", "tab:purple", "tab:brown", "tab:olive"]
+    colours = {f: palette[i % len(palette)] for i, f in enumerate(
+        sorted(set(filters[has]), key=_wavelength))}
+    markers = {site: "osD^vP*X"[i % 8] for i, site in enumerate(sorted(set(sites[has])))}
+    start = np.nanmin(mjd[has]) if np.isfinite(mjd[has]).any() else 0.0
+    hours = (mjd - start) * 24.0
+    fig = _figure(13, 4.2)
+    axes = fig.subplots(1, 2, sharey=True)
+    for ax, x, label in ((axes[0], hours, f"hours since MJD {start:.4f}"),
+                         (axes[1], airmass, "airmass")):
+        for filt, colour in colours.items():
+            for site, marker in markers.items():
+                sel = has & (filters == filt) & (sites == site) & np.isfinite(x)
+                if sel.any():
+                    ax.errorbar(x[sel], zp[sel], yerr=np.nan_to_num(err[sel]), fmt=marker,
+                                color=colour, ms=5, capsize=2, label=f"{filt} / {site}")
+        ax.set_xlabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("zero point (mag of 1 unit / s)")
+    axes[0].legend(fontsize=8)
+    n_without = int((~has & (np.array([_text(s) for s in table["status"]]) != "failed")).sum())
+    fig.suptitle(f"zero points of {int(has.sum())} frames (colour: filter, marker: site); "
+                 f"{n_without} solved frame(s) without one (see the table)", fontsize=10,
+                 x=0.02, ha="left")
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    _save(fig, Path(png))
+    return {"image": Path(png).name, "n_frames": int(has.sum())}
 
 
 def thumbnail(image: np.ndarray, size: int = THUMBNAIL) -> bytes:
@@ -876,9 +929,60 @@ def _picture_key(key: str) -> str:
     return key.replace("/", "__")
 
 
+def lightcurve_figure(table: Table, png, title: str = "") -> dict:
+    """A target's light curve (``daskstack lightcurve``'s table): above, the differential
+    magnitude of each filter about its median; below, the calibrated magnitude where the
+    frames have zero points, else the flux about its median; flagged points hollow."""
+    fig = _figure(9.0, 6.0)
+    top, bottom = fig.subplots(2, 1, sharex=True)
+    mjd = np.asarray(table["mjd"], float)
+    t0 = math.floor(np.nanmin(mjd)) if np.isfinite(mjd).any() else 0.0
+    filters = sorted(set(np.asarray(table["filter"]).astype(str)))
+    calibrated = np.isfinite(np.asarray(table["mag"], float)).any()
+    drawn = 0
+    for name in filters:
+        rows = np.asarray(table["filter"]).astype(str) == name
+        flagged = (np.asarray(table["flags"]) & 7) != 0
+        for ax, key, err_key, offset in (
+                (top, "diff_mag", "diff_mag_err", True),
+                (bottom, "mag" if calibrated else "flux",
+                 "mag_err" if calibrated else "flux_err", not calibrated)):
+            value = np.asarray(table[key], float)[rows]
+            err = np.asarray(table[err_key], float)[rows]
+            ok = np.isfinite(value)
+            if not ok.any():
+                continue
+            if offset:  # each filter about its median (fluxes: relative)
+                centre = np.median(value[ok])
+                value, err = ((value - centre, err) if key != "flux" else
+                              (value / centre, err / abs(centre)))
+            for bad, style in ((False, "o"), (True, "o")):
+                sel = ok & (flagged[rows] == bad)
+                if sel.any():
+                    bars = ax.errorbar(mjd[rows][sel] - t0, value[sel], yerr=err[sel],
+                                       fmt=style, ms=4, lw=0.8, mfc="none" if bad else None,
+                                       label=name if not bad and ax is top else None)
+                    drawn += int(sel.sum())
+                    if bad:
+                        bars[0].set_alpha(0.5)
+    top.set_ylabel("diff. mag - median")
+    top.invert_yaxis()
+    if calibrated:
+        bottom.set_ylabel("mag")
+        bottom.invert_yaxis()
+    else:
+        bottom.set_ylabel("flux / median (no zero point)")
+    bottom.set_xlabel(f"MJD - {t0:.0f}")
+    if filters:
+        top.legend(loc="best", fontsize=8)
+    fig.suptitle(title or str(table.meta.get("target", "")))
+    _save(fig, Path(png))
+    return {"points": drawn}
+
+
 def run_figure_jobs(run_dir, reference: str = "") -> list[tuple]:
     """``(kind, function, args)`` for every per-run picture (run as Dask tasks or inline)."""
-    run_dir = Path(run_dir)
+    run_dir = as_path(run_dir)
     out = run_dir / REPORT_DIR
     jobs = []
     coadds = {}
@@ -1089,7 +1193,7 @@ def frames_needing_pictures(table: Table, outliers: dict[str, list[str]]) -> lis
 def write_suggested_exclude(run_dir, outliers: dict[str, list[str]]) -> Path:
     """``RUN_DIR/report/suggested-exclude.txt``: the flagged frames, one a line with why
     as a comment, in the format ``--exclude-file`` reads."""
-    run_dir = Path(run_dir)
+    run_dir = as_path(run_dir)
     path = run_dir / REPORT_DIR / SUGGESTED_EXCLUDE
     heading = (f"daskstack report: {len(outliers)} frame(s) flagged as outliers of their "
                "group (filter / telescope-instrument / night).\n"
@@ -1160,6 +1264,53 @@ def _frame_row(i: int, row: dict, cls: str, why: str, thumb, links: list[str],
             f'data-status="{_e(status)}" data-show="{show}">' + "".join(cells) + "</tr>")
 
 
+def _lightcurves_html(run_dir: Path) -> str:
+    """The light-curve section: each ``RUN/lightcurves/<name>.ecsv`` with its picture and
+    the scatter of its differential magnitudes ("" without light curves)."""
+    directory = run_dir / "lightcurves"
+    paths = sorted(directory.glob("*.ecsv")) if directory.is_dir() else []
+    if not paths:
+        return ""
+    parts = ["<h2>Light curves</h2>", '<table class="lightcurves"><thead><tr><th>target</th>'
+             "<th>RA</th><th>Dec</th><th>frames</th><th>filters</th><th>comparison stars"
+             "</th><th>diff. mag scatter (robust)</th><th>median diff. mag error</th>"
+             "<th>calibrated</th></tr></thead><tbody>"]
+    pictures = []
+    for path in paths:
+        try:
+            table = Table.read(path, format="ascii.ecsv")
+        except (OSError, ValueError) as err:
+            parts.append(f'<tr><td>{_e(path.stem)}</td><td colspan="8" class="bad">'
+                         f"unreadable: {_e(err)}</td></tr>")
+            continue
+        diff = np.asarray(table["diff_mag"], float)
+        err = np.asarray(table["diff_mag_err"], float)
+        filters = np.asarray(table["filter"]).astype(str)
+        # per filter (each has its own zero of diff_mag), the median of those
+        scatter = [mad_sigma(values) for values in
+                   (diff[(filters == f) & np.isfinite(diff)] for f in sorted(set(filters)))
+                   if len(values) > 1]
+        comparisons = table.meta.get("comparisons") or {}
+        n_comp = ", ".join(f"{f}: {len(v.get('used', []))}" for f, v in comparisons.items())
+        parts.append(
+            f'<tr><td><a href="{_href("..", "lightcurves", path.name)}">{_e(path.stem)}</a>'
+            f"</td><td>{_fmt(table.meta.get('ra'), 5)}</td><td>{_fmt(table.meta.get('dec'), 5)}"
+            f"</td><td>{len(table)}</td><td>{_e(', '.join(sorted(set(filters))))}"
+            f"</td><td>{_e(n_comp)}</td><td>{_fmt(np.median(scatter) if scatter else None, 4)}"
+            f"</td><td>{_fmt(np.nanmedian(err) if np.isfinite(err).any() else None, 4)}</td>"
+            f"<td>{int(np.isfinite(np.asarray(table['mag'], float)).sum())} of {len(table)}"
+            "</td></tr>")
+        png = path.with_suffix(".png")
+        if png.exists():
+            pictures.append(_img(["..", "lightcurves", png.name], f"light curve {path.stem}",
+                                 f"{path.stem}: differential (per filter, about its median) "
+                                 "and calibrated magnitudes", wide=True))
+    parts.append("</tbody></table>")
+    if pictures:
+        parts.append('<div class="gallery">' + "".join(pictures) + "</div>")
+    return "\n".join(parts)
+
+
 def write_report(run_dir, run_plots: dict | None = None, *, title: str | None = None,
                  thumbnails: dict[str, bytes | str] | None = None,
                  summary: dict | None = None, max_attention: int = 24) -> Path:
@@ -1173,7 +1324,7 @@ def write_report(run_dir, run_plots: dict | None = None, *, title: str | None = 
     ``summary``: what `summary_plots` returned for this manifest (else drawn here).
     Written atomically; every link is relative; no script, font or style is fetched.
     """
-    run_dir = Path(run_dir)
+    run_dir = as_path(run_dir)
     out = run_dir / REPORT_DIR
     frames_dir = out / FRAMES_DIR
     out.mkdir(parents=True, exist_ok=True)
@@ -1189,6 +1340,7 @@ def write_report(run_dir, run_plots: dict | None = None, *, title: str | None = 
     write_suggested_exclude(run_dir, outliers)
     if summary is None:
         summary = run_safely(summary_plots, table, out / "summary.png", outliers)
+    zero_points = run_safely(zero_point_plots, table, out / "zero_points.png")
     run_plots = run_plots or {}
     thumbnails = thumbnails or {}
     rows = manifest_qa(table)
@@ -1255,6 +1407,8 @@ def write_report(run_dir, run_plots: dict | None = None, *, title: str | None = 
         body.append("<h2>Alignment and colour</h2>")
         body.append('<div class="gallery">' + "".join(extra) + "</div>")
 
+    body.append(_lightcurves_html(run_dir))
+
     # across frames
     body.append("<h2>Across frames</h2>")
     body.append(f'<p id="groups">groups of comparable frames (filter / telescope-instrument '
@@ -1263,6 +1417,10 @@ def write_report(run_dir, run_plots: dict | None = None, *, title: str | None = 
         body.append('<div class="gallery">' + _img(["summary.png"], "summary plots",
                     "QA of every frame, night by night, with each group's median and "
                     "robust-sigma bands; flagged frames ringed red", wide=True) + "</div>")
+    if zero_points and "error" not in zero_points:
+        body.append('<div class="gallery" id="zero-points">' + _img(
+            ["zero_points.png"], "zero points", "each frame's zero point against time and "
+            "airmass, per filter and site (manifest zp, zp_err)", wide=True) + "</div>")
     body.append(f'<p>{len(outliers)} frame(s) flagged (more than {OUTLIER_SIGMA:g} robust '
                 f"sigmas from their group's median, on the bad side): listed in "
                 f'<a href="{_href(SUGGESTED_EXCLUDE)}">{SUGGESTED_EXCLUDE}</a>, which '

@@ -26,7 +26,7 @@ from astropy.io import fits
 from astropy.table import Table
 from astropy.wcs import WCS
 
-from ._io import atomic_path, atomic_write_text
+from ._io import as_path, atomic_path, atomic_write_text, is_url, local_path, remove_tree
 from .astrometry import SolveResult
 from .config import Settings
 from .errors import RunError
@@ -80,6 +80,9 @@ MANIFEST_COLUMNS = [
     ("date_obs", str), ("mjd", float), ("telescope", str), ("instrument", str),
     ("registered", bool), ("t_solve", float), ("t_register", float), ("warnings", str),
     ("method", str),  # the evidence that gave the WCS (SolveResult.method); "" if none
+    # the zero point (daskstack.photcal): its catalog band, or why there is none
+    ("zp", float), ("zp_err", float), ("n_zp", int), ("zp_band", str), ("zp_reason", str),
+    ("airmass", float), ("site", str),
     ("field", str),  # the frame's field (`daskstack._fields.output_fields`); "" = the only one
 ]
 OUTPUTS_FILE = "outputs.ecsv"  # name, sha256, bytes of every .wcs and coadd written
@@ -164,7 +167,8 @@ class FrameRecord:
             n_matches=int(res.n_matches), rms_arcsec=_finite(res.rms_arcsec),
             elongation=_finite(res.elongation), site=meta.site,
             telescope=meta.telescope, instrument=meta.instrument, object=meta.object,
-            bunit=meta.bunit)
+            bunit=meta.bunit, zp=float(res.zp), zp_err=float(res.zp_err), n_zp=int(res.n_zp),
+            airmass=meta.airmass)
 
     def row(self) -> dict:
         row = {"file": self.file, "name": self.name, "status": self.status,
@@ -178,8 +182,12 @@ class FrameRecord:
         row["telescope"] = meta.telescope if meta else ""
         row["instrument"] = meta.instrument if meta else ""
         row["warnings"] = "; ".join(getattr(meta, "warnings", ()) or ()) if meta else ""
+        row["site"] = meta.site if meta else ""
+        row["zp_band"] = res.zp_band if res is not None else ""
+        row["zp_reason"] = res.zp_reason if res is not None else ""
         for key in ("n_detections", "n_matches", "rms_arcsec", "rms_px", "fwhm_px",
-                    "elongation", "background", "noise", "flux_ratio", "pixel_scale_arcsec"):
+                    "elongation", "background", "noise", "flux_ratio", "pixel_scale_arcsec",
+                    "zp", "zp_err", "n_zp", "airmass"):
             value = getattr(res, key, None) if res is not None else None
             row[key] = value if value is not None else (0 if key.startswith("n_") else np.nan)
         row["t_solve"] = getattr(res, "elapsed", np.nan) if res is not None else np.nan
@@ -195,13 +203,13 @@ class OutputLog:
     killed is simply made again). One object per run keeps the records in memory."""
 
     def __init__(self, out_dir):
-        self.out_dir = Path(out_dir)
+        self.out_dir = as_path(out_dir)
         self.path = self.out_dir / OUTPUTS_FILE
         self.records = read_outputs(self.out_dir)
 
     def add(self, path) -> None:
         """Record ``path`` (already in place) and rewrite the log atomically."""
-        path = Path(path)
+        path = as_path(path)
         self.records[self._key(path)] = (sha256(path), path.stat().st_size)
         self._write()
 
@@ -217,6 +225,9 @@ class OutputLog:
 
     def _key(self, path: Path) -> str:
         """The name a file is recorded under: its path inside the run directory."""
+        if is_url(path):
+            inside = str(path).removeprefix(str(self.out_dir).rstrip("/") + "/")
+            return inside if inside != str(path) else as_path(path).name
         try:
             return Path(path).resolve().relative_to(self.out_dir.resolve()).as_posix()
         except ValueError:
@@ -224,14 +235,14 @@ class OutputLog:
 
     def verified(self, path) -> bool:
         """True when ``path`` exists and matches its record."""
-        path = Path(path)
+        path = as_path(path)
         recorded = self.records.get(self._key(path))
         return (recorded is not None and path.exists()
                 and recorded[1] == path.stat().st_size and recorded[0] == sha256(path))
 
     def discard(self, path) -> None:
         """Delete ``path`` and its record (an output this run replaces by nothing)."""
-        path = Path(path)
+        path = as_path(path)
         path.unlink(missing_ok=True)
         if self.records.pop(self._key(path), None) is not None:
             self._write()
@@ -293,9 +304,8 @@ class ErrorLog:
 
 def read_outputs(out_dir) -> dict[str, tuple[str, int]]:
     """``{file name: (sha256, bytes)}`` of the outputs a run recorded in outputs.ecsv."""
-    try:
-        table = Table.read(Path(out_dir) / OUTPUTS_FILE, format="ascii.ecsv")
-    except (OSError, ValueError):
+    table = read_manifest(as_path(out_dir) / OUTPUTS_FILE)
+    if table is None:
         return {}
     return {str(row["file"]): (str(row["sha256"]), int(row["bytes"])) for row in table}
 
@@ -308,14 +318,15 @@ def run_signature(inputs, catalog, settings: Settings) -> dict:
     # nor which frames are left out of the coadds: a combine-time choice, changed by
     # combining the store again, never by solving or registering again
     settings_dict.pop("select", None)
-    return {"inputs": [str(Path(p).resolve()) for p in inputs], "catalog": str(catalog),
+    return {"inputs": [p if is_url(p) else str(Path(p).resolve()) for p in map(str, inputs)],
+            "catalog": str(catalog),
             "settings": settings_dict}
 
 
 def run_settings(run_dir) -> Settings:
     """The Settings a run was made with (from ``run.json``); defaults if absent."""
     try:
-        values = json.loads((Path(run_dir) / "run.json").read_text())
+        values = json.loads((as_path(run_dir) / "run.json").read_text())
     except (OSError, ValueError):
         return Settings()
     settings = Settings.from_dict(values.get("settings", {}))
@@ -325,17 +336,19 @@ def run_settings(run_dir) -> Settings:
 
 
 def check_run_dir(out_dir: Path, signature: dict, overwrite: bool) -> bool:
-    """Prepare the run directory; True when an earlier run of the same inputs is resumed."""
+    """Prepare the run directory; True when an earlier run of the same inputs is resumed.
+
+    The same settings with more inputs (tonight's frames added) resume too: ``run.json``
+    then lists every input, and the run solves and registers only the frames added.
+    Fewer inputs are a different run: a frame is left out of the coadds with
+    ``--exclude`` (it stays in the store), or the run replaced with ``overwrite``.
+    ``out_dir`` may be a URL (`_io.as_path`): an object store has no directories, and
+    no temporaries to clean (nothing is renamed there)."""
+    out_dir = as_path(out_dir)
     run_file = out_dir / "run.json"
     if out_dir.exists() and not out_dir.is_dir():
         raise RunError(f"{out_dir}: exists and is not a directory")
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise RunError(f"{out_dir}: cannot create the output directory "
-                       f"({err.strerror or err})") from None
     _check_writable(out_dir)
-    _remove_stale_temporaries(out_dir)
     if run_file.exists():
         try:
             previous = json.loads(run_file.read_text())
@@ -343,6 +356,12 @@ def check_run_dir(out_dir: Path, signature: dict, overwrite: bool) -> bool:
             previous = None
         same = previous is not None and _comparable(previous) == _comparable(signature)
         if same and not overwrite:
+            return True
+        added = frames_added(previous, signature)
+        if added and not overwrite:
+            log.info("%s: %d frame(s) added to the run; the others are taken as they are",
+                     out_dir, len(added))
+            atomic_write_text(run_file, json.dumps(signature, indent=1, default=str))
             return True
         if not overwrite:
             differences = run_differences(previous or {}, signature)
@@ -352,13 +371,16 @@ def check_run_dir(out_dir: Path, signature: dict, overwrite: bool) -> bool:
                 message += ("Only combine settings differ: combine the store again with "
                             f"'daskstack combine {out_dir}' and the new combine options "
                             "(no solving or registering again); or ")
+            if any(what == "inputs" and before for what, before, _ in differences):
+                message += ("to leave frames out of the coadds, give the same inputs and "
+                            "--exclude them (they stay in the store); or ")
             message += "use --overwrite to replace it, or choose another --out"
             raise DifferentRunError(message, differences)
         for child in ("store.zarr",):
-            shutil.rmtree(out_dir / child, ignore_errors=True)
+            remove_tree(out_dir / child)
         (out_dir / "manifest.ecsv").unlink(missing_ok=True)
         OutputLog(out_dir).remove_all()  # no coadd of the old run may look like ours
-    elif any(out_dir.iterdir()) and not overwrite and (out_dir / "manifest.ecsv").exists():
+    elif not overwrite and (out_dir / "manifest.ecsv").exists():
         raise RunError(f"{out_dir} holds a run without run.json; use --overwrite")
     atomic_write_text(run_file, json.dumps(signature, indent=1, default=str))
     return False
@@ -382,6 +404,17 @@ def run_differences(previous: dict, signature: dict) -> list[tuple[str, object, 
             if _comparable({"v": a}) != _comparable({"v": b}):
                 out.append((f"{section}.{name}", a, b))
     return out
+
+
+def frames_added(previous: dict | None, signature: dict) -> list[str]:
+    """The inputs ``signature`` adds to the run ``previous`` when nothing else differs
+    (the same catalog and settings, no input dropped); [] otherwise."""
+    if previous is None:
+        return []
+    differences = run_differences(previous, signature)
+    if len(differences) != 1 or differences[0][0] != "inputs" or differences[0][1]:
+        return []
+    return list(differences[0][2])
 
 
 def only_combine_differs(differences) -> bool:
@@ -412,8 +445,24 @@ def _comparable(signature: dict) -> str:
     return json.dumps(signature, sort_keys=True, default=str)
 
 
-def _check_writable(out_dir: Path) -> None:
-    """Write a probe file: unlike os.access, this also holds for root and read-only mounts."""
+def _check_writable(out_dir) -> None:
+    """Make the directory and write a probe file in it: unlike os.access, this also holds
+    for root and read-only mounts (and, for a URL, tries the store's credentials)."""
+    if is_url(out_dir):
+        probe = out_dir / f".daskstack-probe.{os.getpid()}"
+        try:
+            probe.write_bytes(b"")
+            probe.unlink(missing_ok=True)
+        except Exception as err:  # each store and SDK raises its own types
+            raise RunError(f"{out_dir}: cannot write there ({type(err).__name__}: {err}); "
+                           "check the URL and the store's credentials") from None
+        return
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise RunError(f"{out_dir}: cannot create the output directory "
+                       f"({err.strerror or err})") from None
+    _remove_stale_temporaries(out_dir)
     try:
         fd, probe = tempfile.mkstemp(prefix=".daskstack-probe.", dir=out_dir)
         os.close(fd)
@@ -481,6 +530,8 @@ def _planned_pixels(records, grid, tile) -> tuple[int, int, int]:
 
 
 def check_disk_space(out_dir: Path, needed: int, when: str) -> None:
+    if local_path(out_dir) is None:
+        return  # an object store has no fixed size to check against
     free = shutil.disk_usage(out_dir).free
     if needed * 1.1 > free:
         raise RunError(f"{out_dir}: not enough disk space {when}: the store and coadds need "
@@ -512,7 +563,11 @@ def _report_internal_errors(rows: list[dict], path: Path) -> None:
 
 
 def read_manifest(path: Path) -> Table | None:
+    """An ECSV table of the run directory (manifest, outputs ...); None if absent or
+    unreadable."""
     try:
+        if is_url(path):  # astropy reads local files only: the text, read through fsspec
+            return Table.read(as_path(path).read_text(), format="ascii.ecsv")
         return Table.read(path, format="ascii.ecsv")
     except (OSError, ValueError):
         return None
@@ -524,7 +579,8 @@ def dedupe(inputs) -> list[str]:
     headers are read (`dedupe_exposures`)."""
     seen, unique = {}, []
     for path in inputs:
-        key = str(Path(path).resolve())
+        # a URL is absolute already: every worker reads it as it is
+        key = str(path) if is_url(path) else str(Path(path).resolve())
         if key in seen:
             log.warning("%s: given more than once; used once", Path(path).name)
             continue
@@ -535,7 +591,7 @@ def dedupe(inputs) -> list[str]:
             continue
         seen[key] = name
         # absolute: workers (another host, another working directory) open it by path
-        unique.append(str(Path(path).absolute()))
+        unique.append(key if is_url(path) else str(Path(path).absolute()))
     return unique
 
 
@@ -549,13 +605,13 @@ def dedupe_exposures(records: list[FrameRecord]) -> list[FrameRecord]:
     sizes: dict[int, int] = {}
     for r in records:
         if r.meta is not None and keys[id(r)] is None:
-            size = Path(r.file).stat().st_size
+            size = as_path(r.file).stat().st_size
             sizes[size] = sizes.get(size, 0) + 1
     kept, first_of = [], {}
     for record in records:
         key = keys.get(id(record))
         if key is None and record.meta is not None \
-                and sizes.get(Path(record.file).stat().st_size, 0) > 1:
+                and sizes.get(as_path(record.file).stat().st_size, 0) > 1:
             key = ("same checksum", sha256(record.file))
         if key is not None and key in first_of:
             log.warning("%s: the same exposure as %s (%s); used once",
@@ -582,8 +638,8 @@ def failure(meta: FrameMeta, reason: str) -> SolveResult:
 
 def result_from_wcs_file(meta: FrameMeta, path: Path, row: dict | None = None) -> SolveResult:
     """A solved frame taken back from its ``.wcs`` file (and manifest row, on resume)."""
-    with quiet_astropy():
-        header = fits.getheader(path)
+    with quiet_astropy(), as_path(path).open("rb") as handle:  # a file or an object
+        header = fits.getheader(handle)
         wcs = WCS(header, relax=True)
     if not wcs.has_celestial:
         raise ValueError(f"{path.name} holds no celestial WCS")
@@ -649,7 +705,7 @@ def mark_excluded(manifest: Path, excluded: dict[str, str], only=None) -> None:
 def field_dir(out_dir, field: str) -> Path:
     """Where a field's coadds, store and ``.wcs`` files go: ``OUT/<field>/``, or ``OUT``
     itself in a batch of one field (``field`` "")."""
-    return Path(out_dir) / field if field else Path(out_dir)
+    return as_path(out_dir) / field if field else as_path(out_dir)
 
 
 def wcs_file(out_dir, record: FrameRecord) -> Path:
@@ -660,7 +716,9 @@ def wcs_file(out_dir, record: FrameRecord) -> Path:
 def field_stores(run_dir) -> dict[str, Path]:
     """``{field: store}`` of a run of several fields (``OUT/<field>/store.zarr``, or its
     coadds where the store was removed); empty for a run of one field."""
-    run_dir = Path(run_dir)
+    if local_path(run_dir) is None:
+        return {}  # a run on an object store: one field
+    run_dir = local_path(run_dir)
     if (run_dir / "store.zarr").exists() or any(run_dir.glob("coadd_*.fits")):
         return {}
     table = read_manifest(run_dir / "manifest.ecsv")
@@ -673,7 +731,8 @@ def field_stores(run_dir) -> dict[str, Path]:
 def run_dir_of(store_path) -> Path:
     """The run directory of a store: its parent, or for a field's store
     (``OUT/<field>/store.zarr``) the parent's parent, where ``manifest.ecsv`` is."""
-    parent = Path(store_path).absolute().parent
+    parent = as_path(store_path)
+    parent = (parent.absolute() if isinstance(parent, Path) else parent).parent
     if not (parent / "manifest.ecsv").exists() and (parent.parent / "run.json").exists():
         return parent.parent
     return parent
@@ -682,7 +741,7 @@ def run_dir_of(store_path) -> Path:
 def sha256(path) -> str:
     """sha256 of a file, for the output log and checks."""
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
+    with as_path(path).open("rb") as handle:
         for chunk in iter(lambda: handle.read(2**20), b""):
             digest.update(chunk)
     return digest.hexdigest()

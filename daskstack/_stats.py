@@ -2,6 +2,8 @@
 
 * `mad_sigma` -- the standard deviation of a Gaussian from the median absolute
   deviation (1.4826 MAD), insensitive to the stars and cosmic rays among sky pixels.
+* `clipped_rows` -- sigma-clipped median and standard deviation of each row of an array
+  at once (the detection's background mesh, the photometry's sky annuli).
 * `sky_level` -- sky level and noise of a frame from a strided sample of its good
   pixels (for frames that were never detected on).
 * `residual_sigma` / `clip_residuals` -- the clipping rule for 2-D position residuals
@@ -17,7 +19,7 @@ import math
 
 import numpy as np
 
-__all__ = ["clip_residuals", "mad_sigma", "residual_sigma", "sky_level"]
+__all__ = ["clip_residuals", "clipped_rows", "mad_sigma", "residual_sigma", "sky_level"]
 
 MAD_TO_SIGMA = 1.4826  # 1 / Phi^-1(3/4): sigma of a Gaussian per unit of MAD
 # median of a Rayleigh distribution (2-D Gaussian offsets, per-axis sigma s) = s sqrt(2 ln 2),
@@ -93,3 +95,42 @@ def clip_residuals(distances, clip_sigma: float, floor: float, *, fit=None) -> n
     distances = np.asarray(distances, np.float64)
     sample = distances if fit is None else distances[fit]
     return distances <= max(clip_sigma * residual_sigma(sample), floor)
+
+
+def clipped_rows(values: np.ndarray, sigma: float = 3.0, iters: int = 5):
+    """Sigma-clipped median and standard deviation of each row (NaN = excluded).
+
+    One sort per row, then every clipping iteration is a contiguous range of the
+    sorted row (cumulative sums give its mean and variance): no Python loop per row.
+    Returns (median, std, n_used).
+    """
+    v = np.sort(values, axis=1)
+    nrow, ncol = v.shape
+    n_valid = np.isfinite(v).sum(axis=1)
+    vf = np.where(np.isfinite(v), v, 0.0).astype(np.float64)
+    c1 = np.concatenate([np.zeros((nrow, 1)), np.cumsum(vf, axis=1)], axis=1)
+    c2 = np.concatenate([np.zeros((nrow, 1)), np.cumsum(vf * vf, axis=1)], axis=1)
+    rows = np.arange(nrow)
+    lo = np.zeros(nrow, int)
+    hi = n_valid.copy()
+    for _ in range(iters):
+        n = np.maximum(hi - lo, 1)
+        mid_a = np.clip(lo + (n - 1) // 2, 0, ncol - 1)
+        mid_b = np.clip(lo + n // 2, 0, ncol - 1)
+        med = 0.5 * (vf[rows, mid_a] + vf[rows, mid_b])
+        mean = (c1[rows, hi] - c1[rows, lo]) / n
+        var = np.maximum((c2[rows, hi] - c2[rows, lo]) / n - mean**2, 0.0)
+        std = np.sqrt(var)
+        new_lo = (v < (med - sigma * std)[:, None]).sum(axis=1)
+        new_hi = (v <= (med + sigma * std)[:, None]).sum(axis=1)
+        if np.array_equal(new_lo, lo) and np.array_equal(new_hi, hi):
+            break
+        ok = new_hi - new_lo >= 3
+        lo = np.where(ok, new_lo, lo)
+        hi = np.where(ok, new_hi, hi)
+    n = np.maximum(hi - lo, 1)
+    med = 0.5 * (vf[rows, np.clip(lo + (n - 1) // 2, 0, ncol - 1)]
+                 + vf[rows, np.clip(lo + n // 2, 0, ncol - 1)])
+    mean = (c1[rows, hi] - c1[rows, lo]) / n
+    std = np.sqrt(np.maximum((c2[rows, hi] - c2[rows, lo]) / n - mean**2, 0.0))
+    return med, std, hi - lo

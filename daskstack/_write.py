@@ -20,7 +20,7 @@ from astropy.time import Time
 
 from . import combine
 from . import store as store_mod
-from ._io import atomic_path
+from ._io import as_path, atomic_path
 from .combine import header_cards
 from .register import noise_correlation
 
@@ -103,6 +103,14 @@ def coadd_header(stack, filter_name, names, infos, cs, scales, frame_weights=Non
     catalog = stack.params.get("catalog")
     if catalog:
         header["REFCAT"] = (catalog, "reference catalog of the astrometry")
+    if np.isfinite(scales.magzp):  # every frame brought to this zero point (photcal)
+        from .photcal import filter_band
+
+        header["MAGZP"] = (round(scales.magzp, 4), "[mag] mag = MAGZP - 2.5 log10(value)")
+        header["MAGZPERR"] = (round(scales.magzp_err, 4), "[mag] error of MAGZP")
+        header["PHOTSYS"] = (stack.params.get("photsys") or "unknown",
+                             "photometric system of MAGZP")
+        header["MAGBAND"] = (filter_band(filter_name) or "", "catalog band of MAGZP")
     header["CREATOR"] = (f"daskstack {__version__}", "software that made this file")
     header["DATE"] = (datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S"),
                       "[UTC] date this file was written")
@@ -150,9 +158,9 @@ def write_difference(store_path: str, filter_name: str, index: int, scale: float
     coadd ``coadd_key``, minus that coadd (`combine.difference_image`)."""
     frame = store_mod.read_plane(store_path, filter_name, index)
     coadd = store_mod.open_coadd_arrays(store_path, coadd_key)["image"][...]
-    write_image_fits(Path(path), [(header, combine.difference_image(frame, coadd, scale,
-                                                                    offset))])
-    return Path(path)
+    write_image_fits(as_path(path), [(header, combine.difference_image(frame, coadd, scale,
+                                                                       offset))])
+    return as_path(path)
 
 
 def coadd_planes(result) -> dict:

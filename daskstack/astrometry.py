@@ -99,6 +99,17 @@ class SolveResult:
     # those confirmed by other exposures of the pointing), 'constrained' (the camera's
     # geometry from the night's solved exposures, `solve_constrained`), 'header'
     method: str = "pattern"
+    # the photometric zero point (`daskstack.photcal`): magnitude in the catalog band
+    # ``zp_band`` of 1 pixel unit per second; NaN with ``zp_reason`` saying why not
+    zp: float = float("nan")
+    zp_err: float = float("nan")
+    n_zp: int = 0
+    zp_band: str = ""
+    zp_reason: str = ""
+    airmass: float = float("nan")  # AIRMASS of the header
+    # the calibration stars (`photcal.FrameStars`), for the colour-term fit of the frames
+    # of a night; not recorded anywhere
+    zp_stars: object = field(default=None, repr=False)
 
     @property
     def ok(self) -> bool:

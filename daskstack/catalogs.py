@@ -6,11 +6,18 @@ Every catalog leaves this module as an astropy `Table` with the columns
 * ``mag`` -- magnitude used for brightness ordering (Gaia G, or the file's)
 * ``pmra``, ``pmdec`` -- proper motion, mas/yr (``pmra`` includes cos(dec)); 0 if unknown
 * ``ref_epoch`` -- decimal Julian year of the positions; NaN = no proper motion known
+* ``<band>_mag``, ``<band>_mag_err`` -- where the catalog carries them, magnitudes in the
+  bands of `BANDS` (``g_mag`` ... ``z_mag``: SDSS / Pan-STARRS-like, AB), for the
+  photometric calibration (`daskstack.photcal`); ``meta['photsys']`` says whose system
 
 sorted brightest first. The catalogs a run can name are the entries of `SOURCES`
 (`CatalogSource`: its service query, the bands it carries, the epoch of its positions):
 Gaia DR3 through astroquery (``'gaia'``: MAST ``Catalogs`` as in the learn.astropy
-tutorial; ``'gaia-tap'``: the ESA Gaia TAP service), and local files. `query_source`
+tutorial; ``'gaia-tap'``: the ESA Gaia TAP service), whose G and BP-RP become g, r, i
+by the published Gaia DR3 relations (`gaia_sdss_magnitudes`); Pan-STARRS DR2
+(``'panstarrs'``, MAST ``Catalogs``) and ATLAS-RefCat2 (``'refcat2'``, VizieR), which
+carry g, r, i, z themselves; and local files (their ``<band>_mag`` columns, or ``mag``
+declared as a band with ``CatalogSettings.mag_band``). `query_source`
 wraps every service once: retries with exponential backoff, and a cache on disk per
 field (catalog, rounded centre, radius, magnitude limit, service) with atomic writes:
 500 frames of one field query the service once, and a cached field works offline.
@@ -20,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import time
 import warnings
 from collections.abc import Callable
@@ -38,12 +46,18 @@ from .errors import DaskstackError
 __all__ = [
     "CatalogError",
     "CatalogSource",
+    "BANDS",
     "GAIA_DR3_EPOCH",
+    "GAIA_SDSS_RELATIONS",
+    "GaiaRelation",
     "SOURCES",
+    "band_columns",
     "cache_path",
     "catalog_source",
+    "gaia_sdss_magnitudes",
     "load_catalog",
     "normalize_catalog",
+    "photometric_system",
     "propagate_proper_motion",
     "query_gaia",
     "query_source",
@@ -65,6 +79,13 @@ ALIASES = {
     "pmdec": ("pmdec", "pm_dec", "pmde"),
     "ref_epoch": ("ref_epoch", "epoch", "refepoch"),
 }
+
+
+# the photometric bands a catalog may carry as ``<band>_mag`` (and ``<band>_mag_err``)
+BANDS = ("u", "g", "r", "i", "z", "y")
+# exactly these names: "Gmag" (Gaia's G) or "gmag" of some other system must not pass
+# for the SDSS-like g band
+_BAND_COLUMN = re.compile(r"^([ugrizy])_mag(_err)?$")
 
 
 class CatalogError(DaskstackError, RuntimeError):
@@ -130,10 +151,32 @@ def normalize_catalog(table: Table, name: str = "<table>", default_epoch: float 
     out["mag"].unit = u.mag
     out["pmra"].unit = u.mas / u.yr
     out["pmdec"].unit = u.mas / u.yr
+    for column, band, is_err in _band_columns_of(table):
+        out[f"{band}_mag" + ("_err" if is_err else "")] = _plain(table[column])[good]
     order = np.argsort(np.where(np.isfinite(out["mag"]), out["mag"], np.inf), kind="stable")
     out = out[order]
     out.meta["source"] = name
     return out
+
+
+def _band_columns_of(table: Table):
+    """``(column, band, is_error)`` of the ``<band>_mag`` / ``<band>_mag_err`` columns of a
+    table (lower case, as written: ``r_mag``, ``r_mag_err``)."""
+    found, seen = [], set()
+    for column in table.colnames:
+        match = _BAND_COLUMN.match(column)
+        if match is None:
+            continue
+        key = (match.group(1).lower(), bool(match.group(2)))
+        if key not in seen:
+            seen.add(key)
+            found.append((column, *key))
+    return found
+
+
+def band_columns(table: Table) -> list[str]:
+    """The bands of `BANDS` a normalised catalog carries magnitudes in (``['g', 'r']``)."""
+    return [b for b in BANDS if f"{b}_mag" in table.colnames]
 
 
 def load_catalog(path, columns: dict[str, str] | None = None) -> Table:
@@ -242,6 +285,71 @@ def cache_path(cache_dir, center: SkyCoord, radius_deg: float, mag_limit: float,
     return Path(cache_dir) / f"{catalog.lower()}-{key}-{digest}.ecsv"
 
 
+# -- photometric bands from Gaia DR3 ------------------------------------------------------
+@dataclass(frozen=True)
+class GaiaRelation:
+    """``G - band = sum(coefficients[k] * (BP-RP)**k)``, valid for ``low < BP-RP < high``,
+    with ``sigma`` (mag) the scatter of the stars about the fit."""
+
+    band: str
+    coefficients: tuple[float, ...]
+    sigma: float
+    low: float
+    high: float
+
+
+# The published Gaia (E)DR3 -> SDSS relations as functions of BP-RP: Riello et al. 2021,
+# A&A 649, A3, Table C.2 (coefficients and sigma) and Table C.1 (validity ranges), as in
+# the Gaia DR3 documentation, chapter 5.5.1 ("Relationships with other photometric
+# systems"; DR3 photometry is EDR3's). There is no published relation for u or z from
+# G and BP-RP: a u' or z_s frame gets no zero point from Gaia.
+GAIA_SDSS_RELATIONS = {relation.band: relation for relation in (
+    GaiaRelation("g", (0.2199, -0.6365, -0.1548, 0.0064), 0.0745, 0.3, 3.0),
+    GaiaRelation("r", (-0.09837, 0.08592, 0.1907, -0.1701, 0.02263), 0.03776, 0.0, 3.0),
+    GaiaRelation("i", (-0.293, 0.6404, -0.09609, -0.002104), 0.04092, 0.5, 2.0),
+)}
+
+
+def gaia_sdss_magnitudes(g, bp_rp, band: str, g_err=None) -> tuple[np.ndarray, np.ndarray]:
+    """SDSS-like ``band`` magnitudes and errors from Gaia G and BP-RP (`GAIA_SDSS_RELATIONS`).
+
+    ``band = G - (G - band)(BP-RP)``; the error is the relation's scatter (and ``g_err``,
+    where given) in quadrature. Outside the relation's validity range of BP-RP, or
+    without a colour: NaN (a star is never given a magnitude the relation does not
+    cover). KeyError for a band without a relation.
+    """
+    relation = GAIA_SDSS_RELATIONS[band]
+    g = np.asarray(g, float)
+    colour = np.asarray(bp_rp, float)
+    g_minus = np.polynomial.polynomial.polyval(colour, relation.coefficients)
+    valid = (colour > relation.low) & (colour < relation.high) & np.isfinite(g)
+    mag = np.where(valid, g - g_minus, np.nan)
+    err = np.full(np.shape(mag), relation.sigma)
+    if g_err is not None:
+        err = np.hypot(err, np.nan_to_num(np.asarray(g_err, float)))
+    return mag, np.where(valid, err, np.nan)
+
+
+def _gaia_bands(raw: Table) -> Table:
+    """Gaia's raw result with ``<band>_mag`` and ``_err`` from G and BP-RP added."""
+    lower = {c.lower(): c for c in raw.colnames}
+    g = lower.get("phot_g_mean_mag")
+    if g is None:
+        return raw
+    bp, rp = lower.get("phot_bp_mean_mag"), lower.get("phot_rp_mean_mag")
+    if "bp_rp" in lower:
+        colour = _plain(raw[lower["bp_rp"]])
+    elif bp and rp:
+        colour = _plain(raw[bp]) - _plain(raw[rp])
+    else:
+        return raw
+    raw = raw.copy(copy_data=False)
+    for band in GAIA_SDSS_RELATIONS:
+        raw[f"{band}_mag"], raw[f"{band}_mag_err"] = gaia_sdss_magnitudes(
+            _plain(raw[g]), colour, band)
+    return raw
+
+
 def _query_mast(center: SkyCoord, radius_deg: float, mag_limit: float, timeout: float) -> Table:
     from astroquery.mast import Catalogs
 
@@ -258,7 +366,7 @@ def _query_tap(center: SkyCoord, radius_deg: float, mag_limit: float, timeout: f
 
     c = center.icrs
     adql = (
-        "SELECT source_id, ra, dec, phot_g_mean_mag, pmra, pmdec, ref_epoch "
+        "SELECT source_id, ra, dec, phot_g_mean_mag, bp_rp, pmra, pmdec, ref_epoch "
         "FROM gaiadr3.gaia_source WHERE 1 = CONTAINS(POINT('ICRS', ra, dec), "
         f"CIRCLE('ICRS', {c.ra.deg:.8f}, {c.dec.deg:.8f}, {radius_deg:.6f})) "
         f"AND phot_g_mean_mag <= {mag_limit:.3f}"
@@ -267,9 +375,59 @@ def _query_tap(center: SkyCoord, radius_deg: float, mag_limit: float, timeout: f
     return job.get_results()
 
 
+PANSTARRS_BANDS = ("g", "r", "i", "z", "y")
+
+
+def _query_panstarrs(center: SkyCoord, radius_deg: float, mag_limit: float,
+                     timeout: float) -> Table:
+    """Pan-STARRS1 DR2 mean PSF magnitudes (MAST ``Catalogs``, ``catalog='Panstarrs'``),
+    stars seen at least twice; PS1's -999 (no measurement) becomes NaN."""
+    from astroquery.mast import Catalogs
+
+    Catalogs.TIMEOUT = timeout
+    columns = ["objID", "raMean", "decMean", "nDetections"] + [
+        f"{b}{kind}" for b in PANSTARRS_BANDS for kind in ("MeanPSFMag", "MeanPSFMagErr")]
+    raw = Catalogs.query_region(center, radius=radius_deg * u.deg, catalog="Panstarrs",
+                                data_release="dr2", table="mean", columns=columns,
+                                nDetections=[("gte", 2)], rMeanPSFMag=[("lte", mag_limit)])
+    table = Table({"ra": _plain(raw["raMean"]), "dec": _plain(raw["decMean"])})
+    for band in PANSTARRS_BANDS:
+        for kind, suffix in (("MeanPSFMag", "_mag"), ("MeanPSFMagErr", "_mag_err")):
+            values = _plain(raw[f"{band}{kind}"])
+            table[f"{band}{suffix}"] = np.where(values > -900, values, np.nan)
+    return table
+
+
+REFCAT2_VIZIER = "J/ApJ/867/105/refcat2"  # Tonry et al. 2018, ATLAS All-Sky Stellar Reference
+REFCAT2_BANDS = ("g", "r", "i", "z")
+
+
+def _query_refcat2(center: SkyCoord, radius_deg: float, mag_limit: float,
+                   timeout: float) -> Table:
+    """ATLAS-RefCat2 (VizieR ``J/ApJ/867/105``): Pan-STARRS-system g, r, i, z and Gaia
+    positions and proper motions at epoch 2015.5."""
+    from astroquery.vizier import Vizier
+
+    columns = ["RA_ICRS", "DE_ICRS", "pmRA", "pmDE"] + [
+        name for b in REFCAT2_BANDS for name in (f"{b}mag", f"e_{b}mag")]
+    vizier = Vizier(columns=columns, row_limit=-1, timeout=timeout,
+                    column_filters={"rmag": f"<{mag_limit:.2f}"})
+    found = vizier.query_region(center, radius=radius_deg * u.deg, catalog=REFCAT2_VIZIER)
+    if not len(found):
+        return Table({"ra": [], "dec": [], "mag": []})
+    raw = found[0]
+    table = Table({"ra": _plain(raw["RA_ICRS"]), "dec": _plain(raw["DE_ICRS"]),
+                   "pmra": _plain(raw["pmRA"]), "pmdec": _plain(raw["pmDE"])})
+    for band in REFCAT2_BANDS:
+        table[f"{band}_mag"] = _plain(raw[f"{band}mag"])
+        table[f"{band}_mag_err"] = _plain(raw[f"e_{band}mag"])
+    return table
+
+
 # The network queries by service name: ``(center, radius_deg, mag_limit, timeout) -> Table``
 # of the service's own columns (tests replace entries to work offline).
-_SERVICES = {"mast": _query_mast, "tap": _query_tap}
+_SERVICES = {"mast": _query_mast, "tap": _query_tap, "panstarrs": _query_panstarrs,
+             "refcat2": _query_refcat2}
 
 
 def _fetch_service(source, spec, center, radius_deg, settings) -> Table:
@@ -283,6 +441,11 @@ def _fetch_service(source, spec, center, radius_deg, settings) -> Table:
 
 def _fetch_file(source, spec, center, radius_deg, settings) -> Table:
     table = load_catalog(spec, settings.column_map)
+    band = settings.mag_band
+    if band and f"{band}_mag" not in table.colnames:
+        # the person declares which band the file's `mag` is in (a file's own r_mag wins)
+        table[f"{band}_mag"] = table["mag"]
+    table.meta["photsys"] = photometric_system(spec, settings)
     if center is not None and radius_deg is not None and len(table):
         sep = SkyCoord(table["ra"], table["dec"], unit="deg").separation(center).deg
         table = table[sep <= radius_deg]
@@ -302,6 +465,9 @@ class CatalogSource:
     bands : ``((band, column of the service's result), ...)``, the magnitudes the catalog
         carries; the first becomes the normalised ``mag`` (brightness order, limit).
     epoch : decimal year of the positions where the rows do not say (Gaia DR3: 2016.0).
+    photsys : the photometric system of its ``<band>_mag`` columns (the coadd's PHOTSYS).
+    derive : ``raw Table -> raw Table`` adding ``<band>_mag`` columns the catalog does not
+        carry itself (Gaia: g, r, i from G and BP-RP); None = nothing to add.
     fetch : ``(source, spec, center, radius_deg, settings) -> normalised Table``;
         services go through `query_source` (cache and retries), files through
         `load_catalog`.
@@ -314,6 +480,8 @@ class CatalogSource:
     bands: tuple[tuple[str, str], ...]
     epoch: float | None
     fetch: Callable = _fetch_service
+    photsys: str = ""
+    derive: Callable | None = None
 
     @property
     def title(self) -> str:
@@ -321,15 +489,35 @@ class CatalogSource:
 
 
 GAIA_BANDS = (("G", "phot_g_mean_mag"),)
+GAIA_PHOTSYS = "SDSS from Gaia DR3 G, BP-RP (Riello+2021)"
 
 # The sources a run can name; a new catalog is one entry here (and, for a new service,
 # its query in _SERVICES), plus its tests.
 SOURCES = {source.name: source for source in (
-    CatalogSource("gaia", "Gaia", "DR3", "mast", GAIA_BANDS, GAIA_DR3_EPOCH),
-    CatalogSource("gaia-tap", "Gaia", "DR3", "tap", GAIA_BANDS, GAIA_DR3_EPOCH),
+    CatalogSource("gaia", "Gaia", "DR3", "mast", GAIA_BANDS, GAIA_DR3_EPOCH,
+                  photsys=GAIA_PHOTSYS, derive=_gaia_bands),
+    CatalogSource("gaia-tap", "Gaia", "DR3", "tap", GAIA_BANDS, GAIA_DR3_EPOCH,
+                  photsys=GAIA_PHOTSYS, derive=_gaia_bands),
+    # PS1 positions: means over 2010-2014 (no proper motions)
+    CatalogSource("panstarrs", "Pan-STARRS1", "DR2", "panstarrs", (("r", "r_mag"),), 2012.0,
+                  photsys="Pan-STARRS1 DR2 (AB)"),
+    CatalogSource("refcat2", "ATLAS-RefCat2", "", "refcat2", (("r", "r_mag"),), 2015.5,
+                  photsys="ATLAS-RefCat2 (Pan-STARRS1 AB)"),
     CatalogSource("file", "catalog file", "", None, (), None, _fetch_file),
 )}
 FILE_SOURCE = SOURCES["file"]
+
+
+def photometric_system(spec, settings: CatalogSettings | None = None) -> str:
+    """What the zero points of frames calibrated against catalog ``spec`` are in (the
+    coadd's PHOTSYS): a source's system, or for a file its name and, with
+    ``settings.mag_band``, that its ``mag`` was declared to be that band."""
+    source = catalog_source(spec)
+    if source is not FILE_SOURCE:
+        return source.photsys
+    band = settings.mag_band if settings is not None else ""
+    name = Path(str(spec)).name
+    return f"{name} mag as {band} (declared)" if band else f"{name} <band>_mag"
 
 
 def catalog_source(spec) -> CatalogSource:
@@ -395,16 +583,19 @@ def query_source(source: CatalogSource, center: SkyCoord, radius_deg: float,
             f"{source.catalog} query via {service} failed after {int(retries) + 1} attempts "
             f"for {field_desc}: {type(last).__name__}: {last}"
         )
+    if source.derive is not None:
+        raw = source.derive(raw)
     band, column = source.bands[0]
     if column in raw.colnames and "mag" not in raw.colnames:
         raw = raw.copy(copy_data=False)
-        raw.rename_column(column, "mag")  # the first band orders and limits the stars
+        # the first band orders and limits the stars (a copy: a band column stays a band)
+        raw["mag"] = raw[column]
     table = normalize_catalog(raw, name=f"{source.title} ({service})",
                               default_epoch=source.epoch)
     mag = _plain(table["mag"])
     table = table[~(mag > mag_limit)]
     table.meta.update({"service": service, "field": field_desc, "mag_limit": mag_limit,
-                       "band": band})
+                       "band": band, "photsys": source.photsys})
     if path is not None:
         with atomic_path(path) as tmp:
             table.write(tmp, format="ascii.ecsv")

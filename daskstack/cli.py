@@ -28,6 +28,7 @@ from ._exitcodes import (
     EXIT_USAGE,
     outcome,
 )
+from ._io import is_url
 from .config import Settings, SettingsError, option_choices, option_default
 
 __all__ = ["STAGE_OPTIONS", "SettingsOption", "main", "stage_options"]
@@ -45,6 +46,11 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
 
     for noisy in ("distributed", "tornado", "asyncio", "bokeh"):
         logging.getLogger(noisy).setLevel(max(level, logging.ERROR))
+    # object-store clients: their debug logs show request headers (the access key id
+    # in Authorization), which never go to a log
+    for client in ("botocore", "aiobotocore", "boto3", "s3transfer", "s3fs", "gcsfs",
+                   "fsspec", "urllib3", "aiohttp"):
+        logging.getLogger(client).setLevel(max(level, logging.WARNING))
 
 
 class ProgressBar:
@@ -115,6 +121,13 @@ STAGE_OPTIONS = {
          help="A catalog file's column names where the usual ones (ra, RAJ2000, "
               "phot_g_mean_mag ...) are not found, e.g. ra=RA_DEG,dec=DEC_DEG,mag=Gmag "
               "(also pmra, pmdec, ref_epoch).")),
+        ("--catalog-band", "catalog.mag_band", dict(
+         help="The band a catalog file's mag column is in, for the frames' "
+              "zero points (its own <band>_mag columns need no option); without it, a "
+              "file calibrates only the bands it has as <band>_mag.")),
+        ("--zero-points/--no-zero-points", "photometry.zero_points", dict(default=None,
+         help="Measure each solved frame's magnitude zero point against the catalog's "
+              "band for its filter (manifest zp, zp_err, n_zp).")),
     ],
     # the solver's own limits; in `run` and `combine` these options are quality cuts
     # (group "select"): a frame is then excluded from the coadds, not failed
@@ -186,8 +199,9 @@ STAGE_OPTIONS = {
               "coadd_<filter>.fits, the others coadd_<filter>_<method>.fits.")),
         ("--scale", "combine.scale", dict(
          help="Per-frame scaling before combining: none; exptime (coadd in e-/s); "
-              "background (match sky levels); photometric (flux of matched catalog "
-              "stars).")),
+              "background (match sky levels); photometric (every frame brought to one "
+              "zero point, MAGZP in the header; where a frame has none, the flux of "
+              "matched catalog stars).")),
         ("--sigma", "combine.sigma", dict(type=float, help="Sigma-clipping threshold.")),
         ("--iters", "combine.iters", dict(type=int, help="Sigma-clipping iterations.")),
         ("--cenfunc", "combine.cenfunc", dict(help="Centre for sigma clipping.")),
@@ -214,7 +228,8 @@ STAGE_OPTIONS = {
     "cluster": [
         ("--scheduler", "cluster.scheduler", dict(
          help="Address of an existing Dask scheduler (tcp://host:8786). Workers must see "
-              "the input and output paths (shared filesystem).")),
+              "the input and output paths (shared filesystem), or have them as URLs "
+              "(s3://...).")),
         ("--workers", "cluster.n_workers", dict(type=int,
          help="LocalCluster worker processes (0: one per core).")),
         ("--threads", "cluster.threads_per_worker", dict(type=int,
@@ -351,6 +366,9 @@ def _check_inputs(frames) -> list[str]:
         _fail("no input frames given")
     out = []
     for item in map(str, frames):
+        if is_url(item):
+            out += _expand_url(item)
+            continue
         path = Path(item)
         if path.is_dir():
             found = sorted(str(p) for p in path.iterdir() if p.is_file()
@@ -367,6 +385,39 @@ def _check_inputs(frames) -> list[str]:
         else:
             out.append(item)
     return out
+
+
+def _expand_url(item: str) -> list[str]:
+    """The frames a URL names, as `_check_inputs` does for paths: an object-store prefix
+    gives its FITS objects, a pattern (``s3://bucket/night/*.fits.fz``) is expanded by
+    the store's own listing. An ``http(s)://`` URL is one frame (a web server lists
+    nothing, and '?' there begins a query, not a pattern)."""
+    import glob
+
+    from ._io import as_path
+
+    if item.startswith(("http://", "https://")):
+        return [item]
+    try:
+        path = as_path(item)
+        if glob.has_magic(item):
+            found = sorted(path.fs.unstrip_protocol(p) for p in path.fs.glob(path.path))
+            if not found:
+                _fail(f"{item}: no object matches this pattern")
+            return found
+        if path.is_dir():
+            found = sorted(str(p) for p in path.iterdir()
+                           if p.name.lower().endswith(DIRECTORY_SUFFIXES))
+            if not found:
+                _fail(f"{item}: holds no FITS objects "
+                      f"({', '.join('*' + s for s in DIRECTORY_SUFFIXES)})")
+            return found
+    except ImportError as err:  # fsspec names the package this scheme needs
+        _fail(f"{item}: {err}")
+    except Exception as err:  # each store and SDK raises its own types
+        _fail(f"{item}: cannot list ({type(err).__name__}: {err}); check the URL and the "
+              "store's credentials (AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL, a profile ...)")
+    return [item]
 
 
 def _failure_lines(records, shown: int = 3) -> list[str]:
@@ -440,6 +491,7 @@ def main():
     daskstack register FRAMES... --out DIR               reproject into DIR/store.zarr
     daskstack combine DIR/store.zarr --combine median    combine again, no reprojection
     daskstack report DIR                 pictures of every frame, DIR/report/index.html
+    daskstack lightcurve DIR --target "RA DEC"   forced photometry from the store
     daskstack download ID... --out DIR   frames from the LCO archive
     """
 
@@ -491,6 +543,9 @@ def run(frames, catalog, out_dir, overwrite, report, lco_frames, lco_query, lco_
     if not catalog and settings.solve.wcs == "solve":
         _fail("--catalog is required to solve the frames' WCS (or use --wcs header)")
     not_downloaded = []
+    if (lco_frames or lco_query) and is_url(out_dir):
+        _fail("--lco-frames/--lco-query download into OUT/frames/ on this machine: give a "
+              "local --out, or 'daskstack download' the frames and give their URLs")
     if lco_frames or lco_query:
         downloaded, not_downloaded = _lco_download(lco_frames, lco_query, lco_limit,
                                                    archive_url, Path(out_dir) / "frames")
@@ -729,10 +784,11 @@ def register(frames, out_dir, wcs_source, config_file, verbose, quiet, overrides
 
 def _store_and_run_dir(path) -> tuple[Path, Path]:
     """``(store, run directory)`` from either a run directory (holding store.zarr) or
-    the store itself (its directory is then the run directory)."""
+    the store itself (its directory is then the run directory); either may be a URL."""
+    from ._io import as_path
     from ._rundir import field_stores
 
-    path = Path(path)
+    path = as_path(path)
     if (path / "store.zarr").is_dir():
         return path / "store.zarr", path
     if field_stores(path):  # a run of several fields: combine combines each field's store
@@ -770,7 +826,7 @@ def combine(store_path, out_dir, overwrite, config_file, verbose, quiet, overrid
     _setup_logging(verbose, quiet)
     settings = _settings(config_file, overrides)
     store, run_dir = _store_and_run_dir(store_path)
-    out = Path(out_dir) if out_dir else run_dir
+    out = out_dir or run_dir
     written = []
     try:
         with _interruptible():
@@ -786,8 +842,7 @@ def combine(store_path, out_dir, overwrite, config_file, verbose, quiet, overrid
 
 
 @main.command("report")
-@click.argument("run_dir", metavar="RUN_DIR_OR_STORE",
-                type=click.Path(exists=True, file_okay=False))
+@click.argument("run_dir", metavar="RUN_DIR_OR_STORE", type=click.Path(file_okay=False))
 @click.option("--frames/--no-frames", "frames", default=True, show_default=True,
               help="Draw the full-size pictures of failed and flagged frames again "
                    "(--no-frames: only the thumbnails, the per-run pictures and the page; "
@@ -833,6 +888,58 @@ def report_command(run_dir, frames, pictures, all_pictures, verbose, quiet, over
     if not quiet:
         click.echo(f"report: {path}")
         click.echo(f"suggested exclusions: {path.parent / 'suggested-exclude.txt'}")
+
+
+@main.command("lightcurve")
+@click.argument("run_dir", metavar="RUN_DIR_OR_STORE",
+                type=click.Path(exists=True, file_okay=False))
+@click.option("--target", "targets", multiple=True, required=True, metavar='"RA DEC"',
+              help='A sky position, degrees or sexagesimal (RA in hours): "80.879 -1.173" '
+                   'or "05:23:31 -01:10:24"; repeatable.')
+@click.option("--target-name", "names", multiple=True, metavar="NAME",
+              help="Names of the targets, in the order given (file names: default from "
+                   "the coordinates); repeatable.")
+@click.option("--catalog", default="",
+              help="Catalog to choose the comparison stars from (a file, or gaia / "
+                   "gaia-tap; default: the run's).")
+@stage_options("cluster", only=("--workers", "--scheduler"))
+@click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
+@click.option("-q", "--quiet", is_flag=True, help="Only errors; no progress.")
+def lightcurve(run_dir, targets, names, catalog, verbose, quiet, overrides):
+    """Light curves of sky positions from the registered frames (RUN_DIR or its store).
+
+    Forced aperture photometry at each --target on every registered frame (a small box
+    around each star read from RUN_DIR/store.zarr, never whole frames), calibrated with
+    each frame's zero point (frames without one: flux, no mag, flag 8), and differential
+    against comparison stars chosen from the run's catalog or --catalog (bright,
+    isolated, unsaturated, near the target). Writes RUN_DIR/lightcurves/<name>.ecsv (mjd, frame,
+    filter, site, flux, flux_err, mag, mag_err, zp, zp_err, airmass, fwhm, flags, then
+    diff_mag, diff_mag_err, n_comp, aper_corr; one row per frame) and <name>.png;
+    `daskstack report` then shows them.
+    """
+    from ._cluster import ClusterError
+    from ._pipeline import RunError, lightcurve_store_path
+    from ._rundir import run_settings
+    from .lightcurve import LightcurveError
+
+    _setup_logging(verbose, quiet)
+    store, run_path = _store_and_run_dir(run_dir)
+    try:
+        settings = (run_settings(run_path) if (run_path / "run.json").exists()
+                    else Settings()).update(overrides).validate()
+    except SettingsError as err:
+        _fail(str(err))
+    try:
+        with _interruptible():
+            written = lightcurve_store_path(store, targets, names, settings, catalog=catalog,
+                                            progress=ProgressBar(not quiet))
+    except (LightcurveError, RunError, ClusterError) as err:
+        _fail(str(err))
+    except ValueError as err:  # a store that is not daskstack's
+        _fail(str(err), code=EXIT_FAILED)
+    if not quiet:
+        for name, path in written.items():
+            click.echo(f"light curve [{name}]: {path}")
 
 
 @main.command("download")

@@ -88,6 +88,7 @@ Pixels where no value is used are NaN in ``image`` and 0 in ``weight`` and ``nus
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
@@ -98,6 +99,8 @@ import dask.array as da
 import numpy as np
 
 from .errors import RunError
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "COMBINE_METHODS",
@@ -136,6 +139,10 @@ class FrameScales(NamedTuple):
     scales: np.ndarray
     offsets: np.ndarray
     units: str
+    # with --scale photometric from zero points: the coadd's own zero point (mag of one
+    # coadd unit) and its error; NaN otherwise
+    magzp: float = float("nan")
+    magzp_err: float = float("nan")
 
     def unit(self, input_unit: str = "electron") -> str:
         """A BUNIT string for the coadd of frames in ``input_unit``."""
@@ -592,12 +599,37 @@ def _scales(cs, infos):
             raise RunError(f"--scale {cs.scale}: no {key} known for {Path(bad[0]).name}")
         return out
 
-    exptime, sky, ratio = values("exptime"), values("background"), values("flux_ratio")
+    exptime, sky = values("exptime"), values("background")
+    if cs.scale == "photometric":
+        zp = np.array([_or_nan(f.zp) for f in infos])
+        if np.all(np.isfinite(zp)) and np.all(exptime > 0):
+            return _zero_point_scales(cs, zp, np.array([_or_nan(f.zp_err) for f in infos]),
+                                      exptime, sky)
+        missing = [Path(f.file).name for f, z in zip(infos, zp, strict=True)
+                   if not np.isfinite(z)]
+        log.warning("--scale photometric: no zero point for %d frame(s) (%s%s): scaled by "
+                    "their catalog stars' flux ratio, with no MAGZP", len(missing),
+                    ", ".join(missing[:3]), ", ..." if len(missing) > 3 else "")
+    ratio = values("flux_ratio")
     if cs.scale == "photometric":
         ratio = ratio / np.median(ratio)  # the coadd is in the units of a typical frame
     return frame_scales(cs.scale, exptime=exptime, sky=sky, flux_ratio=ratio,
                         subtract_background=cs.subtract_background,
                         n_frames=len(infos))
+
+
+def _zero_point_scales(cs, zp, zp_err, exptime, sky) -> FrameScales:
+    """Every frame brought to one zero point: frame i's counts have the zero point
+    ``zp_i + 2.5 log10(EXPTIME_i)``; the coadd's, MAGZP, is the median of those (the
+    coadd is in the units of a typical frame), and frame i is scaled by
+    ``10**(-0.4 (zp_i + 2.5 log10 EXPTIME_i - MAGZP))``. MAGZPERR is the frames'
+    RMS zero-point error, not divided by sqrt(N): their errors share the catalog's."""
+    counts_zp = zp + 2.5 * np.log10(exptime)
+    magzp = float(np.median(counts_zp))
+    ratio = 10.0 ** (0.4 * (counts_zp - magzp))
+    scaled = frame_scales("photometric", exptime=exptime, sky=sky, flux_ratio=ratio,
+                          subtract_background=cs.subtract_background, n_frames=len(zp))
+    return scaled._replace(magzp=magzp, magzp_err=float(np.sqrt(np.mean(zp_err**2))))
 
 
 def difference_image(frame: np.ndarray, coadd: np.ndarray, scale: float,

@@ -22,6 +22,7 @@ __all__ = [
     "CombineSettings",
     "DetectSettings",
     "GridSettings",
+    "PhotometrySettings",
     "RegisterSettings",
     "SelectSettings",
     "SettingsError",
@@ -91,6 +92,9 @@ class CatalogSettings:
     # a catalog file's unusual column names: "ra=RA_DEG,dec=DEC_DEG,mag=Gmag" ("" = the
     # usual names, found by alias)
     columns: str = ""
+    # the band a catalog file's `mag` column is in, for zero points ("" = none: only the
+    # file's own <band>_mag columns calibrate; daskstack.photcal)
+    mag_band: str = field(default="", metadata=_choices("", "u", "g", "r", "i", "z", "y"))
 
     @property
     def column_map(self) -> dict[str, str]:
@@ -106,6 +110,20 @@ class CatalogSettings:
                     f"{', '.join(CATALOG_COLUMNS)} (e.g. ra=RA_DEG,dec=DEC_DEG,mag=Gmag)")
             mapping[key.lower()] = column
         return mapping
+
+
+@dataclass(frozen=True)
+class PhotometrySettings:
+    """Per-frame zero points (`daskstack.photcal`), measured while solving."""
+
+    zero_points: bool = True  # measure each solved frame's zero point (catalog bands)
+    aperture_fwhm: float = 1.5  # aperture radius, in FWHM of the frame
+    # the aperture correction (to total flux) from bright stars in this radius (FWHM)
+    correction_fwhm: float = 5.0
+    min_stars: int = 3  # fewer usable catalog stars: no zero point
+    clip_sigma: float = 3.0
+    # fit a colour term (g-r) per filter, camera and night with the frames' zero points
+    colour_term: bool = True
 
 
 @dataclass(frozen=True)
@@ -243,6 +261,7 @@ class Settings:
     detect: DetectSettings = field(default_factory=DetectSettings)
     catalog: CatalogSettings = field(default_factory=CatalogSettings)
     solve: SolveSettings = field(default_factory=SolveSettings)
+    photometry: PhotometrySettings = field(default_factory=PhotometrySettings)
     grid: GridSettings = field(default_factory=GridSettings)
     register: RegisterSettings = field(default_factory=RegisterSettings)
     combine: CombineSettings = field(default_factory=CombineSettings)
@@ -318,7 +337,8 @@ class Settings:
             ("solve", "max_rms_arcsec"), ("solve", "clip_sigma"),
             ("register", "tile"), ("register", "mapping_tolerance_px"),
             ("combine", "sigma"), ("combine", "iters"), ("cluster", "cores"),
-            ("cluster", "worker_timeout"),
+            ("cluster", "worker_timeout"), ("photometry", "aperture_fwhm"),
+            ("photometry", "min_stars"), ("photometry", "clip_sigma"),
         ]
         for section, name in positive:
             if not getattr(getattr(self, section), name) > 0:
@@ -335,6 +355,8 @@ class Settings:
             if getattr(getattr(self, section), name) < 0:
                 raise SettingsError(f"{section}.{name} must be >= 0")
         _check_detect(self.detect)
+        if not self.photometry.correction_fwhm > self.photometry.aperture_fwhm:
+            raise SettingsError("photometry.correction_fwhm must be > photometry.aperture_fwhm")
         if not 0 <= self.solve.scale_tolerance < 0.5:
             raise SettingsError("solve.scale_tolerance must be in [0, 0.5)")
         if not 0 < self.solve.max_false_alarm < 1:

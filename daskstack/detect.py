@@ -55,6 +55,7 @@ from astropy.table import Table
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
+from ._stats import clipped_rows as _clipped_stats
 from .config import DetectSettings
 from .frames import Frame
 
@@ -164,45 +165,6 @@ def _interp_matrix(n_out: int, n_mesh: int, box: float) -> np.ndarray:
     else:
         w[:, 0] = 1.0
     return w
-
-
-def _clipped_stats(values: np.ndarray, sigma: float = 3.0, iters: int = 5):
-    """Sigma-clipped median and standard deviation of each row (NaN = excluded).
-
-    One sort per row, then every clipping iteration is a contiguous range of the
-    sorted row (cumulative sums give its mean and variance): no Python loop per row.
-    Returns (median, std, n_used).
-    """
-    v = np.sort(values, axis=1)
-    nrow, ncol = v.shape
-    n_valid = np.isfinite(v).sum(axis=1)
-    vf = np.where(np.isfinite(v), v, 0.0).astype(np.float64)
-    c1 = np.concatenate([np.zeros((nrow, 1)), np.cumsum(vf, axis=1)], axis=1)
-    c2 = np.concatenate([np.zeros((nrow, 1)), np.cumsum(vf * vf, axis=1)], axis=1)
-    rows = np.arange(nrow)
-    lo = np.zeros(nrow, int)
-    hi = n_valid.copy()
-    for _ in range(iters):
-        n = np.maximum(hi - lo, 1)
-        mid_a = np.clip(lo + (n - 1) // 2, 0, ncol - 1)
-        mid_b = np.clip(lo + n // 2, 0, ncol - 1)
-        med = 0.5 * (vf[rows, mid_a] + vf[rows, mid_b])
-        mean = (c1[rows, hi] - c1[rows, lo]) / n
-        var = np.maximum((c2[rows, hi] - c2[rows, lo]) / n - mean**2, 0.0)
-        std = np.sqrt(var)
-        new_lo = (v < (med - sigma * std)[:, None]).sum(axis=1)
-        new_hi = (v <= (med + sigma * std)[:, None]).sum(axis=1)
-        if np.array_equal(new_lo, lo) and np.array_equal(new_hi, hi):
-            break
-        ok = new_hi - new_lo >= 3
-        lo = np.where(ok, new_lo, lo)
-        hi = np.where(ok, new_hi, hi)
-    n = np.maximum(hi - lo, 1)
-    med = 0.5 * (vf[rows, np.clip(lo + (n - 1) // 2, 0, ncol - 1)]
-                 + vf[rows, np.clip(lo + n // 2, 0, ncol - 1)])
-    mean = (c1[rows, hi] - c1[rows, lo]) / n
-    std = np.sqrt(np.maximum((c2[rows, hi] - c2[rows, lo]) / n - mean**2, 0.0))
-    return med, std, hi - lo
 
 
 def _background(data: np.ndarray, mask: np.ndarray, box: int):

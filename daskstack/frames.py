@@ -23,6 +23,7 @@ from astropy.time import Time
 from astropy.utils.exceptions import AstropyWarning
 from astropy.wcs import WCS, FITSFixedWarning
 
+from ._io import as_path, is_url
 from .errors import DaskstackError
 from .noise import GAIN_KEYS, RDNOISE_KEYS, SATURATION_KEYS, header_number
 
@@ -124,6 +125,7 @@ class FrameMeta:
     # the lowest of SATURATE and MAXLIN: above it a pixel's noise is not known (no weight),
     # though non-linear pixels still centroid well enough for the astrometry
     linear_limit: float = np.inf
+    airmass: float | None = None  # AIRMASS keyword (>= 1), None where absent or implausible
 
     @property
     def epoch(self) -> float | None:
@@ -359,7 +361,13 @@ def _meta_from_header(path, hdu_key, header: fits.Header, shape, has_error=False
         rdnoise_keyword=_first_key(header, RDNOISE_KEYS) if rdnoise is not None else "",
         has_error=has_error,
         linear_limit=min(levels) if levels else np.inf,
+        airmass=_airmass(header),
     )
+
+
+def _airmass(header: fits.Header) -> float | None:
+    value = _float_or_none(header.get("AIRMASS"))
+    return value if value is not None and 1.0 <= value < 100.0 else None
 
 
 def _first_key(header: fits.Header, keys) -> str:
@@ -407,7 +415,7 @@ def _check_complete(path, hdul: fits.HDUList) -> None:
         raise FrameError(path, f"truncated FITS file ({size} bytes, its headers describe "
                                f"{expected})")
     if size > expected:
-        with open(path, "rb") as handle:
+        with as_path(path).open("rb") as handle:
             handle.seek(expected)
             extra = handle.read(2880 * 4)
         if extra.strip(b"\0"):  # not padding: a header astropy could not parse
@@ -419,31 +427,35 @@ def _check_complete(path, hdul: fits.HDUList) -> None:
 def _open(path):
     """Open a FITS file for reading; FrameError for a missing, empty, non-FITS, corrupt or
     truncated file (astropy only *warns* about truncation: here it is an error)."""
-    path = Path(path)
-    if not path.exists():
-        raise FrameError(path, "file does not exist")
-    if not path.is_file():
-        raise FrameError(path, "not a regular file")
+    name, path = str(path), as_path(path)  # a URL (s3://...) is read through fsspec
     try:
+        if not path.exists():
+            raise FrameError(name, "file does not exist")
+        if not path.is_file():
+            raise FrameError(name, "not a regular file")
         size = path.stat().st_size
-        with open(path, "rb") as handle:
+        with path.open("rb") as handle:
             head = handle.read(9)
     except OSError as err:
-        raise FrameError(path, f"cannot read file ({err.strerror or err})") from None
+        raise FrameError(name, f"cannot read file ({err.strerror or err})") from None
     if size == 0:
-        raise FrameError(path, "empty file (0 bytes)")
+        raise FrameError(name, "empty file (0 bytes)")
     if not head.startswith(_MAGIC):
-        raise FrameError(path, "not a FITS file (does not start with SIMPLE)")
-    with quiet_astropy():  # astropy only warns about truncation: checked below instead
+        raise FrameError(name, "not a FITS file (does not start with SIMPLE)")
+    with contextlib.ExitStack() as stack:
+        # an object is opened as a file object (read as astropy seeks: the headers,
+        # then only the pixels asked for); a local file by name, as astropy prefers
+        source = stack.enter_context(path.open("rb")) if is_url(name) else path
+        with quiet_astropy():  # astropy only warns about truncation: checked below instead
+            try:
+                hdul = fits.open(source, memmap=False, lazy_load_hdus=False)
+            except Exception as err:  # astropy raises many types for corrupt files
+                raise FrameError(name, f"not a readable FITS file ({_short(err)})") from None
         try:
-            hdul = fits.open(path, memmap=False, lazy_load_hdus=False)
-        except Exception as err:  # astropy raises many types for corrupt files
-            raise FrameError(path, f"not a readable FITS file ({_short(err)})") from None
-    try:
-        _check_complete(path, hdul)
-        yield hdul
-    finally:
-        hdul.close()
+            _check_complete(name, hdul)
+            yield hdul
+        finally:
+            hdul.close()
 
 
 def _has_error(hdul: fits.HDUList, science_key) -> bool:

@@ -18,7 +18,10 @@ Conventions
 * Pixel values are ADU (counts) = electrons / gain, as in LCO files (whose
   GAIN is ~1, i.e. electrons). ``sky`` is in ADU per pixel.
 * Photometric model: a star of magnitude ``m`` (the catalog's
-  ``phot_g_mean_mag``, in every filter: the simulated stars have no colours)
+  ``phot_g_mean_mag``, in every filter, unless the stars have colours: then the
+  magnitude in the filter's band, ``<band>_mag``, moved by the colour term,
+  ``m = m_band - colour_term * (g - r)``, and the zero point lowered by the
+  extinction, ``k * airmass``)
   gives ``exptime * transparency * 10**(-0.4 * (m - zeropoint))`` electrons,
   all of them inside its stamp (the Moffat profile is truncated where it falls
   well below the noise and renormalised), before saturation.
@@ -194,6 +197,7 @@ def make_catalog(
     high_pm_fraction: float = 0.0,
     max_pm_mas: float = 1000.0,
     n_stars: int | None = None,
+    colours: bool = False,
 ) -> Table:
     """A Gaia DR3-like catalog of random stars in a cone.
 
@@ -204,7 +208,10 @@ def make_catalog(
     within ``mag_range``; the number of stars is Poisson with mean
     ``density_per_sq_deg`` x area (or exactly ``n_stars``). Ordinary stars get
     proper motions of a few mas/yr; a fraction ``high_pm_fraction`` get between
-    0.3 and 1 times ``max_pm_mas`` in a random direction.
+    0.3 and 1 times ``max_pm_mas`` in a random direction. With ``colours``, true
+    magnitudes in the bands g, r, i, z too (``<band>_mag``, ``_err`` 0: the truth):
+    ``r_mag = phot_g_mean_mag``, g - r uniform in 0.2-1.4 (main-sequence-like),
+    r - i = 0.45 (g - r) - 0.05 and i - z = 0.3 (g - r) - 0.05.
     """
     rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, 1])
     ra0, dec0 = float(center[0]), float(center[1])
@@ -245,6 +252,15 @@ def make_catalog(
     table["pmdec"] = pmdec * (u.mas / u.yr)
     table["parallax"] = parallax * u.mas
     table["ref_epoch"] = np.full(n, float(epoch)) * u.yr
+    if colours:
+        # a stream of its own: the positions and magnitudes stay those without colours
+        g_r = np.random.default_rng([int(seed) & 0xFFFFFFFF, 7]).uniform(0.2, 1.4, n)
+        r_mag = mag.astype(np.float32).astype(float)
+        i_mag = r_mag - (0.45 * g_r - 0.05)
+        for band, values in (("g", r_mag + g_r), ("r", r_mag), ("i", i_mag),
+                             ("z", i_mag - (0.3 * g_r - 0.05))):
+            table[f"{band}_mag"] = values * u.mag
+            table[f"{band}_mag_err"] = np.zeros(n) * u.mag
     table.meta["comments"] = ["simulated Gaia DR3-like catalog (daskstack.simulate)"]
     table.meta.update({"center_ra": ra0, "center_dec": dec0, "radius_deg": float(radius_deg),
                        "seed": int(seed)})
@@ -663,6 +679,8 @@ def render_frame(
     exptime: float = 60.0,
     zeropoint: float = 23.5,
     transparency: float = 1.0,
+    band: str | None = None,
+    colour_term: float = 0.0,
     rng=None,
     n_cosmic_rays: int = 0,
     bad_columns=0,
@@ -672,12 +690,15 @@ def render_frame(
     poisson_threshold: float = 30.0,
     trunc_sigma: float = 0.05,
     max_stamp_radius: int = 128,
+    flux_factor=None,
 ):
     """Render a frame: returns ``(data float32 ADU, bpm uint8, info dict)``.
 
     Stars: the catalog propagated to ``epoch`` (decimal year, ISO date or Time;
     None = the catalog positions), placed at ``wcs.all_world2pix`` (0-based),
-    with ``exptime * transparency * 10**(-0.4 (mag - zeropoint))`` electrons in
+    with ``exptime * transparency * 10**(-0.4 (mag - zeropoint))`` electrons
+    (``mag``: the catalog's ``<band>_mag - colour_term * (g_mag - r_mag)`` with a
+    ``band``, else its ``phot_g_mean_mag``) in
     a Moffat profile (``fwhm_px``, ``moffat_beta``), or the sum of Moffat components of
     ``psf`` (a name of `PSF_SHAPES`: "moffat", "asymmetric", "comatic", "trailed", or
     components as for `psf_components`, oriented by ``psf_angle_deg``) whose photocentre
@@ -687,7 +708,9 @@ def render_frame(
     cosmic rays (not in the BPM), hot pixels and ``bad_columns`` (garbage
     values, flagged 1 in the BPM), an optional ``satellite_trail`` (True or a
     peak in electrons; not in the BPM); clipped at ``saturate`` ADU, and the
-    clipped pixels flagged 2 in the BPM (as LCO's pipeline does).
+    clipped pixels flagged 2 in the BPM (as LCO's pipeline does). ``flux_factor``: per
+    catalog row, the star's flux in this frame over its catalog magnitude's (variable
+    stars; None = 1 for all).
 
     ``info``: ``x``, ``y``, ``flux`` (ADU), ``mag``, ``source_id``, ``index``
     (catalog row) of the rendered stars; ``saturated`` (per star: peak
@@ -718,8 +741,14 @@ def render_frame(
     max_r = int(min(max_stamp_radius, max(ny, nx)))
     r_min = max(3, int(math.ceil(3.0 * fwhm_px)))
     x, y, index = star_positions(catalog, wcs, epoch, shape=(ny, nx), margin=float(max_r))
-    mag = _column(catalog, ("phot_g_mean_mag", "mag"))[index] if len(index) else np.empty(0)
+    if band is not None:
+        mag = (_column(catalog, (f"{band}_mag",)) - float(colour_term)
+               * (_column(catalog, ("g_mag",)) - _column(catalog, ("r_mag",))))[index]
+    else:
+        mag = _column(catalog, ("phot_g_mean_mag", "mag"))[index] if len(index) else np.empty(0)
     flux_e = float(exptime) * float(transparency) * 10.0 ** (-0.4 * (mag - float(zeropoint)))
+    if flux_factor is not None and len(index):  # variable stars: per catalog row
+        flux_e = flux_e * np.asarray(flux_factor, float)[index]
     good = np.isfinite(flux_e) & np.isfinite(x) & np.isfinite(y)
     x, y, index, mag, flux_e = x[good], y[good], index[good], mag[good], flux_e[good]
     weights, cdx, cdy, widths = psf_components(psf, fwhm_px, psf_angle_deg)
@@ -1046,6 +1075,10 @@ def simulate_field(
     sky=None,
     sky_gradient: float = 0.05,
     transparency_range=(0.85, 1.0),
+    colours: bool = False,
+    colour_term=None,
+    extinction=None,
+    airmass_range=(1.0, 1.0),
     gain: float = 1.0,
     rdnoise: float = 7.0,
     saturate: float = 120000.0,
@@ -1054,6 +1087,8 @@ def simulate_field(
     instrument: str = DEFAULT_INSTRUMENT,
     object_name: str = "SIMFIELD",
     first_framenum: int = 1,
+    variables=None,
+    trunc_sigma: float = 0.05,
     executor=None,
 ) -> SimulatedField:
     """Simulate ``n_frames`` LCO frames of one field into ``out_dir``.
@@ -1082,10 +1117,27 @@ def simulate_field(
     chosen frames: ``fwhm_px`` (bad seeing), ``transparency`` (clouds), ``sky_factor``
     (a brighter sky, e.g. moonlight or clouds lit from below), ``psf`` and
     ``psf_angle_deg`` (e.g. "trailed": a tracking jump), ``zeropoint``; the truth table records
-    what each frame got. ``executor``: anything with ``map`` (a
+    what each frame got. ``variables``: ``{catalog row: function of MJD}``, variable
+    stars whose flux is the catalog magnitude's times the function's value at mid-exposure
+    (the truth table has it per frame, column ``flux_factor_<row>``). ``trunc_sigma``: as
+    for `render_frame` (smaller: stars' wings drawn further out; photometry at the 0.1%
+    level needs ~0.002, or the wings cut where a frame's noise says change the light in
+    the core from frame to frame). ``executor``: anything with ``map`` (a
     concurrent.futures executor) to render frames in parallel.
+    Photometry: with ``colours`` the catalog has true g, r, i, z magnitudes (`make_catalog`)
+    and each frame shows the magnitudes of its filter's band (``rp`` -> r ...; a filter
+    whose band the catalog lacks, u', shows ``phot_g_mean_mag``) with ``colour_term``
+    (a number or {filter: value}: catalog mag = instrumental + zp + colour_term (g - r));
+    ``extinction`` (mag per airmass, a number or {filter: value}) lowers each frame's zero
+    point by ``extinction * airmass``, the airmass running linearly over ``airmass_range``
+    from the first frame to the last (header AIRMASS). The truth table's ``zp_true`` is
+    the zero point `daskstack.photcal` measures: the magnitude at g - r = 0 of one pixel
+    unit (ADU) per second, ``zeropoint - extinction * airmass + 2.5 log10(transparency /
+    gain)``.
     Deterministic for a given ``seed``.
     """
+    from .photcal import filter_band
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     ny, nx = int(shape[0]), int(shape[1])
@@ -1104,7 +1156,7 @@ def simulate_field(
         catalog = make_catalog((ra0, dec0), radius_arcsec / 3600.0,
                                density_per_sq_deg=density_per_sq_deg, mag_range=mag_range,
                                seed=seed, epoch=catalog_epoch, high_pm_fraction=high_pm_fraction,
-                               max_pm_mas=max_pm_mas)
+                               max_pm_mas=max_pm_mas, colours=colours)
     elif not isinstance(catalog, Table):
         catalog = Table.read(catalog)
     catalog_path = out_dir / "catalog.ecsv"
@@ -1142,6 +1194,12 @@ def simulate_field(
         fwhm = float(degrade.pop("fwhm_px", fwhm))
         transp = float(degrade.pop("transparency", transp))
         zp = float(degrade.pop("zeropoint", zp))
+        airmass = float(airmass_range[0]) + (float(airmass_range[1]) - float(airmass_range[0])) \
+            * i / max(int(n_frames) - 1, 1)
+        k_ext = _per_filter(extinction, filt, {}, 0.0)
+        frame_colour_term = _per_filter(colour_term, filt, {}, 0.0)
+        band = filter_band(filt) if colours else None
+        band = band if band is not None and f"{band}_mag" in catalog.colnames else None
         sky_factor = float(degrade.pop("sky_factor", 1.0))
         frame_psf = degrade.pop("psf", psf)
         frame_psf_angle = float(degrade.pop("psf_angle_deg", psf_angle_deg))
@@ -1170,6 +1228,15 @@ def simulate_field(
         else:
             n_cr = int(cosmic_rays)
         frame_seed = [int(seed) & 0xFFFFFFFF, 100 + i]
+        factors = {}
+        if variables:
+            mid_mjd = float(t_mjd) + 0.5 * texp / 86400.0
+            factors = {int(row): float(func(mid_mjd)) for row, func in variables.items()}
+            flux_factor = np.ones(len(catalog))
+            for row, value in factors.items():
+                flux_factor[row] = value
+        else:
+            flux_factor = None
 
         time = Time(t_mjd, format="mjd", scale="utc")
         t_mjd += (cadence_s if cadence_s is not None else texp + 30.0) / 86400.0
@@ -1185,7 +1252,8 @@ def simulate_field(
                             scale_error=scale_error, rotate_180=rotate_180, site=site,
                             telescope=telescope, instrument=instrument, gain=gain,
                             rdnoise=rdnoise, saturate=saturate, pixscale=pixscale,
-                            fwhm_px=fwhm, object_name=object_name, framenum=framenum)
+                            fwhm_px=fwhm, object_name=object_name, framenum=framenum,
+                            extra={"AIRMASS": round(airmass, 4)})
         name = lco_frame_name(site, telescope, instrument, header["DAY-OBS"], framenum)
         path = out_dir / f"{name}.fits.fz"
         truth_path = truth_dir / f"{name}.wcs"
@@ -1197,10 +1265,12 @@ def simulate_field(
             "render": dict(epoch=epoch, fwhm_px=fwhm, moffat_beta=moffat_beta, psf=frame_psf,
                            psf_angle_deg=frame_psf_angle, sky=sky_adu,
                            sky_gradient=gradient, gain=gain, rdnoise=rdnoise, saturate=saturate,
-                           exptime=texp, zeropoint=zp, transparency=transp,
+                           exptime=texp, zeropoint=zp - k_ext * airmass,
+                           transparency=transp, band=band, colour_term=frame_colour_term,
                            n_cosmic_rays=n_cr, bad_columns=detector_columns,
                            hot_pixels=detector_hot,
-                           satellite_trail=i in trail_frames),
+                           satellite_trail=i in trail_frames, flux_factor=flux_factor,
+                           trunc_sigma=trunc_sigma),
         })
         rows.append({
             "name": name, "filter": filt, "exptime": texp, "fwhm_px": fwhm,
@@ -1208,6 +1278,9 @@ def simulate_field(
             "psf": frame_psf if isinstance(frame_psf, str) else "custom",
             "sky": sky_adu, "sky_gradient_x": gradient[0],
             "sky_gradient_y": gradient[1], "transparency": transp, "zeropoint": zp,
+            "airmass": airmass, "extinction": k_ext * airmass, "band": band or "",
+            "colour_term": frame_colour_term,
+            "zp_true": zp - k_ext * airmass + 2.5 * math.log10(transp / gain),
             "gain": gain, "rdnoise": rdnoise, "saturate": saturate,
             "mjd": float(time.mjd), "date_obs": header["DATE-OBS"], "epoch": epoch,
             "ra_true": float(ra_true), "dec_true": float(dec_true),
@@ -1217,6 +1290,7 @@ def simulate_field(
             "rotation_deg": float(rotation_deg), "rotation_error_deg": rot_err,
             "scale_error": float(scale_error), "rotate_180": bool(rotate_180),
             "flip": bool(flip), "sip": sip_coeffs is not None,
+            **{f"flux_factor_{row}": value for row, value in factors.items()},
         })
 
     mapper = executor.map if executor is not None else map

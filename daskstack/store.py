@@ -43,8 +43,8 @@ from .errors import DaskstackError
 from .grid import Grid
 
 __all__ = ["COADD_PLANES", "FrameInfo", "StackStore", "StoreError", "clear_frame", "coadd_key",
-           "create_coadd_arrays", "create_store", "filter_key", "open_coadd_arrays",
-           "open_store", "read_frames_block", "read_plane", "update_frames",
+           "create_coadd_arrays", "create_store", "extends", "filter_key", "open_coadd_arrays",
+           "open_store", "read_box", "read_frames_block", "read_plane", "update_frames",
            "write_tiles"]
 
 FORMAT_VERSION = 2  # 2: a variance beside the data
@@ -88,6 +88,12 @@ class FrameInfo:
     instrument: str | None = None
     object: str | None = None
     bunit: str | None = None
+    # magnitude zero point (daskstack.photcal): mag = zp - 2.5 log10(flux in the frame's
+    # pixel units per second of exposure), in the catalog band of the filter; NaN = none
+    zp: float = float("nan")
+    zp_err: float = float("nan")
+    n_zp: int = 0
+    airmass: float | None = None  # the header's AIRMASS (light curves)
 
     def to_dict(self) -> dict:
         """JSON-ready, for the store's attributes."""
@@ -99,6 +105,16 @@ class FrameInfo:
         fields it has that this version does not know are ignored."""
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in known})
+
+    def __eq__(self, other) -> bool:
+        """Field by field, NaN equal to NaN (an unknown zero point stays unknown through
+        the store's JSON)."""
+        if not isinstance(other, FrameInfo):
+            return NotImplemented
+        return all(a == b or (isinstance(a, float) and isinstance(b, float) and a != a
+                              and b != b)
+                   for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other),
+                                   strict=True))
 
 
 @dataclass
@@ -142,40 +158,72 @@ def create_store(path, grid: Grid, frames: dict[str, FrameInfo], filters: dict[s
                  footprint: bool = False) -> StackStore:
     """Create (or reuse) the store for a run.
 
-    An existing store on the same grid, tile and frame lists is reused as it is, so a
-    resumed run keeps the tiles already written; anything else is replaced.
+    An existing store on the same grid and tile is reused, so a resumed run keeps the
+    tiles already written: when each of its frame lists begins ``filters``' list of the
+    same filter, the frames added (tonight's, appended to the lists) get new slices at
+    the end of the frame axis, and new filters new arrays; the frames already in it keep
+    their index and their tiles. Anything else is replaced.
     """
     try:
         existing = open_store(path)
     except StoreError:
         existing = None
     if (existing is not None and existing.grid.fingerprint == grid.fingerprint
-            and existing.tile == tile and existing.filters == filters
+            and existing.tile == tile and extends(existing.filters, filters)
             and all((existing.arrays(f)[1] is not None) == footprint
-                    and existing.variance(f)[1] is not None for f in filters)):
+                    and existing.variance(f)[1] is not None for f in existing.filters)):
+        _append_frames(existing, filters, footprint)
         existing.frames.update(frames)
         existing.params = params or {}
         _write_attrs(existing)
         return existing
     group = zarr.open_group(str(path), mode="w")
-    ny, nx = grid.shape
     for filter_name, names in filters.items():
-        key = filter_key(filter_name)
-        shape = (len(names), ny, nx)
-        chunks = (1, min(tile, ny), min(tile, nx))
-        for name, dtype in (("data", "float32"), ("variance", "float32"),
-                            ("kernel_power", "float16")):
-            group.create_array(f"{key}/{name}", shape=shape, chunks=chunks, dtype=dtype,
-                               fill_value=np.nan, dimension_names=("frame", "y", "x"),
-                               compressors=COMPRESSOR)
-        if footprint:
-            group.create_array(f"{key}/footprint", shape=shape, chunks=chunks,
-                               dtype="float32", fill_value=0.0,
-                               dimension_names=("frame", "y", "x"), compressors=COMPRESSOR)
+        _create_frame_arrays(group, filter_name, len(names), grid, tile, footprint)
     store = StackStore(path=str(path), grid=grid, tile=tile, filters=filters, frames=frames,
                        params=params or {})
     _write_attrs(store)
     return store
+
+
+def extends(before: dict[str, list[str]], after: dict[str, list[str]]) -> bool:
+    """True when every frame list of ``before`` begins the list of the same filter in
+    ``after`` (frames only added, at the ends: no index of ``before`` changes)."""
+    return all(after.get(f, [])[:len(names)] == names for f, names in before.items())
+
+
+def _create_frame_arrays(group: zarr.Group, filter_name: str, n_frames: int, grid: Grid,
+                         tile: int, footprint: bool) -> None:
+    """The (n_frames, ny, nx) arrays of one filter (`create_store` documents them)."""
+    ny, nx = grid.shape
+    key = filter_key(filter_name)
+    shape = (n_frames, ny, nx)
+    chunks = (1, min(tile, ny), min(tile, nx))
+    for name, dtype in (("data", "float32"), ("variance", "float32"),
+                        ("kernel_power", "float16")):
+        group.create_array(f"{key}/{name}", shape=shape, chunks=chunks, dtype=dtype,
+                           fill_value=np.nan, dimension_names=("frame", "y", "x"),
+                           compressors=COMPRESSOR)
+    if footprint:
+        group.create_array(f"{key}/footprint", shape=shape, chunks=chunks,
+                           dtype="float32", fill_value=0.0,
+                           dimension_names=("frame", "y", "x"), compressors=COMPRESSOR)
+
+
+def _append_frames(store: StackStore, filters: dict[str, list[str]], footprint: bool) -> None:
+    """Grow ``store`` to ``filters`` (which `extends` its lists): the frame axis of each
+    filter's arrays resized (the chunks written stay as they are), new filters' arrays
+    created. Client side, before any task writes."""
+    group = store.group("r+")
+    for filter_name, names in filters.items():
+        before = store.filters.get(filter_name)
+        if before is None:
+            _create_frame_arrays(group, filter_name, len(names), store.grid, store.tile,
+                                 footprint)
+        elif len(names) > len(before):
+            for _, array in group[filter_key(filter_name)].arrays():
+                array.resize((len(names), *array.shape[1:]))
+    store.filters = {f: list(names) for f, names in filters.items()}
 
 
 def update_frames(store: StackStore, frames: dict[str, FrameInfo]) -> None:
@@ -265,6 +313,17 @@ def read_frames_block(store_path: str, filter_name: str, frames, y0: int, y1: in
         out.append(None if array is None else
                    array.get_orthogonal_selection((frames, slice(y0, y1), slice(x0, x1))))
     return tuple(out)
+
+
+def read_box(store_path: str, filter_name: str, start: int, stop: int, y0: int, y1: int,
+             x0: int, x1: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(data, variance, kernel_power)`` of frames ``start:stop`` of a filter in the
+    region ``[y0:y1, x0:x1]``, each ``(stop - start, y1 - y0, x1 - x0)``: only the chunks
+    the region touches are read (a worker opens by path)."""
+    group = zarr.open_group(store_path, mode="r")
+    key = filter_key(filter_name)
+    return tuple(group[f"{key}/{plane}"][start:stop, y0:y1, x0:x1]
+                 for plane in ("data", "variance", "kernel_power"))
 
 
 def write_tiles(store_path: str, filter_name: str, index: int, tiles) -> int:

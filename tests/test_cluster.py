@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -30,6 +28,10 @@ from daskstack import _cluster as cluster_mod
 from daskstack.cli import main
 from daskstack.config import ClusterSettings, Settings
 
+from .helpers import dask_processes_in
+from .helpers import free_port as _free_port
+from .helpers import kill_group as _kill_group
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -39,25 +41,6 @@ def _load_slurm_script():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _kill_group(proc: subprocess.Popen, sig=signal.SIGKILL, timeout=20.0) -> None:
-    """End a process started with ``start_new_session=True`` and all its children."""
-    try:
-        os.killpg(proc.pid, sig)
-    except ProcessLookupError:
-        pass
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout)
 
 
 def _assert_same_coadds(coadds: dict, reference: dict) -> None:
@@ -191,37 +174,8 @@ def test_workers_without_the_inputs_are_a_clear_error(tmp_path):
 def dask_processes(tmp_path):
     """A scheduler and two single-threaded workers on 127.0.0.1, each in its own process
     group and working directory (not the client's): ``(address, [worker procs])``."""
-    port = _free_port()
-    address = f"tcp://127.0.0.1:{port}"
-    procs = []
-    logs = tmp_path / "dask-logs"
-    logs.mkdir()
-    try:
-        scheduler = subprocess.Popen(
-            [sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
-             "--port", str(port), "--dashboard-address", ":0"],
-            stdout=open(logs / "scheduler.log", "wb"), stderr=subprocess.STDOUT,
-            start_new_session=True, cwd=logs)
-        procs.append(scheduler)
-        workers = []
-        for i in range(2):
-            wdir = tmp_path / f"worker{i}"
-            wdir.mkdir()
-            workers.append(subprocess.Popen(
-                [sys.executable, "-m", "distributed.cli.dask_worker", address, "--host",
-                 "127.0.0.1", "--nthreads", "1", "--nworkers", "1", "--name", f"w{i}",
-                 "--local-directory", str(wdir), "--death-timeout", "60"],
-                stdout=open(logs / f"worker{i}.log", "wb"), stderr=subprocess.STDOUT,
-                start_new_session=True, cwd=wdir))
-        procs.extend(workers)
-        from distributed import Client
-
-        with Client(address, timeout="30s") as client:
-            client.wait_for_workers(2, timeout=60)
+    with dask_processes_in(tmp_path) as (address, workers):
         yield address, workers
-    finally:
-        for proc in reversed(procs):
-            _kill_group(proc, signal.SIGTERM)
 
 
 def test_existing_scheduler_survives_a_lost_worker(dask_processes, sim_field, sim_run,

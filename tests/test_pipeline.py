@@ -158,14 +158,15 @@ def test_companion_exposures_rescue_a_thin_frame(tmp_path, monkeypatch):
     real_solve = pipeline.solve_frame
     seen = {}
 
-    def picky_solve(frame, catalog, settings, companions=None):
+    def picky_solve(frame, catalog, settings, companions=None, detections=None):
         if frame.name == thin:
             seen[companions is None] = companions
             if companions is None:
-                result = real_solve(frame, catalog, settings)
+                result = real_solve(frame, catalog, settings, detections=detections)
                 result.status, result.reason, result.wcs_header = "failed", "too thin", ""
                 return result
-        return real_solve(frame, catalog, settings, companions=companions)
+        return real_solve(frame, catalog, settings, companions=companions,
+                          detections=detections)
 
     monkeypatch.setattr(pipeline, "solve_frame", picky_solve)
     with Client(processes=False, n_workers=1, threads_per_worker=2,

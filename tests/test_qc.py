@@ -22,6 +22,9 @@ DEGRADED = {
     2: ({"fwhm_px": 7.0}, "FWHM"),  # bad seeing
     5: ({"transparency": 0.3, "sky_factor": 3.0}, "flux ratio"),  # clouds
     8: ({"psf": "trailed"}, "elongation"),  # a trailed frame (a tracking jump)
+    # clouds: a zero point 0.75 mag low (transparency 0.7, 0.3 mag, is within 5 robust
+    # sigma of a night whose transparency wanders between 0.85 and 1: measured, not flagged)
+    7: ({"transparency": 0.5}, "zero point"),
 }
 
 
@@ -29,8 +32,9 @@ DEGRADED = {
 def degraded_field(tmp_path_factory):
     from daskstack.simulate import simulate_field
 
+    # stars with colours: the catalog has an r band, so every frame gets a zero point
     return simulate_field(tmp_path_factory.mktemp("qc-sim"), n_frames=10, shape=(512, 512),
-                          filters=("rp",), seed=5,
+                          filters=("rp",), seed=5, colours=True,
                           frame_overrides={i: o for i, (o, _) in DEGRADED.items()})
 
 
@@ -130,13 +134,24 @@ def test_exclusion_recombines_without_solving_or_registering(degraded_field, deg
     assert _mtimes(out) == before
 
 
-def test_zero_point_cuts_say_none_exist(degraded_run, dask_client, caplog):
+def test_zero_point_cuts_leave_out_the_cloudy_frames(degraded_field, degraded_run,
+                                                    dask_client):
+    """Every frame has a zero point (photcal); --min-zp 0.2 mag below the median leaves
+    out the two cloudy frames (transparency 0.3 and 0.5), with the rule as reason."""
     out, _ = degraded_run
-    settings = Settings().replace("select", min_zp=20.0)
-    with caplog.at_level("WARNING"):
-        combine_store_path(out / "store.zarr", out, settings, client=dask_client)
-    assert "no frame has a zero point" in caplog.text
-    assert fits.getheader(out / "coadd_rp.fits")["NEXCL"] == 0
+    table = read_manifest(out / "manifest.ecsv")
+    assert np.all(np.isfinite(table["zp"])) and np.all(table["n_zp"] >= 3)
+    limit = float(np.median(table["zp"])) - 0.2
+    settings = Settings().replace("select", min_zp=limit)
+    combine_store_path(out / "store.zarr", out, settings, client=dask_client)
+    table = read_manifest(out / "manifest.ecsv")
+    names = _names(degraded_field)
+    excluded = {str(n): str(r) for n, s, r in zip(table["name"], table["status"],
+                                                  table["reason"], strict=True)
+                if s == "excluded"}
+    assert sorted(excluded) == sorted([names[5], names[7]])
+    assert all(r.startswith(f"excluded by --min-zp {limit:g}: zp ") for r in excluded.values())
+    assert fits.getheader(out / "coadd_rp.fits")["NEXCL"] == 2
 
 
 def test_missing_exclude_file_is_refused_before_work(degraded_field, tmp_path):
@@ -212,9 +227,9 @@ def test_degraded_frames_flagged_with_their_reason(degraded_field, degraded_repo
     text = index.read_text()
     rows = re.findall(r'<tr id="frame-.*?</tr>', text)
     assert len(rows) == 10
-    first = [r.split('data-name="')[1].split('"')[0] for r in rows[:3]]
+    first = [r.split('data-name="')[1].split('"')[0] for r in rows[:len(DEGRADED)]]
     assert sorted(first) == sorted(listed)
-    assert all('class="outlier"' in r and "flagged: " in r for r in rows[:3])
+    assert all('class="outlier"' in r and "flagged: " in r for r in rows[:len(DEGRADED)])
     assert text.count('<img class="thumb"') == 10
     # full-size pictures for the flagged frames only
     drawn = {p.name.removesuffix("_sources.png")

@@ -46,7 +46,10 @@ def test_frame_info_round_trips_through_the_store(tmp_path):
     grid = Grid.from_wcs(tan_wcs((20, 20)), (20, 20))
     path = tmp_path / "store.zarr"
     store_mod.create_store(path, grid, {"a": info}, {"rp": ["a"]}, tile=64)
-    assert store_mod.open_store(path).frames == {"a": info}
+    back = store_mod.open_store(path).frames
+    # every field back as it was (as text: a zero point not measured is NaN, which is not
+    # equal to itself)
+    assert list(back) == ["a"] and repr(back["a"]) == repr(info)
 
 
 def test_a_store_written_before_frame_info_still_opens(tmp_path):
