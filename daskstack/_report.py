@@ -917,7 +917,7 @@ def thumbnails_task(store_path: str | None, items: list[tuple[str, str | None, s
 def run_coadds(run_dir) -> list[tuple[str, Path]]:
     """``[(key, path)]`` of a run's coadds: ``coadd_<key>.fits`` in the run directory, or
     in a run of several fields each field's, keyed ``<field>/<key>``."""
-    run_dir = Path(run_dir)
+    run_dir = as_path(run_dir)
     found = [(p.stem.removeprefix("coadd_"), p) for p in sorted(run_dir.glob("coadd_*.fits"))]
     found += [(f"{p.parent.name}/{p.stem.removeprefix('coadd_')}", p)
               for p in sorted(run_dir.glob("*/coadd_*.fits"))]
@@ -1374,7 +1374,7 @@ def write_report(run_dir, run_plots: dict | None = None, *, title: str | None = 
                 body.append(f'</div><h3>field {_e(field_name)}</h3><div class="gallery">')
                 field_shown = field_name
             png = _picture_key(key)
-            relative = path.relative_to(run_dir).as_posix()
+            relative = f"{path.parent.name}/{path.name}" if "/" in key else path.name
             if (out / f"coadd_{png}.png").exists():
                 body.append(_img([f"coadd_{png}.png"], f"coadd {key}",
                                  f"coadd {key} ({relative})"))
