@@ -2,10 +2,10 @@
 benchmarks report RESULTS.json``, the astrometry evidence (``detect-sweep``,
 ``astrometry-real``, ``false-alarms``, ``fast-path``; see `benchmarks.astrometry_evidence`),
 ``thin-frames`` (`benchmarks.thin_frames`), ``lanczos-swarp`` (`benchmarks.lanczos_swarp`),
-``python -m benchmarks report-scale`` (the run report's time and size against the number
-of frames; `benchmarks.report_scale`) and ``python -m benchmarks lightcurve`` (light
-curves from stores of 250 and 1000 frames; `benchmarks.lightcurve_bench`), run from the
-repository root."""
+``mosaic`` (the combine of a mosaic: `benchmarks.mosaic`), ``python -m benchmarks
+report-scale`` (the run report's time and size against the number of frames;
+`benchmarks.report_scale`) and ``python -m benchmarks lightcurve`` (light curves from stores
+of 250 and 1000 frames; `benchmarks.lightcurve_bench`), run from the repository root."""
 
 from __future__ import annotations
 
@@ -21,6 +21,8 @@ DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["mosaic"]:
+        return _mosaic(argv[1:])
     if argv[:1] == ["report-scale"]:
         from .report_scale import main as report_scale
 
@@ -73,6 +75,8 @@ def main(argv=None) -> int:
     rep.add_argument("results", type=Path)
     sub.add_parser("report-scale", help="the run report's time and size for 100 and 500 "
                    "frames (python -m benchmarks report-scale --help)")
+    sub.add_parser("mosaic", help="the combine of a 10x10 mosaic of 1024x1024 frames: time "
+                   "against frames, memory (python -m benchmarks mosaic --help)")
     sub.add_parser("lightcurve", help="daskstack lightcurve on stores of 250 and 1000 frames "
                    "(python -m benchmarks lightcurve --help)")
     # the astrometry evidence (benchmarks/astrometry_evidence.py): one result file each
@@ -145,6 +149,30 @@ def main(argv=None) -> int:
               skip_astrometry=args.skip_astrometry, skip_real=args.skip_real,
               profile=args.profile, keep=args.keep, ns=args.n, command=argv,
               baseline=args.baseline)
+    return 0
+
+
+def _mosaic(argv) -> int:
+    from .mosaic import mosaic_benchmark
+
+    parser = argparse.ArgumentParser(prog="python -m benchmarks mosaic",
+                                     description="the combine of synthetic n x n mosaics")
+    parser.add_argument("--sides", type=int, nargs="*", default=[2, 3, 4, 10],
+                        help="mosaics of side x side frames (combine with per-block frame "
+                             "lists)")
+    parser.add_argument("--dense-sides", type=int, nargs="*", default=[2, 3, 4],
+                        help="also these, every block reading every frame")
+    parser.add_argument("--nomatch-sides", type=int, nargs="*", default=[],
+                        help="also these with per-block frame lists, sky matching off")
+    parser.add_argument("--size", type=int, default=1024, help="frame side (px)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--work", type=Path, default=None,
+                        help="where the stores are written (default: a temporary directory)")
+    args = parser.parse_args(argv)
+    md = mosaic_benchmark(args.out, sides=args.sides, size=args.size,
+                          dense_sides=args.dense_sides, work=args.work,
+                          nomatch_sides=args.nomatch_sides)
+    print(md.read_text())
     return 0
 
 

@@ -12,6 +12,7 @@ on the client.
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ from . import catalogs
 from .config import Settings
 from .frames import FrameError, FrameMeta
 
-__all__ = ["COMPANION_RADIUS_DEG", "separation_deg"]
+__all__ = ["COMPANION_RADIUS_DEG", "field_label", "output_fields", "separation_deg"]
 
 
 def _fields(metas: list[FrameMeta], radius_deg: float) -> list[list[FrameMeta]]:
@@ -82,6 +83,96 @@ def _field_catalog(members: list[FrameMeta], source: str, settings: Settings, ca
             f"no stars of catalog {Path(str(source)).name} within {radius:.3f} deg of "
             f"RA {centre.ra.deg:.4f} Dec {centre.dec.deg:+.4f} (a frame of another field?)")
     return table
+
+
+def output_fields(metas: list[FrameMeta], settings: Settings) -> list[tuple[str, list[str]]]:
+    """The batch's fields: ``[(field name, [frame names])]``, each field given its own
+    grid and coadds. One field (named "") when the user fixed the grid (``--grid FILE``
+    or ``--reference``) or when every frame belongs together; else frames are linked
+    when their footprints overlap (centres closer than the sum of their half sides:
+    mosaic pointings chain into one field) or when they name the same target (OBJECT)
+    within the catalog search radius (a header pointing off by a few arcminutes);
+    a frame whose header gives no pointing joins the field of its OBJECT, else the
+    largest field. Names: a file-safe form of the field's commonest OBJECT, made
+    unique; in input order of their first frame."""
+    names = [m.name for m in metas]
+    if not metas or settings.grid.method not in ("reference", "optimal") \
+            or settings.grid.reference:
+        return [("", names)]
+    centres = [_frame_centre(m) for m in metas]
+    pointed = [i for i, c in enumerate(centres) if c is not None]
+    parent = list(range(len(metas)))
+
+    def root(i):
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    if pointed:
+        ra = np.array([centres[i].ra.deg for i in pointed])
+        dec = np.array([centres[i].dec.deg for i in pointed])
+        half = np.array([_half_side_deg(metas[i]) for i in pointed])
+        target = [metas[i].object.strip().lower() for i in pointed]
+        radius = _field_radius_deg(settings)
+        for a in range(len(pointed)):
+            sep = separation_deg(ra[a], dec[a], ra[a + 1:], dec[a + 1:])
+            same_target = np.array([bool(target[a]) and t == target[a]
+                                    for t in target[a + 1:]], dtype=bool)
+            linked = (sep < half[a] + half[a + 1:]) | (same_target & (sep < radius))
+            for b in np.flatnonzero(linked):
+                parent[root(pointed[a + 1 + b])] = root(pointed[a])
+    groups: dict[int, list[int]] = {}
+    for i in pointed:
+        groups.setdefault(root(i), []).append(i)
+    for i in (i for i, c in enumerate(centres) if c is None):
+        same = [g for g, members in groups.items() if metas[i].object and any(
+            metas[j].object == metas[i].object for j in members)]
+        home = same[0] if same else max(groups, key=lambda g: len(groups[g]), default=None)
+        groups.setdefault(i if home is None else home, []).append(i)
+    ordered = sorted((sorted(members) for members in groups.values()), key=min)
+    if len(ordered) == 1:
+        return [("", names)]
+    taken: set[str] = set()
+    out = []
+    for members in ordered:
+        label = field_label([metas[i] for i in members])
+        unique, n = label, 1
+        while unique.lower() in taken:
+            n += 1
+            unique = f"{label}-{n}"
+        taken.add(unique.lower())
+        out.append((unique, [names[i] for i in sorted(members)]))
+    return out
+
+
+def field_label(members: list[FrameMeta]) -> str:
+    """A file-safe name for a field: its commonest OBJECT (first in order among equals),
+    else its pointing (``ra150.1000+02.2000``)."""
+    counts: dict[str, int] = {}
+    for m in members:
+        if m.object.strip():
+            counts[m.object.strip()] = counts.get(m.object.strip(), 0) + 1
+    if counts:
+        best = max(counts, key=lambda k: (counts[k], -list(counts).index(k)))
+        label = re.sub(r"[^A-Za-z0-9_.+-]+", "_", best).strip("._")
+        if label:
+            return label
+    centre = next((c for c in map(_frame_centre, members) if c is not None), None)
+    if centre is None:
+        return "field"
+    return f"ra{centre.ra.deg:08.4f}{centre.dec.deg:+08.4f}"
+
+
+def _half_side_deg(meta: FrameMeta) -> float:
+    """Half the shorter side of the frame on the sky (degrees)."""
+    try:
+        from astropy.wcs.utils import proj_plane_pixel_scales
+
+        scale = float(np.sqrt(np.prod(proj_plane_pixel_scales(meta.header_wcs().celestial))))
+    except (FrameError, ValueError):
+        scale = (meta.pixscale or 1.0) * meta.binning / 3600.0
+    return min(meta.shape) / 2 * scale
 
 
 COMPANION_RADIUS_DEG = 2.0 / 60  # exposures whose pointings agree this well: one pointing

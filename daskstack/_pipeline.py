@@ -7,9 +7,14 @@ Phases, each a fan-out of small tasks over a `distributed.Client`::
     solve     per frame: read, detect, match, fit             -> SolveResult (WCS text + QA)
               again, with the detections of the other exposures of the same pointing,
               for frames too thin to solve alone
-    grid      client: one output grid from the solved WCSs
-    register  per frame: reproject tile by tile into zarr    -> tile count (+ sky level)
-    combine   per output block: scale, reject, combine       -> zarr -> FITS (streamed)
+    fields    client: the batch's fields (`output_fields`), each its own grid, store
+              and coadds (``OUT/<field>/`` when there are several)
+    grid      client: one output grid per field from its solved WCSs (a mosaic: the
+              optimal grid covering every pointing)
+    register  per frame: reproject tile by tile into zarr    -> the tiles it covers
+                                                                (+ sky level)
+    combine   per output block: read only the frames over it, scale (a mosaic: sky
+              levels matched over the overlaps), reject, combine -> zarr -> FITS
               (+ per frame: frame minus coadd, on request)
     report    per frame and per run: pictures, then one HTML page (on request)
     lightcurve  per block of frames: small boxes around the targets read from the store,
@@ -53,6 +58,7 @@ from ._fields import (
     _fields,
     _frame_centre,
     _night_groups,
+    output_fields,
 )
 from ._io import as_path, local_path, remove_tree
 from ._rundir import (
@@ -71,12 +77,16 @@ from ._rundir import (
     estimate_output_bytes,
     estimate_store_bytes,
     failure,
+    field_dir,
+    field_stores,
     mark_excluded,
     read_manifest,
     restore,
     result_from_wcs_file,
+    run_dir_of,
     run_settings,
     run_signature,
+    wcs_file,
     wcs_from_text,
     write_manifest,
 )
@@ -125,6 +135,7 @@ class RunResult:
     grid: Grid | None = None
     timings: dict[str, float] = field(default_factory=dict)
     written: list[Path] = field(default_factory=list)  # every coadd/picture combine wrote
+    stores: list[Path] = field(default_factory=list)  # one per field (``store``: the only)
 
     @property
     def n_ok(self) -> int:
@@ -143,7 +154,7 @@ class RunResult:
     def n_combined(self) -> int:
         """Frames whose pixels are in a coadd: registered, and their filter combined."""
         return sum(f.status == "ok" and f.registered and f.meta is not None
-                   and f.meta.filter in self.coadds for f in self.frames)
+                   and coadd_name(f.field, f.meta.filter) in self.coadds for f in self.frames)
 
     @property
     def n_errors(self) -> int:
@@ -270,11 +281,16 @@ def _register_task(meta: FrameMeta, wcs_header: str, grid: Grid, store_path: str
         # the sky the chosen model removes before resampling (the noise model above keeps
         # its Poisson noise; the sky level measured below is the frame's own)
         data = subtract_sky(frame.data, frame.mask, rs.background, rs.background_mesh)
-        tiles = ((t.y0, t.x0, t.data, t.footprint, t.variance, t.kernel_power)
-                 for t in register_frame(data, frame.mask, wcs, grid, rs,
-                                         conserve_flux=rs.conserve_flux,
-                                         seed=index, variance=variance))
-        count = store_mod.write_tiles(store_path, filter_name, index, tiles)
+        written = []  # the store tiles this frame covers: the combine reads only those
+
+        def tiles():
+            for t in register_frame(data, frame.mask, wcs, grid, rs,
+                                    conserve_flux=rs.conserve_flux,
+                                    seed=index, variance=variance):
+                written.append([int(t.y0), int(t.x0)])
+                yield t.y0, t.x0, t.data, t.footprint, t.variance, t.kernel_power
+
+        store_mod.write_tiles(store_path, filter_name, index, tiles())
         # a frame taken with its header WCS was never detected on (``measure_sky``): measure
         # its sky here, from the pixels already in memory, rather than read it a second time
         sky = sky_level(frame.data, frame.mask) if measure_sky else None
@@ -282,7 +298,7 @@ def _register_task(meta: FrameMeta, wcs_header: str, grid: Grid, store_path: str
         raise  # the frame unreadable now, or the store's disk: the frame fails, with why
     except Exception as err:  # a bug: reported apart (errors.log), the batch goes on
         return InternalError.from_exception("registering", err)
-    return count, time.perf_counter() - start, sky
+    return written, time.perf_counter() - start, sky
 
 
 # --------------------------------------------------------------------------------------
@@ -500,7 +516,8 @@ def _accept_solution(record: FrameRecord, result: SolveResult, output_log: Outpu
                      announce: bool = True) -> None:
     record.result = result  # the record's status and reason follow from it
     if result.status == "ok":
-        path = output_log.out_dir / f"{record.name}.wcs"
+        path = wcs_file(output_log.out_dir, record)
+        path.parent.mkdir(parents=True, exist_ok=True)
         write_wcs_file(result, path, record.meta.shape if record.meta else None)
         output_log.add(path)
     else:
@@ -559,14 +576,18 @@ def choose_grid(records: list[FrameRecord], settings: Settings) -> Grid:
 
 def _register_frames(client, records: list[FrameRecord], grid: Grid, store_path: Path,
                     settings: Settings, progress=_progress_none, manifest=None, *,
-                    reference: str = "", errors: ErrorLog | None = None):
+                    reference: str = "", errors: ErrorLog | None = None,
+                    manifest_records: list[FrameRecord] | None = None, mosaic: bool = False):
     """Reproject every solved frame into the store (frames already registered are kept).
 
     A frame whose registration fails is all or nothing: the tiles it wrote before
     failing are cleared, and it is left out of the combine. ``reference``: the frame
     whose pixel grid ``grid`` is (recorded in the store, named in the coadd headers).
     A frame whose registering raised unexpectedly fails with an INTERNAL_ERROR reason;
-    its traceback goes to ``errors`` (default ``errors.log`` beside the store)."""
+    its traceback goes to ``errors`` (default ``errors.log`` beside the store).
+    ``manifest_records``: every frame of the run, for the manifest (default ``records``,
+    which may be one field's); ``mosaic``: the grid covers pointings that overlap only
+    partly, so the combine matches the frames' sky levels (`MOSAIC`)."""
     from .register import frame_tiles
 
     errors = errors or ErrorLog(OutputLog(store_path.parent))
@@ -585,6 +606,8 @@ def _register_frames(client, records: list[FrameRecord], grid: Grid, store_path:
                                                         settings.catalog)
     if reference:
         params["reference_frame"] = reference
+    if mosaic:
+        params[MOSAIC] = True
     try:  # read before create_store, which resets the params of a store it reuses
         previous = store_mod.open_store(store_path)
     except store_mod.StoreError:
@@ -611,6 +634,9 @@ def _register_frames(client, records: list[FrameRecord], grid: Grid, store_path:
     reused = kept and previous.params.get("register") == params["register"]
     registered_before = set(previous.params.get("registered", [])) if reused else set()
     stack.params["registered"] = sorted(registered_before & {r.name for r in solved})
+    tiles_before = previous.params.get(FRAME_TILES, {}) if reused else {}
+    stack.params[FRAME_TILES] = {n: tiles_before[n] for n in stack.params["registered"]
+                                 if n in tiles_before}
     futures = {}
     for r in solved:
         if r.registered and r.name in registered_before:
@@ -641,16 +667,18 @@ def _register_frames(client, records: list[FrameRecord], grid: Grid, store_path:
                 record.meta.shape, grid, stack.tile))
             return
         record.registered, record.t_register = True, value[1]
+        stack.params[FRAME_TILES][name] = value[0]
         if value[2] is not None:  # header-WCS frames: the sky measured while registering
             record.result.background, record.result.noise = value[2]
             stack.frames[name] = record.info()
         if time.monotonic() - last_write[0] > 2.0:  # O(N) writes, not O(N^2)
-            _checkpoint_registered(stack, solved, records, manifest)
+            _checkpoint_registered(stack, solved, manifest_records, manifest)
             last_write[0] = time.monotonic()
 
+    manifest_records = records if manifest_records is None else manifest_records
     last_write = [time.monotonic()]
     _gather_as_completed(client, futures, "register", progress, on_result)
-    _checkpoint_registered(stack, solved, records, manifest)
+    _checkpoint_registered(stack, solved, manifest_records, manifest)
     return stack
 
 
@@ -684,10 +712,11 @@ def _registered(stack) -> set[str]:
     return {n for names in stack.filters.values() for n in names}
 
 
-def frame_selection(stack, settings: Settings) -> dict[str, str]:
+def frame_selection(stack, settings: Settings, run_names=None) -> dict[str, str]:
     """``{frame name: reason}``: the registered frames of ``stack`` that
     ``settings.select`` leaves out of the coadds (names, ``--exclude-file``, quality cuts
-    on each frame's QA as recorded in the store)."""
+    on each frame's QA as recorded in the store). ``run_names``: every frame of the run
+    (a field's store holds some): names outside it are said to be unknown."""
     select = settings.select
     listed = {}
     if select.exclude_file:
@@ -701,7 +730,8 @@ def frame_selection(stack, settings: Settings) -> dict[str, str]:
     registered = _registered(stack)
     frames_qa = {name: info.to_dict() for name, info in stack.frames.items()
                  if name in registered}
-    unknown = sorted({frame_name(n) for n in (*select.exclude, *listed)} - set(stack.frames))
+    unknown = sorted({frame_name(n) for n in (*select.exclude, *listed)}
+                     - set(stack.frames if run_names is None else run_names))
     if unknown:
         log.warning("not frames of this run, nothing to exclude: %s", ", ".join(unknown))
     if (math.isfinite(select.min_zp) or math.isfinite(select.max_zp)) and \
@@ -796,7 +826,10 @@ def _combine_store(client, store_path: Path, out_dir: Path, settings: Settings,
             raise store_mod.StoreError(
                 f"{store_path}: written before daskstack stored variances; register the "
                 "frames again (daskstack register, or run) to get ERR and WEIGHT maps")
-        block = _combine_tile(stack.tile, len(keep), stack.grid.shape, methods=cs.methods)
+        # a block holds the frames that cover it: in a mosaic a few, not all of them
+        covering = _block_members(stack, [names[i] for i in keep], stack.tile)
+        depth = len(keep) if covering is None else max(map(len, covering.values()))
+        block = _combine_tile(stack.tile, max(depth, 1), stack.grid.shape, methods=cs.methods)
         # each task reads its whole (frames, block, block) slab straight from the store:
         # no rechunking, nothing moves between workers
         data, variance, power = (da.from_zarr(a, chunks=(a.shape[0], block, block))
@@ -809,6 +842,15 @@ def _combine_store(client, store_path: Path, out_dir: Path, settings: Settings,
         infos = [stack.frames[names[i]] for i in keep]
         # the sky model the frames were registered with (stores before it: 'constant')
         scales = _scales(cs, infos, registered_background(stack))
+        members = covering and _block_members(stack, [names[i] for i in keep], block)
+        if members is not None and _matches_background(stack, cs):
+            corrections = _sky_corrections(stack, filter_name, keep, members, block, scales)
+            scales = scales._replace(
+                offsets=scales.offsets - corrections,
+                levels=None if scales.levels is None else scales.levels - corrections)
+        # blocks that not every frame covers (a mosaic) read only the frames over them;
+        # otherwise every method is combined from one read of each slab
+        partial = members is not None and any(len(f) < len(keep) for f in members.values())
         key = store_mod.filter_key(filter_name)
         sources, targets, paths = [], [], []
         # several methods share one read of each slab: one task per slab, one compute
@@ -820,14 +862,21 @@ def _combine_store(client, store_path: Path, out_dir: Path, settings: Settings,
                 weights_of[method] = combine.inverse_variance_weights(
                     gain=[f.gain for f in infos], rdnoise=[f.rdnoise for f in infos],
                     sky=[_or_nan(f.background) for f in infos], scale=scales.scales)
-        results = combine.combine_stacks(
-            data, foot, sigma=cs.sigma, iters=cs.iters, cenfunc=cs.cenfunc, nlow=cs.nlow,
-            nhigh=cs.nhigh, scales=scales.scales, offsets=scales.offsets, variance=variance,
-            kernel_power=power, exptime=[_or_nan(f.exptime) for f in infos],
-            pair_sigma=cs.pair_sigma, pair_fraction=cs.pair_fraction, sky_levels=scales.levels,
-            methods=[(method, {"reject": cs.weighted_reject
-                               if COMBINE_METHODS[method].rejection is None else "none"})
-                     for method in cs.methods])
+        common = dict(
+            sigma=cs.sigma, iters=cs.iters, cenfunc=cs.cenfunc, nlow=cs.nlow, nhigh=cs.nhigh,
+            scales=scales.scales, offsets=scales.offsets,
+            exptime=[_or_nan(f.exptime) for f in infos], pair_sigma=cs.pair_sigma,
+            pair_fraction=cs.pair_fraction, sky_levels=scales.levels)
+        own = [(method, {"reject": cs.weighted_reject
+                         if COMBINE_METHODS[method].rejection is None else "none"})
+               for method in cs.methods]
+        if partial:
+            results = [_combine_blocks(stack, filter_name, keep, members, block,
+                                       dict(common, method=method, **options))
+                       for method, options in own]
+        else:
+            results = combine.combine_stacks(data, foot, variance=variance, kernel_power=power,
+                                             methods=own, **common)
         for n_method, (method, result) in enumerate(zip(cs.methods, results, strict=True)):
             node = store_mod.coadd_key(filter_name, "" if n_method == 0 else method)
             planes = coadd_planes(result)
@@ -859,6 +908,105 @@ def _combine_store(client, store_path: Path, out_dir: Path, settings: Settings,
         if colour is not None:
             wrote(out_dir / "colour.png")
     return outputs
+
+
+FRAME_TILES = "frame_tiles"  # store params: {frame name: [[y0, x0], ...] of its tiles}
+MOSAIC = "mosaic"  # store params: the grid covers pointings that overlap only partly
+
+
+def _block_members(stack, names: list[str], block: int) -> dict | None:
+    """``{(y0, x0): [positions in names]}``: for each output block of size ``block``, the
+    frames that cover it (from the store tiles each frame wrote while registering);
+    None when the store does not record them (a store written before that record)."""
+    recorded = stack.params.get(FRAME_TILES, {})
+    if not all(n in recorded for n in names):
+        return None
+    tile = stack.tile
+    ny, nx = stack.grid.shape
+    members: dict[tuple[int, int], list[int]] = {
+        (y0, x0): [] for y0 in range(0, ny, block) for x0 in range(0, nx, block)}
+    for position, name in enumerate(names):
+        for ty, tx in recorded[name]:  # a store tile holds whole combine blocks
+            for y0 in range(ty, min(ty + tile, ny), block):
+                for x0 in range(tx, min(tx + tile, nx), block):
+                    members[(y0, x0)].append(position)
+    return members
+
+
+def _matches_background(stack, cs) -> bool:
+    return cs.match_background == "on" or (
+        cs.match_background == "auto" and bool(stack.params.get(MOSAIC)))
+
+
+def _block_frames(store_path, filter_name, rows, y0, y1, x0, x1):
+    return store_mod.read_frames_block(store_path, filter_name, rows, y0, y1, x0, x1)
+
+
+def _combine_block_task(read, frames, options, shape):
+    if read is None:
+        return combine.combine_frames([], np.empty((0,) + shape), options=options)
+    return combine.combine_frames(frames, *read, options=options)
+
+
+def _combine_blocks(stack, filter_name, keep, members, block, options):
+    """The lazy `CombineResult` of a filter, each output block from one read of only
+    the frames that cover it (``members``): memory per task and total work grow with
+    the frames over the block, not with every frame of the mosaic."""
+    import dask
+    import dask.array as da
+
+    ny, nx = stack.grid.shape
+    options = dask.delayed(combine.combine_options(len(keep), **options), pure=True)
+    rows = []
+    for y0 in range(0, ny, block):
+        row = []
+        for x0 in range(0, nx, block):
+            shape = (min(block, ny - y0), min(block, nx - x0))
+            frames = members[(y0, x0)]
+            read = None
+            if frames:
+                read = dask.delayed(_block_frames, pure=True)(
+                    stack.path, filter_name, [keep[i] for i in frames], y0, y0 + shape[0],
+                    x0, x0 + shape[1])
+            task = dask.delayed(_combine_block_task, pure=True)(read, frames, options, shape)
+            row.append(da.from_delayed(task, shape=(5,) + shape, dtype=np.float32))
+        rows.append(row)
+    return combine.combine_result(da.block(rows))
+
+
+def _overlap_task(store_path, filter_name, rows, frames, scales, offsets, y0, y1, x0, x1):
+    """The sky differences of the frames overlapping in one block (`overlap_differences`)
+    on their values scaled as the combine scales them."""
+    from .skymatch import overlap_differences
+
+    data = store_mod.read_frames_block(store_path, filter_name, rows, y0, y1, x0, x1)[0]
+    values = data * np.asarray(scales, np.float32)[:, None, None] \
+        + np.asarray(offsets, np.float32)[:, None, None]
+    return overlap_differences(values, frames)
+
+
+def _sky_corrections(stack, filter_name, keep, members, block, scales) -> np.ndarray:
+    """Per frame (of ``keep``), the sky correction that matches its level to the frames
+    it overlaps (`daskstack.skymatch`), in the scaled units: subtracted from the offsets."""
+    import dask
+
+    from .skymatch import solve_offsets
+
+    ny, nx = stack.grid.shape
+    tasks = []
+    for (y0, x0), frames in members.items():
+        if len(frames) < 2:
+            continue
+        tasks.append(dask.delayed(_overlap_task, pure=True)(
+            stack.path, filter_name, [keep[i] for i in frames], frames,
+            scales.scales[frames], scales.offsets[frames], y0, min(y0 + block, ny), x0,
+            min(x0 + block, nx)))
+    pairs = [p for found in dask.compute(*tasks) for p in found]
+    corrections = solve_offsets(pairs, len(keep))
+    log.info("%s: sky levels matched over %d overlaps (corrections %.3g to %.3g)",
+             filter_name, len(pairs), float(corrections.min(initial=0.0)),
+             float(corrections.max(initial=0.0)))
+    return corrections
 
 
 def _write_differences(client, stack, filter_name, names, indices, scales, coadd_key,
@@ -1000,19 +1148,21 @@ def _run(client, inputs, out_dir, settings, progress, resumed, report=False) -> 
         except Exception:  # the pictures must not fail a run whose coadds are written
             log.exception("the report could not be written")
         result.timings["report"] = time.perf_counter() - start
-    if result.store is not None and result.coadds and not settings.register.keep_store:
+    if result.stores and result.coadds and not settings.register.keep_store:
         # after the report, which draws from the store; outputs.ecsv never lists the
         # store, so it stays true; combine says how to get the store back
-        remove_tree(result.store)
-        log.info("removed %s (--no-keep-store)", result.store)
-        result.store = None
+        for store_path in result.stores:
+            remove_tree(store_path)
+            log.info("removed %s (--no-keep-store)", store_path)
+        result.store, result.stores = None, []
     return result
 
 
 def _check_store_kept(store_path: Path) -> None:
     """A run directory whose store is gone: say why and how to get it back."""
     store_path = as_path(store_path)
-    if not store_path.exists() and (store_path.parent / "run.json").exists():
+    if not store_path.exists() and ((store_path.parent / "run.json").exists() or (
+            store_path.parent.parent / "run.json").exists()):  # a field's store: OUT/<field>/
         raise RunError(
             f"{store_path}: the registered stack was removed after the coadds were written "
             "(run with --no-keep-store); run the same 'daskstack run' command again with "
@@ -1028,6 +1178,7 @@ def _run_stages(client, inputs, out_dir, settings, progress, resumed) -> RunResu
     start = time.perf_counter()
     records = _inspect_frames(client, inputs, progress)
     _check_workers_see_inputs(records)
+    fields = _assign_fields(records, settings)
     if resumed:
         restore(records, manifest, output_log)
     check_disk_space(out_dir, estimate_output_bytes(records), "for the planned store")
@@ -1044,33 +1195,100 @@ def _run_stages(client, inputs, out_dir, settings, progress, resumed) -> RunResu
         return result
 
     start = time.perf_counter()
-    store_path = out_dir / "store.zarr"
-    kept = _kept_grid(store_path) if resumed else None
-    if kept is not None:  # frames added to a run: registered on the grid of its coadds
-        result.grid, reference = kept
-    else:
-        reference = reference_frame(records, settings)
-        result.grid = choose_grid(records, settings)
-    check_disk_space(out_dir, estimate_output_bytes(records, result.grid,
-                                                     settings.register.tile),
-                      f"for the {result.grid.shape[1]}x{result.grid.shape[0]} grid")
-    _announce_store_size(records, result.grid, settings, progress)
-    _register_frames(client, records, result.grid, store_path, settings, progress, manifest,
-                     reference=reference, errors=errors)
-    result.store = store_path
+    stores = {}  # field -> its store
+    for field_name, members in fields:
+        if not any(r.status == "ok" for r in members):
+            continue
+        directory = field_dir(out_dir, field_name)
+        _make_directory(directory)
+        store_path = directory / "store.zarr"
+        kept = _kept_grid(store_path) if resumed else None
+        if kept is not None:  # frames added to a run: registered on the grid of its coadds
+            grid, reference = kept
+            mosaic = bool(store_mod.open_store(store_path).params.get(MOSAIC))
+        else:
+            grid, reference, mosaic = _field_grid(members, settings)
+        if field_name:
+            log.info("field %s: %d frames, %s grid %dx%d", field_name, len(members),
+                     "mosaic" if mosaic else "reference", grid.shape[1], grid.shape[0])
+        result.grid = result.grid or grid
+        check_disk_space(out_dir, estimate_output_bytes(members, grid,
+                                                         settings.register.tile),
+                         f"for the {grid.shape[1]}x{grid.shape[0]} grid")
+        _announce_store_size(members, grid, settings, progress)
+        stores[field_name] = store_path
+        _register_frames(client, members, grid, store_path, settings, progress,
+                         manifest, reference=reference, errors=errors, manifest_records=records,
+                         mosaic=mosaic)
+    result.stores = list(stores.values())
+    result.store = stores.get("")
     timings["register"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    excluded = frame_selection(store_mod.open_store(store_path), settings)
+    names = {r.name for r in records}
+    excluded = {}
+    for store_path in stores.values():
+        excluded.update(frame_selection(store_mod.open_store(store_path), settings, names))
     for r in records:
         if r.status == "ok":  # ok, or excluded by an earlier run of these frames
             r.exclusion = excluded.get(r.name, "")
     write_manifest(records, manifest)
-    result.coadds = _combine_store(client, store_path, out_dir, settings, progress,
-                                   output_log, written=result.written, excluded=excluded)
+    for field_name, store_path in stores.items():
+        coadds = _combine_store(client, store_path, field_dir(out_dir, field_name), settings,
+                                progress, output_log, written=result.written,
+                                excluded=excluded)
+        result.coadds.update({coadd_name(field_name, f): p for f, p in coadds.items()})
     timings["combine"] = time.perf_counter() - start
     write_manifest(records, manifest)
     return result
+
+
+def coadd_name(field_name: str, filter_name: str) -> str:
+    """The key of a coadd in `RunResult.coadds`: its filter, ``<field>/<filter>`` in a
+    batch of several fields."""
+    return f"{field_name}/{filter_name}" if field_name else filter_name
+
+
+def _assign_fields(records: list[FrameRecord], settings: Settings):
+    """Each record's field (`output_fields`): ``[(field, [records])]``, input order."""
+    fields = output_fields([r.meta for r in records if r.meta is not None], settings)
+    field_of = {name: field_name for field_name, names in fields for name in names}
+    for r in records:
+        r.field = field_of.get(r.name, "")
+    return [(f, [r for r in records if r.field == f]) for f, _ in fields]
+
+
+def _field_grid(records: list[FrameRecord], settings: Settings) -> tuple[Grid, str, bool]:
+    """``(grid, reference frame, mosaic)`` of one field. A mosaic (its pointings overlap
+    only partly: a solved frame's centre lies outside the reference frame; or
+    ``--grid optimal``) gets the optimal grid covering every frame, and its sky levels
+    matched; a fixed grid (``--grid FILE``, ``--reference``) is kept as it is."""
+    reference = reference_frame(records, settings)
+    if settings.grid.method == "optimal":
+        return choose_grid(records, settings), "", True
+    if settings.grid.method == "reference" and not settings.grid.reference \
+            and _is_mosaic([r for r in records if r.status == "ok"], reference):
+        return choose_grid(records, settings.replace("grid", method="optimal")), "", True
+    return choose_grid(records, settings), reference, False
+
+
+def _is_mosaic(solved: list[FrameRecord], reference: str) -> bool:
+    """True when some solved frame's centre falls outside the reference frame's grid."""
+    ref = next((r for r in solved if r.name == reference), None)
+    if ref is None or len(solved) < 2:
+        return False
+    ras, decs = [], []
+    for r in solved:
+        ny, nx = r.meta.shape
+        ra, dec = wcs_from_text(r.result.wcs_header, r.meta.shape).pixel_to_world_values(
+            (nx - 1) / 2, (ny - 1) / 2)
+        ras.append(float(ra))
+        decs.append(float(dec))
+    x, y = wcs_from_text(ref.result.wcs_header, ref.meta.shape).world_to_pixel_values(
+        np.array(ras), np.array(decs))
+    ny, nx = ref.meta.shape
+    inside = (x > -0.5) & (x < nx - 0.5) & (y > -0.5) & (y < ny - 0.5)
+    return not bool(np.all(inside))
 
 
 def _kept_grid(store_path) -> tuple[Grid, str] | None:
@@ -1213,19 +1431,40 @@ def combine_store_path(store_path, out_dir, settings: Settings | None = None, *,
     with ``overwrite`` (else `RunError`, before any work); every file written is
     appended to ``written``."""
     settings = (settings or Settings()).validate()
-    _check_store_kept(store_path)  # before a cluster is started for nothing
+    fields = field_stores(store_path)  # a run directory of several fields: each one's
     out_dir = run_location(out_dir)
-    stack = store_mod.open_store(store_path)  # StoreError: not a daskstack store
-    if not overwrite:
-        check_coadds_replaceable(stack, out_dir, settings)
-    _make_directory(out_dir)
-    store_path = run_location(store_path)
-    excluded = frame_selection(stack, settings)
-    outputs = _with_client(settings, out_dir, client, lambda c: _combine_store(
-        c, store_path, out_dir, settings, progress or _progress_none, written=written,
-        excluded=excluded), progress)
-    # the run's manifest (beside the store) says which frames this combine left out
-    mark_excluded(store_path.parent / "manifest.ecsv", excluded)
+    if not fields:
+        fields = {"": run_location(store_path)}
+        out_dirs = {"": out_dir}
+    else:
+        fields = {f: run_location(path) for f, path in fields.items()}
+        out_dirs = {f: out_dir / f for f in fields}
+    stacks = {}
+    for f, path in fields.items():
+        _check_store_kept(path)  # before a cluster is started for nothing
+        stacks[f] = store_mod.open_store(path)  # StoreError: not a daskstack store
+        if not overwrite:
+            check_coadds_replaceable(stacks[f], out_dirs[f], settings)
+    run_names = {n for stack in stacks.values() for n in stack.frames}
+    excluded = {}
+    for stack in stacks.values():
+        excluded.update(frame_selection(stack, settings, run_names))
+
+    def combine_all(client):
+        outputs, output_log = {}, OutputLog(out_dir)
+        for f, path in fields.items():
+            _make_directory(out_dirs[f])
+            coadds = _combine_store(client, path, out_dirs[f], settings,
+                                    progress or _progress_none, output_log, written=written,
+                                    excluded=excluded)
+            outputs.update({coadd_name(f, k): p for k, p in coadds.items()})
+        return outputs
+
+    outputs = _with_client(settings, out_dir, client, combine_all, progress)
+    # the run's manifest (beside the store, or above a field's) says which frames this
+    # combine left out
+    for f, path in fields.items():
+        mark_excluded(run_dir_of(path) / "manifest.ecsv", excluded, only=set(stacks[f].frames))
     return outputs
 
 
@@ -1519,7 +1758,9 @@ def _make_report(client, run_dir, settings: Settings, *, frames: bool = True, pi
             reason = "" if np.ma.is_masked(row["reason"]) else str(row["reason"])
             solved = status in ("ok", EXCLUDED) or reason.startswith(
                 ("registration failed", f"{INTERNAL_ERROR} while registering"))
-            wcs = run_dir / f"{name}.wcs"
+            field_name = "" if "field" not in table.colnames or np.ma.is_masked(
+                row["field"]) else str(row["field"])
+            wcs = field_dir(run_dir, field_name) / f"{name}.wcs"
             futures[f"frame:{name}"] = client.submit(
                 report_mod.frame_task, str(row["file"]), str(wcs) if solved else None,
                 catalog_of.get(name), settings, str(frames_dir), status, reason, name,
@@ -1573,19 +1814,20 @@ def _thumbnail_futures(client, run_dir: Path, table, batch: int = 32) -> dict:
     registered (and the store kept), else from the frame's file."""
     from . import _report as report_mod
 
-    store_path = run_dir / "store.zarr"
-    try:
-        stack = store_mod.open_store(store_path)
-    except store_mod.StoreError:
-        stack = None
-    in_store = {}
-    if stack is not None:
+    in_store = {}  # frame name -> (its store, its filter there)
+    for store_path in [run_dir / "store.zarr", *field_stores(run_dir).values()]:
+        try:
+            stack = store_mod.open_store(store_path)
+        except store_mod.StoreError:
+            continue
         registered = _registered(stack)
-        in_store = {name: filter_name for filter_name, members in stack.filters.items()
-                    for name in members if name in registered}
-    items = [(str(name), in_store.get(str(name)), str(path))
-             for name, path in zip(table["name"], table["file"], strict=True)]
-    return {f"thumbs:{k}": client.submit(report_mod.thumbnails_task,
-                                         str(store_path) if stack is not None else None,
-                                         items[k:k + batch], pure=False)
-            for k in range(0, len(items), batch)}
+        in_store.update({name: (str(store_path), filter_name)
+                         for filter_name, members in stack.filters.items()
+                         for name in members if name in registered})
+    by_store: dict = {}
+    for name, path in zip(table["name"], table["file"], strict=True):
+        store_path, filter_name = in_store.get(str(name), (None, None))
+        by_store.setdefault(store_path, []).append((str(name), filter_name, str(path)))
+    return {f"thumbs:{store_path}:{k}": client.submit(
+                report_mod.thumbnails_task, store_path, items[k:k + batch], pure=False)
+            for store_path, items in by_store.items() for k in range(0, len(items), batch)}

@@ -914,6 +914,21 @@ def thumbnails_task(store_path: str | None, items: list[tuple[str, str | None, s
     return out
 
 
+def run_coadds(run_dir) -> list[tuple[str, Path]]:
+    """``[(key, path)]`` of a run's coadds: ``coadd_<key>.fits`` in the run directory, or
+    in a run of several fields each field's, keyed ``<field>/<key>``."""
+    run_dir = as_path(run_dir)
+    found = [(p.stem.removeprefix("coadd_"), p) for p in sorted(run_dir.glob("coadd_*.fits"))]
+    found += [(f"{p.parent.name}/{p.stem.removeprefix('coadd_')}", p)
+              for p in sorted(run_dir.glob("*/coadd_*.fits"))]
+    return found
+
+
+def _picture_key(key: str) -> str:
+    """A coadd key as part of a picture's file name (a field's key holds a '/')."""
+    return key.replace("/", "__")
+
+
 def lightcurve_figure(table: Table, png, title: str = "") -> dict:
     """A target's light curve (``daskstack lightcurve``'s table): above, the differential
     magnitude of each filter about its median; below, the calibrated magnitude where the
@@ -971,12 +986,12 @@ def run_figure_jobs(run_dir, reference: str = "") -> list[tuple]:
     out = run_dir / REPORT_DIR
     jobs = []
     coadds = {}
-    for path in sorted(run_dir.glob("coadd_*.fits")):
-        key = path.stem.removeprefix("coadd_")
+    for key, path in run_coadds(run_dir):
         coadds[key] = str(path)
+        png = _picture_key(key)
         jobs.append((f"coadd:{key}", coadd_preview,
-                     (str(path), str(out / f"coadd_{key}.png"), str(out / f"weight_{key}.png"))))
-    if len(coadds) >= 3:
+                     (str(path), str(out / f"coadd_{png}.png"), str(out / f"weight_{png}.png"))))
+    if len(coadds) >= 3 and all("/" not in k for k in coadds):
         jobs.append(("colour", colour_composite, (coadds, str(out / "colour.png"))))
     if (run_dir / "store.zarr").exists():
         jobs.append(("overlay", two_colour_overlay,
@@ -1348,20 +1363,26 @@ def write_report(run_dir, run_plots: dict | None = None, *, title: str | None = 
             f"<span>{n_excluded} excluded</span><span>{len(groups)} groups</span></p>"]
 
     # coadds
-    coadds = sorted(run_dir.glob("coadd_*.fits"))
+    coadds = run_coadds(run_dir)
     body.append("<h2>Coadds</h2>")
     if coadds:
+        field_shown = ""
         body.append('<div class="gallery">')
-        for path in coadds:
-            key = path.stem.removeprefix("coadd_")
-            if (out / f"coadd_{key}.png").exists():
-                body.append(_img([f"coadd_{key}.png"], f"coadd {key}",
-                                 f"coadd {key} ({path.name})"))
+        for key, path in coadds:
+            field_name = key.split("/")[0] if "/" in key else ""
+            if field_name != field_shown:  # a run of several fields: each its own part
+                body.append(f'</div><h3>field {_e(field_name)}</h3><div class="gallery">')
+                field_shown = field_name
+            png = _picture_key(key)
+            relative = f"{path.parent.name}/{path.name}" if "/" in key else path.name
+            if (out / f"coadd_{png}.png").exists():
+                body.append(_img([f"coadd_{png}.png"], f"coadd {key}",
+                                 f"coadd {key} ({relative})"))
             else:
-                body.append(f'<p><a href="{_href("..", path.name)}">{_e(path.name)}</a> '
+                body.append(f'<p><a href="{_href("..", relative)}">{_e(relative)}</a> '
                             "(no preview)</p>")
-            if (out / f"weight_{key}.png").exists():
-                body.append(_img([f"weight_{key}.png"], f"noise and exposure maps {key}",
+            if (out / f"weight_{png}.png").exists():
+                body.append(_img([f"weight_{png}.png"], f"noise and exposure maps {key}",
                                  f"ERR and EXPMAP {key}: sky scatter in units of ERR"))
         body.append("</div>")
         errors = [f"{k}: {v['error']}" for k, v in run_plots.items()
@@ -1459,8 +1480,10 @@ def write_report(run_dir, run_plots: dict | None = None, *, title: str | None = 
             fname = pics.files.get(kind) if pics else None
             if fname and (frames_dir / fname).exists():
                 links.append(f'<a href="{_href(FRAMES_DIR, fname)}">{kind}</a>')
-        if (run_dir / f"{name}.wcs").exists():
-            links.append(f'<a href="{_href("..", name + ".wcs")}">wcs</a>')
+        field_name = _text(table["field"][i]) if "field" in table.colnames else ""
+        wcs_name = f"{field_name}/{name}.wcs" if field_name else f"{name}.wcs"
+        if (run_dir / wcs_name).exists():
+            links.append(f'<a href="{_href("..", wcs_name)}">wcs</a>')
         if pics and pics.error:
             links.append(f'<span class="bad">{_e(pics.error)}</span>')
         failed = status[i] not in ("ok", EXCLUDED)

@@ -55,13 +55,17 @@ __all__ = [
     "estimate_output_bytes",
     "estimate_store_bytes",
     "failure",
+    "field_dir",
+    "field_stores",
     "mark_excluded",
     "read_manifest",
     "restore",
     "result_from_wcs_file",
+    "run_dir_of",
     "run_settings",
     "run_signature",
     "sha256",
+    "wcs_file",
     "wcs_from_text",
     "write_manifest",
 ]
@@ -79,6 +83,7 @@ MANIFEST_COLUMNS = [
     # the zero point (daskstack.photcal): its catalog band, or why there is none
     ("zp", float), ("zp_err", float), ("n_zp", int), ("zp_band", str), ("zp_reason", str),
     ("airmass", float), ("site", str),
+    ("field", str),  # the frame's field (`daskstack._fields.output_fields`); "" = the only one
 ]
 OUTPUTS_FILE = "outputs.ecsv"  # name, sha256, bytes of every .wcs and coadd written
 TEMPORARY = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp")  # names made by _io.atomic_path
@@ -126,6 +131,7 @@ class FrameRecord:
     exclusion: str = ""
     registered: bool = False
     t_register: float = float("nan")
+    field: str = ""  # the field (its directory OUT/<field>/); "" in a batch of one field
 
     @property
     def status(self) -> str:
@@ -186,6 +192,7 @@ class FrameRecord:
             row[key] = value if value is not None else (0 if key.startswith("n_") else np.nan)
         row["t_solve"] = getattr(res, "elapsed", np.nan) if res is not None else np.nan
         row["method"] = res.method if res is not None and res.status == "ok" else ""
+        row["field"] = self.field
         return row
 
 
@@ -662,7 +669,7 @@ def restore(records: list[FrameRecord], manifest: Path, outputs: OutputLog) -> N
         row = rows.get(record.name)
         if row is None or record.meta is None or row["status"] not in ("ok", EXCLUDED):
             continue  # an excluded frame is solved and registered: taken back as ok
-        wcs_path = out_dir / f"{record.name}.wcs"
+        wcs_path = wcs_file(out_dir, record)
         if not outputs.verified(wcs_path):
             continue  # written but not recorded (killed in between), or changed: solve again
         try:
@@ -675,23 +682,60 @@ def restore(records: list[FrameRecord], manifest: Path, outputs: OutputLog) -> N
         record.t_register = float(row["t_register"])
 
 
-def mark_excluded(manifest: Path, excluded: dict[str, str]) -> None:
+def mark_excluded(manifest: Path, excluded: dict[str, str], only=None) -> None:
     """Rewrite the manifest's status of the usable frames (``ok`` or ``excluded``): those
     in ``excluded`` (``{name: reason}``) become ``excluded`` with that reason, the others
-    ``ok`` again (a combine without the rule that left them out)."""
+    ``ok`` again (a combine without the rule that left them out). ``only``: the names
+    of the frames this combine judged (one field's store), or None for every frame."""
     table = read_manifest(manifest)
     if table is None:
         return
     status = [str(s) for s in table["status"]]
     reasons = ["" if np.ma.is_masked(r) else str(r) for r in table["reason"]]
     for i, name in enumerate(str(n) for n in table["name"]):
-        if status[i] in ("ok", EXCLUDED):
+        if status[i] in ("ok", EXCLUDED) and (only is None or name in only):
             status[i] = EXCLUDED if name in excluded else "ok"
             reasons[i] = excluded.get(name, "")
     table["status"] = status
     table["reason"] = reasons
     with atomic_path(manifest) as tmp:
         table.write(tmp, format="ascii.ecsv")
+
+
+def field_dir(out_dir, field: str) -> Path:
+    """Where a field's coadds, store and ``.wcs`` files go: ``OUT/<field>/``, or ``OUT``
+    itself in a batch of one field (``field`` "")."""
+    return as_path(out_dir) / field if field else as_path(out_dir)
+
+
+def wcs_file(out_dir, record: FrameRecord) -> Path:
+    """The ``.wcs`` file of a frame of a run: ``OUT[/<field>]/<name>.wcs``."""
+    return field_dir(out_dir, record.field) / f"{record.name}.wcs"
+
+
+def field_stores(run_dir) -> dict[str, Path]:
+    """``{field: store}`` of a run of several fields (``OUT/<field>/store.zarr``, or its
+    coadds where the store was removed); empty for a run of one field."""
+    if local_path(run_dir) is None:
+        return {}  # a run on an object store: one field
+    run_dir = local_path(run_dir)
+    if (run_dir / "store.zarr").exists() or any(run_dir.glob("coadd_*.fits")):
+        return {}
+    table = read_manifest(run_dir / "manifest.ecsv")
+    fields = [] if table is None or "field" not in table.colnames else sorted(
+        {str(f) for f in table["field"] if not np.ma.is_masked(f) and str(f)})
+    return {f: run_dir / f / "store.zarr" for f in fields
+            if (run_dir / f / "store.zarr").exists() or any((run_dir / f).glob("coadd_*.fits"))}
+
+
+def run_dir_of(store_path) -> Path:
+    """The run directory of a store: its parent, or for a field's store
+    (``OUT/<field>/store.zarr``) the parent's parent, where ``manifest.ecsv`` is."""
+    parent = as_path(store_path)
+    parent = (parent.absolute() if isinstance(parent, Path) else parent).parent
+    if not (parent / "manifest.ecsv").exists() and (parent.parent / "run.json").exists():
+        return parent.parent
+    return parent
 
 
 def sha256(path) -> str:

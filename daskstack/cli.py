@@ -234,6 +234,10 @@ STAGE_OPTIONS = {
         ("--pair-fraction", "combine.pair_fraction", dict(type=float,
          help="Two frames: how much higher than the lower value's signal (star) a value "
               "may be, as a fraction, for resampling and seeing differences.")),
+        ("--match-background", "combine.match_background", dict(
+         help="Match the frames' sky levels across their overlaps (least squares over "
+              "the overlapping pairs) so that no seam shows: auto = in a mosaic "
+              "(pointings that overlap only partly, or --grid optimal).")),
     ],
     "run": [
         ("--keep-store/--no-keep-store", "register.keep_store", dict(default=None,
@@ -801,10 +805,13 @@ def _store_and_run_dir(path) -> tuple[Path, Path]:
     """``(store, run directory)`` from either a run directory (holding store.zarr) or
     the store itself (its directory is then the run directory); either may be a URL."""
     from ._io import as_path
+    from ._rundir import field_stores
 
     path = as_path(path)
     if (path / "store.zarr").is_dir():
         return path / "store.zarr", path
+    if field_stores(path):  # a run of several fields: combine combines each field's store
+        return path, path
     if (path / "manifest.ecsv").exists() or (path / "run.json").exists():
         if any(path.glob("coadd_*.fits")):  # the store was dropped (--no-keep-store)
             return path / "store.zarr", path  # combine says how to get it back

@@ -136,6 +136,9 @@ __all__ = [
     "CombineMethod",
     "CombineResult",
     "FrameScales",
+    "combine_frames",
+    "combine_options",
+    "combine_result",
     "combine_stack",
     "combine_stacks",
     "difference_image",
@@ -892,35 +895,18 @@ def combine_stack(
     Returns a `CombineResult` of dask arrays; nothing is computed. Chunks along the
     sky axes are those of ``data``.
     """
-    if method not in COMBINE_METHODS:
-        raise ValueError(f"method = {method!r} is not one of {', '.join(map(repr, METHODS))}")
-    if reject not in REJECTIONS:
-        raise ValueError(f"reject = {reject!r} is not one of {', '.join(map(repr, REJECTS))}")
-    spec = COMBINE_METHODS[method]
-    if reject != "none" and spec.rejection is not None:
-        raise ValueError("reject applies to method='weighted' only")
-    if frame_weights is not None and spec.estimator != "weighted":
-        raise ValueError("frame_weights are used by method='weighted' only")
-    if cenfunc not in ("median", "mean"):
-        raise ValueError("cenfunc must be 'median' or 'mean'")
-    if not sigma > 0 or int(iters) != iters or iters < 1:
-        raise ValueError("sigma must be > 0 and iters an integer >= 1")
-    if int(nlow) != nlow or int(nhigh) != nhigh or nlow < 0 or nhigh < 0:
-        raise ValueError("nlow and nhigh must be integers >= 0")
     if np.ndim(data) != 3:
         raise ValueError(f"data must be (n_frames, ny, nx), got shape {np.shape(data)}")
-    if not pair_sigma >= 0 or not pair_fraction >= 0:
-        raise ValueError("pair_sigma and pair_fraction must be >= 0")
-
     if not isinstance(data, da.Array):
         data = da.from_array(np.asarray(data), chunks=(-1, "auto", "auto"))
     n = data.shape[0]
     if data.numblocks[0] != 1:
         data = data.rechunk({0: -1})
-    if frame_weights is not None:
-        frame_weights = _small("frame_weights", frame_weights, n)
-        if np.any(frame_weights < 0):
-            raise ValueError("frame_weights must be >= 0")
+    kwargs = combine_options(
+        n, method=method, sigma=sigma, iters=iters, cenfunc=cenfunc, nlow=nlow, nhigh=nhigh,
+        scales=scales, offsets=offsets, frame_weights=frame_weights, reject=reject,
+        exptime=exptime, pair_sigma=pair_sigma, pair_fraction=pair_fraction,
+        sky_levels=sky_levels)
 
     args = [data]
     for name, extra in (("weights", weights), ("variance", variance),
@@ -936,7 +922,45 @@ def combine_stack(
             extra = extra.rechunk(data.chunks)
         args.append(extra)
 
-    kwargs = dict(
+    if _plan:  # for combine_stacks: the inputs and the block options, no graph
+        return args, kwargs
+    return _lazy_results(args, [kwargs], f"combine-{method}")[0]
+
+
+def combine_result(stacked) -> CombineResult:
+    """The `CombineResult` of a ``(5, ny, nx)`` dask array of packed blocks (the output
+    of `_combine_block` or `combine_frames`, block by block)."""
+    return CombineResult(stacked[0], stacked[1], stacked[2].astype(np.int32), stacked[3],
+                         stacked[4])
+
+
+def combine_options(n, *, method="sigclip", sigma=3.0, iters=3, cenfunc="median", nlow=1,
+                    nhigh=1, scales=None, offsets=None, frame_weights=None, reject="none",
+                    exptime=None, pair_sigma=4.0, pair_fraction=0.5, sky_levels=None) -> dict:
+    """The checked per-block options of a combine of ``n`` frames (arguments as for
+    `combine_stack`), for `combine_frames` or the blocks of `combine_stack`."""
+    if method not in COMBINE_METHODS:
+        raise ValueError(f"method = {method!r} is not one of {', '.join(map(repr, METHODS))}")
+    if reject not in REJECTIONS:
+        raise ValueError(f"reject = {reject!r} is not one of {', '.join(map(repr, REJECTS))}")
+    spec = COMBINE_METHODS[method]
+    if reject != "none" and spec.rejection is not None:
+        raise ValueError("reject applies to method='weighted' only")
+    if frame_weights is not None and spec.estimator != "weighted":
+        raise ValueError("frame_weights are used by method='weighted' only")
+    if cenfunc not in ("median", "mean"):
+        raise ValueError("cenfunc must be 'median' or 'mean'")
+    if not sigma > 0 or int(iters) != iters or iters < 1:
+        raise ValueError("sigma must be > 0 and iters an integer >= 1")
+    if int(nlow) != nlow or int(nhigh) != nhigh or nlow < 0 or nhigh < 0:
+        raise ValueError("nlow and nhigh must be integers >= 0")
+    if not pair_sigma >= 0 or not pair_fraction >= 0:
+        raise ValueError("pair_sigma and pair_fraction must be >= 0")
+    if frame_weights is not None:
+        frame_weights = _small("frame_weights", frame_weights, n)
+        if np.any(frame_weights < 0):
+            raise ValueError("frame_weights must be >= 0")
+    return dict(
         rejection=reject if spec.rejection is None else spec.rejection,
         estimator=spec.estimator,
         sigma=float(sigma),
@@ -955,9 +979,6 @@ def combine_stack(
         sky_levels=None if sky_levels is None else np.nan_to_num(_small(
             "sky_levels", np.nan_to_num(np.asarray(sky_levels, np.float64)), n)),
     )
-    if _plan:  # for combine_stacks: the inputs and the block options, no graph
-        return args, kwargs
-    return _lazy_results(args, [kwargs], f"combine-{method}")[0]
 
 
 def combine_stacks(data, weights=None, *, methods, **options) -> list[CombineResult]:
@@ -990,3 +1011,23 @@ def _lazy_results(args, methods, token) -> list[CombineResult]:
     return [CombineResult(stacked[k], stacked[k + 1], stacked[k + 2].astype(np.int32),
                           stacked[k + 3], stacked[k + 4])
             for k in range(0, 5 * len(methods), 5)]
+
+
+_PER_FRAME = ("scales", "offsets", "frame_weights", "exptime", "sky_levels")
+
+
+def combine_frames(frames, data, weights=None, variance=None, kernel_power=None, *,
+                   options: dict) -> np.ndarray:
+    """One output block from only the frames ``frames`` (indices into the stack that
+    ``options`` = `combine_options` describes) whose values ``data`` etc. hold, shape
+    ``(len(frames), ty, tx)``: the same result as the block of `combine_stack` over every
+    frame, where the others give nothing there. ``(5, ty, tx)`` float32, packed as
+    `combine_result` reads it; a block no frame covers is empty (NaN, weight 0)."""
+    frames = np.asarray(frames, dtype=int)
+    if frames.size == 0:
+        shape = np.shape(data)[1:]
+        zero = np.zeros(shape)
+        return _pack(zero, zero, zero, np.zeros(shape, int), np.zeros(shape, np.float32))
+    subset = {k: (v[frames] if k in _PER_FRAME and v is not None else v)
+              for k, v in options.items()}
+    return _combine_in_strips(data, weights, variance, kernel_power, methods=[subset])

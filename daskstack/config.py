@@ -215,6 +215,10 @@ class CombineSettings:
     # (combine.TWO_FRAME_REJECTIONS: every method but minmax); pair_sigma 0: off
     pair_sigma: float = 4.0
     pair_fraction: float = 0.5
+    # match the frames' sky levels across their overlaps (offsets by least squares,
+    # daskstack.skymatch): "auto" = in a mosaic (pointings that overlap only partly,
+    # or --grid optimal), "on" = always, "off" = never
+    match_background: str = field(default="auto", metadata=_choices("auto", "on", "off"))
 
     @property
     def methods(self) -> list[str]:

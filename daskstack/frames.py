@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -187,6 +188,71 @@ def _image_hdu(hdul: fits.HDUList, path) -> tuple[str | int, fits.ImageHDU]:
             return index, hdu
     names = ", ".join(str(h.name) or str(i) for i, h in enumerate(hdul))
     raise FrameError(path, f"no SCI extension and no other image HDU (HDUs: {names})")
+
+
+# Frames that are not reduced science images, each with what to do about it: a table of
+# (rule, reason), tried in order on the file's HDUs and its science header; the first rule
+# that answers refuses the frame (the batch goes on). Guider first: a guide camera's raw
+# frame is a guider frame before it is a raw one.
+REDUCED_PRODUCT = ("daskstack needs the reduced image (for LCO frames the BANZAI product, "
+                   "'-e91' in the name: 'daskstack download --rlevel 91')")
+
+
+def _guider_frame(hdul: fits.HDUList, header: fits.Header, path) -> str:
+    """A guide camera's frame: OBSTYPE says GUIDE, LCO's guider product name ('-g00'),
+    or an LCO guide camera ('ef..')."""
+    obstype = str(header.get("OBSTYPE", hdul[0].header.get("OBSTYPE", ""))).strip().upper()
+    instrument = str(header.get("INSTRUME", hdul[0].header.get("INSTRUME", ""))).strip()
+    if "GUIDE" in obstype:
+        why = f"OBSTYPE = '{obstype}'"
+    elif re.search(r"-g\d\d$", frame_name(path)):
+        why = "an LCO guider product ('-g00' in the name)"
+    elif re.fullmatch(r"ef\d\d", instrument.lower()):
+        why = f"INSTRUME = '{instrument}', an LCO guide camera"
+    else:
+        return ""
+    return (f"guider frame ({why}): a guide camera's image, not a science exposure; leave "
+            "it out (LCO archive: 'daskstack download --obstype EXPOSE')")
+
+
+def _raw_level(hdul: fits.HDUList, header: fits.Header, path) -> str:
+    level = header.get("RLEVEL", hdul[0].header.get("RLEVEL"))
+    if isinstance(level, (int, np.integer)) and level == 0:
+        return f"raw frame (RLEVEL = 0): {REDUCED_PRODUCT}"
+    return ""
+
+
+_AMPLIFIER_KEYS = ("BIASSEC", "AMPNAME", "AMPID", "TRIMSEC")
+
+
+def _raw_amplifiers(hdul: fits.HDUList, header: fits.Header, path) -> str:
+    """Several image extensions read out by separate amplifiers (overscan sections)."""
+    amps = [hdu for hdu in hdul[1:] if isinstance(hdu, (fits.ImageHDU, fits.CompImageHDU))
+            and str(hdu.name).upper() not in _AUXILIARY
+            and hdu.header.get("ZNAXIS", hdu.header.get("NAXIS", 0)) == 2]
+    if len(amps) > 1 and any(k in hdu.header for hdu in amps for k in _AMPLIFIER_KEYS):
+        return (f"raw frame ({len(amps)} amplifier extensions, not yet trimmed and "
+                f"joined): {REDUCED_PRODUCT}")
+    return ""
+
+
+def _raw_cube(hdul: fits.HDUList, header: fits.Header, path) -> str:
+    naxis = header.get("ZNAXIS", header.get("NAXIS", 0))
+    if isinstance(naxis, (int, np.integer)) and naxis == 3:
+        return (f"image has 3 dimensions, expected 2: a raw frame (one plane per "
+                f"amplifier or readout)? {REDUCED_PRODUCT}")
+    return ""
+
+
+NOT_REDUCED = (_guider_frame, _raw_level, _raw_amplifiers, _raw_cube)
+
+
+def _check_reduced(hdul: fits.HDUList, header: fits.Header, path) -> None:
+    """FrameError with the first `NOT_REDUCED` rule's reason, if any says so."""
+    for rule in NOT_REDUCED:
+        reason = rule(hdul, header, path)
+        if reason:
+            raise FrameError(path, reason)
 
 
 def _float_or_none(value):
@@ -412,6 +478,7 @@ def read_meta(path) -> FrameMeta:
         try:
             key, hdu = _image_hdu(hdul, path)
             header = hdu.header
+            _check_reduced(hdul, header, path)
             prefix = "ZNAXIS" if isinstance(hdu, fits.CompImageHDU) and "ZNAXIS" in header \
                 else "NAXIS"
             naxis = header.get(prefix, 0)
@@ -442,6 +509,7 @@ def read_frame(path) -> Frame:
         try:
             key, hdu = _image_hdu(hdul, path)
             header = hdu.header.copy()
+            _check_reduced(hdul, header, path)
             data = hdu.data
             if data is None:
                 raise FrameError(path, "science extension holds no image data")

@@ -46,7 +46,8 @@ from .grid import Grid
 
 __all__ = ["COADD_PLANES", "FrameInfo", "StackStore", "StoreError", "chunk_layout", "clear_frame",
            "coadd_key", "create_coadd_arrays", "create_store", "extends", "filter_key",
-           "open_coadd_arrays", "open_store", "read_box", "read_plane", "update_frames",
+           "open_coadd_arrays", "open_store", "read_box", "read_frames_block", "read_plane",
+           "update_frames",
            "write_tiles"]
 
 FORMAT_VERSION = 2  # 2: a variance beside the data
@@ -322,6 +323,23 @@ def read_plane(store_path: str, filter_name: str, index: int) -> np.ndarray:
     """One registered frame's plane (ny, nx) of the stack (a worker opens by path)."""
     group = zarr.open_group(store_path, mode="r")
     return group[f"{filter_key(filter_name)}/data"][index]
+
+
+def read_frames_block(store_path: str, filter_name: str, frames, y0: int, y1: int, x0: int,
+                      x1: int):
+    """``(data, footprint, variance, kernel_power)`` of only the stack's ``frames``
+    (sorted indices) on ``[y0:y1, x0:x1]``, each ``(len(frames), y1 - y0, x1 - x0)``
+    (footprint None where the store has none): a block of a mosaic reads the frames
+    that cover it, not the fill values of every other (a worker opens by path)."""
+    group = zarr.open_group(store_path, mode="r")
+    key = filter_key(filter_name)
+    frames = list(frames)
+    out = []
+    for name in ("data", "footprint", "variance", "kernel_power"):
+        array = group.get(f"{key}/{name}")
+        out.append(None if array is None else
+                   array.get_orthogonal_selection((frames, slice(y0, y1), slice(x0, x1))))
+    return tuple(out)
 
 
 def read_box(store_path: str, filter_name: str, start: int, stop: int, y0: int, y1: int,

@@ -211,6 +211,9 @@ GOOD_RP = ["lsc1m009-fa15-20230701-0001-e91", "coj1m011-fa12-20230701-0002-e91",
            "elp1m008-fa05-20230701-0003-e91", "lsc1m009-fa15-20230701-0005-e91"]
 GOOD_GP = ["lsc1m009-fa15-20230701-0004-e91"]  # FILTER '../../gp'
 R = SEARCH_RADIUS_ARCMIN
+# the batch's fields (OBJECT 'SIMFIELD' in every frame): A, and the frame of field B far
+# away, made unique (daskstack._fields.output_fields)
+FIELD_A, FIELD_B = "SIMFIELD", "SIMFIELD-2"
 
 # frame name -> exact reason recorded in manifest.ecsv (a regex where numbers vary)
 EXPECTED_FAILURES = {
@@ -218,7 +221,9 @@ EXPECTED_FAILURES = {
                                  r"\d+\)"),
     "notfits": "not a FITS file (does not start with SIMPLE)",
     "nosci": "no SCI extension and no other image HDU (HDUs: PRIMARY, BPM)",
-    "cube": "image has 3 dimensions, expected 2",
+    "cube": "image has 3 dimensions, expected 2: a raw frame (one plane per amplifier or "
+            "readout)? daskstack needs the reduced image (for LCO frames the BANZAI product, "
+            "'-e91' in the name: 'daskstack download --rlevel 91')",
     "allnan": "image is all NaN (no finite pixel)",
     "constant": "image is constant (every usable pixel = 100)",
     "nowcs": "no WCS in header and no RA/DEC + PIXSCALE keywords to start from",
@@ -232,7 +237,6 @@ EXPECTED_FAILURES = {
     "expmissing": "EXPTIME missing or not a number: cannot scale by exposure time",
     "clouds": "no stars detected",
     "fewstars": f"too few matched stars (5 < 8) within {R:g} arcmin of the header position",
-    "fieldb": "does not overlap the output grid (reference grid)",
     "fieldc": "no stars of catalog catalog.ecsv within 0.096 deg of RA 148.0069 Dec -1.5042 "
               "(a frame of another field?)",
 }
@@ -303,16 +307,21 @@ def test_bad_input_fails_with_its_reason_and_the_batch_goes_on(batch_run, name):
 
 
 def test_good_mixed_frames_are_combined(batch_run):
-    """Different sites, cameras, sizes, binning (2x2, 0.778"/px) and filters in one run."""
+    """Different sites, cameras, sizes, binning (2x2, 0.778"/px) and filters in one run;
+    the frame of another field (B, in the catalog) gets its own field and coadd."""
     result, rows, _, _ = batch_run
     assert result.exit_code == EXIT_PARTIAL
-    assert len(rows) == len(EXPECTED_FAILURES) + len(GOOD_RP) + len(GOOD_GP)
-    assert set(result.coadds) == {"rp", "../../gp"}
-    with fits.open(result.coadds["rp"]) as hdul:
+    assert len(rows) == len(EXPECTED_FAILURES) + len(GOOD_RP) + len(GOOD_GP) + 1
+    assert set(result.coadds) == {f"{FIELD_A}/rp", f"{FIELD_A}/../../gp", f"{FIELD_B}/rp"}
+    assert rows["fieldb"]["status"] == "ok" and rows["fieldb"]["field"] == FIELD_B
+    assert {rows[n]["field"] for n in GOOD_RP + GOOD_GP} == {FIELD_A}
+    with fits.open(result.coadds[f"{FIELD_B}/rp"]) as hdul:
+        assert hdul[0].header["NCOMBINE"] == 1 and hdul[0].header["IMCMB001"] == "fieldb"
+    with fits.open(result.coadds[f"{FIELD_A}/rp"]) as hdul:
         assert hdul[0].header["NCOMBINE"] == len(GOOD_RP)
         assert {hdul[0].header[f"IMCMB{i:03d}"] for i in range(1, 5)} == set(GOOD_RP)
         assert np.isfinite(hdul[0].data).mean() > 0.5
-    with fits.open(result.coadds["../../gp"]) as hdul:
+    with fits.open(result.coadds[f"{FIELD_A}/../../gp"]) as hdul:
         assert hdul[0].header["NCOMBINE"] == 1
     metas = {r.name: r.meta for r in result.frames if r.name in GOOD_RP}
     assert {m.site for m in metas.values()} == {"lsc", "coj", "elp"}
@@ -359,15 +368,15 @@ def test_nothing_written_outside_the_output_directory(batch_run):
     out = result.out_dir.resolve()
     outside = [p for p in created if out not in p.resolve().parents and p.resolve() != out]
     assert outside == []
-    assert result.coadds["../../gp"].parent.resolve() == out
-    assert result.coadds["../../gp"].name == "coadd__.._gp.fits"
+    assert result.coadds[f"{FIELD_A}/../../gp"].parent.resolve() == out / FIELD_A
+    assert result.coadds[f"{FIELD_A}/../../gp"].name == "coadd__.._gp.fits"
 
 
 def test_outputs_checksums_match(batch_run):
     result, _, _, _ = batch_run
     recorded = rundir.read_outputs(result.out_dir)
-    assert set(recorded) >= {f"{n}.wcs" for n in GOOD_RP + GOOD_GP} | {
-        "coadd_rp.fits", "coadd__.._gp.fits"}
+    assert set(recorded) >= {f"{FIELD_A}/{n}.wcs" for n in GOOD_RP + GOOD_GP} | {
+        f"{FIELD_A}/coadd_rp.fits", f"{FIELD_A}/coadd__.._gp.fits", f"{FIELD_B}/fieldb.wcs"}
     for name, (sha, size) in recorded.items():
         path = result.out_dir / name
         assert path.stat().st_size == size and rundir.sha256(path) == sha
