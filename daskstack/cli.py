@@ -742,6 +742,7 @@ def solve(frames, catalog, out_dir, config_file, verbose, quiet, overrides):
     and OUT/solve.ecsv with one row of QA per frame; failed frames carry a reason.
     """
     from ._cluster import ClusterError
+    from ._io import as_path
     from ._pipeline import RunError, solve_files
     from ._rundir import ERRORS_FILE, INTERNAL_ERROR
 
@@ -760,9 +761,9 @@ def solve(frames, catalog, out_dir, config_file, verbose, quiet, overrides):
                    f"failed: {len(failed)}")
         for line in _failure_lines(failed):
             click.echo(line)
-        click.echo(f"QA: {Path(out_dir) / 'solve.ecsv'}")
+        click.echo(f"QA: {as_path(out_dir) / 'solve.ecsv'}")
     _internal_errors_notice(sum(r.reason.startswith(INTERNAL_ERROR) for r in failed),
-                            Path(out_dir) / ERRORS_FILE)
+                            as_path(out_dir) / ERRORS_FILE)
     sys.exit(outcome(len(records) - len(failed), len(failed)))
 
 

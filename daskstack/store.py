@@ -41,6 +41,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
+from ._io import zarr_store
 from .errors import DaskstackError
 from .grid import Grid
 
@@ -59,6 +60,11 @@ COMPRESSOR = BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
 
 class StoreError(DaskstackError, ValueError):
     """A store that is missing, not daskstack's, or does not fit the run."""
+
+
+def _open_group(path, mode: str) -> zarr.Group:
+    """The store's root group; ``path`` local or a URL (`daskstack._io.zarr_store`)."""
+    return zarr.open_group(zarr_store(path, mode), mode=mode)
 
 
 def filter_key(name: str) -> str:
@@ -134,7 +140,7 @@ class StackStore:
     params: dict
 
     def group(self, mode="r") -> zarr.Group:
-        return zarr.open_group(self.path, mode=mode)
+        return _open_group(self.path, mode)
 
     def arrays(self, filter_name: str):
         """(data, footprint) zarr arrays of one filter; footprint is None where coverage
@@ -184,7 +190,7 @@ def create_store(path, grid: Grid, frames: dict[str, FrameInfo], filters: dict[s
         existing.params = params or {}
         _write_attrs(existing)
         return existing
-    group = zarr.open_group(str(path), mode="w")
+    group = _open_group(path, "w")
     for filter_name, names in filters.items():
         _create_frame_arrays(group, filter_name, len(names), grid, tile, footprint,
                              (inner or {}).get(filter_name))
@@ -259,7 +265,7 @@ def update_frames(store: StackStore, frames: dict[str, FrameInfo]) -> None:
 
 
 def _write_attrs(store: StackStore) -> None:
-    group = zarr.open_group(store.path, mode="a")
+    group = _open_group(store.path, "a")
     group.attrs["daskstack"] = {
         "format_version": FORMAT_VERSION,
         "grid_header": store.grid.header_text,
@@ -275,7 +281,7 @@ def _write_attrs(store: StackStore) -> None:
 def open_store(path) -> StackStore:
     """Reopen a store written by daskstack, with its grid and frame records."""
     try:
-        group = zarr.open_group(str(path), mode="r")
+        group = _open_group(path, "r")
         attrs = dict(group.attrs).get("daskstack")
     except (FileNotFoundError, zarr.errors.GroupNotFoundError, ValueError, KeyError):
         raise StoreError(f"{path}: not a zarr store") from None
@@ -315,13 +321,13 @@ def create_coadd_arrays(store: StackStore, key: str, block: int) -> dict:
 
 def open_coadd_arrays(store_path: str, key: str) -> dict:
     """``{plane: array}`` of coadd ``key`` (read only; a worker opens by path)."""
-    group = zarr.open_group(store_path, mode="r")
+    group = _open_group(store_path, "r")
     return {name: group[f"coadd/{key}/{name}"] for name in COADD_PLANES}
 
 
 def read_plane(store_path: str, filter_name: str, index: int) -> np.ndarray:
     """One registered frame's plane (ny, nx) of the stack (a worker opens by path)."""
-    group = zarr.open_group(store_path, mode="r")
+    group = _open_group(store_path, "r")
     return group[f"{filter_key(filter_name)}/data"][index]
 
 
@@ -331,7 +337,7 @@ def read_frames_block(store_path: str, filter_name: str, frames, y0: int, y1: in
     (sorted indices) on ``[y0:y1, x0:x1]``, each ``(len(frames), y1 - y0, x1 - x0)``
     (footprint None where the store has none): a block of a mosaic reads the frames
     that cover it, not the fill values of every other (a worker opens by path)."""
-    group = zarr.open_group(store_path, mode="r")
+    group = _open_group(store_path, "r")
     key = filter_key(filter_name)
     frames = list(frames)
     out = []
@@ -347,7 +353,7 @@ def read_box(store_path: str, filter_name: str, start: int, stop: int, y0: int, 
     """``(data, variance, kernel_power)`` of frames ``start:stop`` of a filter in the
     region ``[y0:y1, x0:x1]``, each ``(stop - start, y1 - y0, x1 - x0)``: only the chunks
     the region touches are read (a worker opens by path)."""
-    group = zarr.open_group(store_path, mode="r")
+    group = _open_group(store_path, "r")
     key = filter_key(filter_name)
     return tuple(group[f"{key}/{plane}"][start:stop, y0:y1, x0:x1]
                  for plane in ("data", "variance", "kernel_power"))
@@ -359,7 +365,7 @@ def write_tiles(store_path: str, filter_name: str, index: int, tiles) -> int:
     ``tiles`` yields ``(y0, x0, data, footprint, variance, kernel_power)``. Runs on a worker: it opens
     the store by path, so only the path travels through the graph.
     """
-    group = zarr.open_group(store_path, mode="r+")
+    group = _open_group(store_path, "r+")
     key = filter_key(filter_name)
     data_array, foot_array = group[f"{key}/data"], group.get(f"{key}/footprint")
     var_array, power_array = group[f"{key}/variance"], group[f"{key}/kernel_power"]
@@ -379,7 +385,7 @@ def clear_frame(store_path: str, filter_name: str, index: int, tiles) -> None:
     """Reset one frame's slice to "no data" on the tiles ``(y0, x0)`` it may have written
     (a registration that failed half-way must leave no pixel behind). Chunks that hold
     only the fill value are deleted, not written, so this costs no space."""
-    group = zarr.open_group(store_path, mode="r+")
+    group = _open_group(store_path, "r+")
     key = filter_key(filter_name)
     arrays = [(group[f"{key}/data"], np.nan), (group.get(f"{key}/variance"), np.nan),
               (group.get(f"{key}/kernel_power"), np.nan), (group.get(f"{key}/footprint"), 0.0)]

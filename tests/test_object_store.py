@@ -5,7 +5,9 @@ directory). ``daskstack run s3://frames/*.fits.fz --out s3://runs/r1`` gives the
 of a local run, writes nothing of the run to the local disk, and no credential reaches a
 log or an output; the same command after tonight's frames were uploaded solves and
 registers only those (their objects untouched) and gives the coadds of a one-shot run of
-all the frames on the same grid."""
+all the frames on the same grid. ``solve``, ``register`` and ``combine`` one stage at a time
+onto the object store give what they give on a local directory; no command leaves an
+object-store session open at exit (aiohttp's "Unclosed client session" on stderr)."""
 
 from __future__ import annotations
 
@@ -14,10 +16,12 @@ import os
 import secrets
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 from astropy.io import fits
+from astropy.wcs import WCS
 
 from daskstack._pipeline import EXIT_OK, run
 from daskstack._rundir import read_manifest
@@ -94,16 +98,32 @@ def _files_under(*directories) -> list[str]:
     return sorted(str(p) for d in directories for p in d.rglob("*") if p.is_file())
 
 
-def test_run_on_an_object_store_with_remote_workers(s3, field, tmp_path):
-    fs, env, credentials = s3
+def _client_side(env, tmp_path) -> tuple[dict, Path, Path]:
+    """``(environment, working directory, home)`` of a command run as a user would, the
+    two directories new and empty, to see what lands there; matplotlib's font cache (a
+    library's, not the run's, and slow to build) where this process has it."""
+    import matplotlib
+
     home, client_dir = tmp_path / "home", tmp_path / "client"
     home.mkdir()
     client_dir.mkdir()
-    import matplotlib
+    return ({**env, "HOME": str(home), "MPLCONFIGDIR": matplotlib.get_cachedir()},
+            client_dir, home)
 
-    # HOME empty, to see what lands there; matplotlib's font cache (a library's, not the
-    # run's, and slow to build) where this process has it
-    env = {**env, "HOME": str(home), "MPLCONFIGDIR": matplotlib.get_cachedir()}
+
+def _daskstack(*args, env, cwd) -> str:
+    """Run ``daskstack ARGS`` on its own local cluster (one worker process), quiet;
+    returns its stderr, which holds that of the worker too."""
+    done = subprocess.run([sys.executable, "-m", "daskstack.cli", *args, "--workers", "1",
+                           "-q"], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == EXIT_OK, done.stdout + done.stderr
+    return done.stderr
+
+
+def test_run_on_an_object_store_with_remote_workers(s3, field, tmp_path):
+    fs, env, credentials = s3
+    env, client_dir, home = _client_side(env, tmp_path)
     for path in field.frames[:N_FIRST]:
         fs.put_file(str(path), f"frames/{path.name}")
     command = [sys.executable, "-m", "daskstack.cli", "run", "s3://frames/*.fits.fz",
@@ -188,6 +208,78 @@ def test_run_on_an_object_store_with_remote_workers(s3, field, tmp_path):
             assert secret.encode() not in blob, key
         for text in dask_logs + [text.encode() for text in logs]:
             assert secret.encode() not in text
+    # every object-store session closed (client; workers' logs)
+    assert not any(b"Unclosed" in text for text in dask_logs + [t.encode() for t in logs])
+
+
+def _upload(fs, frames, prefix) -> str:
+    for path in frames:
+        fs.put_file(str(path), f"{prefix}/{path.name}")
+    return f"s3://{prefix}/*.fits.fz"
+
+
+def test_solve_register_and_combine_onto_an_object_store(s3, field, tmp_path):
+    """One stage at a time, each command with its own local cluster: the .wcs files,
+    the store and the coadds on the object store are those of the same commands on a
+    local directory; nothing lands on the local disk; no session is left open."""
+    from distributed import Client
+
+    from daskstack._pipeline import combine_store_path, register_files, solve_files
+    from daskstack.frames import frame_name, read_meta
+
+    fs, env, _ = s3
+    env, client_dir, home = _client_side(env, tmp_path)
+    frames = field.frames[:4]
+    pattern = _upload(fs, frames, "frames/stages")
+    run_key, catalog = "runs/stages", str(field.catalog)
+    stderr = [_daskstack("solve", pattern, "--catalog", catalog, "--out", f"s3://{run_key}",
+                         env=env, cwd=client_dir),
+              _daskstack("register", pattern, "--out", f"s3://{run_key}", env=env,
+                         cwd=client_dir),
+              _daskstack("combine", f"s3://{run_key}", env=env, cwd=client_dir)]
+
+    local = tmp_path / "local"
+    with Client(processes=False, n_workers=1, threads_per_worker=1,
+                dashboard_address=":0") as client:
+        records = solve_files([str(p) for p in frames], catalog, local, client=client)
+        register_files([str(p) for p in frames], local, client=client)
+        coadds = combine_store_path(local / "store.zarr", local, client=client)
+    names = [frame_name(p) for p in frames]
+    assert [r.status for r in records] == ["ok"] * len(frames)
+    solved = read_manifest(f"s3://{run_key}/solve.ecsv")
+    assert sorted(solved["name"]) == sorted(names) and set(solved["status"]) == {"ok"}
+    corners = np.array([[0.0, 0.0], [255.0, 0.0], [0.0, 255.0], [127.5, 127.5]])
+    for name in names:
+        with _fits(fs, f"{run_key}/{name}.wcs") as got:
+            got_sky = WCS(got[0].header).all_pix2world(corners, 0)
+        expected_sky = WCS(fits.getheader(local / f"{name}.wcs")).all_pix2world(corners, 0)
+        np.testing.assert_allclose(got_sky, expected_sky, rtol=0, atol=1e-9, err_msg=name)
+    pixels = registered_pixels(f"s3://{run_key}/store.zarr")
+    assert sorted(pixels) == sorted(names)
+    assert_same_pixels(registered_pixels(local / "store.zarr"), pixels)
+    assert sorted(coadds) == sorted({read_meta(p).filter for p in frames})
+    _assert_same_coadds(fs, run_key, coadds)
+    assert _files_under(client_dir, home) == []
+    for text in stderr:
+        assert "Unclosed" not in text, text
+
+
+def test_no_session_left_open_at_exit(s3, field, tmp_path):
+    """run, combine and report on an object-store run directory, each with its own
+    local cluster: neither the command nor its worker leaves an aiohttp session open
+    (its "Unclosed client session" / "Unclosed connector" go to stderr at exit)."""
+    fs, env, _ = s3
+    env, client_dir, home = _client_side(env, tmp_path)
+    pattern = _upload(fs, field.frames[:4], "frames/quiet")
+    out = "s3://runs/quiet"
+    stderr = {"run": _daskstack("run", pattern, "--wcs", "header", "--out", out, env=env,
+                                cwd=client_dir),
+              "combine": _daskstack("combine", out, env=env, cwd=client_dir),
+              "report": _daskstack("report", out, env=env, cwd=client_dir)}
+    assert fs.exists("runs/quiet/report/index.html")
+    assert _files_under(client_dir, home) == []
+    for command, text in stderr.items():
+        assert "Unclosed" not in text, f"{command}: {text}"
 
 
 def test_frames_are_read_from_http_urls(field, httpserver):
