@@ -308,3 +308,33 @@ def test_what_is_a_url():
     assert not is_url("run1") and not is_url("/data/run") and not is_url("C:/data")
     assert not is_url("file:///data/run") and str(as_path("file:///data/run")) == "/data/run"
     assert str(as_path("s3://bucket/run") / "store.zarr") == "s3://bucket/run/store.zarr"
+
+
+def test_zarr_stores_of_a_process_share_one_filesystem(s3, tmp_path):
+    """Every zarr store on a URL in one process, whichever thread opens it and however
+    often it is unpickled (Dask sends the arrays of a graph so), works through one
+    filesystem: one session for the process to close at exit, not one per thread and
+    per unpickled array."""
+    import pickle
+    import threading
+
+    import zarr
+
+    from daskstack._io import zarr_store
+
+    url = "s3://runs/shared/store.zarr"
+    zarr.open_group(zarr_store(url, "w"), mode="w").attrs["written"] = 1
+    stores = []
+    threads = [threading.Thread(target=lambda mode=mode: stores.append(zarr_store(url, mode)))
+               for mode in ("r", "r+")]
+    for thread in threads:
+        thread.start()
+        thread.join()
+    assert sorted(store.read_only for store in stores) == [False, True]
+    unpickled = [pickle.loads(pickle.dumps(store)) for store in stores]
+    assert len({id(store.fs) for store in stores + unpickled}) == 1
+    assert [store.read_only for store in unpickled] == [store.read_only for store in stores]
+    assert all(store.path == "runs/shared/store.zarr" for store in unpickled)
+    read_back = pickle.loads(pickle.dumps(zarr.open_group(zarr_store(url), mode="r")))
+    assert read_back.attrs["written"] == 1
+    assert zarr_store(tmp_path / "store.zarr", "w") == str(tmp_path / "store.zarr")
