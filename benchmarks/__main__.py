@@ -4,12 +4,14 @@ benchmarks report RESULTS.json``, the astrometry evidence (``detect-sweep``,
 ``thin-frames`` (`benchmarks.thin_frames`), ``lanczos-swarp`` (`benchmarks.lanczos_swarp`),
 ``mosaic`` (the combine of a mosaic: `benchmarks.mosaic`), ``python -m benchmarks
 report-scale`` (the run report's time and size against the number of frames;
-`benchmarks.report_scale`) and ``python -m benchmarks lightcurve`` (light curves from stores
-of 250 and 1000 frames; `benchmarks.lightcurve_bench`), run from the repository root."""
+`benchmarks.report_scale`), ``python -m benchmarks lightcurve`` (light curves from stores
+of 250 and 1000 frames; `benchmarks.lightcurve_bench`) and ``python -m benchmarks scale``
+(up to 1,000 small frames end to end; `benchmarks.scale`), run from the repository root."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from pathlib import Path
 
@@ -17,20 +19,22 @@ from .contenders import ALL_CONTENDERS
 from .suites import SUITES
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+# command -> (module of this package with its own ``main(argv)``, what it measures)
+OWN_PARSERS = {
+    "report-scale": ("report_scale", "the run report's time and size for 100 and 500 frames"),
+    "lightcurve": ("lightcurve_bench", "daskstack lightcurve on stores of 250 and 1000 frames"),
+    "scale": ("scale", "N small frames (0.4 m camera size) end to end: time per frame, "
+                       "memory and graph submission against N, up to 1,000 frames"),
+}
 
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["mosaic"]:
         return _mosaic(argv[1:])
-    if argv[:1] == ["report-scale"]:
-        from .report_scale import main as report_scale
-
-        return report_scale(argv[1:])
-    if argv[:1] == ["lightcurve"]:
-        from .lightcurve_bench import main as lightcurve
-
-        return lightcurve(argv[1:])
+    if argv[:1] and argv[0] in OWN_PARSERS:  # benchmarks that parse their own options
+        module = importlib.import_module(f".{OWN_PARSERS[argv[0]][0]}", __package__)
+        return module.main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m benchmarks",
                                      description="daskstack benchmarks against the tutorial's "
                                                  "method, SWarp and reproject_and_coadd")
@@ -73,12 +77,10 @@ def main(argv=None) -> int:
     lanczos.add_argument("--size", type=int, default=4096, help="synthetic frame size")
     rep = sub.add_parser("report", help="rewrite the markdown table and plot from a JSON file")
     rep.add_argument("results", type=Path)
-    sub.add_parser("report-scale", help="the run report's time and size for 100 and 500 "
-                   "frames (python -m benchmarks report-scale --help)")
+    for name, (_module, text) in OWN_PARSERS.items():
+        sub.add_parser(name, help=f"{text} (python -m benchmarks {name} --help)")
     sub.add_parser("mosaic", help="the combine of a 10x10 mosaic of 1024x1024 frames: time "
                    "against frames, memory (python -m benchmarks mosaic --help)")
-    sub.add_parser("lightcurve", help="daskstack lightcurve on stores of 250 and 1000 frames "
-                   "(python -m benchmarks lightcurve --help)")
     # the astrometry evidence (benchmarks/astrometry_evidence.py): one result file each
     evidence = {
         "detect-sweep": "isophote threshold x radius on the real frames; photutils' "

@@ -107,47 +107,55 @@ def write_grid_head(frame_path, path) -> Path:
 # Synthetic frames
 # ---------------------------------------------------------------------------------------
 def synthetic(data_root, n_frames: int, size: int = 4096, seed: int = SYNTH_SEED,
-              workers: int = 2, log=print) -> Dataset:
-    """``n_frames`` simulated ``size``x``size`` frames in one filter with an exact header WCS
-    (cached: regenerated only when more frames or other parameters are asked)."""
+              workers: int = 2, log=print, shape: tuple[int, int] | None = None) -> Dataset:
+    """``n_frames`` simulated ``size``x``size`` frames (``shape`` (ny, nx) when given) in
+    one filter with an exact header WCS (cached: regenerated only when more frames or
+    other parameters are asked)."""
     from daskstack.simulate import simulate_field
 
-    directory = Path(data_root) / f"synth{size}-seed{seed}"
+    shape = tuple(shape or (size, size))
+    square = shape[0] == shape[1]
+    size = shape[1]
+    directory = Path(data_root) / (f"synth{size}-seed{seed}" if square else
+                                   f"synth{shape[1]}x{shape[0]}-seed{seed}")
     params = {"size": size, "seed": seed, "filters": [SYNTH_FILTER],
               "pointing_error_arcmin": 0.0, "rotation_error_deg": 0.0, "sip": False,
               "version": 1}
+    if not square:
+        params["shape"] = list(shape)
     stamp = directory / "dataset.json"
     if stamp.exists():
         previous = json.loads(stamp.read_text())
         if previous.get("params") == params and previous.get("n_frames", 0) >= n_frames:
             frames = [directory / name for name in previous["frames"]]
             if all(f.exists() for f in frames):
-                return _synthetic_dataset(directory, frames, size, previous)
+                return _synthetic_dataset(directory, frames, shape, previous)
         shutil.rmtree(directory, ignore_errors=True)
-    log(f"  simulating {n_frames} frames of {size}x{size} into {directory} ...")
+    log(f"  simulating {n_frames} frames of {shape[1]}x{shape[0]} into {directory} ...")
     directory.mkdir(parents=True, exist_ok=True)
     executor = ProcessPoolExecutor(workers) if workers > 1 else None
     try:
-        field_ = simulate_field(directory, n_frames=n_frames, shape=(size, size),
+        field_ = simulate_field(directory, n_frames=n_frames, shape=shape,
                                 filters=(SYNTH_FILTER,), seed=seed, pointing_error_arcmin=0.0,
                                 rotation_error_deg=0.0, sip=False, executor=executor)
     finally:
         if executor is not None:
             executor.shutdown()
     frames = list(field_.frames)
-    worst = check_header_wcs(frames, field_.truth_wcs, (size, size))
+    worst = check_header_wcs(frames, field_.truth_wcs, shape)
     if worst > 1e-6:
         raise RuntimeError(f"simulated header WCS differs from the truth by {worst:.3g} px; "
                            "the benchmark needs frames with a correct header WCS")
     record = {"params": params, "n_frames": n_frames, "frames": [f.name for f in frames],
               "header_vs_truth_max_px": worst}
     stamp.write_text(json.dumps(record, indent=1))
-    return _synthetic_dataset(directory, frames, size, record)
+    return _synthetic_dataset(directory, frames, shape, record)
 
 
-def _synthetic_dataset(directory, frames, size, record) -> Dataset:
-    return Dataset(name=f"synth{size}", kind="synthetic", frames=frames,
-                   frame_shape=(size, size), filter=SYNTH_FILTER, directory=directory,
+def _synthetic_dataset(directory, frames, shape, record) -> Dataset:
+    name = f"synth{shape[1]}" if shape[0] == shape[1] else f"synth{shape[1]}x{shape[0]}"
+    return Dataset(name=name, kind="synthetic", frames=frames,
+                   frame_shape=tuple(shape), filter=SYNTH_FILTER, directory=directory,
                    catalog=directory / "catalog.ecsv", truth=directory / "truth.ecsv",
                    info={"header_vs_truth_max_px": record.get("header_vs_truth_max_px")})
 

@@ -308,12 +308,17 @@ def _progress_none(phase, done, total):
     return None
 
 
-def _gather_as_completed(client, futures, phase, progress, on_result):
+def _gather_as_completed(client, futures, phase, progress, on_result, submit_start=None):
     """Wait for futures, call ``on_result(key, value)`` as each finishes (resilient to
-    lost workers: distributed retries their tasks elsewhere)."""
+    lost workers: distributed retries their tasks elsewhere). ``submit_start``: the
+    `time.perf_counter` when the phase began submitting them (logged: how long a
+    phase of many frames takes to reach the scheduler)."""
     from distributed import as_completed
 
     total = len(futures)
+    if submit_start is not None:
+        log.info("%s: %d tasks submitted in %.2f s", phase, total,
+                 time.perf_counter() - submit_start)
     progress(phase, 0, total)
     done = 0
     by_future = {f: k for k, f in futures.items()}
@@ -333,6 +338,7 @@ def _gather_as_completed(client, futures, phase, progress, on_result):
 # --------------------------------------------------------------------------------------
 def _inspect_frames(client, inputs, progress=_progress_none) -> list[FrameRecord]:
     records = [FrameRecord(file=str(p), name=frame_name(p)) for p in inputs]
+    submit_start = time.perf_counter()
     futures = {i: client.submit(_inspect_task, str(p), pure=False) for i, p in enumerate(inputs)}
 
     def on_result(i, value):
@@ -343,7 +349,7 @@ def _inspect_frames(client, inputs, progress=_progress_none) -> list[FrameRecord
         else:
             records[i].refusal = getattr(value, "reason", None) or f"unreadable: {value}"
 
-    _gather_as_completed(client, futures, "inspect", progress, on_result)
+    _gather_as_completed(client, futures, "inspect", progress, on_result, submit_start)
     return dedupe_exposures(records)
 
 
@@ -638,6 +644,7 @@ def _register_frames(client, records: list[FrameRecord], grid: Grid, store_path:
     stack.params[FRAME_TILES] = {n: tiles_before[n] for n in stack.params["registered"]
                                  if n in tiles_before}
     futures = {}
+    submit_start = time.perf_counter()
     for r in solved:
         if r.registered and r.name in registered_before:
             continue
@@ -677,7 +684,7 @@ def _register_frames(client, records: list[FrameRecord], grid: Grid, store_path:
 
     manifest_records = records if manifest_records is None else manifest_records
     last_write = [time.monotonic()]
-    _gather_as_completed(client, futures, "register", progress, on_result)
+    _gather_as_completed(client, futures, "register", progress, on_result, submit_start)
     _checkpoint_registered(stack, solved, manifest_records, manifest)
     return stack
 

@@ -685,7 +685,7 @@ def header_cards(method: str, settings) -> list:
     return cards
 
 
-def _combine_tile(tile: int, n_frames: int, shape, budget_bytes: int = 384 * 2**20,
+def _combine_tile(tile: int, n_frames: int, shape, budget_bytes: int = 128 * 2**20,
                   methods=("sigclip",)) -> int:
     """Output block size for the combine: a block holds all frames of a tile, so shrink
     the tile as frames are added to keep each task's memory bounded (flat in N). A task

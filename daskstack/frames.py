@@ -524,6 +524,7 @@ def read_frame(path) -> Frame:
                     error = None
             with np.errstate(invalid="ignore", over="ignore"):
                 mask = ~np.isfinite(data)
+                all_nan = bool(mask.all())
                 if "BPM" in hdul and hdul["BPM"].data is not None:
                     bpm = np.asarray(hdul["BPM"].data)
                     if bpm.shape == data.shape:
@@ -539,13 +540,16 @@ def read_frame(path) -> Frame:
             raise FrameError(path, "image too large to read into memory") from None
         except Exception as err:  # astropy raises many types for corrupt data
             raise FrameError(path, f"corrupt or truncated FITS data ({_short(err)})") from None
-    if not np.isfinite(data).any():
+    if all_nan:
         raise FrameError(path, "image is all NaN (no finite pixel)")
     if mask.all():
         raise FrameError(path, "every pixel is masked, saturated or not finite")
-    good = data[~mask]
-    if float(good.min()) == float(good.max()):
-        raise FrameError(path, f"image is constant (every usable pixel = {float(good[0]):g})")
+    # reductions over the usable pixels in place (a boolean-indexed copy of a 4096^2
+    # frame cost as much as its mask)
+    usable = ~mask
+    lowest = float(np.min(data, where=usable, initial=np.inf))
+    if lowest == float(np.max(data, where=usable, initial=-np.inf)):
+        raise FrameError(path, f"image is constant (every usable pixel = {lowest:g})")
     return Frame(meta=meta, data=data, mask=mask, header=header, error=error)
 
 

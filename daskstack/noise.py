@@ -40,6 +40,7 @@ RDNOISE_KEYS = ("RDNOISE", "READNOIS", "READNOISE", "RON", "ENOISE", "RDNOISE1",
                 "HIERARCH ESO DET OUT1 RON")
 SATURATION_KEYS = ("SATURATE", "MAXLIN")  # the lowest of them is where pixels stop counting
 SMOOTH_PX = 3  # side of the box whose mean is the expected signal of its central pixel
+STRIP_PIXELS = 2**18  # pixels of the rows the variance is made from at once (~1 MiB float32)
 
 
 def header_number(header, keys) -> float | None:
@@ -60,18 +61,32 @@ def poisson_variance(data: np.ndarray, bad: np.ndarray, electrons_per_unit: floa
 
     The Poisson term is the 3 x 3 mean of the good pixels around each pixel (see the
     module docstring), clipped at 0."""
-    good = ~bad
-    # float32 throughout, in place: a 4096 x 4096 frame in float64 temporaries cost more
-    # time and memory than registering it (a sum of 9 values loses nothing in float32)
-    local_sum = _box_sum(np.where(good, data, np.float32(0)).astype(np.float32, copy=False))
-    local_count = _box_sum(good.view(np.uint8))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        signal = np.divide(local_sum, local_count, out=local_sum)
-    signal[local_count == 0] = 0
-    g = float(electrons_per_unit)
-    variance = np.maximum(signal, 0, out=signal)
-    variance *= np.float32(1 / g)
-    variance += np.float32((float(rdnoise_e) / g) ** 2)
+    # float32 throughout (a sum of 9 values loses nothing in float32), strip by strip:
+    # whole-frame temporaries of a 4096 x 4096 frame are fresh mappings, page-faulted
+    # on every frame, and cost more than the arithmetic; a strip's are reused from the
+    # heap and stay in the cache
+    variance = np.empty(data.shape, np.float32)
+    ny = data.shape[0]
+    half = SMOOTH_PX // 2
+    rows = max(1, STRIP_PIXELS // max(data.shape[1], 1))
+    g = np.float32(1 / float(electrons_per_unit))
+    read = np.float32((float(rdnoise_e) / float(electrons_per_unit)) ** 2)
+    for y0 in range(0, ny, rows):
+        y1 = min(y0 + rows, ny)
+        # the strip with `half` neighbouring rows each side (where the frame has them):
+        # its box sums are the frame's on the strip's own rows
+        h0, h1 = max(y0 - half, 0), min(y1 + half, ny)
+        good = ~bad[h0:h1]
+        local_sum = _box_sum(np.where(good, data[h0:h1], np.float32(0)).astype(np.float32,
+                                                                                copy=False))
+        local_count = _box_sum(good.view(np.uint8))
+        inner = slice(y0 - h0, y0 - h0 + (y1 - y0))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            signal = np.divide(local_sum[inner], local_count[inner], out=variance[y0:y1])
+        signal[local_count[inner] == 0] = 0
+        np.maximum(signal, 0, out=signal)
+        signal *= g
+        signal += read
     variance[bad] = np.nan
     return variance
 

@@ -246,3 +246,30 @@ def test_report_scale_reads_the_run_timings():
            "report 10.4s\ncoadd [rp]: /x/coadd_rp.fits\n")
     assert _run_timings(log) == {"inspect": 3.8, "solve": 2.4, "register": 10.1,
                                  "combine": 2.9, "report": 10.4}
+
+
+def test_scale_benchmark_measures_every_n_interleaved_with_submission_times(tmp_path):
+    """`python -m benchmarks scale` end to end on a few tiny frames: every N run in every
+    round (rotated), the run's own log gives the phase times and how long the inspect and
+    register tasks took to reach the scheduler, and the report judges the criteria."""
+    import json
+
+    from benchmarks import scale
+
+    assert scale.main(["--n", "2", "4", "--shape", "96", "144", "--repeats", "2",
+                       "--out", str(tmp_path)]) == 0
+    result = json.loads(next(tmp_path.glob("scale-*.json")).read_text())
+    assert result["order"] == [[2, 4], [4, 2]]
+    assert [(r["n_frames"], r["repeat"]) for r in result["runs"]] == [(2, 0), (4, 0), (4, 1),
+                                                                      (2, 1)]
+    for run in result["runs"]:
+        assert run["status"] == "ok"
+        assert set(run["submitted_s"]) == {"inspect", "register"}
+        assert run["phases_s"]["register"] > 0
+        assert run["peak_process_rss_bytes"] > 0
+    by_n = {s["n_frames"]: s for s in result["summaries"]}
+    assert by_n[4]["repeats"] == 2 and by_n[4]["wall_s"]["n"] == 2
+    assert by_n[4]["wall_per_frame_s"]["median"] == pytest.approx(by_n[4]["wall_s"]["median"] / 4)
+    text = next(tmp_path.glob("scale-*.md")).read_text()
+    assert "wall time per added frame, N=2 to 4" in text
+    assert "slowest submission of a phase's tasks" in text
