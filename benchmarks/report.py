@@ -235,6 +235,7 @@ def targets(results) -> str:
             if peaks:
                 lines.append(f"- {c} peak memory by N (N=10 and 40 needed for the target): " +
                              ", ".join(f"N={n}: {p / GiB:.2f} GiB" for n, p in peaks.items()))
+    lines += _scaling_targets(results, synth, get, ratios)
     for a in results["agreement"]:
         if a["a"] == "tutorial" and a["kind"] == "mean" and a.get("n_pixels"):
             lines.append(f"- daskstack mean vs tutorial mean ({a['dataset']}, N={a['n_frames']}): "
@@ -258,6 +259,54 @@ def targets(results) -> str:
         lines.append(f"- astrometry accuracy to 10' and any rotation: worst {worst:.4f} px "
                      f"(target <= 0.05 px: {'met' if not bad else f'MISSED in {len(bad)} of {len(sweep)} frames'})")
     return "\n".join(lines) if lines else "_nothing to evaluate_"
+
+
+# issue 18: daskstack-2w against SWarp ("mean+median"): N -> (wall, CPU) ratio ceilings
+SWARP_CEILINGS = {20: (0.35, 0.6), 100: (0.35, None)}
+MEMORY_NS, MEMORY_GROWTH, MEMORY_CAP_GIB = (10, 20, 40, 100), 1.2, 0.6
+COMBINE_NS, COMBINE_GROWTH = (20, 100), 1.3
+
+
+def _scaling_targets(results, synth, get, ratios) -> list[str]:
+    """Issue 18's criteria: daskstack-2w against SWarp at N=20 and 100, its largest
+    process flat in N and below a cap, and its combine step (``sigclip``: a process that
+    reads the store and combines, start included) costing the same per frame at N=100 as
+    at N=20."""
+    c, lines = "daskstack-2w", []
+    for n, (wall_cap, cpu_cap) in SWARP_CEILINGS.items():
+        for measure, cap in (("wall_core_s", wall_cap), ("cpu_core_s", cpu_cap)):
+            r = ratios.get((n, c, "swarp", measure))
+            if cap is None or r is None:
+                continue
+            lines.append(f"- {c} / SWarp at N={n}, {measure.split('_')[0]} (mean+median): "
+                         f"{r['median']:.2f} (median of {r['n']} rounds, {r['min']:.2f}-"
+                         f"{r['max']:.2f}; target <= {cap}: "
+                         f"{'met' if r['median'] <= cap else 'MISSED'})")
+    peaks = {n: get(n, c, "peak_process_rss_bytes") for n in MEMORY_NS if n in synth}
+    peaks = {n: p / GiB for n, p in peaks.items() if p}
+    if peaks:
+        base = peaks.get(MEMORY_NS[0])
+        worst = max(peaks.values())
+        met = (base is not None and worst <= MEMORY_GROWTH * base and worst < MEMORY_CAP_GIB
+               and len(peaks) == len(MEMORY_NS))
+        lines.append(f"- {c} largest process (median over repeats): "
+                     + ", ".join(f"N={n}: {p:.2f} GiB" for n, p in peaks.items())
+                     + (f"; largest / N={MEMORY_NS[0]}: {worst / base:.2f}" if base else "")
+                     + f" (targets <= {MEMORY_GROWTH}x N={MEMORY_NS[0]}'s and < "
+                     f"{MEMORY_CAP_GIB} GiB at N={', '.join(map(str, MEMORY_NS))}: "
+                     f"{'met' if met else 'MISSED or not all measured'})")
+    per_frame = {}
+    for n in COMBINE_NS:
+        steps = get(n, c, "steps") or {}
+        if "sigclip" in steps:
+            per_frame[n] = steps["sigclip"]["wall_s"] / n
+    if len(per_frame) == len(COMBINE_NS):
+        lo, hi = (per_frame[n] for n in COMBINE_NS)
+        lines.append(f"- {c} combine step (sigclip, its own process) per frame: "
+                     f"N={COMBINE_NS[0]}: {lo:.2f} s, N={COMBINE_NS[1]}: {hi:.2f} s; ratio "
+                     f"{hi / lo:.2f} (target <= {COMBINE_GROWTH}: "
+                     f"{'met' if hi / lo <= COMBINE_GROWTH else 'MISSED'})")
+    return lines
 
 
 def plot(results, path: Path) -> Path | None:
