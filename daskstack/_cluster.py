@@ -56,10 +56,9 @@ CONNECT_TIMEOUT = "20s"  # how long to try reaching an existing scheduler
 # 128 KiB: every temporary array above it (a strip of a combine block, of a registered
 # tile) is mapped and zero-faulted afresh, and the workers spent as much time in page
 # faults as in the computation. Arrays below 32 MiB (glibc's largest mmap threshold) now
-# reuse the heap: a registered 1024 x 1024 float32 tile is just over 4 MiB, and a 4 MiB
-# threshold still mapped every one of them (a 4096^2 frame: 0.5 s of its 2 s in faults).
-# Frames (64 MiB) are still mapped and handed back when freed, and the heap is trimmed
-# beyond 256 MiB free: memory stays flat.
+# reuse the heap: a registered 1024 x 1024 float32 tile is just over 4 MiB, so a 4 MiB
+# threshold still mapped and faulted every one of them. Frames (64 MiB) are still mapped
+# and handed back when freed, and free heap beyond 32 MiB is trimmed: memory stays flat.
 WORKER_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": 32 * 2**20, "MALLOC_TRIM_THRESHOLD_": 32 * 2**20}
 
 # systems whose dask-jobqueue class takes no walltime / no account keyword

@@ -11,9 +11,15 @@ the pixel is bad) and ``weights``, optional, the reprojection footprint of the s
 shape. A value takes part in the combination when it is finite *and* its footprint
 weight is > 0. Each output tile is computed by one task from one chunk that holds the
 whole stack axis (the input is rechunked to ``{0: -1}`` if it is not already), so a
-task needs about ``n_frames * tile**2 * 4`` bytes for the chunk plus a small multiple
-for the work (measured peak: ~2.3x the chunk for mean/median/minmax, ~4x for sigclip,
-~8x for 'weighted' with rejection, which sorts an index array too).
+task needs about ``n_frames * tile**2 * 4`` bytes for the chunk plus what the work
+allocates. Every method works in strips of about 1 MiB of input (`_combine_in_strips`),
+so that is the output planes, the block's scaled copy and a few strips' temporaries:
+measured with tracemalloc (`tests/test_combine_methods.py`, blocks of 20 to 100 frames),
+1.55-1.76x the input block at 8 bytes a value for mean, 1.62-1.85x median, 1.78-2.02x
+minmax, 1.85-2.17x sigclip and 2.08-2.47x 'weighted' with rejection. Every method has the
+same bound, 2.6: a difference of less than the 4x in memory between two block sides
+would otherwise give one method blocks smaller than the store's chunks (made for the
+run's methods), and a later combine with it would read every chunk several times.
 
 Scaling
 -------
@@ -646,8 +652,10 @@ class CombineMethod:
     rejection : key of `REJECTIONS`, or None: taken from the ``reject`` argument
         (``weighted_reject`` in the settings).
     estimator : key of `ESTIMATORS`; 'weighted' also uses the per-frame weights.
-    memory_factor : peak memory of one task / its input block (measured, see the module
-        docstring); the combine's block size keeps the product within a budget.
+    memory_factor : peak memory the work of one task allocates / its input block at 8
+        bytes a value (measured, see the module docstring); the combine's block size
+        keeps the product within a budget. Methods with equal factors get equal blocks,
+        the block the store's chunks were sized for: no chunk is read twice.
     cards : ``settings -> [(keyword, value, comment), ...]``: the coadd header cards
         that record the method's parameters.
     two_frames : key of `TWO_FRAME_REJECTIONS`: the rule where only two frames cover a
@@ -663,12 +671,12 @@ class CombineMethod:
 
 # A new method is one entry here (plus its tests); the names are what --combine takes.
 COMBINE_METHODS = {
-    "mean": CombineMethod("none", "mean", 2.3),
-    "median": CombineMethod("none", "median", 2.3),
-    "sigclip": CombineMethod("sigclip", "mean", 4.0, _sigclip_cards),
+    "mean": CombineMethod("none", "mean", 2.6),
+    "median": CombineMethod("none", "median", 2.6),
+    "sigclip": CombineMethod("sigclip", "mean", 2.6, _sigclip_cards),
     # its nhigh already drops the higher of two values
-    "minmax": CombineMethod("minmax", "mean", 2.3, two_frames="none"),
-    "weighted": CombineMethod(None, "weighted", 8.0),
+    "minmax": CombineMethod("minmax", "mean", 2.6, two_frames="none"),
+    "weighted": CombineMethod(None, "weighted", 2.6),
 }
 METHODS = tuple(COMBINE_METHODS)
 
@@ -685,12 +693,15 @@ def header_cards(method: str, settings) -> list:
     return cards
 
 
-def _combine_tile(tile: int, n_frames: int, shape, budget_bytes: int = 128 * 2**20,
+def _combine_tile(tile: int, n_frames: int, shape, budget_bytes: int = 146 * 2**20,
                   methods=("sigclip",)) -> int:
     """Output block size for the combine: a block holds all frames of a tile, so shrink
     the tile as frames are added to keep each task's memory bounded (flat in N). A task
     needs its input block (8 bytes a value: data and variance, float32) times the
-    largest ``memory_factor`` of the ``methods`` combined from it."""
+    largest ``memory_factor`` of the ``methods`` combined from it. The budget: a worker
+    holds its libraries (~0.2-0.3 GiB) and a block or two in flight (the one combined,
+    the next read); this one keeps such a process below 0.5 GiB at N = 10 to 100
+    (`benchmarks/results/full-custom-20261201-043854.md`, made with the same blocks)."""
     factor = max(COMBINE_METHODS[m].memory_factor for m in methods)
     block = tile
     while block > 128 and n_frames * block * block * 8 * factor > budget_bytes:

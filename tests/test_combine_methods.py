@@ -76,15 +76,52 @@ def test_header_cards_from_the_table():
     assert header_cards("minmax", cs) == []
 
 
-def test_block_size_follows_the_memory_factor():
-    """Each task's block times its method's memory factor stays within the budget."""
+def test_block_size_follows_the_memory_factor(monkeypatch):
+    """Each task's block times its method's memory factor stays within the budget; a
+    method that needs more memory per value gets a smaller block, methods that need the
+    same get the same block (the one the store's chunks were made for)."""
     budget = 64 * 2**20
-    for methods in (["mean"], ["sigclip"], ["weighted"], ["mean", "weighted"]):
+    monkeypatch.setitem(COMBINE_METHODS, "heavy", CombineMethod("sigclip", "mean", 20.0))
+    for methods in (["mean"], ["sigclip"], ["weighted"], ["mean", "heavy"]):
         block = _combine_tile(1024, 200, (4096, 4096), budget, methods=methods)
         factor = max(COMBINE_METHODS[m].memory_factor for m in methods)
         assert block == 128 or 200 * block * block * 8 * factor <= budget
-    sizes = [_combine_tile(1024, 60, (4096, 4096), 2 * budget, methods=[m])
-             for m in ("mean", "sigclip", "weighted")]
-    assert sizes[0] >= sizes[1] >= sizes[2] and sizes[0] > sizes[2]
+    sizes = {m: _combine_tile(1024, 20, (4096, 4096), 4 * budget, methods=[m])
+             for m in ("mean", "median", "sigclip", "minmax", "weighted", "heavy")}
+    assert sizes["heavy"] < sizes["mean"]
+    assert len({sizes[m] for m in combine.METHODS}) == 1
     with pytest.raises(KeyError):
         _combine_tile(1024, 60, (4096, 4096), budget, methods=["nonsense"])
+
+
+@pytest.mark.parametrize("method", combine.METHODS)
+@pytest.mark.parametrize(("n", "side"), [(20, 256), (40, 192), (100, 128)])
+def test_memory_factor_bounds_what_the_work_allocates(method, n, side):
+    """The table's memory factor is true: what combining one block allocates (traced by
+    tracemalloc: numpy's buffers are traced) stays within it times the input at 8 bytes
+    a value, rejections and the 'weighted' sort included."""
+    import tracemalloc
+
+    rng = np.random.default_rng(5)
+    data = rng.normal(100.0, 10.0, (n, side, side)).astype(np.float32)
+    data[rng.random(data.shape) < 0.05] += 500.0
+    variance = np.full(data.shape, 100.0, np.float32)
+    power = np.full(data.shape, 0.5, np.float16)
+    options = dict(sigma=3.0, iters=5, cenfunc="median", nlow=1, nhigh=1,
+                   scales=np.ones(n), offsets=np.zeros(n), exptime=np.full(n, 30.0),
+                   pair_sigma=4.0, pair_fraction=0.5, sky_levels=None)
+    def combine_once():
+        result = combine.combine_stacks(data, None, variance=variance, kernel_power=power,
+                                        methods=[(method, {"reject": "sigclip" if
+                                                           method == "weighted" else "none"})],
+                                        **options)
+        dask.compute(*(r.image for r in result), scheduler="sync")
+
+    combine_once()  # caches filled (tables of the median's variance, dask's): not per block
+    tracemalloc.start()
+    try:
+        combine_once()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak <= COMBINE_METHODS[method].memory_factor * n * side * side * 8
