@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from . import measure
-from .runner import run_per_n
+from .runner import provenance_lines, run_per_n
 
 CENTER = (150.1, 2.2)
 SHAPE = (512, 512)
@@ -136,15 +136,8 @@ def measure_one(n_frames: int, workdir: Path, workers: int) -> dict:
 
 
 def _markdown(result: dict) -> str:
-    m, p = result["machine"], result["provenance"]
     lines = [f"# daskstack lightcurve on N-frame stores ({result['date']})", "",
-             f"Command: `{p['command']}`; commit `{p['commit']}` (branch {p['branch']}"
-             + (f", modified: {', '.join(p['modified_files'])}" if p["modified_files"] else "")
-             + ").",
-             f"Machine: {m['cpus']} CPUs ({m['affinity']} usable), {m['memory_gib']:.1f} GiB; "
-             f"shared: load average {', '.join(f'{v:.1f}' for v in m['load_avg'])} at the "
-             f"start; Python {m['python']}, dask {m['versions'].get('dask')}, zarr "
-             f"{m['versions'].get('zarr')}.", "",
+             *provenance_lines(result, versions=("dask", "zarr")), "",
              "Stores made directly with `daskstack.store` (see `benchmarks/lightcurve_bench.py`):"
              f" a {SHAPE[1]}x{SHAPE[0]} grid in {TILE}-px chunks, one filter, synthetic stars at "
              "five seeings, Poisson + read noise, each frame's FWHM and zero point recorded. "

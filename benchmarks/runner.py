@@ -63,6 +63,19 @@ def _provenance(command: str) -> dict:
             "branch": git("rev-parse", "--abbrev-ref", "HEAD")}
 
 
+def provenance_lines(result: dict, versions=("dask", "daskstack")) -> list[str]:
+    """The markdown lines that say how a result was made: the command and commit (files
+    modified beside it), the machine, its load when the benchmark started, versions."""
+    p, m = result["provenance"], result["machine"]
+    return [f"Command: `{p['command']}`; commit `{p['commit']}` (branch {p['branch']}"
+            + (f", modified: {', '.join(p['modified_files'])}" if p["modified_files"] else "")
+            + ").",
+            f"Machine: {m['cpus']} CPUs ({m['affinity']} usable), {m['memory_gib']:.1f} GiB; "
+            f"load average {', '.join(f'{v:.1f}' for v in m['load_avg'])} at the start; "
+            f"Python {m['python']}, "
+            + ", ".join(f"{name} {m['versions'].get(name)}" for name in versions) + "."]
+
+
 def run_per_n(benchmark: str, ns, measure_n, *, out_dir: Path, keep: Path | None,
               command: str, markdown, not_printed=()) -> Path:
     """``measure_n(n, workdir)`` for each frame count ``n`` in a scratch directory (kept in

@@ -34,7 +34,7 @@ import tempfile
 from pathlib import Path
 
 from . import datasets, measure, stats
-from .runner import _machine, _provenance
+from .runner import _machine, _provenance, provenance_lines
 
 RESULTS = Path(__file__).resolve().parent / "results"
 GiB = 2**30
@@ -130,15 +130,8 @@ def checks(summaries: list[dict], submit_limit_s: float = 5.0) -> list[str]:
 
 
 def markdown(result: dict) -> str:
-    p, m = result["provenance"], result["machine"]
     lines = [f"# Many small frames end to end ({result['date']})", "",
-             f"Command: `{p['command']}`; commit `{p['commit']}` (branch {p['branch']}"
-             + (f", modified: {', '.join(p['modified_files'])}" if p["modified_files"] else "")
-             + ").",
-             f"Machine: {m['cpus']} CPUs ({m['affinity']} usable), {m['memory_gib']:.1f} GiB, "
-             f"load average {', '.join(f'{v:.1f}' for v in m['load_avg'])} at the start; "
-             f"Python {m['python']}, dask {m['versions'].get('dask')}, daskstack "
-             f"{m['versions'].get('daskstack')}.", "",
+             *provenance_lines(result), "",
              f"Frames: {result['frame_shape'][1]}x{result['frame_shape'][0]} synthetic, "
              f"one filter, exact header WCS. Each run: `{result['run_command']}` "
              f"(`--workers {result['workers']}`), a measured process; "
