@@ -20,7 +20,12 @@ from daskstack.noise import SMOOTH_PX, poisson_variance
 from .helpers import tan_wcs
 
 
-def test_poisson_variance_equals_the_float64_box_mean():
+@pytest.mark.parametrize("strip_pixels", [None, 47, 3 * 47, 1])
+def test_poisson_variance_equals_the_float64_box_mean(strip_pixels, monkeypatch):
+    """Whole frame, or in strips of one row, of three rows, of less than a row: the box
+    sums at a strip's edges use the neighbouring strip's rows, not repeated edges."""
+    if strip_pixels is not None:
+        monkeypatch.setattr("daskstack.noise.STRIP_PIXELS", strip_pixels)
     rng = np.random.default_rng(3)
     data = rng.normal(400.0, 30.0, (61, 47)).astype(np.float32)
     data[5, :] = -50.0  # negative signal: the Poisson term clips at 0
