@@ -14,10 +14,10 @@ whole stack axis (the input is rechunked to ``{0: -1}`` if it is not already), s
 task needs about ``n_frames * tile**2 * 4`` bytes for the chunk plus what the work
 allocates. Every method works in strips of about 1 MiB of input (`_combine_in_strips`),
 so that is the output planes, the block's scaled copy and a few strips' temporaries:
-measured with tracemalloc (`tests/test_combine_methods.py`, blocks of 20 to 100 frames),
-1.55-1.76x the input block at 8 bytes a value for mean, 1.62-1.85x median, 1.78-2.02x
-minmax, 1.85-2.17x sigclip and 2.08-2.47x 'weighted' with rejection. Every method has the
-same bound, 2.6: a difference of less than the 4x in memory between two block sides
+traced with tracemalloc (`tests/test_combine_methods.py` checks every method on blocks
+of 20 to 100 frames), it stays below 2.6x the input block at 8 bytes a value, sigma
+clipping and 'weighted' with rejection included. Every method has that same bound: the
+small differences between methods, below the 4x in memory between two block sides,
 would otherwise give one method blocks smaller than the store's chunks (made for the
 run's methods), and a later combine with it would read every chunk several times.
 
