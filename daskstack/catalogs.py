@@ -412,7 +412,11 @@ def _query_refcat2(center: SkyCoord, radius_deg: float, mag_limit: float,
         name for b in REFCAT2_BANDS for name in (f"{b}mag", f"e_{b}mag")]
     vizier = Vizier(columns=columns, row_limit=-1, timeout=timeout,
                     column_filters={"rmag": f"<{mag_limit:.2f}"})
-    found = vizier.query_region(center, radius=radius_deg * u.deg, catalog=REFCAT2_VIZIER)
+    # no astroquery cache: daskstack keeps its own (`cache_path`, keyed by the query's
+    # settings); astroquery's, in the user's home, would answer an identical request
+    # again from an old response without asking the service
+    found = vizier.query_region(center, radius=radius_deg * u.deg, catalog=REFCAT2_VIZIER,
+                                cache=False)
     if not len(found):
         return Table({"ra": [], "dec": [], "mag": []})
     raw = found[0]
