@@ -29,9 +29,13 @@ def load_image(path) -> np.ndarray:
 
 
 def load_weight(path) -> np.ndarray | None:
+    """The number of frames behind each pixel of a daskstack coadd: its ``NFRAMES``
+    extension (``WEIGHT`` is the inverse variance since the noise model; only older
+    coadds, whose ``WEIGHT`` counted frames, lack ``NFRAMES``). None for other coadds."""
     with fits.open(path, memmap=False) as hdul:
-        if "WEIGHT" in hdul:
-            return np.asarray(hdul["WEIGHT"].data, dtype=np.float64)
+        for name in ("NFRAMES", "WEIGHT"):
+            if name in hdul:
+                return np.asarray(hdul[name].data, dtype=np.float64)
     return None
 
 

@@ -268,7 +268,10 @@ def _detect_task(meta: FrameMeta, settings: Settings):
 
 def _register_task(meta: FrameMeta, wcs_header: str, grid: Grid, store_path: str,
                    filter_name: str, index: int, settings: Settings, measure_sky: bool):
+    from ._cluster import freeze_worker_heap
+
     start = time.perf_counter()
+    freeze_worker_heap()
     try:
         frame = read_frame(meta.path)
         wcs = wcs_from_text(wcs_header, frame.data.shape)
@@ -280,20 +283,22 @@ def _register_task(meta: FrameMeta, wcs_header: str, grid: Grid, store_path: str
             variance[hits] = np.nan
         # the sky the chosen model removes before resampling (the noise model above keeps
         # its Poisson noise; the sky level measured below is the frame's own)
+        # a frame taken with its header WCS was never detected on (``measure_sky``): measure
+        # its sky here, from the pixels already in memory, rather than read it a second
+        # time; before registration, which may NaN the frame's bad pixels in place
+        sky = sky_level(frame.data, frame.mask) if measure_sky else None
         data = subtract_sky(frame.data, frame.mask, rs.background, rs.background_mesh)
         written = []  # the store tiles this frame covers: the combine reads only those
 
         def tiles():
+            # copy=False: the frame's pixels are not used after this (saves a frame copy)
             for t in register_frame(data, frame.mask, wcs, grid, rs,
                                     conserve_flux=rs.conserve_flux,
-                                    seed=index, variance=variance):
+                                    seed=index, variance=variance, copy=False):
                 written.append([int(t.y0), int(t.x0)])
                 yield t.y0, t.x0, t.data, t.footprint, t.variance, t.kernel_power
 
         store_mod.write_tiles(store_path, filter_name, index, tiles())
-        # a frame taken with its header WCS was never detected on (``measure_sky``): measure
-        # its sky here, from the pixels already in memory, rather than read it a second time
-        sky = sky_level(frame.data, frame.mask) if measure_sky else None
     except (FrameError, OSError):
         raise  # the frame unreadable now, or the store's disk: the frame fails, with why
     except Exception as err:  # a bug: reported apart (errors.log), the batch goes on
@@ -882,7 +887,10 @@ def _combine_store(client, store_path: Path, out_dir: Path, settings: Settings,
                                        dict(common, method=method, **options))
                        for method, options in own]
         else:
-            results = combine.combine_stacks(data, foot, variance=variance, kernel_power=power,
+            # only inverse-variance weights use the kernel power: other methods need not
+            # read (and decompress) it
+            results = combine.combine_stacks(data, foot, variance=variance,
+                                             kernel_power=power if weights_of else None,
                                              methods=own, **common)
         for n_method, (method, result) in enumerate(zip(cs.methods, results, strict=True)):
             node = store_mod.coadd_key(filter_name, "" if n_method == 0 else method)

@@ -1,7 +1,7 @@
 """The noise model: the variance of every pixel of a frame, in the frame's own units.
 
 One place for it (registration, combination and the coadd's ``ERR``/``WEIGHT`` all
-start from `frame_variance`). Pure numpy, no I/O.
+start from `frame_variance`). No I/O; the box mean is a compiled loop (`daskstack._compiled`).
 
 Where the frame carries an error extension (``ERR``, 1 sigma per pixel, as later LCO
 products do), its square is the variance. Otherwise the variance is Poisson noise of
@@ -39,8 +39,9 @@ GAIN_KEYS = ("GAIN", "EGAIN", "CCDGAIN", "GAINEFF", "ATODGAIN", "HIERARCH ESO DE
 RDNOISE_KEYS = ("RDNOISE", "READNOIS", "READNOISE", "RON", "ENOISE", "RDNOISE1",
                 "HIERARCH ESO DET OUT1 RON")
 SATURATION_KEYS = ("SATURATE", "MAXLIN")  # the lowest of them is where pixels stop counting
-SMOOTH_PX = 3  # side of the box whose mean is the expected signal of its central pixel
-STRIP_PIXELS = 2**18  # pixels of the rows the variance is made from at once (~1 MiB float32)
+# side of the box whose mean is the expected signal of its central pixel (the compiled
+# loop, `daskstack._compiled.poisson_variance`, is written for this 3)
+SMOOTH_PX = 3
 
 
 def header_number(header, keys) -> float | None:
@@ -59,56 +60,15 @@ def poisson_variance(data: np.ndarray, bad: np.ndarray, electrons_per_unit: floa
                      rdnoise_e: float) -> np.ndarray:
     """Poisson + read-noise variance (data units squared) of ``data``, NaN where ``bad``.
 
-    The Poisson term is the 3 x 3 mean of the good pixels around each pixel (see the
-    module docstring), clipped at 0."""
-    # float32 throughout (a sum of 9 values loses nothing in float32), strip by strip:
-    # whole-frame temporaries of a 4096 x 4096 frame are fresh mappings, page-faulted
-    # on every frame, and cost more than the arithmetic; a strip's are reused from the
-    # heap and stay in the cache
-    variance = np.empty(data.shape, np.float32)
-    ny = data.shape[0]
-    half = SMOOTH_PX // 2
-    rows = max(1, STRIP_PIXELS // max(data.shape[1], 1))
-    g = np.float32(1 / float(electrons_per_unit))
-    read = np.float32((float(rdnoise_e) / float(electrons_per_unit)) ** 2)
-    for y0 in range(0, ny, rows):
-        y1 = min(y0 + rows, ny)
-        # the strip with `half` neighbouring rows each side (where the frame has them):
-        # its box sums are the frame's on the strip's own rows
-        h0, h1 = max(y0 - half, 0), min(y1 + half, ny)
-        good = ~bad[h0:h1]
-        local_sum = _box_sum(np.where(good, data[h0:h1], np.float32(0)).astype(np.float32,
-                                                                                copy=False))
-        local_count = _box_sum(good.view(np.uint8))
-        inner = slice(y0 - h0, y0 - h0 + (y1 - y0))
-        with np.errstate(invalid="ignore", divide="ignore"):
-            signal = np.divide(local_sum[inner], local_count[inner], out=variance[y0:y1])
-        signal[local_count[inner] == 0] = 0
-        np.maximum(signal, 0, out=signal)
-        signal *= g
-        signal += read
-    variance[bad] = np.nan
-    return variance
+    The Poisson term is the 3 x 3 mean of the good pixels around each pixel, the edge
+    pixels repeated past the border (see the module docstring), clipped at 0; float32
+    throughout (a sum of 9 values loses nothing in float32), in one compiled pass
+    (whole-frame numpy temporaries cost more than the arithmetic)."""
+    from ._compiled import poisson_variance as compiled  # numba: only where frames are
 
-
-def _box_sum(values: np.ndarray) -> np.ndarray:
-    """Sum over the `SMOOTH_PX` x `SMOOTH_PX` box around each pixel, the edge pixels
-    repeated beyond the border (``uniform_filter(..., mode='nearest')`` times the box
-    area), in ``values``' dtype (uint8 holds a count of up to 9)."""
-    half = SMOOTH_PX // 2
-    out = values
-    for axis in (0, 1):
-        src = np.moveaxis(out, axis, 0)
-        acc = src.copy(order="K")  # the frame's memory order: no transposed copy
-        size = src.shape[0]
-        for shift in range(1, half + 1):
-            # neighbours ``shift`` away on either side; past the edge, the edge pixel
-            acc[shift:] += src[:-shift] if shift < size else 0
-            acc[:shift] += src[:1]
-            acc[:-shift] += src[shift:] if shift < size else 0
-            acc[-shift:] += src[-1:]
-        out = np.moveaxis(acc, 0, axis)
-    return out
+    g = 1 / float(electrons_per_unit)
+    read = (float(rdnoise_e) / float(electrons_per_unit)) ** 2
+    return compiled(data, bad, g, read)
 
 
 def frame_variance(data: np.ndarray, mask: np.ndarray | None = None, *,

@@ -1,0 +1,159 @@
+"""Compiled inner loops (numba) of the stage modules: each does in one pass over memory what
+the numpy reference beside it does in several, with the same result.
+
+Kept apart so that the stage modules stay readable numpy and each loop here is tested
+against that reference (``tests/test_compiled.py``). The stage modules import this module
+only inside the functions that use it, so a process that never registers a frame or
+models its noise (the command-line client) never loads numba and LLVM.
+
+Compiled on first use in each process and cached on disk (``cache=True``, beside this
+file, or in ``NUMBA_CACHE_DIR``); ``nogil``: the threads of one Dask worker run them
+concurrently.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+__all__ = ["bilinear_sample", "poisson_variance"]
+
+
+@njit(cache=True, nogil=True)
+def _axis_taps(c, n):
+    """First tap and weight of the second tap of a linear interpolation at ``c`` along an
+    axis of ``n`` pixels, with reproject's edges (the outer half of a border pixel takes
+    its value) and ``map_coordinates``' rule for points on the last pixel (taps ``n - 2``
+    and ``n - 1``, weight 1 on the last); first tap -1: outside (NaN)."""
+    if c >= -0.5 and c < 0.0:
+        c = 0.0
+    elif c >= n - 1.0 and c < n - 0.5:
+        c = n - 1.0
+    if not (c >= 0.0 and c <= n - 1.0):  # also NaN
+        return -1, 0.0
+    first = int(np.floor(c))
+    if first > n - 2:
+        first = n - 2
+    if first < 0:  # a 1-pixel axis: the one pixel, at weight 1
+        return 0, 0.0
+    return first, c - first
+
+
+@njit(cache=True, nogil=True)
+def _axis_power(c, n):
+    """``(1 - f)**2 + f**2`` at the fraction ``f`` of ``c`` (after the border rule):
+    the sum of the squared weights along one axis (``register._triangle_squared``)."""
+    if c >= -0.5 and c < 0.0:
+        c = 0.0
+    elif c >= n - 1.0 and c < n - 0.5:
+        c = n - 1.0
+    f = c - np.floor(c)
+    return f * f + (1.0 - f) * (1.0 - f)
+
+
+@njit(cache=True, nogil=True)
+def _bilinear(image, variance, with_variance, x_in, y_in, data_out, var_out, power_out):
+    ny, nx = image.shape
+    rows, cols = x_in.shape
+    for i in range(rows):
+        for j in range(cols):
+            y0, fy = _axis_taps(y_in[i, j], ny)
+            x0, fx = _axis_taps(x_in[i, j], nx)
+            if with_variance:
+                # defined (as in the reference) wherever the position is, data or not
+                power_out[i, j] = (1.0 * _axis_power(y_in[i, j], ny)
+                                   * _axis_power(x_in[i, j], nx))
+            if y0 < 0 or x0 < 0:
+                data_out[i, j] = np.nan
+                if with_variance:
+                    var_out[i, j] = np.nan
+                continue
+            y1 = min(y0 + 1, ny - 1)
+            x1 = min(x0 + 1, nx - 1)
+            wy0, wy1 = 1.0 - fy, fy
+            wx0, wx1 = 1.0 - fx, fx
+            # map_coordinates' order: taps row by row, value times the axis weights, summed
+            # in double; a NaN tap spreads even at weight 0, as there
+            total = 0.0
+            total += np.float64(image[y0, x0]) * wy0 * wx0
+            total += np.float64(image[y0, x1]) * wy0 * wx1
+            total += np.float64(image[y1, x0]) * wy1 * wx0
+            total += np.float64(image[y1, x1]) * wy1 * wx1
+            data_out[i, j] = total
+            if not with_variance:
+                continue
+            if not np.isfinite(total):
+                var_out[i, j] = np.nan
+                continue
+            sy0, sy1, sx0, sx1 = wy0 * wy0, wy1 * wy1, wx0 * wx0, wx1 * wx1
+            spread = 0.0
+            spread += np.float64(variance[y0, x0]) * sy0 * sx0
+            spread += np.float64(variance[y0, x1]) * sy0 * sx1
+            spread += np.float64(variance[y1, x0]) * sy1 * sx0
+            spread += np.float64(variance[y1, x1]) * sy1 * sx1
+            var_out[i, j] = spread
+
+
+def bilinear_sample(image: np.ndarray, x_in: np.ndarray, y_in: np.ndarray,
+                    variance: np.ndarray | None = None):
+    """``register._interpolate(image, x_in, y_in, 'bilinear', variance)`` in one pass:
+    the data bit for bit as ``map_coordinates(order=1)`` with reproject's edges; the
+    variance ``sum_k w_k**2 V_k`` over the same four taps (NaN where the data are) and
+    the kernel power ``sum_k w_k**2`` (float32). Returns ``(data, variance, power)``,
+    the last two None without ``variance``."""
+    image = np.ascontiguousarray(image, dtype=np.float32)
+    x_in = np.ascontiguousarray(x_in, dtype=np.float64)
+    y_in = np.ascontiguousarray(y_in, dtype=np.float64)
+    data = np.empty(x_in.shape, np.float32)
+    if variance is None:
+        _bilinear(image, image, False, x_in, y_in, data, data, data)
+        return data, None, None
+    variance = np.ascontiguousarray(variance, dtype=np.float32)
+    var_out = np.empty(x_in.shape, np.float32)
+    power = np.empty(x_in.shape, np.float32)
+    _bilinear(image, variance, True, x_in, y_in, data, var_out, power)
+    return data, var_out, power
+
+
+@njit(cache=True, nogil=True)
+def _poisson_variance(data, bad, g, read, out):
+    """3 x 3 box mean of the good pixels (edge pixels repeated past the border), summed
+    in float32 in the order of `noise._box_sum` (rows first: centre, above, below; then
+    columns: centre, left, right), clipped at 0, times ``g`` plus ``read``."""
+    ny, nx = data.shape
+    col_sum = np.empty(nx, np.float32)  # per column, the sum over rows y - 1 .. y + 1
+    col_count = np.empty(nx, np.float32)
+    for y in range(ny):
+        above, below = max(y - 1, 0), min(y + 1, ny - 1)
+        for x in range(nx):
+            s = np.float32(0.0) if bad[y, x] else data[y, x]
+            c = np.float32(0.0) if bad[y, x] else np.float32(1.0)
+            if not bad[above, x]:
+                s += data[above, x]
+                c += np.float32(1.0)
+            if not bad[below, x]:
+                s += data[below, x]
+                c += np.float32(1.0)
+            col_sum[x] = s
+            col_count[x] = c
+        for x in range(nx):
+            left, right = max(x - 1, 0), min(x + 1, nx - 1)
+            s = col_sum[x] + col_sum[left] + col_sum[right]
+            c = col_count[x] + col_count[left] + col_count[right]
+            if bad[y, x]:
+                out[y, x] = np.nan
+                continue
+            signal = s / c if c > 0 else np.float32(0.0)
+            if signal < 0:
+                signal = np.float32(0.0)
+            out[y, x] = signal * g + read
+
+
+def poisson_variance(data: np.ndarray, bad: np.ndarray, g: float, read: float) -> np.ndarray:
+    """`noise.poisson_variance`'s arithmetic (``g``: 1 / electrons per unit; ``read``:
+    the read-noise variance in data units), float32, NaN where ``bad``."""
+    data = np.ascontiguousarray(data, dtype=np.float32)
+    bad = np.ascontiguousarray(bad, dtype=np.bool_)
+    out = np.empty(data.shape, np.float32)
+    _poisson_variance(data, bad, np.float32(g), np.float32(read), out)
+    return out
