@@ -3,8 +3,9 @@ the numpy reference beside it does in several, with the same result.
 
 Kept apart so that the stage modules stay readable numpy and each loop here is tested
 against that reference (``tests/test_compiled.py``). The stage modules import this module
-only inside the functions that use it, so a process that never registers a frame or
-models its noise (the command-line client) never loads numba and LLVM.
+only inside the functions that use it, so a process that never registers a frame,
+models its noise or combines a block (the command-line client) never loads numba and
+LLVM.
 
 Compiled on first use in each process and cached on disk (``cache=True``, beside this
 file, or in ``NUMBA_CACHE_DIR``); ``nogil``: the threads of one Dask worker run them
@@ -16,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-__all__ = ["bilinear_sample", "poisson_variance"]
+__all__ = ["bilinear_sample", "plain_combine", "poisson_variance", "sorting_network"]
 
 
 @njit(cache=True, nogil=True)
@@ -156,4 +157,158 @@ def poisson_variance(data: np.ndarray, bad: np.ndarray, g: float, read: float) -
     bad = np.ascontiguousarray(bad, dtype=np.bool_)
     out = np.empty(data.shape, np.float32)
     _poisson_variance(data, bad, np.float32(g), np.float32(read), out)
+    return out
+
+
+# -- the combine without rejection: mean and median of each pixel's valid values ----------
+def sorting_network(n: int) -> np.ndarray:
+    """Compare-exchange pairs ``(i, j)``, ``i < j``, that sort ``n`` values: Batcher's
+    odd-even merge sort of the next power of two, keeping only the pairs within ``n``
+    (the padding would hold +inf, which no pair with it ever moves)."""
+    return _sorting_network(int(n))
+
+
+def _batcher_pairs(size: int):
+    p = 1
+    while p < size:
+        k = p
+        while k >= 1:
+            for j in range(k % p, size - k, 2 * k):
+                for i in range(min(k, size - j - k)):
+                    if (i + j) // (2 * p) == (i + j + k) // (2 * p):
+                        yield i + j, i + j + k
+            k //= 2
+        p *= 2
+
+
+_NETWORKS: dict[int, np.ndarray] = {}
+
+
+def _sorting_network(n: int) -> np.ndarray:
+    if n not in _NETWORKS:
+        size = 1
+        while size < n:
+            size *= 2
+        pairs = [(i, j) for i, j in _batcher_pairs(size) if j < n]
+        _NETWORKS[n] = np.array(pairs, dtype=np.int64).reshape(-1, 2)
+    return _NETWORKS[n]
+
+
+@njit(cache=True, nogil=True)
+def _plain_combine(data, foot, variance, scales, offsets, exptime, sky, pair_sigma,
+                   pair_fraction, median, network, factors, out):
+    n, ny, nx = data.shape
+    with_foot = foot.shape[0] > 0
+    with_variance = variance.shape[0] > 0
+    pair = with_variance and pair_sigma > 0
+    inf = np.float32(np.inf)
+    s2 = scales * scales
+    # each pixel's values, frame by frame (+inf: not valid, so a sort puts it last)
+    values = np.empty((n, nx), np.float32)
+    var = np.empty((n, nx), np.float32)
+    count = np.empty(nx, np.int64)
+    exposure = np.empty(nx, np.float64)
+    total = np.empty(nx, np.float64)
+    spread = np.empty(nx, np.float64)
+    for y in range(ny):
+        count[:] = 0
+        exposure[:] = 0
+        for i in range(n):
+            for x in range(nx):
+                v = data[i, y, x] * scales[i] + offsets[i]
+                ok = np.isfinite(v)
+                if with_foot:
+                    ok = ok and foot[i, y, x] > 0
+                if with_variance:
+                    w = variance[i, y, x] * s2[i]
+                    ok = ok and w > 0
+                    var[i, x] = w
+                if ok:
+                    values[i, x] = v
+                    count[x] += 1
+                    exposure[x] += exptime[i]
+                else:
+                    values[i, x] = inf
+        if pair:  # two values: the higher goes beyond what the noise allows
+            for x in range(nx):
+                if count[x] != 2:
+                    continue
+                high = low = -1
+                e_high = -inf
+                e_low = inf
+                for i in range(n):
+                    if values[i, x] == inf:
+                        continue
+                    e = values[i, x] - sky[i]
+                    if e > e_high:
+                        high, e_high = i, e
+                    if e < e_low:
+                        low, e_low = i, e
+                allowed = (pair_sigma * np.sqrt(var[high, x] + var[low, x])
+                           + pair_fraction * max(e_low, np.float32(0.0)))
+                if e_high - e_low > allowed:
+                    values[high, x] = inf
+                    count[x] = 1
+        # sums in frame order, in double (as the reference's reductions)
+        total[:] = 0.0
+        spread[:] = 0.0
+        for i in range(n):
+            for x in range(nx):
+                if values[i, x] < inf:
+                    if median:
+                        if with_variance:
+                            spread[x] += np.float32(1.0) / np.sqrt(var[i, x])
+                    else:
+                        total[x] += values[i, x]
+                        if with_variance:
+                            spread[x] += var[i, x]
+        if median:
+            for k in range(network.shape[0]):
+                a, b = network[k, 0], network[k, 1]
+                for x in range(nx):
+                    lo, hi = values[a, x], values[b, x]
+                    values[a, x] = min(lo, hi)
+                    values[b, x] = max(lo, hi)
+        for x in range(nx):
+            c = count[x]
+            out[2, y, x] = c
+            out[4, y, x] = exposure[x]
+            if c == 0:
+                out[0, y, x] = np.nan
+                out[1, y, x] = 0
+                out[3, y, x] = np.nan
+                continue
+            out[1, y, x] = c
+            if median:
+                out[0, y, x] = 0.5 * (np.float64(values[(c - 1) // 2, x]) + values[c // 2, x])
+                out[3, y, x] = (factors[c] * c / spread[x] ** 2 if with_variance else np.nan)
+            else:
+                out[0, y, x] = total[x] / c
+                out[3, y, x] = spread[x] / (np.float64(c) * c) if with_variance else np.nan
+
+
+def plain_combine(data, foot=None, variance=None, *, scales=None, offsets=None, exptime=None,
+                  sky_levels=None, pair_sigma=0.0, pair_fraction=0.0, median_factors=None):
+    """`combine._combine_block` of rejection 'none' with the 'mean' estimator, or the
+    'median' one given ``median_factors`` (`combine.median_variance_table` of the frames),
+    in one pass over each row of pixels, packed ``(5, ny, nx)`` float32 as there: the same
+    values, sums in the same order (the median from a sorting network instead of a sort:
+    the same order statistics)."""
+    n, ny, nx = np.shape(data)
+    empty = np.empty((0, 0, 0), np.float32)
+
+    def per_frame(values, default):
+        if values is None:
+            return np.full(n, default, np.float32)
+        return np.asarray(values).astype(np.float32)
+
+    median = median_factors is not None
+    out = np.empty((5, ny, nx), np.float32)
+    _plain_combine(
+        np.asarray(data, np.float32), empty if foot is None else np.asarray(foot, np.float32),
+        empty if variance is None else np.asarray(variance, np.float32),
+        per_frame(scales, 1.0), per_frame(offsets, 0.0), per_frame(exptime, 0.0),
+        per_frame(sky_levels, 0.0), np.float32(pair_sigma), np.float32(pair_fraction),
+        median, _sorting_network(n) if median else np.empty((0, 2), np.int64),
+        np.asarray(median_factors if median else [0.0], np.float64), out)
     return out

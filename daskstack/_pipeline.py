@@ -86,6 +86,7 @@ from ._rundir import (
     run_dir_of,
     run_settings,
     run_signature,
+    sha256,
     wcs_file,
     wcs_from_text,
     write_manifest,
@@ -812,8 +813,8 @@ def _combine_store(client, store_path: Path, out_dir: Path, settings: Settings,
     output_log = output_log or OutputLog(out_dir)
     written = [] if written is None else written
 
-    def wrote(path):
-        output_log.add(path)
+    def wrote(path, digest=None):
+        output_log.add(path, digest)
         written.append(as_path(path))
 
     _check_store_kept(store_path)
@@ -898,19 +899,22 @@ def _combine_store(client, store_path: Path, out_dir: Path, settings: Settings,
             arrays = store_mod.create_coadd_arrays(stack, node, block)
             sources += [planes[name] for name in arrays]
             targets.append(arrays)
-            paths.append((method, out_dir / f"coadd_{node}.fits"))
+            paths.append((method, node, out_dir / f"coadd_{node}.fits"))
         da.store(sources, [a for arrays in targets for a in arrays.values()], lock=False,
                  compute=True)
-        for (method, path), arrays in zip(paths, targets, strict=True):
-            header = coadd_header(stack, filter_name, [names[i] for i in keep], infos,
-                                   dataclasses.replace(cs, method=method), scales,
-                                   weights_of.get(method), excluded=left_out)
-            write_coadd_fits(path, header, arrays)
-            wrote(path)
+        # each coadd file is written (streamed from the store, synced, hashed) by a
+        # worker: the methods' files side by side, not one after another on the client
+        files = [client.submit(_write_coadd_task, stack.path, node, path, coadd_header(
+                     stack, filter_name, [names[i] for i in keep], infos,
+                     dataclasses.replace(cs, method=method), scales, weights_of.get(method),
+                     excluded=left_out), pure=False)
+                 for method, node, path in paths]
+        for (method, _, path), file in zip(paths, files, strict=True):
+            wrote(path, file.result())
             stack.params.setdefault(COADD_SETTINGS, {})[str(as_path(path).resolve())] = (
                 _made_with(cs, method))
         store_mod.update_frames(stack, {})  # records the settings of the coadds
-        outputs[filter_name] = paths[0][1]
+        outputs[filter_name] = paths[0][2]
         if cs.difference:
             _write_differences(client, stack, filter_name, [names[i] for i in keep], keep,
                                scales, key, out_dir, wrote)
@@ -946,6 +950,13 @@ def _block_members(stack, names: list[str], block: int) -> dict | None:
                 for x0 in range(tx, min(tx + tile, nx), block):
                     members[(y0, x0)].append(position)
     return members
+
+
+def _write_coadd_task(store_path, node: str, path, header) -> str:
+    """Coadd ``node``'s FITS file at ``path`` from its planes in the store (a worker
+    opens it by path); returns the file's sha256 for the output log."""
+    write_coadd_fits(path, header, store_mod.open_coadd_arrays(store_path, node))
+    return sha256(path)
 
 
 def _matches_background(stack, cs) -> bool:

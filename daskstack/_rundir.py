@@ -207,10 +207,11 @@ class OutputLog:
         self.path = self.out_dir / OUTPUTS_FILE
         self.records = read_outputs(self.out_dir)
 
-    def add(self, path) -> None:
-        """Record ``path`` (already in place) and rewrite the log atomically."""
+    def add(self, path, digest: str | None = None) -> None:
+        """Record ``path`` (already in place; ``digest``: its sha256 when the writer
+        computed it) and rewrite the log atomically."""
         path = as_path(path)
-        self.records[self._key(path)] = (sha256(path), path.stat().st_size)
+        self.records[self._key(path)] = (digest or sha256(path), path.stat().st_size)
         self._write()
 
     def _write(self) -> None:

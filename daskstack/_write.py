@@ -218,7 +218,7 @@ def write_image_fits(path: Path, planes) -> None:
     with atomic_path(path) as tmp:
         for n, (header, array) in enumerate(planes):
             ny, nx = array.shape
-            rows = max(1, int(64 * 2**20 // (4 * nx)))
+            rows = max(1, int(16 * 2**20 // (4 * nx)))  # 16 MiB a block: a worker writes it
             _stream_hdu(tmp, _image_header(header, ny, nx, primary_hdu=n == 0), array, rows)
 
 

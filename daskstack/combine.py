@@ -391,11 +391,26 @@ def _combine_in_strips(data, *planes, methods):
 def _combine_block(
     data, weights=None, variance=None, kernel_power=None, *, rejection, estimator, sigma, iters, cenfunc, nlow,
     nhigh, scales, offsets, frame_weights, exptime, two_frames="none", pair_sigma=0.0,
-    pair_fraction=0.0, sky_levels=None,
+    pair_fraction=0.0, sky_levels=None, compiled=True,
 ):
     """Combine one chunk ``(n_frames, ty, tx)`` -> ``(5, ty, tx)`` float32: image, weight,
     number of values used, variance (NaN without ``variance``), exposure (s)
-    (``two_frames`` where two values cover a pixel, ``rejection``, then ``estimator``)."""
+    (``two_frames`` where two values cover a pixel, ``rejection``, then ``estimator``).
+
+    The mean and the median without rejection, the coadds most runs make, go through a
+    compiled loop (`daskstack._compiled.plain_combine`: one pass over each row of
+    pixels, the median from a sorting network) that gives what the numpy below gives
+    (``compiled=False``, its reference in the tests) at a third to a quarter of the
+    time."""
+    if compiled and rejection == "none" and estimator in ("mean", "median"):
+        from ._compiled import plain_combine  # numba: only in the processes that combine
+
+        return plain_combine(
+            data, weights, variance, scales=scales, offsets=offsets, exptime=exptime,
+            sky_levels=sky_levels, pair_sigma=pair_sigma if two_frames == "pair" else 0.0,
+            pair_fraction=pair_fraction,
+            median_factors=(median_variance_table(data.shape[0]) if estimator == "median"
+                            else None))
     n = data.shape[0]
     values = np.asarray(data, dtype=np.float32)
     s = np.ones(n, np.float32) if scales is None else scales.astype(np.float32)

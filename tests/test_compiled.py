@@ -1,7 +1,9 @@
 """The compiled loops (`daskstack._compiled`) against the numpy/scipy code they replace:
 the bilinear sampler is ``map_coordinates`` bit for bit (reproject's edges, NaN taps,
 the last row and column, frames of one or two pixels), its variance and kernel power
-those of the squared-weight reference to float32 rounding."""
+those of the squared-weight reference to float32 rounding; the combine's mean and median
+without rejection are `combine._combine_block`'s numpy value for value (NaN, footprint
+0, variance NaN or 0, the two-frame rule, scales, offsets, any number of frames)."""
 
 from __future__ import annotations
 
@@ -10,7 +12,8 @@ import dataclasses
 import numpy as np
 import pytest
 
-from daskstack import register
+from daskstack import combine, register
+from daskstack._compiled import sorting_network
 
 
 def _reference(monkeypatch, image, x_in, y_in, variance):
@@ -98,3 +101,70 @@ def test_registered_frame_unchanged_by_the_sampler(monkeypatch):
         assert np.array_equal(a.data, b.data, equal_nan=True)
         assert np.array_equal(a.footprint, b.footprint)
         np.testing.assert_allclose(a.variance, b.variance, rtol=2e-6)
+
+
+@pytest.mark.parametrize("n", range(1, 13))
+def test_sorting_network_sorts_every_zero_one_input(n):
+    """A compare-exchange network sorts every input iff it sorts every 0/1 input."""
+    ones = (np.arange(2**n)[:, None] >> np.arange(n)) & 1  # every 0/1 input, one a row
+    values = ones.T.astype(np.float32).copy()
+    for i, j in sorting_network(n):
+        lo, hi = np.minimum(values[i], values[j]), np.maximum(values[i], values[j])
+        values[i], values[j] = lo, hi
+    assert np.array_equal(values.T, np.sort(ones, axis=1))
+
+
+@pytest.mark.parametrize("n", [13, 20, 33, 64, 65, 100, 129])
+def test_sorting_network_sorts_large_stacks(n):
+    rng = np.random.default_rng(n)
+    values = rng.normal(size=(n, 500)).astype(np.float32)
+    values[:, :100] = rng.integers(0, 3, (n, 100))  # ties
+    expected = np.sort(values, axis=0)
+    for i, j in sorting_network(n):
+        assert i < j < n
+        lo, hi = np.minimum(values[i], values[j]), np.maximum(values[i], values[j])
+        values[i], values[j] = lo, hi
+    assert np.array_equal(values, expected)
+
+
+def _hard_stack(rng, n, ny=23, nx=31):
+    """Values, footprint, variance with every way a value drops out, and pixels with
+    exactly two values of which the higher is sometimes far above the lower."""
+    data = rng.normal(100.0, 10.0, (n, ny, nx)).astype(np.float32)
+    data[rng.random(data.shape) < 0.15] = np.nan
+    data[rng.random(data.shape) < 0.01] = np.inf
+    foot = (rng.random(data.shape) > 0.1).astype(np.float32)
+    variance = rng.uniform(50.0, 150.0, data.shape).astype(np.float32)
+    variance[rng.random(data.shape) < 0.05] = np.nan
+    variance[rng.random(data.shape) < 0.02] = 0.0
+    if n >= 2:
+        two = rng.random((ny, nx)) < 0.3
+        data[2:, two] = np.nan
+        data[:2, two] = 100.0
+        foot[:2, two] = variance[:2, two] = 1.0
+        data[1, two] += rng.choice([0.0, 3.0, 200.0], two.sum()).astype(np.float32)
+    data[:, 0, 0] = np.nan  # no value at all
+    return data, foot, variance
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 7, 20, 33, 100])
+@pytest.mark.parametrize("method", ["mean", "median"])
+def test_plain_combine_equals_the_numpy_reference(n, method):
+    rng = np.random.default_rng(n)
+    data, foot, variance = _hard_stack(rng, n)
+    options = combine.combine_options(
+        n, method=method, scales=rng.uniform(0.5, 2.0, n), offsets=rng.uniform(-5, 5, n),
+        exptime=rng.uniform(10.0, 100.0, n), sky_levels=rng.uniform(0.0, 50.0, n),
+        pair_sigma=4.0, pair_fraction=0.5)
+    for planes in [(foot, variance), (None, variance), (foot, None), (None, None)]:
+        got = combine._combine_block(data, *planes, None, **options)
+        ref = combine._combine_block(data, *planes, None, compiled=False, **options)
+        assert got.dtype == np.float32 and got.shape == ref.shape == (5,) + data.shape[1:]
+        for plane in range(4):  # image, weight, count, variance: value for value
+            assert np.array_equal(got[plane], ref[plane], equal_nan=True), plane
+        np.testing.assert_allclose(got[4], ref[4], rtol=1e-6)  # exposure (s)
+    if n >= 2:  # the two-frame rule did reject higher values (and the test sees it)
+        with_rule = combine._combine_block(data, foot, variance, None, **options)
+        without = combine._combine_block(data, foot, variance, None,
+                                         **dict(options, pair_sigma=0.0))
+        assert np.any(with_rule[2] < without[2])
