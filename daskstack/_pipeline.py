@@ -809,6 +809,7 @@ def _combine_store(client, store_path: Path, out_dir: Path, settings: Settings,
     ``excluded``: ``{frame name: reason}`` of the frames left out (default: what
     `frame_selection` says of ``settings.select``); they are listed in the headers."""
     import dask.array as da
+    from distributed import wait
 
     output_log = output_log or OutputLog(out_dir)
     written = [] if written is None else written
@@ -909,10 +910,14 @@ def _combine_store(client, store_path: Path, out_dir: Path, settings: Settings,
                      dataclasses.replace(cs, method=method), scales, weights_of.get(method),
                      excluded=left_out), pure=False)
                  for method, node, path in paths]
+        wait(files)  # a file that failed does not keep the others out of the output log
         for (method, _, path), file in zip(paths, files, strict=True):
-            wrote(path, file.result())
-            stack.params.setdefault(COADD_SETTINGS, {})[str(as_path(path).resolve())] = (
-                _made_with(cs, method))
+            if file.status == "finished":
+                wrote(path, file.result())
+                stack.params.setdefault(COADD_SETTINGS, {})[str(as_path(path).resolve())] = (
+                    _made_with(cs, method))
+        for file in files:
+            file.result()  # the first failure, as its writer raised it
         store_mod.update_frames(stack, {})  # records the settings of the coadds
         outputs[filter_name] = paths[0][2]
         if cs.difference:

@@ -189,3 +189,27 @@ def test_no_keep_store_drops_the_store_and_keeps_the_coadds(adu_field, tmp_path)
                                 "--keep-store", *CLUSTER], catch_exceptions=False)
     assert kept.exit_code == 0, kept.output
     assert (out / "store.zarr" / "zarr.json").exists()
+
+
+def test_a_coadd_that_cannot_be_written_leaves_the_others_recorded(sim_run, dask_client,
+                                                                     tmp_path):
+    """The workers write a filter's coadd files side by side: when one of them fails
+    (here the first method's, the main coadd), the others are still written and in the
+    output log with their checksums (a resumed run can trust them), and the run stops
+    with the failed file's own error."""
+    from daskstack._pipeline import combine_store_path
+    from daskstack._rundir import read_outputs, sha256
+    from daskstack.config import Settings
+
+    out = tmp_path / "out"
+    blocked = out / "coadd_rp.fits"  # a directory where the main coadd should go
+    blocked.mkdir(parents=True)
+    (blocked / "keep").write_text("in the way")
+    settings = Settings().replace("combine", method="mean,median")
+    with pytest.raises(IsADirectoryError):
+        combine_store_path(sim_run.out_dir / "store.zarr", out, settings, client=dask_client,
+                           overwrite=True)
+    recorded = read_outputs(out)
+    assert recorded["coadd_rp_median.fits"][0] == sha256(out / "coadd_rp_median.fits")
+    assert "coadd_rp.fits" not in recorded
+    assert (blocked / "keep").read_text() == "in the way"
