@@ -21,15 +21,23 @@ __all__ = ["bilinear_sample", "plain_combine", "poisson_variance", "sorting_netw
 
 
 @njit(cache=True, nogil=True)
+def _on_border(c, n):
+    """``c`` along an axis of ``n`` pixels with reproject's edges: a point in the outer
+    half of a border pixel takes that pixel's centre."""
+    if c >= -0.5 and c < 0.0:
+        return 0.0
+    if c >= n - 1.0 and c < n - 0.5:
+        return n - 1.0
+    return c
+
+
+@njit(cache=True, nogil=True)
 def _axis_taps(c, n):
     """First tap and weight of the second tap of a linear interpolation at ``c`` along an
-    axis of ``n`` pixels, with reproject's edges (the outer half of a border pixel takes
-    its value) and ``map_coordinates``' rule for points on the last pixel (taps ``n - 2``
-    and ``n - 1``, weight 1 on the last); first tap -1: outside (NaN)."""
-    if c >= -0.5 and c < 0.0:
-        c = 0.0
-    elif c >= n - 1.0 and c < n - 0.5:
-        c = n - 1.0
+    axis of ``n`` pixels, with reproject's edges (`_on_border`) and ``map_coordinates``'
+    rule for points on the last pixel (taps ``n - 2`` and ``n - 1``, weight 1 on the
+    last); first tap -1: outside (NaN)."""
+    c = _on_border(c, n)
     if not (c >= 0.0 and c <= n - 1.0):  # also NaN
         return -1, 0.0
     first = int(np.floor(c))
@@ -44,10 +52,7 @@ def _axis_taps(c, n):
 def _axis_power(c, n):
     """``(1 - f)**2 + f**2`` at the fraction ``f`` of ``c`` (after the border rule):
     the sum of the squared weights along one axis (``register._triangle_squared``)."""
-    if c >= -0.5 and c < 0.0:
-        c = 0.0
-    elif c >= n - 1.0 and c < n - 0.5:
-        c = n - 1.0
+    c = _on_border(c, n)
     f = c - np.floor(c)
     return f * f + (1.0 - f) * (1.0 - f)
 

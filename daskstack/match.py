@@ -46,7 +46,6 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy import stats
 from scipy.spatial import cKDTree
 
 from ._stats import clip_residuals
@@ -135,6 +134,17 @@ class MatchResult:
     @property
     def n_matches(self) -> int:
         return int(len(self.src_idx))
+
+
+def _poisson_logsf(n: int, lam: float) -> float:
+    """log P(X >= n) for X ~ Poisson(lam) (0 for n = 0). scipy.stats is imported here,
+    not with the module: it is slow to import, and every worker process imports this
+    module while only a solve calls this."""
+    if n <= 0:
+        return 0.0
+    from scipy import stats
+
+    return float(stats.poisson.logsf(n - 1, lam))
 
 
 # -- small fits --------------------------------------------------------------------------
@@ -489,7 +499,7 @@ def _significance(result: MatchResult, src, ref, ref_tree, scale_range, allow_fl
     trials *= max(np.log(scale_range[1] / scale_range[0]) * extent / r, 1.0)
     trials *= 2 if allow_flip else 1
     trials *= max(int(n_searches), 1)  # Bonferroni over the searches made on the frame
-    logsf = stats.poisson.logsf(n - 1, lam) if n > 0 else 0.0
+    logsf = _poisson_logsf(n, lam)
     result.n_expected = float(lam)
     # expected number of chance matches this good among all trials; the probability
     # of at least one is 1 - exp(-expected), which reads as a probability (<= 1)
@@ -760,7 +770,7 @@ def find_shift(src, ref, *, max_offset: float, match_radius: float, centre=(0.0,
     trials *= max(2.0 * max_rot * extent / r, 1.0)
     trials *= max(int(n_searches), 1)
     n = result.n_matches
-    logsf = stats.poisson.logsf(n - 1, lam) if n > 0 else 0.0
+    logsf = _poisson_logsf(n, lam)
     log10_expected = float((logsf + math.log(trials)) / math.log(10))
     result.n_expected = float(lam)
     result.log10_false_alarm = _log10_probability_of_any(log10_expected)
