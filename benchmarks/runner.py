@@ -134,8 +134,7 @@ def compile_bytecode(package: Path) -> None:
     """Byte-compile ``package`` as ``pip install`` does: an editable install or an
     unpacked revision has no ``.pyc`` files, and where ``PYTHONDONTWRITEBYTECODE`` is set
     (this machine sets it) every process of every run would compile the package's
-    sources again (~0.4 s of CPU in each of the client and the workers), a cost no
-    installed copy pays. Python reads the files whatever that variable says."""
+    sources again in the client and in every worker, a cost no installed copy pays. Python reads the files whatever that variable says."""
     import compileall
 
     compileall.compile_dir(str(package), quiet=1, force=False)

@@ -14,6 +14,8 @@ concurrently.
 
 from __future__ import annotations
 
+from functools import cache
+
 import numpy as np
 from numba import njit
 
@@ -166,13 +168,6 @@ def poisson_variance(data: np.ndarray, bad: np.ndarray, g: float, read: float) -
 
 
 # -- the combine without rejection: mean and median of each pixel's valid values ----------
-def sorting_network(n: int) -> np.ndarray:
-    """Compare-exchange pairs ``(i, j)``, ``i < j``, that sort ``n`` values: Batcher's
-    odd-even merge sort of the next power of two, keeping only the pairs within ``n``
-    (the padding would hold +inf, which no pair with it ever moves)."""
-    return _sorting_network(int(n))
-
-
 def _batcher_pairs(size: int):
     p = 1
     while p < size:
@@ -186,17 +181,18 @@ def _batcher_pairs(size: int):
         p *= 2
 
 
-_NETWORKS: dict[int, np.ndarray] = {}
-
-
-def _sorting_network(n: int) -> np.ndarray:
-    if n not in _NETWORKS:
-        size = 1
-        while size < n:
-            size *= 2
-        pairs = [(i, j) for i, j in _batcher_pairs(size) if j < n]
-        _NETWORKS[n] = np.array(pairs, dtype=np.int64).reshape(-1, 2)
-    return _NETWORKS[n]
+@cache
+def sorting_network(n: int) -> np.ndarray:
+    """Compare-exchange pairs ``(i, j)``, ``i < j``, that sort ``n`` values: Batcher's
+    odd-even merge sort of the next power of two, keeping only the pairs within ``n``
+    (the padding would hold +inf, which no pair with it ever moves). Read-only."""
+    size = 1
+    while size < n:
+        size *= 2
+    pairs = np.array([(i, j) for i, j in _batcher_pairs(size) if j < n],
+                     dtype=np.int64).reshape(-1, 2)
+    pairs.flags.writeable = False
+    return pairs
 
 
 @njit(cache=True, nogil=True)
@@ -314,6 +310,6 @@ def plain_combine(data, foot=None, variance=None, *, scales=None, offsets=None, 
         empty if variance is None else np.asarray(variance, np.float32),
         per_frame(scales, 1.0), per_frame(offsets, 0.0), per_frame(exptime, 0.0),
         per_frame(sky_levels, 0.0), np.float32(pair_sigma), np.float32(pair_fraction),
-        median, _sorting_network(n) if median else np.empty((0, 2), np.int64),
+        median, sorting_network(n) if median else np.empty((0, 2), np.int64),
         np.asarray(median_factors if median else [0.0], np.float64), out)
     return out
