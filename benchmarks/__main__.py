@@ -5,8 +5,10 @@ benchmarks report RESULTS.json``, the astrometry evidence (``detect-sweep``,
 ``mosaic`` (the combine of a mosaic: `benchmarks.mosaic`), ``python -m benchmarks
 report-scale`` (the run report's time and size against the number of frames;
 `benchmarks.report_scale`), ``python -m benchmarks lightcurve`` (light curves from stores
-of 250 and 1000 frames; `benchmarks.lightcurve_bench`) and ``python -m benchmarks scale``
-(up to 1,000 small frames end to end; `benchmarks.scale`), run from the repository root."""
+of 250 and 1000 frames; `benchmarks.lightcurve_bench`), ``python -m benchmarks scale``
+(up to 1,000 small frames end to end; `benchmarks.scale`) and ``python -m benchmarks
+store-codec`` (the store's codec against others; `benchmarks.store_codec`), run from the
+repository root."""
 
 from __future__ import annotations
 
@@ -23,6 +25,8 @@ DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 OWN_PARSERS = {
     "report-scale": ("report_scale", "the run report's time and size for 100 and 500 frames"),
     "lightcurve": ("lightcurve_bench", "daskstack lightcurve on stores of 250 and 1000 frames"),
+    "store-codec": ("store_codec", "the store's codec: write and read time and size per "
+                                   "registered frame, against other codecs"),
     "scale": ("scale", "N small frames (0.4 m camera size) end to end: time per frame, "
                        "memory and graph submission against N, up to 1,000 frames"),
 }

@@ -52,10 +52,11 @@ __all__ = ["COADD_PLANES", "FrameInfo", "StackStore", "StoreError", "chunk_layou
            "write_tiles"]
 
 FORMAT_VERSION = 2  # 2: a variance beside the data
-# noisy float32 hardly compresses: a fast codec (lz4 + byte shuffle) still saves ~25%
-# (bit shuffle saves 3% more of a frame but decodes ~10x slower: the combine reads every
-# plane of every frame, so decoding is what the store's codec costs)
-COMPRESSOR = BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
+# every registered frame is encoded once and decoded by every combine: lz4 with a byte
+# shuffle at its fastest level stores a frame in as few bytes as level 5 at a fraction
+# of the encoding time, and decodes as fast as anything but no codec at all, which
+# stores the frame 1.7x larger (benchmarks/results/store-codec-*.md)
+COMPRESSOR = BloscCodec(cname="lz4", clevel=1, shuffle="shuffle")
 
 
 class StoreError(DaskstackError, ValueError):
