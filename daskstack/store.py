@@ -53,11 +53,10 @@ __all__ = ["COADD_PLANES", "FrameInfo", "StackStore", "StoreError", "chunk_layou
 
 FORMAT_VERSION = 2  # 2: a variance beside the data
 # every registered frame is encoded once and decoded by every combine: lz4 with a byte
-# shuffle at its fastest level stores a frame in as many bytes as at level 5 and encodes
-# it in about 0.8x the CPU time; reading it back costs 1.3x what reading the frame
-# stored raw does (1.7x larger), and zstd decodes 1.6x slower for 6% fewer bytes
-# (benchmarks/results/store-codec-2026-12-02.md)
-COMPRESSOR = BloscCodec(cname="lz4", clevel=1, shuffle="shuffle")
+# shuffle stores a frame in 0.6x the bytes of no codec; its level (1 or 5) changes
+# neither the bytes nor the time beyond the spread of repeats; zstd saves 6% more bytes
+# and decodes 1.4x slower (benchmarks/results/store-codec-2026-12-02.md)
+COMPRESSOR = BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
 
 
 class StoreError(DaskstackError, ValueError):
