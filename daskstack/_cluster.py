@@ -61,7 +61,12 @@ CONNECT_TIMEOUT = "20s"  # how long to try reaching an existing scheduler
 # reuse the heap: a registered 1024 x 1024 float32 tile is just over 4 MiB, so a 4 MiB
 # threshold still mapped and faulted every one of them. Frames (64 MiB) are still mapped
 # and handed back when freed, and free heap beyond 32 MiB is trimmed: memory stays flat.
-WORKER_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": 32 * 2**20, "MALLOC_TRIM_THRESHOLD_": 32 * 2**20}
+# That 32 MiB is kept per arena, and glibc gives every thread that allocates its own:
+# tensorstore's reading and decoding threads (`daskstack.store`) each held their own
+# 32 MiB or more, so that a worker combining many frames grew with its threads. Two arenas
+# (the main one, and one shared by every other thread) keep its memory where it was.
+WORKER_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": 32 * 2**20, "MALLOC_TRIM_THRESHOLD_": 32 * 2**20,
+                     "MALLOC_ARENA_MAX": 2}
 
 # systems whose dask-jobqueue class takes no walltime / no account keyword
 _NO_WALLTIME = ("sge", "htcondor")

@@ -29,11 +29,20 @@ memory budget) is smaller than a tile; then the tiles are zarr v3 shards of chun
 the block's side (`chunk_layout`), so the combine still reads each chunk once.
 The store describes itself: `open_store` gives back everything needed to combine
 again, with other options, without reprojecting.
+
+Who reads and writes which bytes: the store's structure (groups, arrays, attributes,
+resizing, the coadd planes) goes through zarr-python. The frames' pixels, which
+registration writes once per frame and every combine reads back, go through
+tensorstore where the store is a local directory (`frame_array`): its zarr v3 sharding
+codec reads an inner chunk in a fraction of zarr-python's time per chunk, which made a
+combine of many frames (small blocks, so many small chunks) cost more in reading than
+in combining. A store at a URL is read and written by zarr-python through fsspec.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from dataclasses import dataclass
 
@@ -41,13 +50,13 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
-from ._io import zarr_store
+from ._io import as_path, is_url, zarr_store
 from .errors import DaskstackError
 from .grid import Grid
 
-__all__ = ["COADD_PLANES", "FrameInfo", "StackStore", "StoreError", "chunk_layout", "clear_frame",
-           "coadd_key", "create_coadd_arrays", "create_store", "extends", "filter_key",
-           "open_coadd_arrays", "open_store", "read_box", "read_frames_block", "read_plane",
+__all__ = ["COADD_PLANES", "FRAME_PLANES", "FrameInfo", "FramePlane", "StackStore", "StoreError",
+           "chunk_layout", "clear_frame", "coadd_key", "create_coadd_arrays", "create_store",
+           "extends", "filter_key", "frame_array", "lazy_frames", "open_coadd_arrays", "open_store", "read_box", "read_frames_block", "read_plane",
            "update_frames",
            "write_tiles"]
 
@@ -55,7 +64,8 @@ FORMAT_VERSION = 2  # 2: a variance beside the data
 # every registered frame is encoded once and decoded by every combine: lz4 with a byte
 # shuffle stores a frame in 0.6x the bytes of no codec; its level (1 or 5) changes
 # neither the bytes nor the time beyond the spread of repeats; zstd saves 6% more bytes
-# and decodes 1.4x slower (benchmarks/results/store-codec-2026-12-02.md)
+# and decodes 1.4x slower (benchmarks/results/store-codec-2026-12-02.md, through
+# zarr-python)
 COMPRESSOR = BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
 
 
@@ -320,6 +330,127 @@ def create_coadd_arrays(store: StackStore, key: str, block: int) -> dict:
             for name, fill in COADD_PLANES.items()}
 
 
+# -- the frames' pixels of a local store: tensorstore ------------------------------------
+FRAME_PLANES = ("data", "footprint", "variance", "kernel_power")
+_contexts: dict = {}  # per process: tensorstore's thread pools, made once
+
+
+def _tensorstore_context():
+    """One tensorstore context per process: as many decoding threads as the Dask worker
+    has threads (one outside a worker), so that a worker uses its own cores only; no
+    chunk cache (every chunk is read once)."""
+    import tensorstore as ts
+
+    try:
+        from distributed import get_worker
+
+        threads = get_worker().state.nthreads
+    except (ImportError, ValueError):
+        threads = 1
+    if threads not in _contexts:
+        _contexts[threads] = ts.Context({
+            "data_copy_concurrency": {"limit": threads},
+            "file_io_concurrency": {"limit": 4 * threads},
+            "cache_pool": {"total_bytes_limit": 0}})
+    return _contexts[threads]
+
+
+class _FrameArray:
+    """A frame plane of a local store through tensorstore: ``[selection]`` reads,
+    ``.oindex[frames, ys, xs]`` reads chosen frames, ``[selection] = values`` writes.
+    tensorstore's failures to read or write the files are raised as `OSError`, as
+    zarr-python's are: the frame's or the disk's problem, not a bug."""
+
+    def __init__(self, array, where: str):
+        self._array, self._where = array, where
+        self.shape, self.dtype = tuple(array.shape), array.dtype.numpy_dtype
+        self.oindex = _OrthogonalReader(self)
+
+    def _result(self, future):
+        try:
+            return future.result()
+        except ValueError as err:
+            raise OSError(f"{self._where}: {err}") from err
+
+    def __getitem__(self, selection) -> np.ndarray:
+        return self._result(self._array[selection].read())
+
+    def __setitem__(self, selection, values) -> None:
+        self._result(self._array[selection].write(np.asarray(values, dtype=self.dtype)))
+
+
+class _OrthogonalReader:
+    def __init__(self, frame_array: _FrameArray):
+        self._of = frame_array
+
+    def __getitem__(self, selection) -> np.ndarray:
+        return self._of._result(self._of._array.oindex[selection].read())
+
+
+def frame_array(store_path: str, filter_name: str, plane: str, *, write: bool = False):
+    """Frame plane ``plane`` (`FRAME_PLANES`) of a filter: ``[selection]`` reads (and,
+    with ``write``, ``[selection] = values`` writes) its pixels; None when the store has
+    no such plane (a footprint is stored only for flux-conserving reprojection).
+
+    A local store's plane is opened through tensorstore (see the module docstring),
+    afresh on each call (a fraction of a millisecond: it reads the array's metadata), so
+    a store grown by an incremental run is seen at its new size; a store at a URL gives
+    the zarr-python array. Chunks are written as they are, even all-NaN ones: checking
+    each chunk against the fill value first costs a scan of every chunk to skip the few
+    that a registered tile leaves empty."""
+    key = f"{filter_key(filter_name)}/{plane}"
+    if is_url(str(store_path)):
+        array = _open_group(store_path, "r+" if write else "r").get(key)
+        if array is None or not write:
+            return array
+        return array.with_config({"write_empty_chunks": True})
+    import tensorstore as ts
+
+    path = os.path.join(str(as_path(store_path)), key)
+    if not os.path.exists(os.path.join(path, "zarr.json")):
+        return None
+    spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": path}}
+    if write:
+        spec["store_data_equal_to_fill_value"] = True
+    try:
+        array = ts.open(spec, read=True, write=write, context=_tensorstore_context()).result()
+    except ValueError as err:
+        raise OSError(f"{path}: {err}") from err
+    return _FrameArray(array, path)
+
+
+class FramePlane:
+    """A frame plane of a store as `dask.array.from_array` reads it: only the store's
+    path, the plane's name, shape and dtype travel in the graph; each read opens the
+    plane on the worker (`frame_array`)."""
+
+    def __init__(self, store_path: str, filter_name: str, plane: str, shape, dtype):
+        self.store_path, self.filter_name, self.plane = str(store_path), filter_name, plane
+        self.shape, self.dtype = tuple(shape), np.dtype(dtype)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def __getitem__(self, selection) -> np.ndarray:
+        return frame_array(self.store_path, self.filter_name, self.plane)[selection]
+
+
+def lazy_frames(stack: StackStore, filter_name: str, plane: str, chunks):
+    """Frame plane ``plane`` of a filter as a dask array of ``chunks`` (each task reads
+    its chunk straight from the store); None when the store has no such plane."""
+    import dask.array as da
+    from dask.base import tokenize
+
+    array = stack.group().get(f"{filter_key(filter_name)}/{plane}")
+    if array is None:
+        return None
+    source = FramePlane(stack.path, filter_name, plane, array.shape, array.dtype)
+    name = f"{plane}-{tokenize(stack.path, filter_name, plane, array.shape, chunks)}"
+    return da.from_array(source, chunks=chunks, name=name, asarray=False, fancy=False,
+                         lock=False, meta=np.empty((0,) * array.ndim, array.dtype))
+
+
 def open_coadd_arrays(store_path: str, key: str) -> dict:
     """``{plane: array}`` of coadd ``key`` (read only; a worker opens by path)."""
     group = _open_group(store_path, "r")
@@ -328,8 +459,7 @@ def open_coadd_arrays(store_path: str, key: str) -> dict:
 
 def read_plane(store_path: str, filter_name: str, index: int) -> np.ndarray:
     """One registered frame's plane (ny, nx) of the stack (a worker opens by path)."""
-    group = _open_group(store_path, "r")
-    return group[f"{filter_key(filter_name)}/data"][index]
+    return frame_array(store_path, filter_name, "data")[index]
 
 
 def read_frames_block(store_path: str, filter_name: str, frames, y0: int, y1: int, x0: int,
@@ -338,14 +468,12 @@ def read_frames_block(store_path: str, filter_name: str, frames, y0: int, y1: in
     (sorted indices) on ``[y0:y1, x0:x1]``, each ``(len(frames), y1 - y0, x1 - x0)``
     (footprint None where the store has none): a block of a mosaic reads the frames
     that cover it, not the fill values of every other (a worker opens by path)."""
-    group = _open_group(store_path, "r")
-    key = filter_key(filter_name)
     frames = list(frames)
     out = []
-    for name in ("data", "footprint", "variance", "kernel_power"):
-        array = group.get(f"{key}/{name}")
+    for plane in FRAME_PLANES:
+        array = frame_array(store_path, filter_name, plane)
         out.append(None if array is None else
-                   array.get_orthogonal_selection((frames, slice(y0, y1), slice(x0, x1))))
+                   array.oindex[frames, slice(y0, y1), slice(x0, x1)])
     return tuple(out)
 
 
@@ -354,9 +482,7 @@ def read_box(store_path: str, filter_name: str, start: int, stop: int, y0: int, 
     """``(data, variance, kernel_power)`` of frames ``start:stop`` of a filter in the
     region ``[y0:y1, x0:x1]``, each ``(stop - start, y1 - y0, x1 - x0)``: only the chunks
     the region touches are read (a worker opens by path)."""
-    group = _open_group(store_path, "r")
-    key = filter_key(filter_name)
-    return tuple(group[f"{key}/{plane}"][start:stop, y0:y1, x0:x1]
+    return tuple(frame_array(store_path, filter_name, plane)[start:stop, y0:y1, x0:x1]
                  for plane in ("data", "variance", "kernel_power"))
 
 
@@ -366,15 +492,8 @@ def write_tiles(store_path: str, filter_name: str, index: int, tiles) -> int:
     ``tiles`` yields ``(y0, x0, data, footprint, variance, kernel_power)``. Runs on a worker: it opens
     the store by path, so only the path travels through the graph.
     """
-    group = _open_group(store_path, "r+")
-    key = filter_key(filter_name)
-    # every tile is written as it is: zarr's default compares each chunk with the fill
-    # value first (a NaN-aware scan of the whole chunk, ~0.1 s per 4096^2 frame and plane)
-    # only to skip chunks that are all NaN, which a registered tile rarely is
     data_array, foot_array, var_array, power_array = (
-        None if a is None else a.with_config({"write_empty_chunks": True})
-        for a in (group[f"{key}/data"], group.get(f"{key}/footprint"),
-                  group[f"{key}/variance"], group[f"{key}/kernel_power"]))
+        frame_array(store_path, filter_name, plane, write=True) for plane in FRAME_PLANES)
     count = 0
     for y0, x0, data, footprint, variance, power in tiles:
         ny, nx = data.shape

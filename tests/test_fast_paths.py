@@ -194,6 +194,52 @@ def test_sharded_store_writes_reads_and_clears_whole_tiles(tmp_path):
     assert np.array_equal(cleared[64:, 64:], planes[0][64:, 64:])
 
 
+def test_local_frames_go_through_tensorstore_and_match_zarr_python(tmp_path):
+    """A local store's frame planes are read and written by tensorstore
+    (`store.frame_array`): what it writes zarr-python reads back, and the reverse, with
+    chunks never written (NaN), chosen frames (``oindex``), a plane the store lacks
+    (None) and the dask array the combine reads (`store.lazy_frames`)."""
+    grid = Grid.from_wcs(tan_wcs((100, 130)), (100, 130))
+    path = tmp_path / "store.zarr"
+    stack = store_mod.create_store(path, grid, {}, {"rp": ["a", "b", "c"]}, tile=64,
+                                   inner={"rp": 32})
+    data_arr = stack.group("r+")["rp/data"]
+    foot_arr = stack.arrays("rp")[1]
+    rng = np.random.default_rng(4)
+    plane = rng.normal(size=(100, 130)).astype(np.float32)
+    data_arr[0] = plane  # zarr-python writes frame 0
+    written = store_mod.frame_array(str(path), "rp", "data", write=True)
+    assert type(written).__name__ == "_FrameArray"  # tensorstore, not zarr-python
+    written[2, 10:74, 0:64] = plane[10:74, :64]  # part of a shard: the rest stays NaN
+    frames = store_mod.frame_array(str(path), "rp", "data")
+    assert np.array_equal(frames[0], plane)
+    assert np.array_equal(data_arr[2], frames[2], equal_nan=True)
+    assert np.array_equal(data_arr[2, 10:74, :64], plane[10:74, :64])
+    assert np.isnan(data_arr[2, 80:, 100:]).all() and np.isnan(frames[1]).all()
+    chosen = frames.oindex[[0, 2], slice(5, 50), slice(60, 90)]
+    assert np.array_equal(chosen, data_arr.get_orthogonal_selection(
+        ([0, 2], slice(5, 50), slice(60, 90))), equal_nan=True)
+    assert foot_arr is None and store_mod.frame_array(str(path), "rp", "footprint") is None
+    lazy = store_mod.lazy_frames(stack, "rp", "data", (3, 32, 32))
+    assert np.array_equal(lazy.compute(), data_arr[:], equal_nan=True)
+    assert store_mod.lazy_frames(stack, "rp", "footprint", (3, 32, 32)) is None
+
+
+def test_a_store_tensorstore_cannot_read_is_an_os_error(tmp_path):
+    """A shard whose bytes are damaged is the disk's problem (`OSError`, as zarr-python
+    raises), not a bug in the pipeline."""
+    grid = Grid.from_wcs(tan_wcs((64, 64)), (64, 64))
+    path = tmp_path / "store.zarr"
+    stack = store_mod.create_store(path, grid, {}, {"rp": ["a"]}, tile=64, inner={"rp": 32})
+    data_arr = stack.group("r+")["rp/data"]
+    data_arr[0] = np.ones((64, 64), np.float32)
+    (shard,) = [p for p in (path / "rp").rglob("*") if p.is_file() and "data" in p.parts
+                and p.name != "zarr.json"]
+    shard.write_bytes(shard.read_bytes()[:-7])  # truncated: the index at its end is gone
+    with pytest.raises(OSError, match="store.zarr"):
+        store_mod.frame_array(str(path), "rp", "data")[0]
+
+
 def test_the_combine_block_is_made_of_whole_chunks():
     """At every N, the block the combine reads (memory budget) is a whole number of the
     chunks the store was made with for that N: each chunk is read once."""
