@@ -33,10 +33,12 @@ again, with other options, without reprojecting.
 Who reads and writes which bytes: the store's structure (groups, arrays, attributes,
 resizing, the coadd planes) goes through zarr-python. The frames' pixels, which
 registration writes once per frame and every combine reads back, go through
-tensorstore where the store is a local directory (`frame_array`): its zarr v3 sharding
-codec reads an inner chunk in a fraction of zarr-python's time per chunk, which made a
-combine of many frames (small blocks, so many small chunks) cost more in reading than
-in combining. A store at a URL is read and written by zarr-python through fsspec.
+tensorstore where the store is a local directory (`frame_array`): zarr-python reads
+each inner chunk of a shard through several Python steps on its event loop (the shard's
+index read, the file opened, the chunk decoded and copied, each a hop between threads),
+and a combine of many frames reads many small chunks (its block shrinks as frames are
+added); tensorstore does the same in C++. The files are the same zarr v3 either way. A
+store at a URL is read and written by zarr-python through fsspec.
 """
 
 from __future__ import annotations
