@@ -846,9 +846,8 @@ def _combine_store(client, store_path: Path, out_dir: Path, settings: Settings,
         block = _combine_tile(stack.tile, max(depth, 1), stack.grid.shape, methods=cs.methods)
         # each task reads its whole (frames, block, block) slab straight from the store:
         # no rechunking, nothing moves between workers
-        data, foot, variance, power = (
-            store_mod.lazy_frames(stack, filter_name, plane, (data_arr.shape[0], block, block))
-            for plane in store_mod.FRAME_PLANES)
+        planes = store_mod.lazy_frames(stack, filter_name, (data_arr.shape[0], block, block))
+        data, foot, variance, power = (planes[p] for p in store_mod.FRAME_PLANES)
         if len(keep) < data_arr.shape[0]:
             data, variance, power = data[keep], variance[keep], power[keep]
             foot = None if foot is None else foot[keep]

@@ -58,8 +58,8 @@ from .grid import Grid
 
 __all__ = ["COADD_PLANES", "FRAME_PLANES", "FrameInfo", "FramePlane", "StackStore", "StoreError",
            "chunk_layout", "clear_frame", "coadd_key", "create_coadd_arrays", "create_store",
-           "extends", "filter_key", "frame_array", "lazy_frames", "open_coadd_arrays", "open_store", "read_box", "read_frames_block", "read_plane",
-           "update_frames",
+           "extends", "filter_key", "frame_array", "lazy_frames", "open_coadd_arrays",
+           "open_store", "read_box", "read_frames_block", "read_plane", "update_frames",
            "write_tiles"]
 
 FORMAT_VERSION = 2  # 2: a variance beside the data
@@ -395,8 +395,7 @@ def frame_array(store_path: str, filter_name: str, plane: str, *, write: bool = 
     no such plane (a footprint is stored only for flux-conserving reprojection).
 
     A local store's plane is opened through tensorstore (see the module docstring),
-    afresh on each call (a fraction of a millisecond: it reads the array's metadata), so
-    a store grown by an incremental run is seen at its new size; a store at a URL gives
+    afresh on each call (it reads only the array's metadata), so a store grown by an incremental run is seen at its new size; a store at a URL gives
     the zarr-python array. Chunks are written as they are, even all-NaN ones: checking
     each chunk against the fill value first costs a scan of every chunk to skip the few
     that a registered tile leaves empty."""
@@ -438,19 +437,25 @@ class FramePlane:
         return frame_array(self.store_path, self.filter_name, self.plane)[selection]
 
 
-def lazy_frames(stack: StackStore, filter_name: str, plane: str, chunks):
-    """Frame plane ``plane`` of a filter as a dask array of ``chunks`` (each task reads
-    its chunk straight from the store); None when the store has no such plane."""
+def lazy_frames(stack: StackStore, filter_name: str, chunks) -> dict:
+    """``{plane: dask array of chunks}`` of a filter's frame planes (`FRAME_PLANES`; None
+    for a plane the store lacks): each task reads its chunk straight from the store."""
     import dask.array as da
     from dask.base import tokenize
 
-    array = stack.group().get(f"{filter_key(filter_name)}/{plane}")
-    if array is None:
-        return None
-    source = FramePlane(stack.path, filter_name, plane, array.shape, array.dtype)
-    name = f"{plane}-{tokenize(stack.path, filter_name, plane, array.shape, chunks)}"
-    return da.from_array(source, chunks=chunks, name=name, asarray=False, fancy=False,
-                         lock=False, meta=np.empty((0,) * array.ndim, array.dtype))
+    group = stack.group()[filter_key(filter_name)]
+    planes = {}
+    for plane in FRAME_PLANES:
+        array = group.get(plane)
+        if array is None:
+            planes[plane] = None
+            continue
+        source = FramePlane(stack.path, filter_name, plane, array.shape, array.dtype)
+        name = f"{plane}-{tokenize(stack.path, filter_name, plane, array.shape, chunks)}"
+        planes[plane] = da.from_array(source, chunks=chunks, name=name, asarray=False,
+                                      fancy=False, lock=False,
+                                      meta=np.empty((0,) * array.ndim, array.dtype))
+    return planes
 
 
 def open_coadd_arrays(store_path: str, key: str) -> dict:

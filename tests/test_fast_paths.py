@@ -220,9 +220,9 @@ def test_local_frames_go_through_tensorstore_and_match_zarr_python(tmp_path):
     assert np.array_equal(chosen, data_arr.get_orthogonal_selection(
         ([0, 2], slice(5, 50), slice(60, 90))), equal_nan=True)
     assert foot_arr is None and store_mod.frame_array(str(path), "rp", "footprint") is None
-    lazy = store_mod.lazy_frames(stack, "rp", "data", (3, 32, 32))
-    assert np.array_equal(lazy.compute(), data_arr[:], equal_nan=True)
-    assert store_mod.lazy_frames(stack, "rp", "footprint", (3, 32, 32)) is None
+    lazy = store_mod.lazy_frames(stack, "rp", (3, 32, 32))
+    assert np.array_equal(lazy["data"].compute(), data_arr[:], equal_nan=True)
+    assert lazy["footprint"] is None
 
 
 def test_a_store_tensorstore_cannot_read_is_an_os_error(tmp_path):
