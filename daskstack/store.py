@@ -43,6 +43,7 @@ store at a URL is read and written by zarr-python through fsspec.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import re
@@ -340,7 +341,11 @@ _contexts: dict = {}  # per process: tensorstore's thread pools, made once
 def _tensorstore_context():
     """One tensorstore context per process: as many decoding threads as the Dask worker
     has threads (one outside a worker), so that a worker uses its own cores only; no
-    chunk cache (every chunk is read once)."""
+    chunk cache (every chunk is read once); no fsync of each shard written: tensorstore
+    syncs every file it writes by default, and a registration task then waited on the
+    disk for each tile of each plane. The store is as durable as zarr-python left it
+    (which never syncs): a frame's pixels reach the disk with the page cache, and a run
+    cut short registers again the frames the store does not record as written."""
     import tensorstore as ts
 
     try:
@@ -353,6 +358,7 @@ def _tensorstore_context():
         _contexts[threads] = ts.Context({
             "data_copy_concurrency": {"limit": threads},
             "file_io_concurrency": {"limit": 4 * threads},
+            "file_io_sync": False,
             "cache_pool": {"total_bytes_limit": 0}})
     return _contexts[threads]
 
@@ -378,7 +384,15 @@ class _FrameArray:
         return self._result(self._array[selection].read())
 
     def __setitem__(self, selection, values) -> None:
-        self._result(self._array[selection].write(np.asarray(values, dtype=self.dtype)))
+        self.start_write(selection, values)()
+
+    def start_write(self, selection, values):
+        """Write ``values`` at ``selection`` once they are copied: returns a function
+        that waits until they are in the store. ``values`` may be changed as soon as
+        this returns; encoding and writing go on in tensorstore's threads meanwhile."""
+        written = self._array[selection].write(np.asarray(values, dtype=self.dtype))
+        self._result(written.copy)
+        return lambda: self._result(written.commit)
 
 
 class _OrthogonalReader:
@@ -499,18 +513,39 @@ def write_tiles(store_path: str, filter_name: str, index: int, tiles) -> int:
     ``tiles`` yields ``(y0, x0, data, footprint, variance, kernel_power)``. Runs on a worker: it opens
     the store by path, so only the path travels through the graph.
     """
-    data_array, foot_array, var_array, power_array = (
-        frame_array(store_path, filter_name, plane, write=True) for plane in FRAME_PLANES)
+    arrays = [frame_array(store_path, filter_name, plane, write=True)
+              for plane in FRAME_PLANES]
     count = 0
-    for y0, x0, data, footprint, variance, power in tiles:
-        ny, nx = data.shape
-        data_array[index, y0:y0 + ny, x0:x0 + nx] = data
-        var_array[index, y0:y0 + ny, x0:x0 + nx] = variance
-        power_array[index, y0:y0 + ny, x0:x0 + nx] = power
-        if foot_array is not None:
-            foot_array[index, y0:y0 + ny, x0:x0 + nx] = footprint
-        count += 1
+    in_flight = []  # the previous tile's writes: encoded and written while this one is made
+    try:
+        for y0, x0, *planes in tiles:
+            for finish in in_flight:
+                finish()
+            ny, nx = planes[0].shape
+            where = (index, slice(y0, y0 + ny), slice(x0, x0 + nx))
+            in_flight = [_start_write(array, where, values)
+                         for array, values in zip(arrays, planes, strict=True)
+                         if array is not None]
+            count += 1
+    except BaseException:
+        # a frame that fails is cleared from the store (`clear_frame`) after this task
+        # ends: no write of it may still be under way then
+        for finish in in_flight:
+            with contextlib.suppress(OSError):
+                finish()
+        raise
+    for finish in in_flight:
+        finish()
     return count
+
+
+def _start_write(array, selection, values):
+    """Begin writing ``values``; returns the function that waits for it (tensorstore
+    writes in its own threads; zarr-python's array has written when this returns)."""
+    if isinstance(array, _FrameArray):
+        return array.start_write(selection, values)
+    array[selection] = values
+    return lambda: None
 
 
 def clear_frame(store_path: str, filter_name: str, index: int, tiles) -> None:

@@ -240,6 +240,31 @@ def test_a_store_tensorstore_cannot_read_is_an_os_error(tmp_path):
         store_mod.frame_array(str(path), "rp", "data")[0]
 
 
+def test_a_frame_whose_tiles_stop_coming_leaves_no_write_under_way(tmp_path):
+    """`write_tiles` writes a tile while the next is made; when making one fails, the
+    tiles already handed over are in the store by the time the error reaches the caller
+    (which then clears the frame: no late write may land after that), and the tile's
+    arrays could be reused by the caller at once."""
+    grid = Grid.from_wcs(tan_wcs((64, 128)), (64, 128))
+    path = tmp_path / "store.zarr"
+    store_mod.create_store(path, grid, {}, {"rp": ["a", "b"]}, tile=64)
+    first = np.full((64, 64), 3.0, np.float32)
+
+    def tiles():
+        values = first.copy()
+        yield 0, 0, values, None, values * 2, np.ones_like(values)
+        values[:] = -1.0  # the buffer reused: what was handed over is already copied
+        raise ValueError("the second tile could not be made")
+
+    with pytest.raises(ValueError, match="second tile"):
+        store_mod.write_tiles(str(path), "rp", 1, tiles())
+    data = store_mod.frame_array(str(path), "rp", "data")
+    assert np.array_equal(data[1, :, :64], first)
+    assert np.isnan(data[1, :, 64:]).all() and np.isnan(data[0]).all()
+    assert np.array_equal(store_mod.frame_array(str(path), "rp", "variance")[1, :, :64],
+                          first * 2)
+
+
 def test_the_combine_block_is_made_of_whole_chunks():
     """At every N, the block the combine reads (memory budget) is a whole number of the
     chunks the store was made with for that N: each chunk is read once."""
