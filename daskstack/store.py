@@ -516,27 +516,36 @@ def write_tiles(store_path: str, filter_name: str, index: int, tiles) -> int:
     arrays = [frame_array(store_path, filter_name, plane, write=True)
               for plane in FRAME_PLANES]
     count = 0
-    in_flight = []  # the previous tile's writes: encoded and written while this one is made
+    pending = []  # writes handed to tensorstore, not yet waited for: one tile's at most
     try:
         for y0, x0, *planes in tiles:
-            for finish in in_flight:
-                finish()
+            _wait_for(pending)  # the previous tile's, encoded and written while this was made
             ny, nx = planes[0].shape
             where = (index, slice(y0, y0 + ny), slice(x0, x0 + nx))
-            in_flight = [_start_write(array, where, values)
-                         for array, values in zip(arrays, planes, strict=True)
-                         if array is not None]
+            for array, values in zip(arrays, planes, strict=True):
+                if array is not None:
+                    pending.append(_start_write(array, where, values))
             count += 1
+        _wait_for(pending)
     except BaseException:
         # a frame that fails is cleared from the store (`clear_frame`) after this task
-        # ends: no write of it may still be under way then
-        for finish in in_flight:
+        # ends: no write of it, even one begun for a tile left half-handed over, may
+        # still be under way then
+        _wait_for(pending, quiet=True)
+        raise
+    return count
+
+
+def _wait_for(pending: list, quiet: bool = False) -> None:
+    """Wait for each write of ``pending`` (emptying it); ``quiet``: their `OSError`s
+    are dropped (an error is already on its way)."""
+    while pending:
+        finish = pending.pop(0)
+        if quiet:
             with contextlib.suppress(OSError):
                 finish()
-        raise
-    for finish in in_flight:
-        finish()
-    return count
+        else:
+            finish()
 
 
 def _start_write(array, selection, values):
