@@ -300,7 +300,9 @@ def open_client(settings, *, local_directory=None, announce=None):
                            **WORKER_MALLOC_ENV}
                 try:
                     with _sigint_ignored_by_children(), dask.config.set(
-                            {"distributed.nanny.pre-spawn-environ": environ}), \
+                            {"distributed.nanny.pre-spawn-environ": environ,
+                             # each nanny hands this config to its worker process
+                             "distributed.worker.profile.enabled": settings.profile}), \
                             _environ(WORKER_MALLOC_ENV):
                         cluster = LocalCluster(local_directory=local_directory,
                                                **local_cluster_kwargs(settings))

@@ -864,7 +864,7 @@ def _combine_store(client, store_path: Path, out_dir: Path, settings: Settings,
         # otherwise every method is combined from one read of each slab
         partial = members is not None and any(len(f) < len(keep) for f in members.values())
         key = store_mod.filter_key(filter_name)
-        sources, targets, paths = [], [], []
+        targets, paths = [], []
         # several methods share one read of each slab: one task per slab, one compute
         weights_of = {}
         for method in cs.methods:
@@ -883,24 +883,21 @@ def _combine_store(client, store_path: Path, out_dir: Path, settings: Settings,
                          if COMBINE_METHODS[method].rejection is None else "none"})
                for method in cs.methods]
         if partial:
-            results = [_combine_blocks(stack, filter_name, keep, members, block,
-                                       dict(common, method=method, **options))
-                       for method, options in own]
+            packed = da.concatenate(
+                [_combine_blocks(stack, filter_name, keep, members, block,
+                                 dict(common, method=method, **options))
+                 for method, options in own], axis=0)
         else:
             # only inverse-variance weights use the kernel power: other methods need not
             # read (and decompress) it
-            results = combine.combine_stacks(data, foot, variance=variance,
-                                             kernel_power=power if weights_of else None,
-                                             methods=own, **common)
-        for n_method, (method, result) in enumerate(zip(cs.methods, results, strict=True)):
+            packed = combine.packed_stacks(data, foot, variance=variance,
+                                           kernel_power=power if weights_of else None,
+                                           methods=own, **common)
+        for n_method, method in enumerate(cs.methods):
             node = store_mod.coadd_key(filter_name, "" if n_method == 0 else method)
-            planes = coadd_planes(result)
-            arrays = store_mod.create_coadd_arrays(stack, node, block)
-            sources += [planes[name] for name in arrays]
-            targets.append(arrays)
+            targets.append(store_mod.create_coadd_arrays(stack, node, block))
             paths.append((method, node, out_dir / f"coadd_{node}.fits"))
-        da.store(sources, [a for arrays in targets for a in arrays.values()], lock=False,
-                 compute=True)
+        _store_coadds(packed, targets)
         # each coadd file is written (streamed from the store, synced, hashed) by a
         # worker: the methods' files side by side, not one after another on the client
         files = [client.submit(_write_coadd_task, stack.path, node, path, coadd_header(
@@ -955,6 +952,27 @@ def _block_members(stack, names: list[str], block: int) -> dict | None:
     return members
 
 
+def _store_coadds(packed, targets: list[dict]) -> None:
+    """Write the coadd planes (`coadd_planes`) of each method of ``packed`` (the
+    ``(5 * methods, ny, nx)`` dask array of `combine.packed_stacks`) into its arrays,
+    ``targets[k]`` (`store.create_coadd_arrays`, chunked as ``packed``'s blocks): each
+    block becomes planes and is written by the task that combined it, while it is in
+    memory; a task per plane and chunk, as a store of each plane would make, cost the
+    scheduler and the workers more than their writing."""
+    chunks = tuple((1,) * len(c) for c in packed.chunks)
+    packed.map_blocks(_store_coadd_block, targets=targets, chunks=chunks, dtype=np.int8,
+                      meta=np.empty((0, 0, 0), np.int8)).compute()
+
+
+def _store_coadd_block(block, targets, block_info=None):
+    (first, _), (y0, y1), (x0, x1) = block_info[0]["array-location"]
+    for k in range(0, block.shape[0], 5):
+        planes = coadd_planes(combine.combine_result(block[k:k + 5]))
+        for name, array in targets[(first + k) // 5].items():
+            array[y0:y1, x0:x1] = planes[name]
+    return np.zeros((1, 1, 1), np.int8)
+
+
 def _write_coadd_task(store_path, node: str, path, header) -> str:
     """Coadd ``node``'s FITS file at ``path`` from its planes in the store (a worker
     opens it by path); returns the file's sha256 for the output log."""
@@ -978,9 +996,10 @@ def _combine_block_task(read, frames, options, shape):
 
 
 def _combine_blocks(stack, filter_name, keep, members, block, options):
-    """The lazy `CombineResult` of a filter, each output block from one read of only
-    the frames that cover it (``members``): memory per task and total work grow with
-    the frames over the block, not with every frame of the mosaic."""
+    """The lazy combine of a filter, packed ``(5, ny, nx)`` as `combine.combine_result`
+    reads it, each output block from one read of only the frames that cover it
+    (``members``): memory per task and total work grow with the frames over the block,
+    not with every frame of the mosaic."""
     import dask
     import dask.array as da
 
@@ -1000,7 +1019,7 @@ def _combine_blocks(stack, filter_name, keep, members, block, options):
             task = dask.delayed(_combine_block_task, pure=True)(read, frames, options, shape)
             row.append(da.from_delayed(task, shape=(5,) + shape, dtype=np.float32))
         rows.append(row)
-    return combine.combine_result(da.block(rows))
+    return da.block(rows)
 
 
 def _overlap_task(store_path, filter_name, rows, frames, scales, offsets, y0, y1, x0, x1):

@@ -173,15 +173,16 @@ def write_difference(store_path: str, filter_name: str, index: int, scale: float
 
 
 def coadd_planes(result) -> dict:
-    """The planes of a coadd file from a `combine.CombineResult` (lazy, float32): the
-    image, then each of `COADD_EXTENSIONS`."""
-    import dask.array as da
-
+    """The planes of a coadd file from a `combine.CombineResult` (float32): the image,
+    then each of `COADD_EXTENSIONS`. Of numpy arrays (one block) or, lazily, of dask
+    arrays (numpy's functions defer to them)."""
     variance = result.variance
+    with np.errstate(divide="ignore", invalid="ignore"):  # NaN or 0 variance: weight 0
+        weight = np.where(variance > 0, 1.0 / variance, 0.0)
     return {
         "image": result.image.astype("float32"),
-        "ERR": da.sqrt(variance).astype("float32"),
-        "WEIGHT": da.where(variance > 0, 1.0 / variance, 0.0).astype("float32"),
+        "ERR": np.sqrt(variance).astype("float32"),
+        "WEIGHT": weight.astype("float32"),
         "NFRAMES": result.nused.astype("float32"),
         "EXPMAP": result.exposure.astype("float32"),
     }

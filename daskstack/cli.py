@@ -255,6 +255,9 @@ STAGE_OPTIONS = {
          help="Threads per LocalCluster worker.")),
         ("--memory-limit", "cluster.memory_limit", dict(
          help="Memory limit per LocalCluster worker, e.g. 4GiB.")),
+        ("--worker-profile/--no-worker-profile", "cluster.profile", dict(default=None,
+         help="LocalCluster: run the workers' statistical profiler (the dashboard's "
+              "Profile page, dask's performance_report); off by default, it costs CPU.")),
         ("--jobqueue", "cluster.jobqueue", dict(
          help="Run workers as batch jobs through dask-jobqueue.")),
         ("--cores", "cluster.cores", dict(type=int, help="Cores per batch job.")),

@@ -153,6 +153,7 @@ __all__ = [
     "frame_scales",
     "header_cards",
     "inverse_variance_weights",
+    "packed_stacks",
 ]
 
 SCALES = ("none", "exptime", "background", "photometric")
@@ -954,12 +955,13 @@ def combine_stack(
 
     if _plan:  # for combine_stacks: the inputs and the block options, no graph
         return args, kwargs
-    return _lazy_results(args, [kwargs], f"combine-{method}")[0]
+    return combine_result(_packed(args, [kwargs], f"combine-{method}"))
 
 
 def combine_result(stacked) -> CombineResult:
-    """The `CombineResult` of a ``(5, ny, nx)`` dask array of packed blocks (the output
-    of `_combine_block` or `combine_frames`, block by block)."""
+    """The `CombineResult` of a ``(5, ny, nx)`` array of packed blocks (the output of
+    `_combine_block` or `combine_frames`, block by block): a dask array, or one block's
+    numpy array."""
     return CombineResult(stacked[0], stacked[1], stacked[2].astype(np.int32), stacked[3],
                          stacked[4])
 
@@ -1019,17 +1021,26 @@ def combine_stacks(data, weights=None, *, methods, **options) -> list[CombineRes
     methods : ``[(method, {option: value}), ...]``: each method with the options of its
         own (e.g. ``reject``); ``options``: those of `combine_stack` common to all.
     Returns one `CombineResult` per method, in order."""
+    stacked = packed_stacks(data, weights, methods=methods, **options)
+    return [combine_result(stacked[k:k + 5]) for k in range(0, stacked.shape[0], 5)]
+
+
+def packed_stacks(data, weights=None, *, methods, **options):
+    """`combine_stacks`, packed: one dask array ``(5 * len(methods), ny, nx)``, method
+    ``k``'s result in rows ``5k .. 5k + 4`` as `combine_result` reads them. For a caller
+    that consumes each block whole (every method's planes, in the task that made it)
+    rather than plane by plane."""
     plans = [combine_stack(data, weights, method=method, **{**options, **own}, _plan=True)
              for method, own in methods]
     args = plans[0][0]  # the same stack for every method
     name = "combine-" + "-".join(method for method, _ in methods)
-    return _lazy_results(args, [kwargs for _, kwargs in plans], name)
+    return _packed(args, [kwargs for _, kwargs in plans], name)
 
 
-def _lazy_results(args, methods, token) -> list[CombineResult]:
-    """One map_blocks of `_combine_in_strips` over ``args``, split per method."""
+def _packed(args, methods, token):
+    """One map_blocks of `_combine_in_strips` over ``args``: ``(5 * len(methods), ...)``."""
     data = args[0]
-    stacked = da.map_blocks(
+    return da.map_blocks(
         _combine_in_strips,
         *args,
         chunks=((5 * len(methods),),) + data.chunks[1:],
@@ -1038,9 +1049,6 @@ def _lazy_results(args, methods, token) -> list[CombineResult]:
         meta=np.empty((0, 0, 0), np.float32),
         methods=methods,
     )
-    return [CombineResult(stacked[k], stacked[k + 1], stacked[k + 2].astype(np.int32),
-                          stacked[k + 3], stacked[k + 4])
-            for k in range(0, 5 * len(methods), 5)]
 
 
 _PER_FRAME = ("scales", "offsets", "frame_weights", "exptime", "sky_levels")

@@ -248,6 +248,10 @@ class ClusterSettings:
     n_workers: int = 0  # LocalCluster workers; 0 = one per core
     threads_per_worker: int = 1
     memory_limit: str = "auto"
+    # LocalCluster: the workers' statistical profiler (distributed samples every task
+    # thread's stack 100 times a second, on the worker's event loop), which only the
+    # dashboard's Profile page and dask's performance_report read: off unless asked for
+    profile: bool = False
     # dask-jobqueue; "" = none
     jobqueue: str = field(default="", metadata=_choices(
         "", "slurm", "pbs", "sge", "lsf", "oar", "moab", "htcondor"))

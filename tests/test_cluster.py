@@ -66,6 +66,23 @@ def test_local_cluster_sized_to_the_machine():
     assert kwargs["memory_limit"] == 0.25  # a fraction of the machine, as distributed takes it
 
 
+def _worker_profiles(client) -> list:
+    import dask
+
+    return list(client.run(lambda: dask.config.get("distributed.worker.profile.enabled"))
+                .values())
+
+
+def test_worker_profiler_off_unless_asked(tmp_path):
+    """distributed's statistical profiler samples every task thread 100 times a second
+    on each worker's event loop; daskstack's LocalCluster leaves it off (the worker
+    processes get the setting from their nanny), ``cluster.profile`` turns it on."""
+    for profile in (False, True):
+        settings = ClusterSettings(n_workers=1, profile=profile)
+        with cluster_mod.open_client(settings, local_directory=str(tmp_path)) as client:
+            assert _worker_profiles(client) == [profile]
+
+
 def test_jobqueue_job_script_carries_the_settings(tmp_path):
     """cores, memory, walltime, queue, account, prologue, directives and this python reach
     the SLURM and PBS job scripts (a scheduler starts in-process; no job is submitted)."""
