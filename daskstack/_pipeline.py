@@ -966,9 +966,11 @@ def _store_coadds(packed, targets: list[dict]) -> None:
 
 def _store_coadd_block(block, targets, block_info=None):
     (first, _), (y0, y1), (x0, x1) = block_info[0]["array-location"]
-    for k in range(0, block.shape[0], 5):
-        planes = coadd_planes(combine.combine_result(block[k:k + 5]))
-        for name, array in targets[(first + k) // 5].items():
+    # a mosaic's methods are blocks of their own along the first axis: ``first`` says
+    # which method this block's first is
+    for k, result in enumerate(combine.split_results(block), start=first // 5):
+        planes = coadd_planes(result)
+        for name, array in targets[k].items():
             array[y0:y1, x0:x1] = planes[name]
     return np.zeros((1, 1, 1), np.int8)
 

@@ -154,6 +154,7 @@ __all__ = [
     "header_cards",
     "inverse_variance_weights",
     "packed_stacks",
+    "split_results",
 ]
 
 SCALES = ("none", "exptime", "background", "photometric")
@@ -1021,7 +1022,12 @@ def combine_stacks(data, weights=None, *, methods, **options) -> list[CombineRes
     methods : ``[(method, {option: value}), ...]``: each method with the options of its
         own (e.g. ``reject``); ``options``: those of `combine_stack` common to all.
     Returns one `CombineResult` per method, in order."""
-    stacked = packed_stacks(data, weights, methods=methods, **options)
+    return split_results(packed_stacks(data, weights, methods=methods, **options))
+
+
+def split_results(stacked) -> list[CombineResult]:
+    """The `CombineResult` of each method of a packed ``(5 * methods, ny, nx)`` array
+    (`packed_stacks`, or one block of it), in order."""
     return [combine_result(stacked[k:k + 5]) for k in range(0, stacked.shape[0], 5)]
 
 
